@@ -1,0 +1,6 @@
+"""daskem: out-of-core, Dask-distributed Expectation-Maximization for image stacks."""
+
+from ._version import __version__
+from .estimator import ConvergenceWarning, GaussianMixture
+
+__all__ = ["ConvergenceWarning", "GaussianMixture", "__version__"]

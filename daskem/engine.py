@@ -1,0 +1,431 @@
+"""The EM engine over Dask: one map-reduce graph per iteration.
+
+This is the only module that builds Dask graphs. It knows nothing about
+Gaussian mixtures: it drives any *model* object that provides the four
+operations below, over data given as row-chunked Dask arrays.
+
+What a model must provide
+-------------------------
+``block_stats(params, X, sample_weight=None, labels=None) -> stats``
+    Pure NumPy: the fused E-step and sufficient statistics of one block of rows
+    (``X`` of shape (n, D), ``sample_weight`` (n,) or None, ``labels`` (n,) of int or
+    None). Must accept ``n == 0``. The returned record must be small (independent of
+    ``n``) and support an associative ``stats_a + stats_b``: the engine reduces them
+    in a tree of arbitrary shape.
+``m_step(stats, params) -> (new_params, events)``
+    Pure NumPy, runs on the client: new parameters from the reduced statistics, and a
+    list of dicts describing anything notable (e.g. re-seeded components). It may raise
+    ``ValueError`` for unusable statistics (e.g. non-finite input).
+``objective(stats) -> float``
+    The objective at the parameters the statistics were computed with, *per unit of
+    sample weight* (the mean log-likelihood per sample for a mixture). EM guarantees
+    it never decreases; convergence is tested on its change.
+``params``
+    Any picklable object. It is put into each iteration's graph once, as a single
+    task that every block task depends on, so it travels to each worker once per
+    iteration rather than once per block.
+
+An iteration computes ``stats = sum_blocks block_stats(params_t, block)``,
+``objective(stats)`` (the objective at ``params_t``), and ``params_{t+1} = m_step(stats)``,
+with exactly one ``dask.compute``. This matches scikit-learn's bookkeeping: the lower
+bound reported after an iteration is the one of the parameters before its M-step.
+
+Other public helpers: :func:`draw_sample` (reproducible random rows drawn chunk-wise
+without loading the array) and :func:`map_rows` (apply a row-wise NumPy function to
+every block, lazily, with the parameters shipped once).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import dask
+import dask.array as da
+import numpy as np
+from dask import delayed
+
+__all__ = [
+    "ChunkedData",
+    "EMModel",
+    "EMResult",
+    "IterationInfo",
+    "as_chunked",
+    "draw_sample",
+    "em_pass",
+    "fit_em",
+    "map_rows",
+]
+
+logger = logging.getLogger("daskem")
+
+
+class EMModel(Protocol):
+    """The interface the engine drives (see the module docstring)."""
+
+    def block_stats(self, params: Any, X: np.ndarray, sample_weight=None, labels=None) -> Any: ...
+
+    def m_step(self, stats: Any, params: Any) -> tuple[Any, list[dict]]: ...
+
+    def objective(self, stats: Any) -> float: ...
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass
+class ChunkedData:
+    """Row-aligned Dask arrays prepared for repeated passes.
+
+    The per-chunk ``Delayed`` handles are built once and reused by every iteration's
+    graph, so building an iteration costs O(number of chunks) small tasks.
+
+    Attributes
+    ----------
+    X : dask.array.Array of shape (n, D), one chunk along the feature axis
+    sample_weight, labels : dask.array.Array of shape (n,) or None
+    """
+
+    X: da.Array
+    sample_weight: da.Array | None = None
+    labels: da.Array | None = None
+    _blocks: list[tuple] = field(default_factory=list, repr=False)
+
+    def __post_init__(self) -> None:
+        X = self.X
+        if X.ndim != 2:
+            raise ValueError(f"X must be 2-D (n_samples, n_features), got shape {X.shape}")
+        if len(X.chunks[1]) != 1:
+            X = X.rechunk({1: -1})
+        row_chunks = X.chunks[0]
+        arrays = [X]
+        for a in (self.sample_weight, self.labels):
+            if a is not None:
+                if a.shape != (X.shape[0],):
+                    raise ValueError(
+                        f"expected an array of shape ({X.shape[0]},) aligned with X, got {a.shape}"
+                    )
+                if a.chunks[0] != row_chunks:
+                    a = a.rechunk({0: row_chunks})
+            arrays.append(a)
+        self.X, self.sample_weight, self.labels = arrays
+        xs = self.X.to_delayed(optimize_graph=True).ravel()
+        ws = (
+            self.sample_weight.to_delayed(optimize_graph=True).ravel()
+            if self.sample_weight is not None
+            else [None] * len(xs)
+        )
+        ys = (
+            self.labels.to_delayed(optimize_graph=True).ravel()
+            if self.labels is not None
+            else [None] * len(xs)
+        )
+        self._blocks = list(zip(xs, ws, ys, strict=True))
+
+    @property
+    def n_samples(self) -> int:
+        return int(self.X.shape[0])
+
+    @property
+    def n_features(self) -> int:
+        return int(self.X.shape[1])
+
+    @property
+    def n_chunks(self) -> int:
+        return len(self._blocks)
+
+    @property
+    def row_chunks(self) -> tuple[int, ...]:
+        return self.X.chunks[0]
+
+
+def as_chunked(
+    X: Any,
+    sample_weight: Any = None,
+    labels: Any = None,
+    chunk_size: int = 65536,
+) -> ChunkedData:
+    """Wrap NumPy or Dask inputs as :class:`ChunkedData` (NumPy is split into row chunks)."""
+
+    def wrap(a, ndim):
+        if a is None:
+            return None
+        if isinstance(a, da.Array):
+            return a
+        a = np.asarray(a)
+        chunks = (chunk_size,) + (-1,) * (ndim - 1)
+        return da.from_array(a, chunks=chunks)
+
+    return ChunkedData(wrap(X, 2), wrap(sample_weight, 1), wrap(labels, 1))
+
+
+# --------------------------------------------------------------------------- passes
+
+
+def _block_task(model, params, x, w, y):
+    return model.block_stats(params, x, w, y)
+
+
+def _combine(*stats):
+    out = stats[0]
+    for s in stats[1:]:
+        out = out + s
+    return out
+
+
+def _tree(leaves: Sequence, split_every: int, name: str):
+    level = list(leaves)
+    depth = 0
+    while len(level) > 1:
+        level = [
+            delayed(_combine, pure=True)(
+                *level[i : i + split_every], dask_key_name=(f"{name}-combine-{depth}", j)
+            )
+            for j, i in enumerate(range(0, len(level), split_every))
+        ]
+        depth += 1
+    return level[0]
+
+
+def em_pass(model: EMModel, data: ChunkedData, params: Any, split_every: int = 16) -> Any:
+    """One pass: ``block_stats`` mapped over every chunk and tree-reduced; one compute.
+
+    Parameters travel once: they are a single task of the graph.
+    """
+    if split_every < 2:
+        raise ValueError(f"split_every must be >= 2, got {split_every}")
+    name = f"daskem-pass-{uuid.uuid4().hex[:12]}"
+    p = delayed(params, traverse=False, name=f"{name}-params")
+    m = delayed(model, traverse=False, name=f"{name}-model")
+    leaves = [
+        delayed(_block_task, pure=True)(m, p, x, w, y, dask_key_name=(f"{name}-stats", i))
+        for i, (x, w, y) in enumerate(data._blocks)
+    ]
+    (stats,) = dask.compute(_tree(leaves, split_every, name))
+    return stats
+
+
+@dataclass
+class IterationInfo:
+    """What the engine reports after each iteration (to ``callback`` and the log)."""
+
+    iteration: int
+    lower_bound: float
+    change: float
+    seconds: float
+    n_samples: int
+    params: Any
+    events: list[dict]
+
+    @property
+    def samples_per_second(self) -> float:
+        return self.n_samples / self.seconds if self.seconds > 0 else math.inf
+
+
+@dataclass
+class EMResult:
+    """Outcome of :func:`fit_em`."""
+
+    params: Any
+    lower_bound: float
+    lower_bounds: list[float]
+    n_iter: int
+    converged: bool
+    events: list[dict]
+    stats: Any = None
+
+
+def _distributed_client():
+    try:
+        from distributed import get_client
+    except ImportError:  # pragma: no cover - distributed is a dependency
+        return None
+    try:
+        return get_client()
+    except ValueError:
+        return None
+
+
+def _local_blas_limit():
+    """Pin BLAS to one thread while local threads run block tasks (distributed
+    workers already set ``OMP/OPENBLAS/MKL_NUM_THREADS=1`` in their environment)."""
+    if _distributed_client() is not None:
+        return contextlib.nullcontext()
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=1, user_api="blas")
+
+
+def fit_em(
+    model: EMModel,
+    data: ChunkedData,
+    params: Any,
+    *,
+    tol: float = 1e-3,
+    max_iter: int = 100,
+    split_every: int = 16,
+    prev_lower_bound: float = -np.inf,
+    callback: Callable[[IterationInfo], None] | None = None,
+) -> EMResult:
+    """Run EM from ``params`` until the change of the objective is below ``tol``.
+
+    Parameters
+    ----------
+    model : EMModel
+    data : ChunkedData
+    params : object
+        Initial parameters.
+    tol : float
+        Convergence threshold on the change of ``model.objective`` (per sample).
+    max_iter : int
+        Maximum number of iterations (passes over the data).
+    split_every : int
+        Fan-in of the reduction tree.
+    prev_lower_bound : float
+        Objective before the first iteration (``-inf`` for a fresh start; the last
+        value for a warm start, as scikit-learn does).
+    callback : callable, optional
+        Called with an :class:`IterationInfo` after each iteration; may raise to stop.
+
+    Returns
+    -------
+    EMResult
+    """
+    lower_bound = prev_lower_bound
+    history: list[float] = []
+    events: list[dict] = []
+    converged = False
+    n_iter = 0
+    stats = None
+    with _local_blas_limit():
+        for n_iter in range(1, max_iter + 1):
+            t0 = time.perf_counter()
+            stats = em_pass(model, data, params, split_every)
+            prev = lower_bound
+            lower_bound = float(model.objective(stats))
+            params, new_events = model.m_step(stats, params)
+            for e in new_events:
+                e["iteration"] = n_iter
+            events.extend(new_events)
+            history.append(lower_bound)
+            change = lower_bound - prev
+            seconds = time.perf_counter() - t0
+            info = IterationInfo(
+                n_iter, lower_bound, change, seconds, data.n_samples, params, new_events
+            )
+            logger.info(
+                "iteration %d: mean log-likelihood %.8g, change %.3g, %.2f s, %.3g samples/s",
+                n_iter,
+                lower_bound,
+                change,
+                seconds,
+                info.samples_per_second,
+            )
+            if callback is not None:
+                callback(info)
+            if abs(change) < tol and not new_events:
+                converged = True
+                break
+    return EMResult(params, lower_bound, history, n_iter, converged, events, stats)
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+def _take_rows(block, idx):
+    return None if block is None else np.asarray(block)[idx]
+
+
+def draw_sample(
+    data: ChunkedData, size: int, seed: int
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """Draw ``size`` distinct random rows (all rows if fewer), chunk-wise.
+
+    The row indices are drawn on the client from ``seed`` alone, so the sample does
+    not depend on the chunking; each chunk task returns only its selected rows.
+
+    Returns
+    -------
+    X, sample_weight, labels : ndarrays (``None`` where the data has none), in row order
+    """
+    n = data.n_samples
+    rng = np.random.default_rng(seed)
+    if size >= n:
+        idx = np.arange(n)
+    else:
+        idx = np.sort(rng.choice(n, size=size, replace=False))
+    bounds = np.cumsum((0,) + tuple(data.row_chunks))
+    parts = []
+    for i, (x, w, y) in enumerate(data._blocks):
+        lo, hi = bounds[i], bounds[i + 1]
+        sel = idx[(idx >= lo) & (idx < hi)] - lo
+        if sel.size == 0:
+            continue
+        parts.append(
+            (
+                delayed(_take_rows, pure=True)(x, sel),
+                delayed(_take_rows, pure=True)(w, sel),
+                delayed(_take_rows, pure=True)(y, sel),
+            )
+        )
+    (computed,) = dask.compute(parts)
+    if not computed:
+        return np.empty((0, data.n_features)), None, None
+    X = np.concatenate([c[0] for c in computed])
+    w = None if data.sample_weight is None else np.concatenate([c[1] for c in computed])
+    y = None if data.labels is None else np.concatenate([c[2] for c in computed])
+    return X, w, y
+
+
+# --------------------------------------------------------------------------- lazy maps
+
+
+def map_rows(
+    func: Callable[..., np.ndarray],
+    params: Any,
+    X: da.Array,
+    *extra: da.Array | None,
+    n_out: int | None,
+    dtype: Any = np.float64,
+) -> da.Array:
+    """Lazily apply ``func(params, block, *extra_blocks)`` to every row chunk of ``X``.
+
+    ``func`` returns an array of shape (n_block,) if ``n_out`` is None, else
+    (n_block, n_out). ``extra`` are row-aligned 1-D arrays (or None, passed as None).
+    ``params`` is one task of the graph, shipped once.
+    """
+    if len(X.chunks[1]) != 1:
+        X = X.rechunk({1: -1})
+    args: list[Any] = [func, None, delayed(params, traverse=False, name=_params_name()), None]
+    args += [X, "ij"]
+    for e in extra:
+        args += [None, None] if e is None else [e.rechunk({0: X.chunks[0]}), "i"]
+    if n_out is None:
+        return da.blockwise(
+            _apply_rows, "i", *args, dtype=dtype, concatenate=True, meta=np.empty((0,), dtype)
+        )
+    return da.blockwise(
+        _apply_rows,
+        "ik",
+        *args,
+        new_axes={"k": n_out},
+        dtype=dtype,
+        concatenate=True,
+        meta=np.empty((0, 0), dtype),
+    )
+
+
+def _apply_rows(func, params, block, *extra):
+    return func(params, block, *extra)
+
+
+def _params_name() -> str:
+    return f"daskem-params-{uuid.uuid4().hex[:12]}"

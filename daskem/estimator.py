@@ -1,0 +1,660 @@
+"""The scikit-learn-style estimators on top of the engine and the model kernels.
+
+:class:`GaussianMixture` has scikit-learn's constructor parameters, fitted
+attributes and methods, and fits NumPy or Dask arrays of shape
+(n_samples, n_features) -- including arrays far larger than memory -- with one
+pass over the data per EM iteration. It optionally takes per-sample weights and,
+for semi-supervised fits, labels ``y`` with ``-1`` for unlabelled samples.
+
+This module builds no Dask graph itself (it calls :mod:`daskem.engine`) and
+does not know xarray (stacks are converted by :mod:`daskem.io`).
+"""
+
+from __future__ import annotations
+
+import numbers
+import time
+import warnings
+from typing import Any
+
+import dask.array as da
+import numpy as np
+
+from . import engine
+from .model.gmm import (
+    COVARIANCE_TYPES,
+    GMMModel,
+    GMMParams,
+    compute_precision_cholesky,
+    covariances_from_precision_cholesky,
+    estimate_weighted_log_prob,
+    n_parameters,
+    precisions_from_cholesky,
+)
+from .model.init import INIT_METHODS, initial_responsibilities, kmeans, params_from_resp
+
+__all__ = ["ConvergenceWarning", "GaussianMixture"]
+
+
+class ConvergenceWarning(UserWarning):
+    """EM stopped at ``max_iter`` before the change of the lower bound fell below ``tol``."""
+
+
+def _check_random_state(seed: Any) -> np.random.RandomState:
+    if seed is None or isinstance(seed, numbers.Integral):
+        return np.random.RandomState(seed)
+    if isinstance(seed, np.random.RandomState):
+        return seed
+    raise ValueError(f"random_state must be None, an int or a RandomState, got {seed!r}")
+
+
+def _logsumexp_rows(a: np.ndarray) -> np.ndarray:
+    mx = a.max(axis=1, keepdims=True)
+    mx = np.where(np.isfinite(mx), mx, 0.0)
+    with np.errstate(divide="ignore", under="ignore"):
+        return np.log(np.exp(a - mx).sum(axis=1)) + mx[:, 0]
+
+
+def _flip_cholesky_upper(precision: np.ndarray) -> np.ndarray:
+    """Upper-triangular ``P`` with ``P @ P.T == precision``."""
+    flipped = precision[::-1, ::-1]
+    L = np.linalg.cholesky(flipped)
+    return L[::-1, ::-1]
+
+
+# ---- row-wise kernels used lazily on Dask blocks (module level so they pickle) ----
+
+
+def _rows_weighted_log_prob(params: GMMParams, X: np.ndarray) -> np.ndarray:
+    return estimate_weighted_log_prob(X, params)
+
+
+def _rows_score(params: GMMParams, X: np.ndarray) -> np.ndarray:
+    return _logsumexp_rows(estimate_weighted_log_prob(X, params))
+
+
+def _rows_proba(params: GMMParams, X: np.ndarray) -> np.ndarray:
+    wlp = estimate_weighted_log_prob(X, params)
+    with np.errstate(under="ignore"):
+        return np.exp(wlp - _logsumexp_rows(wlp)[:, None])
+
+
+def _rows_predict(params: GMMParams, X: np.ndarray) -> np.ndarray:
+    return estimate_weighted_log_prob(X, params).argmax(axis=1)
+
+
+class GaussianMixture:
+    """Gaussian mixture fitted by EM over NumPy or (out-of-core) Dask arrays.
+
+    Parameters follow :class:`sklearn.mixture.GaussianMixture`; the extra ones
+    control how data is chunked and reduced.
+
+    Parameters
+    ----------
+    n_components : int, default=1
+        Number of mixture components.
+    covariance_type : {"full", "tied", "diag", "spherical"}, default="full"
+    tol : float, default=1e-3
+        Convergence threshold on the change of the mean log-likelihood per sample.
+    reg_covar : float, default=1e-6
+        Added to the diagonal of covariances.
+    max_iter : int, default=100
+        Maximum number of EM iterations (full passes over the data) per initialisation.
+    n_init : int, default=1
+        Number of initialisations; the one with the best lower bound is kept.
+    init_params : {"kmeans", "k-means++", "random", "random_from_data"}, default="kmeans"
+        How first parameters are made from a random subsample of ``init_sample_size``
+        rows: k-means++ seeding plus Lloyd iterations, k-means++ seeds with nearest-seed
+        assignment, random responsibilities, or random rows as centres.
+    weights_init, means_init, precisions_init : array-like, optional
+        User-given initial parameters (override the corresponding initialised ones).
+    random_state : int, RandomState or None
+    warm_start : bool, default=False
+        Start the next ``fit`` from the current solution (``n_init`` is then 1).
+    verbose : int, default=0
+    verbose_interval : int, default=10
+    chunk_size : int, default=65536
+        Rows per chunk when NumPy input is wrapped as a Dask array (Dask input keeps
+        its chunks).
+    split_every : int, default=16
+        Fan-in of the tree reduction of per-chunk statistics.
+    init_sample_size : int, default=100000
+        Rows drawn (chunk-wise, reproducibly) for the initialisation.
+
+    Attributes
+    ----------
+    weights_ : ndarray of shape (n_components,)
+    means_ : ndarray of shape (n_components, n_features)
+    covariances_ : ndarray
+        (K, D, D) full, (D, D) tied, (K, D) diag, (K,) spherical.
+    precisions_ : ndarray
+    precisions_cholesky_ : ndarray
+    converged_ : bool
+    n_iter_ : int
+    lower_bound_ : float
+        Mean log-likelihood per sample of the best initialisation (at the parameters
+        before the last M-step, as in scikit-learn).
+    lower_bounds_ : ndarray
+        History of the lower bound, one value per iteration of the best initialisation.
+    n_features_in_ : int
+    reseeds_ : list of dict
+        Components re-seeded because they collapsed: ``iteration``, ``component``,
+        ``reason``.
+    n_excluded_ : int
+        Rows left out of the fit (non-finite values, only when allowed).
+
+    Examples
+    --------
+    >>> import numpy as np, dask.array as da
+    >>> from daskem import GaussianMixture
+    >>> rng = np.random.default_rng(0)
+    >>> X = np.concatenate([rng.normal(-4, 1, (500, 2)), rng.normal(4, 1, (500, 2))])
+    >>> gm = GaussianMixture(2, random_state=0).fit(da.from_array(X, chunks=(250, 2)))
+    >>> np.sort(gm.means_[:, 0]).round(0)
+    array([-4.,  4.])
+    """
+
+    def __init__(
+        self,
+        n_components: int = 1,
+        *,
+        covariance_type: str = "full",
+        tol: float = 1e-3,
+        reg_covar: float = 1e-6,
+        max_iter: int = 100,
+        n_init: int = 1,
+        init_params: str = "kmeans",
+        weights_init: Any = None,
+        means_init: Any = None,
+        precisions_init: Any = None,
+        random_state: Any = None,
+        warm_start: bool = False,
+        verbose: int = 0,
+        verbose_interval: int = 10,
+        chunk_size: int = 65536,
+        split_every: int = 16,
+        init_sample_size: int = 100_000,
+    ) -> None:
+        self.n_components = n_components
+        self.covariance_type = covariance_type
+        self.tol = tol
+        self.reg_covar = reg_covar
+        self.max_iter = max_iter
+        self.n_init = n_init
+        self.init_params = init_params
+        self.weights_init = weights_init
+        self.means_init = means_init
+        self.precisions_init = precisions_init
+        self.random_state = random_state
+        self.warm_start = warm_start
+        self.verbose = verbose
+        self.verbose_interval = verbose_interval
+        self.chunk_size = chunk_size
+        self.split_every = split_every
+        self.init_sample_size = init_sample_size
+
+    # ------------------------------------------------------------------ sklearn plumbing
+
+    def get_params(self, deep: bool = True) -> dict[str, Any]:
+        """Constructor parameters, as scikit-learn's ``get_params``."""
+        import inspect
+
+        names = [p for p in inspect.signature(type(self).__init__).parameters if p != "self"]
+        return {n: getattr(self, n) for n in names}
+
+    def set_params(self, **params: Any) -> GaussianMixture:
+        valid = self.get_params()
+        for k, v in params.items():
+            if k not in valid:
+                raise ValueError(f"Invalid parameter {k!r} for {type(self).__name__}")
+            setattr(self, k, v)
+        return self
+
+    def __repr__(self) -> str:
+        defaults = type(self)().get_params()
+        changed = {
+            k: v
+            for k, v in self.get_params().items()
+            if not (isinstance(v, np.ndarray) or isinstance(defaults[k], np.ndarray))
+            and v != defaults[k]
+        }
+        args = ", ".join(f"{k}={v!r}" for k, v in changed.items())
+        return f"{type(self).__name__}({args})"
+
+    # ------------------------------------------------------------------ validation
+
+    def _check_parameters(self, n_features: int) -> None:
+        K = self.n_components
+        if not isinstance(K, numbers.Integral) or K < 1:
+            raise ValueError(f"n_components must be an integer >= 1, got {K!r}")
+        if self.covariance_type not in COVARIANCE_TYPES:
+            raise ValueError(
+                f"covariance_type must be one of {COVARIANCE_TYPES}, got {self.covariance_type!r}"
+            )
+        if self.init_params not in INIT_METHODS:
+            raise ValueError(f"init_params must be one of {INIT_METHODS}, got {self.init_params!r}")
+        for name, lo in (("tol", 0.0), ("reg_covar", 0.0)):
+            v = getattr(self, name)
+            if not isinstance(v, numbers.Real) or v < lo:
+                raise ValueError(f"{name} must be a number >= {lo}, got {v!r}")
+        for name, lo in (
+            ("max_iter", 0),
+            ("n_init", 1),
+            ("chunk_size", 1),
+            ("split_every", 2),
+            ("init_sample_size", 1),
+        ):
+            v = getattr(self, name)
+            if not isinstance(v, numbers.Integral) or v < lo:
+                raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
+        D = n_features
+        ct = self.covariance_type
+        if self.weights_init is not None:
+            w = np.asarray(self.weights_init, dtype=np.float64)
+            if w.shape != (K,):
+                raise ValueError(f"weights_init must have shape ({K},), got {w.shape}")
+            if np.any(w < 0) or np.any(w > 1) or not np.isclose(w.sum(), 1.0, atol=1e-6):
+                raise ValueError(
+                    f"weights_init must be non-negative, <= 1 and sum to 1, got sum {w.sum():.6g}"
+                )
+        if self.means_init is not None:
+            m = np.asarray(self.means_init, dtype=np.float64)
+            if m.shape != (K, D):
+                raise ValueError(f"means_init must have shape ({K}, {D}), got {m.shape}")
+        if self.precisions_init is not None:
+            p = np.asarray(self.precisions_init, dtype=np.float64)
+            shape = {"full": (K, D, D), "tied": (D, D), "diag": (K, D), "spherical": (K,)}[ct]
+            if p.shape != shape:
+                raise ValueError(
+                    f"precisions_init for covariance_type={ct!r} must have shape {shape}, "
+                    f"got {p.shape}"
+                )
+
+    def _precision_cholesky_init(self) -> np.ndarray:
+        p = np.asarray(self.precisions_init, dtype=np.float64)
+        ct = self.covariance_type
+        try:
+            if ct == "full":
+                return np.stack([_flip_cholesky_upper(pk) for pk in p])
+            if ct == "tied":
+                return _flip_cholesky_upper(p)
+        except np.linalg.LinAlgError:
+            raise ValueError("precisions_init must be symmetric positive-definite") from None
+        if np.any(p <= 0):
+            raise ValueError("precisions_init must be positive")
+        return np.sqrt(p)
+
+    def _prepare(
+        self, X: Any, sample_weight: Any = None, y: Any = None, *, for_fit: bool
+    ) -> engine.ChunkedData:
+        is_dask = isinstance(X, da.Array)
+        if not is_dask:
+            X = np.asarray(X)
+        if X.ndim != 2:
+            raise ValueError(
+                f"Expected a 2-D array of shape (n_samples, n_features), got shape {X.shape}. "
+                "Reshape a single feature with X.reshape(-1, 1)."
+            )
+        if X.dtype not in (np.float32, np.float64):
+            if not (np.issubdtype(X.dtype, np.number) or X.dtype == bool):
+                raise ValueError(f"X must be numeric, got dtype {X.dtype}")
+            X = X.astype(np.float64)
+        if not is_dask and not np.isfinite(X).all():
+            bad = int((~np.isfinite(X)).any(axis=1).sum())
+            raise ValueError(
+                f"Input X contains non-finite values (NaN or inf) in {bad} rows. "
+                "Remove or impute them first."
+            )
+        n, D = X.shape
+        if not for_fit:
+            self._check_fitted()
+            if D != self.n_features_in_:
+                raise ValueError(
+                    f"X has {D} features, but {type(self).__name__} was fitted with "
+                    f"{self.n_features_in_} features"
+                )
+        if sample_weight is not None:
+            sw = (
+                sample_weight
+                if isinstance(sample_weight, da.Array)
+                else np.asarray(sample_weight, dtype=np.float64)
+            )
+            if sw.shape != (n,):
+                raise ValueError(f"sample_weight must have shape ({n},) to match X, got {sw.shape}")
+            if isinstance(sw, np.ndarray) and (not np.isfinite(sw).all() or np.any(sw < 0)):
+                raise ValueError("sample_weight must be finite and non-negative")
+            sample_weight = sw
+        if y is not None:
+            yy = y if isinstance(y, da.Array) else np.asarray(y)
+            if yy.shape != (n,):
+                raise ValueError(f"y must have shape ({n},) to match X, got {yy.shape}")
+            if not np.issubdtype(yy.dtype, np.integer):
+                raise ValueError(f"y must hold integer class ids (-1 = unlabelled), got {yy.dtype}")
+            y = yy
+        return engine.as_chunked(X, sample_weight, y, chunk_size=self.chunk_size)
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "means_"):
+            raise AttributeError(
+                f"This {type(self).__name__} instance is not fitted yet. Call 'fit' first."
+            )
+
+    # ------------------------------------------------------------------ fitting
+
+    def _model(self, allow_excluded: bool = False) -> GMMModel:
+        return GMMModel(self.covariance_type, float(self.reg_covar), allow_excluded=allow_excluded)
+
+    def _labelled_rows(self, data: engine.ChunkedData) -> tuple[np.ndarray, np.ndarray]:
+        """Every labelled row (X, y), gathered in one pass (labels are few)."""
+        y = data.labels
+        mask = y >= 0
+        Xl, yl = da.compute(data.X[mask], y[mask])
+        return np.asarray(Xl, dtype=np.float64), np.asarray(yl)
+
+    def _initial_params(
+        self, data: engine.ChunkedData, rng: np.random.RandomState, labelled=None
+    ) -> GMMParams:
+        K, ct = self.n_components, self.covariance_type
+        component_class = np.arange(K) if data.labels is not None else None
+        have_all = (
+            self.weights_init is not None
+            and self.means_init is not None
+            and self.precisions_init is not None
+        )
+        if have_all:
+            prec_chol = self._precision_cholesky_init()
+            return GMMParams(
+                weights=np.asarray(self.weights_init, dtype=np.float64),
+                means=np.asarray(self.means_init, dtype=np.float64),
+                precisions_cholesky=prec_chol,
+                covariance_type=ct,
+                covariances=covariances_from_precision_cholesky(prec_chol, ct),
+                component_class=component_class,
+            )
+        seed = int(rng.randint(np.iinfo(np.int32).max))
+        gen = np.random.default_rng(seed)
+        Xs, ws, _ = engine.draw_sample(data, self.init_sample_size, seed)
+        finite = np.isfinite(Xs).all(axis=1)
+        if ws is not None:
+            finite &= np.isfinite(ws) & (ws > 0)
+        Xs = np.asarray(Xs[finite], dtype=np.float64)
+        ws = None if ws is None else ws[finite]
+        if Xs.shape[0] < K:
+            raise ValueError(
+                f"Only {Xs.shape[0]} usable rows were drawn for initialisation but "
+                f"n_components={K}: increase init_sample_size or use fewer components."
+            )
+        if labelled is not None and labelled[0].shape[0] > 0:
+            resp = self._resp_with_labels(Xs, ws, labelled, gen)
+        else:
+            resp = initial_responsibilities(Xs, K, self.init_params, gen, ws)
+        params, _ = params_from_resp(
+            Xs, resp, ct, float(self.reg_covar), ws, component_class=component_class
+        )
+        weights = (
+            params.weights
+            if self.weights_init is None
+            else np.asarray(self.weights_init, dtype=np.float64)
+        )
+        means = (
+            params.means
+            if self.means_init is None
+            else np.asarray(self.means_init, dtype=np.float64)
+        )
+        if self.precisions_init is not None:
+            prec_chol = self._precision_cholesky_init()
+            cov = covariances_from_precision_cholesky(prec_chol, ct)
+        else:
+            prec_chol, cov = params.precisions_cholesky, params.covariances
+        return GMMParams(weights, means, prec_chol, ct, cov, component_class)
+
+    def _resp_with_labels(self, Xs, ws, labelled, gen) -> np.ndarray:
+        """Initial responsibilities on the sample when some rows carry class labels.
+
+        Labelled classes seed their own component with the class mean; the remaining
+        components are seeded by k-means++ against those, then Lloyd iterations run
+        with the labelled rows pinned to their class.
+        """
+        K = self.n_components
+        Xl, yl = labelled
+        X = np.concatenate([Xs, Xl])
+        w = np.concatenate([np.ones(len(Xs)) if ws is None else ws, np.ones(len(Xl))])
+        pinned = np.concatenate([np.full(len(Xs), -1), yl])
+        centers = kmeans(
+            X,
+            K,
+            gen,
+            w,
+            fixed_centers={int(c): Xl[yl == c].mean(0) for c in np.unique(yl)},
+            pinned=pinned,
+        )[0]
+        d = ((Xs[:, None, :] - centers[None]) ** 2).sum(-1)
+        labels = d.argmin(1)
+        resp = np.zeros((len(Xs), K))
+        resp[np.arange(len(Xs)), labels] = 1.0
+        return resp
+
+    def fit(self, X: Any, y: Any = None, sample_weight: Any = None) -> GaussianMixture:
+        """Estimate the parameters by EM.
+
+        Parameters
+        ----------
+        X : array-like or dask.array.Array of shape (n_samples, n_features)
+        y : array-like of int, shape (n_samples,), optional
+            Semi-supervised labels: ``-1`` for unlabelled rows, otherwise the class id
+            ``c`` in ``[0, n_components)``; a labelled row's responsibilities are clamped
+            to component ``c``.
+        sample_weight : array-like of shape (n_samples,), optional
+            Non-negative weights (quality masks, area weights) entering every statistic.
+
+        Returns
+        -------
+        self
+        """
+        self._fit(X, y, sample_weight)
+        return self
+
+    def _fit(self, X: Any, y: Any, sample_weight: Any) -> engine.ChunkedData:
+        data = self._prepare(X, sample_weight, y, for_fit=True)
+        self._check_parameters(data.n_features)
+        K = self.n_components
+        if data.n_samples < K:
+            raise ValueError(
+                f"Expected n_samples >= n_components but got n_components = {K}, "
+                f"n_samples = {data.n_samples}"
+            )
+        labelled = None
+        if data.labels is not None:
+            labelled = self._labelled_rows(data)
+            if labelled[1].size and (labelled[1].max() >= K):
+                raise ValueError(
+                    f"y holds class {int(labelled[1].max())} but n_components={K}: class ids "
+                    "must be -1 (unlabelled) or in [0, n_components)"
+                )
+            if labelled[0].size and not np.isfinite(labelled[0]).all():
+                raise ValueError("Some labelled rows of X contain non-finite values")
+
+        do_init = not (self.warm_start and hasattr(self, "converged_"))
+        n_init = self.n_init if do_init else 1
+        rng = _check_random_state(self.random_state)
+        model = self._model()
+        best: engine.EMResult | None = None
+        for init in range(n_init):
+            if self.verbose:
+                print(f"Initialization {init}")
+            t_init = time.perf_counter()
+            if do_init:
+                params0 = self._initial_params(data, rng, labelled)
+                prev = -np.inf
+            else:
+                params0 = self._fitted_params(
+                    component_class=np.arange(K) if data.labels is not None else None
+                )
+                prev = self.lower_bound_
+            if self.max_iter == 0:
+                result = engine.EMResult(params0, -np.inf, [], 0, False, [])
+            else:
+                result = engine.fit_em(
+                    model,
+                    data,
+                    params0,
+                    tol=float(self.tol),
+                    max_iter=int(self.max_iter),
+                    split_every=int(self.split_every),
+                    prev_lower_bound=prev,
+                    callback=self._verbose_callback(t_init),
+                )
+            if self.verbose:
+                state = "converged" if result.converged else "did not converge"
+                print(f"Initialization {state}. lower bound {result.lower_bound:.5f}")
+            if best is None or result.lower_bound > best.lower_bound:
+                best = result
+        assert best is not None
+        for e in best.events:
+            warnings.warn(
+                f"Component {e['component']} collapsed at iteration {e['iteration']} "
+                f"(responsibility mass {e['mass']:.3g}) and was re-seeded: {e['reason']}. "
+                "Consider fewer components or a larger reg_covar.",
+                UserWarning,
+                stacklevel=3,
+            )
+        self._set_params(best.params)
+        self.converged_ = bool(best.converged)
+        self.n_iter_ = int(best.n_iter)
+        self.lower_bound_ = float(best.lower_bound)
+        self.lower_bounds_ = np.asarray(best.lower_bounds, dtype=np.float64)
+        self.reseeds_ = list(best.events)
+        self.n_features_in_ = data.n_features
+        self.n_excluded_ = int(best.stats.n_excluded) if best.stats is not None else 0
+        if not self.converged_ and self.max_iter > 0:
+            warnings.warn(
+                "Best performing initialization did not converge. Try different init "
+                "parameters, or increase max_iter, tol, or check for degenerate data.",
+                ConvergenceWarning,
+                stacklevel=3,
+            )
+        return data
+
+    def _verbose_callback(self, t_init: float):
+        if self.verbose < 2:
+            return None
+
+        def cb(info: engine.IterationInfo) -> None:
+            if info.iteration % self.verbose_interval == 0:
+                print(
+                    f"  Iteration {info.iteration}\t time lapse "
+                    f"{time.perf_counter() - t_init:.5f}s\t ll change {info.change:.5f}"
+                )
+
+        return cb
+
+    def _set_params(self, params: GMMParams) -> None:
+        ct = self.covariance_type
+        self.weights_ = np.asarray(params.weights, dtype=np.float64)
+        self.means_ = np.asarray(params.means, dtype=np.float64)
+        self.precisions_cholesky_ = np.asarray(params.precisions_cholesky, dtype=np.float64)
+        self.covariances_ = (
+            np.asarray(params.covariances, dtype=np.float64)
+            if params.covariances is not None
+            else covariances_from_precision_cholesky(self.precisions_cholesky_, ct)
+        )
+        self.precisions_ = precisions_from_cholesky(self.precisions_cholesky_, ct)
+
+    def _fitted_params(self, component_class=None) -> GMMParams:
+        self._check_fitted()
+        return GMMParams(
+            self.weights_,
+            self.means_,
+            self.precisions_cholesky_,
+            self.covariance_type,
+            self.covariances_,
+            component_class,
+        )
+
+    def fit_predict(self, X: Any, y: Any = None, sample_weight: Any = None):
+        """Fit, then return the most likely component of each sample."""
+        self.fit(X, y, sample_weight)
+        return self.predict(X)
+
+    # ------------------------------------------------------------------ prediction
+
+    def _rows(self, func, X: Any, n_out: int | None, dtype):
+        data_X = X if isinstance(X, da.Array) else np.asarray(X)
+        self._prepare(data_X, for_fit=False)
+        params = self._fitted_params()
+        if isinstance(data_X, da.Array):
+            return engine.map_rows(func, params, data_X, n_out=n_out, dtype=dtype)
+        return func(params, data_X)
+
+    def score_samples(self, X: Any):
+        """Log-likelihood ``log p(x)`` of each sample, shape (n_samples,)."""
+        return self._rows(_rows_score, X, None, np.float64)
+
+    def predict_proba(self, X: Any):
+        """Posterior probability of each component, shape (n_samples, n_components)."""
+        return self._rows(_rows_proba, X, self.n_components, np.float64)
+
+    def predict(self, X: Any):
+        """Most likely component of each sample, shape (n_samples,)."""
+        return self._rows(_rows_predict, X, None, np.int64)
+
+    def score(self, X: Any, y: Any = None, sample_weight: Any = None) -> float:
+        """Mean log-likelihood per sample (weighted by ``sample_weight`` if given)."""
+        s = self.score_samples(X)
+        if sample_weight is None:
+            out = s.mean()
+        else:
+            w = (
+                sample_weight
+                if isinstance(sample_weight, da.Array)
+                else np.asarray(sample_weight, dtype=np.float64)
+            )
+            out = (s * w).sum() / w.sum()
+        return float(out.compute() if hasattr(out, "compute") else out)
+
+    def _n_parameters(self) -> int:
+        return n_parameters(self.n_components, self.means_.shape[1], self.covariance_type)
+
+    def bic(self, X: Any) -> float:
+        """Bayesian information criterion on ``X`` (lower is better)."""
+        n = X.shape[0]
+        return -2 * self.score(X) * n + self._n_parameters() * np.log(n)
+
+    def aic(self, X: Any) -> float:
+        """Akaike information criterion on ``X`` (lower is better)."""
+        n = X.shape[0]
+        return -2 * self.score(X) * n + 2 * self._n_parameters()
+
+    def sample(self, n_samples: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        """Draw samples from the fitted mixture.
+
+        Returns
+        -------
+        X : ndarray (n_samples, n_features)
+        y : ndarray (n_samples,) of component ids
+        """
+        self._check_fitted()
+        if n_samples < 1:
+            raise ValueError(f"n_samples must be >= 1, got {n_samples}")
+        rng = _check_random_state(self.random_state)
+        counts = rng.multinomial(n_samples, self.weights_)
+        D = self.means_.shape[1]
+        ct = self.covariance_type
+        parts = []
+        for k, c in enumerate(counts):
+            if ct == "full":
+                cov = self.covariances_[k]
+            elif ct == "tied":
+                cov = self.covariances_
+            elif ct == "diag":
+                cov = np.diag(self.covariances_[k])
+            else:
+                cov = np.eye(D) * self.covariances_[k]
+            parts.append(rng.multivariate_normal(self.means_[k], cov, int(c)))
+        X = np.vstack(parts)
+        y = np.concatenate([np.full(c, k, dtype=int) for k, c in enumerate(counts)])
+        return X, y
+
+
+# keep helper reachable for code paths that need the raw precision factors
+_compute_precision_cholesky = compute_precision_cholesky

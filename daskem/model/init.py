@@ -1,0 +1,200 @@
+"""Initialisation of mixture parameters on an in-memory NumPy sample.
+
+The driver draws a reproducible random subsample of rows chunk by chunk
+(:func:`daskem.engine.draw_sample`); everything here works on that sample only:
+k-means++ seeding, a few weighted Lloyd iterations, random responsibilities,
+and turning hard or soft assignments into a first set of parameters with the
+same statistics code as the EM pass (:func:`daskem.model.gmm.block_stats`).
+
+No Dask, no xarray.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .gmm import GMMParams, block_stats, m_step
+
+__all__ = [
+    "INIT_METHODS",
+    "initial_responsibilities",
+    "kmeans",
+    "kmeans_plusplus",
+    "params_from_resp",
+]
+
+INIT_METHODS = ("kmeans", "k-means++", "random", "random_from_data")
+
+
+def _sq_dist(X: np.ndarray, C: np.ndarray) -> np.ndarray:
+    """Squared Euclidean distances (n, k), computed stably enough for seeding."""
+    d = (X * X).sum(1)[:, None] - 2.0 * X @ C.T + (C * C).sum(1)[None, :]
+    return np.maximum(d, 0.0)
+
+
+def kmeans_plusplus(
+    X: np.ndarray,
+    n_clusters: int,
+    rng: np.random.Generator,
+    sample_weight: np.ndarray | None = None,
+    n_local_trials: int | None = None,
+    initial_centers: np.ndarray | None = None,
+) -> np.ndarray:
+    """Greedy k-means++ seeding (Arthur & Vassilvitskii), weighted.
+
+    ``initial_centers`` (m, D), if given, are centres already chosen (e.g. class means
+    from labels): ``n_clusters`` further seeds are drawn against them.
+
+    Returns the indices of the chosen rows, shape (n_clusters,).
+    """
+    n = X.shape[0]
+    w = np.ones(n) if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
+    if n_local_trials is None:
+        n_local_trials = 2 + int(np.log(max(n_clusters, 1)))
+    idx: list[int] = []
+    if initial_centers is not None and len(initial_centers):
+        closest = _sq_dist(X, np.asarray(initial_centers, dtype=np.float64)).min(axis=1)
+    else:
+        if n_clusters == 0:
+            return np.empty(0, dtype=int)
+        first = int(rng.choice(n, p=w / w.sum()))
+        idx.append(first)
+        closest = _sq_dist(X, X[[first]])[:, 0]
+    while len(idx) < n_clusters:
+        pot = (w * closest).sum()
+        if pot <= 0:  # fewer distinct points than clusters: pick any unused row
+            rest = np.setdiff1d(np.arange(n), idx)
+            idx.append(int(rng.choice(rest)))
+            continue
+        cand = rng.choice(n, size=n_local_trials, p=w * closest / pot)
+        d = _sq_dist(X, X[cand])
+        new_closest = np.minimum(closest[:, None], d)
+        best = int(np.argmin((w[:, None] * new_closest).sum(0)))
+        idx.append(int(cand[best]))
+        closest = new_closest[:, best]
+    return np.asarray(idx, dtype=int)
+
+
+def kmeans(
+    X: np.ndarray,
+    n_clusters: int,
+    rng: np.random.Generator,
+    sample_weight: np.ndarray | None = None,
+    max_iter: int = 20,
+    tol: float = 1e-6,
+    fixed_centers: dict[int, np.ndarray] | None = None,
+    pinned: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """k-means++ seeding then weighted Lloyd iterations.
+
+    Parameters
+    ----------
+    fixed_centers : dict {cluster: centre}, optional
+        Starting centres of some clusters (e.g. labelled class means); the other
+        clusters are seeded by k-means++ against them.
+    pinned : ndarray of int (n,), optional
+        Rows with a value ``>= 0`` are always assigned to that cluster.
+
+    Returns
+    -------
+    centers : ndarray (n_clusters, D)
+    labels : ndarray (n,)
+    """
+    w = np.ones(X.shape[0]) if sample_weight is None else np.asarray(sample_weight, float)
+    fixed = fixed_centers or {}
+    free = [k for k in range(n_clusters) if k not in fixed]
+    centers = np.empty((n_clusters, X.shape[1]))
+    for k, c in fixed.items():
+        centers[k] = c
+    init = np.array([fixed[k] for k in sorted(fixed)]) if fixed else None
+    seeds = kmeans_plusplus(X, len(free), rng, w, initial_centers=init)
+    centers[free] = X[seeds]
+    pin = None if pinned is None else np.asarray(pinned)
+
+    def assign(c):
+        lab = np.argmin(_sq_dist(X, c), axis=1)
+        if pin is not None:
+            lab = np.where(pin >= 0, pin, lab)
+        return lab
+
+    labels = assign(centers)
+    scale = float(np.mean(np.var(X, axis=0))) + 1e-300
+    for _ in range(max_iter):
+        new = centers.copy()
+        for k in range(n_clusters):
+            m = labels == k
+            wk = w[m]
+            if wk.sum() > 0:
+                new[k] = (wk[:, None] * X[m]).sum(0) / wk.sum()
+        shift = float(((new - centers) ** 2).sum())
+        centers = new
+        labels = assign(centers)
+        if shift <= tol * scale:
+            break
+    return centers, labels
+
+
+def initial_responsibilities(
+    X: np.ndarray,
+    n_components: int,
+    method: str,
+    rng: np.random.Generator,
+    sample_weight: np.ndarray | None = None,
+) -> np.ndarray:
+    """Responsibilities (n, K) on the sample for an initialisation method.
+
+    * ``"kmeans"``: k-means++ seeding and Lloyd iterations, hard assignment;
+    * ``"k-means++"``: k-means++ seeds, each row assigned to its nearest seed;
+    * ``"random"``: random responsibilities, normalised per row;
+    * ``"random_from_data"``: random rows as centres, nearest-centre assignment.
+
+    Unlike scikit-learn, the last two assign every sampled row to a component,
+    so first covariances are estimated from data rather than set to ``reg_covar``.
+    """
+    n = X.shape[0]
+    if method == "kmeans":
+        _, labels = kmeans(X, n_components, rng, sample_weight)
+    elif method == "k-means++":
+        seeds = kmeans_plusplus(X, n_components, rng, sample_weight)
+        labels = np.argmin(_sq_dist(X, X[seeds]), axis=1)
+    elif method == "random_from_data":
+        seeds = rng.choice(n, size=n_components, replace=False)
+        labels = np.argmin(_sq_dist(X, X[seeds]), axis=1)
+        labels[seeds] = np.arange(n_components)
+    elif method == "random":
+        resp = rng.uniform(size=(n, n_components))
+        return resp / resp.sum(axis=1, keepdims=True)
+    else:
+        raise ValueError(f"init_params must be one of {INIT_METHODS}, got {method!r}")
+    resp = np.zeros((n, n_components))
+    resp[np.arange(n), labels] = 1.0
+    return resp
+
+
+def params_from_resp(
+    X: np.ndarray,
+    resp: np.ndarray,
+    covariance_type: str,
+    reg_covar: float,
+    sample_weight: np.ndarray | None = None,
+    component_class: np.ndarray | None = None,
+) -> tuple[GMMParams, list[dict]]:
+    """Parameters from given responsibilities (an M-step on the sample)."""
+    K = resp.shape[1]
+    D = X.shape[1]
+    # shift the moments by the responsibility-weighted means for accuracy
+    w = np.ones(X.shape[0]) if sample_weight is None else sample_weight
+    rw = resp * w[:, None]
+    mass = rw.sum(0)
+    shift = np.where(
+        mass[:, None] > 0, rw.T @ X / np.where(mass > 0, mass, 1.0)[:, None], X.mean(0)
+    )
+    prov = GMMParams(
+        weights=np.full(K, 1.0 / K),
+        means=shift,
+        precisions_cholesky=np.ones(K) if covariance_type == "spherical" else np.ones((K, D)),
+        covariance_type=covariance_type,
+        component_class=component_class,
+    )
+    stats = block_stats(X, prov, sample_weight, resp=resp)
+    return m_step(stats, covariance_type, reg_covar, component_class=component_class)

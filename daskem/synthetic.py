@@ -1,0 +1,614 @@
+"""Synthetic multi-attribute maps and Gaussian-mixture samples.
+
+Pure NumPy + xarray generators used by the tests and the demo:
+
+* :func:`make_stack` builds an in-memory :class:`xarray.Dataset` holding a
+  multi-attribute image (2-D ``(y, x)``, 3-D ``(z, y, x)`` or 4-D
+  ``(t, z, y, x)``) made of spatially coherent classes, with ground truth,
+  a few sparse training labels and NaN holes.
+* :func:`write_stack` writes such a dataset atomically to a Zarr store.
+* :func:`make_samples` draws a plain tabular Gaussian-mixture sample.
+
+Nothing here imports Dask; the returned objects are NumPy-backed.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import uuid
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+__all__ = ["make_stack", "write_stack", "make_samples", "UNLABELLED", "CLASS_NAMES"]
+
+#: Value of the ``labels`` variable for pixels without a training label.
+UNLABELLED = -1
+
+#: Human-readable class names used when ``n_classes <= 8``.
+CLASS_NAMES = (
+    "water",
+    "forest",
+    "urban",
+    "grassland",
+    "cropland",
+    "bare_soil",
+    "wetland",
+    "snow",
+)
+
+# Dimension names, assigned from the last axis backwards.
+_DIMS = ("t", "z", "y", "x")
+
+# Per-attribute (long_name, units, offset, scale) applied to the latent
+# standardised features so that attributes live on different physical scales.
+_ATTRIBUTES = (
+    ("surface reflectance", "1", 0.25, 0.04),
+    ("backscatter", "dB", -12.0, 2.0),
+    ("elevation", "m", 350.0, 40.0),
+    ("brightness temperature", "K", 290.0, 3.0),
+)
+
+_X0 = 500_000.0  # easting of the grid's west edge (m)
+_Y0 = 5_100_000.0  # northing of the grid's north edge (m)
+_RES = 10.0  # pixel size (m)
+_EPSG = 32633
+
+
+# ---------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------
+
+
+def _random_rotation(rng: np.random.Generator, n: int) -> np.ndarray:
+    """Haar-distributed random orthogonal ``n x n`` matrix."""
+    q, r = np.linalg.qr(rng.standard_normal((n, n)))
+    return q * np.sign(np.diag(r))
+
+
+def _class_means(rng: np.random.Generator, n_classes: int, n_features: int, separation: float):
+    """Class means whose nearest-neighbour distance is about ``separation``."""
+    if n_classes == 1:
+        return np.zeros((1, n_features))
+    if n_classes <= n_features + 1:
+        # Regular simplex: every pairwise distance equals ``separation``.
+        centred = np.eye(n_classes) - 1.0 / n_classes
+        _, _, vt = np.linalg.svd(centred)
+        coords = centred @ vt[: n_classes - 1].T * (separation / np.sqrt(2.0))
+        padded = np.zeros((n_classes, n_features))
+        padded[:, : n_classes - 1] = coords
+        return padded @ _random_rotation(rng, n_features).T
+    # More classes than a simplex can hold: random points scaled so that the
+    # mean nearest-neighbour distance is ``separation``.
+    points = rng.standard_normal((n_classes, n_features))
+    dist = np.linalg.norm(points[:, None, :] - points[None, :, :], axis=-1)
+    np.fill_diagonal(dist, np.inf)
+    nearest = dist.min(axis=1).mean()
+    return (points - points.mean(axis=0)) * (separation / nearest)
+
+
+def _class_covariances(rng: np.random.Generator, n_classes: int, n_features: int) -> np.ndarray:
+    """Random correlated covariances (random rotation times random scales)."""
+    covs = np.empty((n_classes, n_features, n_features))
+    for c in range(n_classes):
+        rot = _random_rotation(rng, n_features)
+        scales = rng.uniform(0.6, 1.4, size=n_features)
+        covs[c] = (rot * scales**2) @ rot.T
+        covs[c] = 0.5 * (covs[c] + covs[c].T)
+    return covs
+
+
+def _draw(rng: np.random.Generator, labels: np.ndarray, means: np.ndarray, covs: np.ndarray):
+    """Draw one sample per entry of ``labels`` from the matching Gaussian."""
+    out = np.empty((labels.size, means.shape[1]))
+    for c in range(means.shape[0]):
+        idx = np.flatnonzero(labels == c)
+        if idx.size == 0:
+            continue
+        chol = np.linalg.cholesky(covs[c])
+        out[idx] = means[c] + rng.standard_normal((idx.size, means.shape[1])) @ chol.T
+    return out
+
+
+def _smooth_field(rng: np.random.Generator, shape: tuple[int, ...], sigma: float) -> np.ndarray:
+    """Gaussian random field: white noise low-passed by an FFT Gaussian filter.
+
+    The filter is periodic (wraps around the edges).  The result is
+    standardised to zero mean and unit variance.
+    """
+    noise = rng.standard_normal(shape)
+    if sigma > 0:
+        spectrum = np.fft.rfftn(noise)
+        transfer = np.ones(spectrum.shape)
+        for axis, n in enumerate(shape):
+            freqs = np.fft.rfftfreq(n) if axis == len(shape) - 1 else np.fft.fftfreq(n)
+            g = np.exp(-2.0 * (np.pi * sigma * freqs) ** 2)
+            bshape = [1] * len(shape)
+            bshape[axis] = g.size
+            transfer = transfer * g.reshape(bshape)
+        noise = np.fft.irfftn(spectrum * transfer, s=shape, axes=tuple(range(len(shape))))
+    std = noise.std()
+    return (noise - noise.mean()) / (std if std > 0 else 1.0)
+
+
+def _class_map(
+    rng: np.random.Generator, shape: tuple[int, ...], n_classes: int, smoothness: float
+) -> np.ndarray:
+    """Spatially coherent class map: argmax over smoothed random fields.
+
+    Classes that end up (almost) absent are given an offset so that they win
+    about ``1 / n_classes`` of the pixels where they are closest to winning.
+    """
+    fields = np.stack([_smooth_field(rng, shape, smoothness) for _ in range(n_classes)])
+    flat = fields.reshape(n_classes, -1)
+    n_pixels = flat.shape[1]
+    min_count = max(1, n_pixels // (20 * n_classes))
+    offsets = np.zeros(n_classes)
+    for _ in range(4 * n_classes):
+        cls = np.argmax(flat + offsets[:, None], axis=0)
+        counts = np.bincount(cls, minlength=n_classes)
+        small = np.flatnonzero(counts < min_count)
+        if small.size == 0:
+            break
+        c = small[0]
+        shifted = flat + offsets[:, None]
+        others = np.delete(shifted, c, axis=0).max(axis=0)
+        margin = others - shifted[c]
+        offsets[c] += np.quantile(margin, 1.0 / n_classes) + 1e-9
+    cls = np.argmax(flat + offsets[:, None], axis=0)
+    return cls.reshape(shape).astype(np.int16)
+
+
+def _hole_mask(rng: np.random.Generator, shape: tuple[int, ...], fraction: float) -> np.ndarray:
+    """Boolean mask of blob-shaped (disk / ball) holes covering ``~fraction``."""
+    mask = np.zeros(shape, dtype=bool)
+    if fraction <= 0:
+        return mask
+    n_total = mask.size
+    ny, nx = shape[-2:]
+    # Radius chosen so that roughly eight holes reach the target per 2-D slice.
+    radius = max(1.5, float(np.sqrt(fraction * ny * nx / (8.0 * np.pi))))
+    radii = np.array([max(1.0, min(radius, n / 4.0)) for n in shape[:-2]] + [radius, radius])
+    target = fraction * n_total
+    covered = 0
+    for _ in range(100_000):
+        if covered >= target:
+            break
+        centre = np.array([rng.uniform(0, n) for n in shape])
+        r = radii * rng.uniform(0.6, 1.4)
+        lo = np.maximum(np.floor(centre - r), 0).astype(int)
+        hi = np.minimum(np.ceil(centre + r) + 1, shape).astype(int)
+        grids = np.ogrid[tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))]
+        dist2 = sum(((g + 0.5 - c0) / r0) ** 2 for g, c0, r0 in zip(grids, centre, r, strict=True))
+        box = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
+        before = mask[box].sum()
+        mask[box] |= dist2 <= 1.0
+        covered += int(mask[box].sum() - before)
+    return mask
+
+
+def _coords(shape: tuple[int, ...], dims: tuple[str, ...]) -> dict[str, xr.Variable]:
+    coords: dict[str, xr.Variable] = {}
+    for dim, n in zip(dims, shape, strict=True):
+        idx = np.arange(n, dtype=np.float64) + 0.5
+        if dim == "x":
+            coords[dim] = xr.Variable(
+                dim,
+                _X0 + _RES * idx,
+                {
+                    "standard_name": "projection_x_coordinate",
+                    "long_name": "easting (pixel centre)",
+                    "units": "m",
+                    "axis": "X",
+                },
+            )
+        elif dim == "y":
+            coords[dim] = xr.Variable(
+                dim,
+                _Y0 - _RES * idx,
+                {
+                    "standard_name": "projection_y_coordinate",
+                    "long_name": "northing (pixel centre)",
+                    "units": "m",
+                    "axis": "Y",
+                },
+            )
+        elif dim == "z":
+            coords[dim] = xr.Variable(
+                dim,
+                _RES * np.arange(n, dtype=np.float64),
+                {"long_name": "depth of slice", "units": "m", "positive": "down", "axis": "Z"},
+            )
+        else:  # "t": a plain float index (no time units, to avoid CF time decoding)
+            coords[dim] = xr.Variable(
+                dim, np.arange(n, dtype=np.float64), {"long_name": "acquisition index"}
+            )
+    coords["spatial_ref"] = xr.Variable(
+        (),
+        np.int64(0),
+        {
+            "grid_mapping_name": "transverse_mercator",
+            "spatial_ref": f"EPSG:{_EPSG}",
+            "epsg": _EPSG,
+            "longitude_of_central_meridian": 15.0,
+            "latitude_of_projection_origin": 0.0,
+            "scale_factor_at_central_meridian": 0.9996,
+            "false_easting": 500000.0,
+            "false_northing": 0.0,
+        },
+    )
+    return coords
+
+
+# ---------------------------------------------------------------------------
+# public API
+# ---------------------------------------------------------------------------
+
+
+def make_stack(
+    shape: Sequence[int] = (256, 256),
+    n_classes: int = 4,
+    n_features: int = 4,
+    labels_per_class: int = 5,
+    nan_fraction: float = 0.02,
+    separation: float = 3.0,
+    smoothness: float = 12.0,
+    dtype: str | np.dtype = "float32",
+    seed: int | None = 0,
+) -> xr.Dataset:
+    """Make a synthetic multi-attribute map with spatially coherent classes.
+
+    Each class occupies coherent regions: ``n_classes`` independent Gaussian
+    random fields are smoothed with a periodic FFT Gaussian filter of width
+    ``smoothness`` pixels and every pixel takes the class of the largest
+    field.  Each class has its own mean vector and random correlated
+    covariance (random rotation and scales), and the features of a pixel are
+    drawn from its class Gaussian, then mapped affinely per attribute onto a
+    physical-looking scale.
+
+    Parameters
+    ----------
+    shape : sequence of int, default (256, 256)
+        Grid shape with 2 to 4 axes.  Dimensions are named from the last axis
+        backwards ``x``, ``y``, ``z``, ``t`` (so 2-D is ``(y, x)`` and 3-D is
+        ``(z, y, x)``).
+    n_classes : int, default 4
+        Number of classes (``>= 1``).
+    n_features : int, default 4
+        Number of attributes ``attr_0 ... attr_{n_features - 1}`` (``>= 1``).
+    labels_per_class : int, default 5
+        Number of labelled pixels per class in ``labels`` (``>= 0``).
+    nan_fraction : float, default 0.02
+        Approximate fraction of pixels inside blob-shaped holes where every
+        attribute is NaN.  About ``nan_fraction / 4`` further pixels have a
+        single random attribute set to NaN (only when ``n_features >= 2``).
+    separation : float, default 3.0
+        Distance between nearest class means, in units of the within-class
+        standard deviation (before the per-attribute affine mapping).
+        Classes are separable but overlapping for values around 3.
+    smoothness : float, default 12.0
+        Width (standard deviation, pixels) of the Gaussian filter that sets
+        the size of the class regions; ``0`` gives salt-and-pepper classes.
+    dtype : str or numpy dtype, default "float32"
+        Floating dtype of the attribute variables.
+    seed : int or None, default 0
+        Seed of :func:`numpy.random.default_rng`; equal seeds give identical
+        datasets.
+
+    Returns
+    -------
+    xarray.Dataset
+        NumPy-backed dataset with
+
+        * ``attr_0 ... attr_{D-1}`` (``dtype``; attrs ``long_name``,
+          ``units``, ``grid_mapping="spatial_ref"``);
+        * ``truth`` (int16): ground-truth class ``0 .. n_classes - 1``;
+        * ``labels`` (int16): ``-1`` (:data:`UNLABELLED`) everywhere except
+          ``labels_per_class`` random pixels per class, all chosen among
+          pixels where every attribute is finite.  CF attrs ``flag_values``
+          and ``flag_meanings``; ``unlabelled_value = -1``;
+        * coordinates ``x``, ``y`` (``z``, ``t``) as float64 pixel centres
+          (x = 500000 + 10 (i + 0.5) m, y decreasing) and a scalar
+          ``spatial_ref`` grid-mapping variable (EPSG:32633).
+
+        Dataset attrs hold ``title``, ``source``, the generating parameters,
+        ``class_names``, ``true_means`` (``n_classes x n_features`` nested
+        list in data units) and ``true_covariances``.
+
+    Raises
+    ------
+    ValueError
+        If an argument is out of range, or the grid is too small to hold
+        ``labels_per_class`` fully finite pixels of every class.
+
+    Notes
+    -----
+    The unlabelled value is recorded as ``unlabelled_value`` rather than the
+    CF ``missing_value`` / ``_FillValue``: xarray masks those on decoding,
+    which would turn ``labels`` into a float variable after a Zarr round trip.
+    """
+    shape = tuple(int(n) for n in shape)
+    if not 2 <= len(shape) <= 4:
+        raise ValueError(f"shape must have 2 to 4 axes, got {shape}")
+    if min(shape) < 1:
+        raise ValueError(f"shape must be positive, got {shape}")
+    if n_classes < 1 or n_features < 1 or labels_per_class < 0:
+        raise ValueError("n_classes and n_features must be >= 1, labels_per_class >= 0")
+    if not 0.0 <= nan_fraction < 0.8:
+        raise ValueError(f"nan_fraction must be in [0, 0.8), got {nan_fraction}")
+    if smoothness < 0 or separation < 0:
+        raise ValueError("smoothness and separation must be >= 0")
+    dtype = np.dtype(dtype)
+    if dtype.kind != "f":
+        raise ValueError(f"dtype must be a floating dtype, got {dtype}")
+
+    rng = np.random.default_rng(seed)
+    dims = _DIMS[-len(shape) :]
+    n_pixels = int(np.prod(shape))
+
+    # Class parameters in standardised (latent) units.
+    means = _class_means(rng, n_classes, n_features, separation)
+    covs = _class_covariances(rng, n_classes, n_features)
+
+    # Spatially coherent classes and per-pixel features.
+    truth = _class_map(rng, shape, n_classes, smoothness)
+    latent = _draw(rng, truth.ravel(), means, covs)
+
+    # Per-attribute affine mapping onto physical-looking scales.
+    meta = [_ATTRIBUTES[k % len(_ATTRIBUTES)] for k in range(n_features)]
+    offset = np.array([m[2] * (1 + k // len(_ATTRIBUTES)) for k, m in enumerate(meta)])
+    scale = np.array([m[3] for m in meta])
+    values = latent * scale + offset
+    true_means = means * scale + offset
+    true_covs = covs * np.outer(scale, scale)
+
+    # Missing data: blob holes (all attributes) + scattered single attributes.
+    holes = _hole_mask(rng, shape, nan_fraction).ravel()
+    values[holes] = np.nan
+    if n_features >= 2 and nan_fraction > 0:
+        candidates = np.flatnonzero(~holes)
+        n_partial = min(candidates.size, int(round(nan_fraction / 4.0 * n_pixels)))
+        picked = rng.choice(candidates, size=n_partial, replace=False)
+        values[picked, rng.integers(0, n_features, size=n_partial)] = np.nan
+    values = values.astype(dtype)
+
+    # Sparse training labels on fully finite pixels.
+    finite = np.isfinite(values).all(axis=1)
+    labels = np.full(n_pixels, UNLABELLED, dtype=np.int16)
+    flat_truth = truth.ravel()
+    for c in range(n_classes):
+        pool = np.flatnonzero(finite & (flat_truth == c))
+        if pool.size < labels_per_class:
+            raise ValueError(
+                f"class {c} has only {pool.size} fully finite pixels, fewer than "
+                f"labels_per_class={labels_per_class}; use a larger shape or smaller smoothness"
+            )
+        labels[rng.choice(pool, size=labels_per_class, replace=False)] = c
+
+    names = (
+        list(CLASS_NAMES[:n_classes])
+        if n_classes <= len(CLASS_NAMES)
+        else [f"class_{c}" for c in range(n_classes)]
+    )
+    flag_values = np.arange(n_classes, dtype=np.int16)
+    flag_meanings = " ".join(names)
+
+    data_vars: dict[str, xr.Variable] = {}
+    for k, (long_name, units, _, _) in enumerate(meta):
+        data_vars[f"attr_{k}"] = xr.Variable(
+            dims,
+            values[:, k].reshape(shape),
+            {"long_name": long_name, "units": units, "grid_mapping": "spatial_ref"},
+        )
+    data_vars["truth"] = xr.Variable(
+        dims,
+        truth,
+        {
+            "long_name": "ground-truth class",
+            "flag_values": flag_values,
+            "flag_meanings": flag_meanings,
+            "grid_mapping": "spatial_ref",
+        },
+    )
+    data_vars["labels"] = xr.Variable(
+        dims,
+        labels.reshape(shape),
+        {
+            "long_name": "training labels",
+            "flag_values": flag_values,
+            "flag_meanings": flag_meanings,
+            "unlabelled_value": UNLABELLED,
+            "comment": f"{UNLABELLED} marks unlabelled pixels",
+            "grid_mapping": "spatial_ref",
+        },
+    )
+
+    attrs: dict[str, Any] = {
+        "title": "daskem synthetic multi-attribute stack",
+        "source": "daskem.synthetic.make_stack",
+        "Conventions": "CF-1.8",
+        "shape": list(shape),
+        "n_classes": int(n_classes),
+        "n_features": int(n_features),
+        "labels_per_class": int(labels_per_class),
+        "nan_fraction": float(nan_fraction),
+        "separation": float(separation),
+        "smoothness": float(smoothness),
+        "dtype": dtype.name,
+        "class_names": names,
+        "true_means": true_means.tolist(),
+        "true_covariances": true_covs.tolist(),
+    }
+    if seed is not None:
+        attrs["seed"] = int(seed)
+    return xr.Dataset(data_vars, coords=_coords(shape, dims), attrs=attrs)
+
+
+def _chunk_encoding(ds: xr.Dataset, chunks: int | Mapping[str, int | None] | None):
+    """Map ``chunks`` to a ``{dim: size}`` dict over the dataset's dims."""
+    if chunks is None:
+        return None
+    if isinstance(chunks, Mapping):
+        unknown = set(chunks) - set(ds.dims)
+        if unknown:
+            raise ValueError(f"chunks refers to unknown dimensions {sorted(unknown)}")
+        spec = dict(chunks)
+    else:
+        spec = {dim: int(chunks) for dim in ds.dims}
+    out: dict[str, int] = {}
+    for dim, size in ds.sizes.items():
+        c = spec.get(dim)
+        out[dim] = size if c is None or c == -1 else max(1, min(int(c), size))
+    return out
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def write_stack(
+    ds: xr.Dataset,
+    path: str | os.PathLike[str],
+    chunks: int | Mapping[str, int | None] | None = None,
+    zarr_format: int | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write a dataset to a local Zarr store atomically.
+
+    The store is written to a temporary directory beside the target
+    (``.{name}.tmp-{uuid}``) and renamed into place only once complete, so a
+    reader never sees a half-written store.
+
+    Parameters
+    ----------
+    ds : xarray.Dataset
+        Dataset to write, e.g. from :func:`make_stack`.  Any encoding
+        inherited from a previous read is dropped.
+    path : str or path-like
+        Target directory of the Zarr store (local filesystem).
+    chunks : int or mapping of str to int, optional
+        Chunk sizes of the data variables.  An int applies to every
+        dimension; a mapping gives a size per dimension name, with dimensions
+        left out (or given ``None`` / ``-1``) kept whole.  ``None`` uses the
+        Dask chunks of a Dask-backed dataset, else Zarr's default.
+    zarr_format : {2, 3}, optional
+        Zarr format version; ``None`` uses the zarr library's default.
+        Metadata is always consolidated.
+    overwrite : bool, default False
+        Replace an existing store.  The old store is moved aside, the new one
+        renamed in, and only then the old one deleted.
+
+    Returns
+    -------
+    pathlib.Path
+        The path of the written store.
+
+    Raises
+    ------
+    FileExistsError
+        If ``path`` exists and ``overwrite`` is false.
+    """
+    path = Path(path)
+    if (path.exists() or path.is_symlink()) and not overwrite:
+        raise FileExistsError(errno.EEXIST, "Zarr store already exists", str(path))
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    ds = ds.drop_encoding()
+    sizes = _chunk_encoding(ds, chunks)
+    encoding: dict[str, dict[str, Any]] = {}
+    if sizes is not None:
+        if ds.chunks:  # Dask-backed: rechunk so Dask and Zarr chunks agree
+            ds = ds.chunk(sizes)
+        else:
+            for name, var in ds.data_vars.items():
+                if var.ndim:
+                    encoding[name] = {"chunks": tuple(sizes[d] for d in var.dims)}
+
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex}"
+    kwargs: dict[str, Any] = {"mode": "w-", "encoding": encoding, "consolidated": True}
+    if zarr_format is not None:
+        kwargs["zarr_format"] = zarr_format
+    try:
+        with warnings.catch_warnings():
+            # Consolidated metadata lets ``xr.open_zarr`` open the store without
+            # warnings; zarr 3 warns that it is not (yet) in the v3 spec.
+            warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
+            ds.to_zarr(tmp, **kwargs)
+        if path.exists() or path.is_symlink():
+            if not overwrite:
+                raise FileExistsError(errno.EEXIST, "Zarr store already exists", str(path))
+            old = path.parent / f".{path.name}.old-{uuid.uuid4().hex}"
+            os.replace(path, old)
+            try:
+                os.replace(tmp, path)
+            except BaseException:
+                os.replace(old, path)
+                raise
+            _remove(old)
+        else:
+            os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            _remove(tmp)
+    return path
+
+
+def make_samples(
+    n_samples: int,
+    n_features: int,
+    n_components: int,
+    seed: int | None = 0,
+    dtype: str | np.dtype = "float64",
+    separation: float = 3.0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Draw a tabular sample from a random Gaussian mixture.
+
+    Components have equal weights, means whose nearest-neighbour distance is
+    about ``separation`` within-component standard deviations, and random
+    correlated covariances.
+
+    Parameters
+    ----------
+    n_samples : int
+        Number of rows.
+    n_features : int
+        Number of columns.
+    n_components : int
+        Number of mixture components.
+    seed : int or None, default 0
+        Seed of :func:`numpy.random.default_rng`.
+    dtype : str or numpy dtype, default "float64"
+        Floating dtype of ``X``.
+    separation : float, default 3.0
+        Distance between nearest component means in standard deviations.
+
+    Returns
+    -------
+    X : numpy.ndarray, shape (n_samples, n_features)
+        The sample, of dtype ``dtype``.
+    y : numpy.ndarray of int64, shape (n_samples,)
+        Component of each row; components are as balanced as possible
+        (each appears ``n_samples // n_components`` or one more times).
+    means : numpy.ndarray of float64, shape (n_components, n_features)
+        True component means.
+    """
+    if n_samples < 0 or n_features < 1 or n_components < 1:
+        raise ValueError("need n_samples >= 0, n_features >= 1 and n_components >= 1")
+    dtype = np.dtype(dtype)
+    if dtype.kind != "f":
+        raise ValueError(f"dtype must be a floating dtype, got {dtype}")
+    rng = np.random.default_rng(seed)
+    means = _class_means(rng, n_components, n_features, separation)
+    covs = _class_covariances(rng, n_components, n_features)
+    y = rng.permutation(np.arange(n_samples, dtype=np.int64) % n_components)
+    X = _draw(rng, y, means, covs).astype(dtype)
+    return X, y, means
