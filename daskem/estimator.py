@@ -25,7 +25,7 @@ from .model.gmm import (
     COVARIANCE_TYPES,
     GMMModel,
     GMMParams,
-    compute_precision_cholesky,
+    class_posterior,
     covariances_from_precision_cholesky,
     estimate_weighted_log_prob,
     n_parameters,
@@ -79,6 +79,11 @@ def _rows_proba(params: GMMParams, X: np.ndarray) -> np.ndarray:
         return np.exp(wlp - _logsumexp_rows(wlp)[:, None])
 
 
+def _rows_class_posterior(params: GMMParams, X: np.ndarray) -> np.ndarray:
+    proba, logd = class_posterior(params, X)
+    return np.concatenate([proba, logd[:, None]], axis=1)
+
+
 def _rows_predict(params: GMMParams, X: np.ndarray) -> np.ndarray:
     return estimate_weighted_log_prob(X, params).argmax(axis=1)
 
@@ -120,6 +125,13 @@ class GaussianMixture:
         Fan-in of the tree reduction of per-chunk statistics.
     init_sample_size : int, default=100000
         Rows drawn (chunk-wise, reproducibly) for the initialisation.
+    nan_policy : {"raise", "omit"}, default="raise"
+        What a row with a non-finite value does to ``fit``: raise ``ValueError``, or
+        be left out of the fit (and counted in ``n_excluded_``).
+    component_classes : array-like of int, shape (n_components,), optional
+        Class owning each component, for semi-supervised fits where a class is modelled
+        by several components (``[0, 0, 1, 2]``: class 0 has two). Every class id in
+        ``[0, max]`` must own a component. Default: component ``k`` is class ``k``.
 
     Attributes
     ----------
@@ -141,7 +153,11 @@ class GaussianMixture:
         Components re-seeded because they collapsed: ``iteration``, ``component``,
         ``reason``.
     n_excluded_ : int
-        Rows left out of the fit (non-finite values, only when allowed).
+        Rows left out of the fit (non-finite values, only with ``nan_policy="omit"``).
+    component_classes_ : ndarray of int, shape (n_components,)
+        Class owning each component.
+    n_classes_ : int
+        Number of classes (``n_components`` unless ``component_classes`` groups them).
 
     Examples
     --------
@@ -174,6 +190,8 @@ class GaussianMixture:
         chunk_size: int = 65536,
         split_every: int = 16,
         init_sample_size: int = 100_000,
+        nan_policy: str = "raise",
+        component_classes: Any = None,
     ) -> None:
         self.n_components = n_components
         self.covariance_type = covariance_type
@@ -192,6 +210,8 @@ class GaussianMixture:
         self.chunk_size = chunk_size
         self.split_every = split_every
         self.init_sample_size = init_sample_size
+        self.nan_policy = nan_policy
+        self.component_classes = component_classes
 
     # ------------------------------------------------------------------ sklearn plumbing
 
@@ -247,6 +267,18 @@ class GaussianMixture:
             v = getattr(self, name)
             if not isinstance(v, numbers.Integral) or v < lo:
                 raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
+        if self.nan_policy not in ("raise", "omit"):
+            raise ValueError(f"nan_policy must be 'raise' or 'omit', got {self.nan_policy!r}")
+        if self.component_classes is not None:
+            cc = np.asarray(self.component_classes)
+            if cc.shape != (K,) or not np.issubdtype(cc.dtype, np.integer) or np.any(cc < 0):
+                raise ValueError(
+                    f"component_classes must be {K} non-negative integers (one class id per "
+                    f"component), got {self.component_classes!r}"
+                )
+            missing = sorted(set(range(int(cc.max()) + 1)) - set(cc.tolist()))
+            if missing:
+                raise ValueError(f"component_classes gives no component to classes {missing}")
         D = n_features
         ct = self.covariance_type
         if self.weights_init is not None:
@@ -299,7 +331,7 @@ class GaussianMixture:
             if not (np.issubdtype(X.dtype, np.number) or X.dtype == bool):
                 raise ValueError(f"X must be numeric, got dtype {X.dtype}")
             X = X.astype(np.float64)
-        if not is_dask and not np.isfinite(X).all():
+        if for_fit and self.nan_policy == "raise" and not is_dask and not np.isfinite(X).all():
             bad = int((~np.isfinite(X)).any(axis=1).sum())
             raise ValueError(
                 f"Input X contains non-finite values (NaN or inf) in {bad} rows. "
@@ -341,21 +373,53 @@ class GaussianMixture:
 
     # ------------------------------------------------------------------ fitting
 
-    def _model(self, allow_excluded: bool = False) -> GMMModel:
-        return GMMModel(self.covariance_type, float(self.reg_covar), allow_excluded=allow_excluded)
+    def _model(self) -> GMMModel:
+        return GMMModel(
+            self.covariance_type, float(self.reg_covar), allow_excluded=self.nan_policy == "omit"
+        )
 
-    def _labelled_rows(self, data: engine.ChunkedData) -> tuple[np.ndarray, np.ndarray]:
-        """Every labelled row (X, y), gathered in one pass (labels are few)."""
+    def _component_classes(self, labelled: bool) -> np.ndarray | None:
+        if self.component_classes is not None:
+            return np.asarray(self.component_classes, dtype=np.int64)
+        return np.arange(self.n_components) if labelled else None
+
+    def _labelled_rows(
+        self, data: engine.ChunkedData, n_classes: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Every labelled row (X, y), gathered in one pass (labels are few), validated."""
         y = data.labels
         mask = y >= 0
-        Xl, yl = da.compute(data.X[mask], y[mask])
-        return np.asarray(Xl, dtype=np.float64), np.asarray(yl)
+        Xl, yl, ymin, ymax = da.compute(data.X[mask], y[mask], y.min(), y.max())
+        Xl = np.asarray(Xl, dtype=np.float64)
+        yl = np.asarray(yl)
+        if int(ymax) >= n_classes:
+            raise ValueError(
+                f"y holds class {int(ymax)} but the model has {n_classes} classes: class ids "
+                f"must be -1 (unlabelled) or in [0, {n_classes})"
+            )
+        if int(ymin) < -1:
+            raise ValueError(f"y holds {int(ymin)}: use -1 for unlabelled and ids >= 0 for classes")
+        finite = np.isfinite(Xl).all(axis=1)
+        if not finite.all():
+            if self.nan_policy == "raise":
+                raise ValueError(
+                    "Some labelled rows of X contain non-finite values; "
+                    "use nan_policy='omit' to leave them out"
+                )
+            lost = sorted(set(yl[~finite].tolist()) - set(yl[finite].tolist()))
+            if lost:
+                raise ValueError(
+                    f"Every label of class(es) {lost} is on a row with missing values "
+                    "(masked pixels): label valid pixels"
+                )
+            Xl, yl = Xl[finite], yl[finite]
+        return Xl, yl
 
     def _initial_params(
         self, data: engine.ChunkedData, rng: np.random.RandomState, labelled=None
     ) -> GMMParams:
         K, ct = self.n_components, self.covariance_type
-        component_class = np.arange(K) if data.labels is not None else None
+        component_class = self._component_classes(data.labels is not None)
         have_all = (
             self.weights_init is not None
             and self.means_init is not None
@@ -385,7 +449,7 @@ class GaussianMixture:
                 f"n_components={K}: increase init_sample_size or use fewer components."
             )
         if labelled is not None and labelled[0].shape[0] > 0:
-            resp = self._resp_with_labels(Xs, ws, labelled, gen)
+            resp = self._resp_with_labels(Xs, ws, labelled, gen, component_class)
         else:
             resp = initial_responsibilities(Xs, K, self.init_params, gen, ws)
         params, _ = params_from_resp(
@@ -408,28 +472,26 @@ class GaussianMixture:
             prec_chol, cov = params.precisions_cholesky, params.covariances
         return GMMParams(weights, means, prec_chol, ct, cov, component_class)
 
-    def _resp_with_labels(self, Xs, ws, labelled, gen) -> np.ndarray:
-        """Initial responsibilities on the sample when some rows carry class labels.
+    def _resp_with_labels(self, Xs, ws, labelled, gen, component_class) -> np.ndarray:
+        """Initial hard responsibilities on the sample when some rows carry class labels.
 
-        Labelled classes seed their own component with the class mean; the remaining
-        components are seeded by k-means++ against those, then Lloyd iterations run
-        with the labelled rows pinned to their class.
+        In standardised units, the first component of each labelled class is centred
+        on the class mean; the other components are seeded by k-means++ against those
+        centres; every sampled row goes to its nearest centre.
         """
         K = self.n_components
         Xl, yl = labelled
-        X = np.concatenate([Xs, Xl])
-        w = np.concatenate([np.ones(len(Xs)) if ws is None else ws, np.ones(len(Xl))])
-        pinned = np.concatenate([np.full(len(Xs), -1), yl])
-        centers = kmeans(
-            X,
-            K,
-            gen,
-            w,
-            fixed_centers={int(c): Xl[yl == c].mean(0) for c in np.unique(yl)},
-            pinned=pinned,
-        )[0]
-        d = ((Xs[:, None, :] - centers[None]) ** 2).sum(-1)
-        labels = d.argmin(1)
+        loc, scale = Xs.mean(axis=0), Xs.std(axis=0)
+        scale = np.where(scale > 0, scale, 1.0)
+        Z = (Xs - loc) / scale
+        Zl = (Xl - loc) / scale
+        first = {int(c): int(np.flatnonzero(component_class == c)[0]) for c in np.unique(yl)}
+        fixed = {k: Zl[yl == c].mean(axis=0) for c, k in first.items()}
+        Zall = np.concatenate([Z, Zl])
+        w = np.concatenate([np.ones(len(Z)) if ws is None else ws, np.ones(len(Zl))])
+        pinned = np.concatenate([np.full(len(Z), -1), [first[int(c)] for c in yl]])
+        _, labels = kmeans(Zall, K, gen, w, fixed_centers=fixed, pinned=pinned)
+        labels = labels[: len(Z)]
         resp = np.zeros((len(Xs), K))
         resp[np.arange(len(Xs)), labels] = 1.0
         return resp
@@ -463,16 +525,11 @@ class GaussianMixture:
                 f"Expected n_samples >= n_components but got n_components = {K}, "
                 f"n_samples = {data.n_samples}"
             )
+        component_class = self._component_classes(data.labels is not None)
+        n_classes = K if component_class is None else int(component_class.max()) + 1
         labelled = None
         if data.labels is not None:
-            labelled = self._labelled_rows(data)
-            if labelled[1].size and (labelled[1].max() >= K):
-                raise ValueError(
-                    f"y holds class {int(labelled[1].max())} but n_components={K}: class ids "
-                    "must be -1 (unlabelled) or in [0, n_components)"
-                )
-            if labelled[0].size and not np.isfinite(labelled[0]).all():
-                raise ValueError("Some labelled rows of X contain non-finite values")
+            labelled = self._labelled_rows(data, n_classes)
 
         do_init = not (self.warm_start and hasattr(self, "converged_"))
         n_init = self.n_init if do_init else 1
@@ -487,9 +544,7 @@ class GaussianMixture:
                 params0 = self._initial_params(data, rng, labelled)
                 prev = -np.inf
             else:
-                params0 = self._fitted_params(
-                    component_class=np.arange(K) if data.labels is not None else None
-                )
+                params0 = self._fitted_params(component_class)
                 prev = self.lower_bound_
             if self.max_iter == 0:
                 result = engine.EMResult(params0, -np.inf, [], 0, False, [])
@@ -526,6 +581,10 @@ class GaussianMixture:
         self.reseeds_ = list(best.events)
         self.n_features_in_ = data.n_features
         self.n_excluded_ = int(best.stats.n_excluded) if best.stats is not None else 0
+        self.component_classes_ = (
+            np.arange(K) if component_class is None else np.asarray(component_class)
+        )
+        self.n_classes_ = n_classes
         if not self.converged_ and self.max_iter > 0:
             warnings.warn(
                 "Best performing initialization did not converge. Try different init "
@@ -561,7 +620,10 @@ class GaussianMixture:
         self.precisions_ = precisions_from_cholesky(self.precisions_cholesky_, ct)
 
     def _fitted_params(self, component_class=None) -> GMMParams:
+        """The fitted parameters as a picklable :class:`~daskem.model.gmm.GMMParams`."""
         self._check_fitted()
+        if component_class is None:
+            component_class = getattr(self, "component_classes_", None)
         return GMMParams(
             self.weights_,
             self.means_,
@@ -585,6 +647,21 @@ class GaussianMixture:
         if isinstance(data_X, da.Array):
             return engine.map_rows(func, params, data_X, n_out=n_out, dtype=dtype)
         return func(params, data_X)
+
+    def class_posterior(self, X: Any):
+        """Class probabilities and log density of each sample, missing values allowed.
+
+        Rows with some non-finite attributes use the exact marginal Gaussian over their
+        observed attributes; rows with none observed give NaN.
+
+        Returns
+        -------
+        proba : array of shape (n_samples, n_classes_)
+        log_density : array of shape (n_samples,)
+            NumPy for NumPy input, lazy Dask arrays for Dask input.
+        """
+        both = self._rows(_rows_class_posterior, X, self.n_classes_ + 1, np.float64)
+        return both[:, :-1], both[:, -1]
 
     def score_samples(self, X: Any):
         """Log-likelihood ``log p(x)`` of each sample, shape (n_samples,)."""
@@ -654,7 +731,3 @@ class GaussianMixture:
         X = np.vstack(parts)
         y = np.concatenate([np.full(c, k, dtype=int) for k, c in enumerate(counts)])
         return X, y
-
-
-# keep helper reachable for code paths that need the raw precision factors
-_compute_precision_cholesky = compute_precision_cholesky

@@ -25,7 +25,7 @@ merged pairwise across blocks (:func:`daskem.model.stats.merge_centred_moments`)
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -37,11 +37,14 @@ __all__ = [
     "GMMParams",
     "GMMStats",
     "block_stats",
+    "class_membership",
+    "class_posterior",
     "compute_precision_cholesky",
     "covariances_from_precision_cholesky",
     "estimate_weighted_log_prob",
     "log_responsibilities",
     "m_step",
+    "marginal_params",
     "n_parameters",
     "precisions_from_cholesky",
 ]
@@ -289,6 +292,95 @@ def log_responsibilities(
     wlp = estimate_weighted_log_prob(X, params)
     allowed = _allowed_components(labels, params)
     return _normalise(wlp, allowed)
+
+
+def marginal_params(params: GMMParams, observed: np.ndarray) -> GMMParams:
+    """Parameters of the marginal mixture over the ``observed`` features (bool mask (D,)).
+
+    The marginal of a Gaussian over a subset of coordinates is the Gaussian with the
+    corresponding sub-vector of the mean and sub-matrix of the covariance (exact).
+    """
+    ct = params.covariance_type
+    obs = np.asarray(observed, dtype=bool)
+    cov = params.covariances
+    if cov is None:
+        cov = covariances_from_precision_cholesky(params.precisions_cholesky, ct)
+    if ct == "full":
+        sub = cov[:, obs][:, :, obs]
+    elif ct == "tied":
+        sub = cov[obs][:, obs]
+    elif ct == "diag":
+        sub = cov[:, obs]
+    else:
+        sub = cov
+    prec_chol, _ = compute_precision_cholesky(sub, ct)
+    return GMMParams(
+        params.weights, params.means[:, obs], prec_chol, ct, sub, params.component_class
+    )
+
+
+def class_membership(params: GMMParams, n_classes: int | None = None) -> np.ndarray:
+    """One-hot (K, C) matrix of the class owning each component."""
+    cc = (
+        np.arange(params.n_components)
+        if params.component_class is None
+        else np.asarray(params.component_class)
+    )
+    C = int(cc.max()) + 1 if n_classes is None else n_classes
+    M = np.zeros((params.n_components, C))
+    M[np.arange(params.n_components), cc] = 1.0
+    return M
+
+
+def class_posterior(
+    params: GMMParams, X: np.ndarray, n_classes: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Posterior class probabilities and log density of each row, missing values allowed.
+
+    Parameters
+    ----------
+    params : GMMParams
+    X : ndarray of shape (n, D)
+        NaN (or inf) marks a missing attribute.
+    n_classes : int, optional
+        Number of classes (default: from ``params.component_class``).
+
+    Returns
+    -------
+    proba : ndarray of shape (n, n_classes)
+        ``p(class | x_observed)``: the sum of the posteriors of the class's components.
+        Rows with every attribute missing are NaN.
+    log_density : ndarray of shape (n,)
+        ``log p(x_observed)``; rows with some attributes missing use the marginal
+        Gaussian over the observed ones (exact), rows with none observed are NaN.
+    """
+    X = np.asarray(X)
+    n = X.shape[0]
+    M = class_membership(params, n_classes)
+    wlp = np.full((n, params.n_components), np.nan)
+    obs = np.isfinite(X)
+    complete = obs.all(axis=1)
+    if complete.all():
+        wlp = estimate_weighted_log_prob(X, params)
+    else:
+        if complete.any():
+            wlp[complete] = estimate_weighted_log_prob(X[complete], params)
+        partial = np.flatnonzero(~complete & obs.any(axis=1))
+        if partial.size:
+            patterns, inverse = np.unique(obs[partial], axis=0, return_inverse=True)
+            for j, pattern in enumerate(patterns):
+                rows = partial[inverse.ravel() == j]
+                sub = marginal_params(params, pattern)
+                wlp[rows] = estimate_weighted_log_prob(X[np.ix_(rows, pattern)], sub)
+    valid = ~np.isnan(wlp[:, 0]) if n else np.zeros(0, dtype=bool)
+    log_dens = np.full(n, np.nan)
+    proba = np.full((n, M.shape[1]), np.nan)
+    if valid.any():
+        log_norm, log_resp = _normalise(wlp[valid], None)
+        log_dens[valid] = log_norm
+        with np.errstate(under="ignore"):
+            proba[valid] = np.exp(log_resp) @ M
+    return proba, log_dens
 
 
 # --------------------------------------------------------------------------- statistics
@@ -676,6 +768,3 @@ class GMMModel:
 
     def objective(self, stats: GMMStats) -> float:
         return stats.loglik / stats.weight if stats.weight > 0 else -np.inf
-
-    def with_params(self, params: GMMParams, **changes) -> GMMParams:
-        return replace(params, **changes)

@@ -148,10 +148,14 @@ def initial_responsibilities(
     * ``"random"``: random responsibilities, normalised per row;
     * ``"random_from_data"``: random rows as centres, nearest-centre assignment.
 
-    Unlike scikit-learn, the last two assign every sampled row to a component,
-    so first covariances are estimated from data rather than set to ``reg_covar``.
+    Distances are measured on standardised features. Unlike scikit-learn, the last
+    two assign every sampled row to a component, so first covariances are estimated
+    from data rather than set to ``reg_covar``.
     """
     n = X.shape[0]
+    # distances in standardised units, so attributes in different units weigh alike
+    scale = X.std(axis=0)
+    X = (X - X.mean(axis=0)) / np.where(scale > 0, scale, 1.0)
     if method == "kmeans":
         _, labels = kmeans(X, n_components, rng, sample_weight)
     elif method == "k-means++":
