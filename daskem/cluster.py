@@ -1,0 +1,90 @@
+"""Where the computation runs: the only module that makes a ``distributed.Client``.
+
+Library functions never start a cluster behind the user's back: they use whatever
+scheduler is active (an existing ``Client``, or Dask's default threaded scheduler).
+Scripts and the command line call :func:`connect`, which either joins an existing
+cluster (address or scheduler file) or starts an embedded ``LocalCluster`` sized to
+the machine, and shuts down what it started on exit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+from typing import Any
+
+logger = logging.getLogger("daskem")
+
+__all__ = ["connect"]
+
+
+@contextlib.contextmanager
+def connect(
+    scheduler: str | None = None,
+    *,
+    scheduler_file: str | os.PathLike | None = None,
+    n_workers: int | None = None,
+    threads_per_worker: int | None = None,
+    memory_limit: str | int | None = "auto",
+    processes: bool = True,
+    dashboard_address: str | None = ":0",
+    security: Any = None,
+) -> Iterator[Any]:
+    """A ``distributed.Client`` for the duration of a ``with`` block.
+
+    Parameters
+    ----------
+    scheduler : str, optional
+        Address of a running scheduler (``tcp://host:8786``, ``tls://...``).
+    scheduler_file : path, optional
+        Scheduler file written by ``dask scheduler --scheduler-file``.
+    n_workers, threads_per_worker, memory_limit, processes, dashboard_address
+        Passed to ``distributed.LocalCluster`` when neither ``scheduler`` nor
+        ``scheduler_file`` is given. By default one single-threaded worker process per
+        core (NumPy kernels hold the GIL between small calls, so processes scale better
+        than threads on few cores).
+    security : distributed.Security, optional
+        TLS settings for the connection.
+
+    Yields
+    ------
+    distributed.Client
+    """
+    from distributed import Client, LocalCluster
+
+    if scheduler and scheduler_file:
+        raise ValueError("give either a scheduler address or a scheduler file, not both")
+    if scheduler or scheduler_file:
+        kwargs: dict[str, Any] = {"security": security} if security is not None else {}
+        if scheduler_file:
+            kwargs["scheduler_file"] = os.fspath(scheduler_file)
+            client = Client(**kwargs)
+        else:
+            client = Client(scheduler, **kwargs)
+        logger.info("connected to %s", client.scheduler.address)
+        try:
+            yield client
+        finally:
+            client.close()
+        return
+    cores = os.cpu_count() or 1
+    if n_workers is None:
+        n_workers = cores if threads_per_worker is None else max(1, cores // threads_per_worker)
+    if threads_per_worker is None:
+        threads_per_worker = max(1, cores // n_workers)
+    cluster = LocalCluster(
+        n_workers=n_workers,
+        threads_per_worker=threads_per_worker,
+        memory_limit=memory_limit,
+        processes=processes,
+        dashboard_address=dashboard_address,
+    )
+    client = Client(cluster)
+    logger.info("embedded cluster: %d workers, dashboard %s", n_workers, client.dashboard_link)
+    try:
+        yield client
+    finally:
+        client.close()
+        cluster.close()
