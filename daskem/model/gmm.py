@@ -668,8 +668,9 @@ def m_step(
         healthy = ~collapsed
         if not healthy.any():
             raise ValueError(
-                "Every component collapsed. Decrease n_components, increase reg_covar, "
-                "or scale the input data."
+                "Every component collapsed: none has enough responsibility mass and a "
+                "positive-definite covariance (a constant feature or duplicated points with "
+                "reg_covar=0?). Increase reg_covar, decrease n_components, or scale the data."
             )
         # pooled scatter of healthy components, as a full matrix or a diagonal
         m2h = stats.m2[healthy].sum(axis=0)
@@ -704,6 +705,11 @@ def m_step(
             events.append({"component": int(k), "reason": reason, "mass": mass})
         weights = weights / weights.sum()
         prec_chol, ok = compute_precision_cholesky(cov, covariance_type)
+        if not ok.all():
+            raise ValueError(
+                "Covariances are singular even after re-seeding (a constant feature or "
+                "duplicated data with reg_covar=0?). Increase reg_covar or scale the data."
+            )
     params = GMMParams(
         weights=weights,
         means=means,
