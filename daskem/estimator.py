@@ -640,9 +640,14 @@ class GaussianMixture:
 
     # ------------------------------------------------------------------ prediction
 
-    def _rows(self, func, X: Any, n_out: int | None, dtype):
+    def _rows(self, func, X: Any, n_out: int | None, dtype, allow_missing: bool = False):
         data_X = X if isinstance(X, da.Array) else np.asarray(X)
         self._prepare(data_X, for_fit=False)
+        if not allow_missing and isinstance(data_X, np.ndarray) and not np.isfinite(data_X).all():
+            raise ValueError(
+                "Input X contains non-finite values (NaN or inf); use class_posterior() "
+                "for samples with missing attributes"
+            )
         params = self._fitted_params()
         if isinstance(data_X, da.Array):
             return engine.map_rows(func, params, data_X, n_out=n_out, dtype=dtype)
@@ -660,7 +665,9 @@ class GaussianMixture:
         log_density : array of shape (n_samples,)
             NumPy for NumPy input, lazy Dask arrays for Dask input.
         """
-        both = self._rows(_rows_class_posterior, X, self.n_classes_ + 1, np.float64)
+        both = self._rows(
+            _rows_class_posterior, X, self.n_classes_ + 1, np.float64, allow_missing=True
+        )
         return both[:, :-1], both[:, -1]
 
     def score_samples(self, X: Any):
@@ -694,12 +701,12 @@ class GaussianMixture:
 
     def bic(self, X: Any) -> float:
         """Bayesian information criterion on ``X`` (lower is better)."""
-        n = X.shape[0]
+        n = np.shape(X)[0] if not isinstance(X, da.Array) else X.shape[0]
         return -2 * self.score(X) * n + self._n_parameters() * np.log(n)
 
     def aic(self, X: Any) -> float:
         """Akaike information criterion on ``X`` (lower is better)."""
-        n = X.shape[0]
+        n = np.shape(X)[0] if not isinstance(X, da.Array) else X.shape[0]
         return -2 * self.score(X) * n + 2 * self._n_parameters()
 
     def sample(self, n_samples: int = 1) -> tuple[np.ndarray, np.ndarray]:

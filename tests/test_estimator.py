@@ -89,12 +89,14 @@ def _weights_input(X, w, kind):
         return X, w
     if kind == "dask":
         return da.from_array(X, chunks=(100, D)), da.from_array(w, chunks=100)
+    if kind == "dask-X-numpy-w":
+        return da.from_array(X, chunks=(100, D)), w
     if kind == "dask-misaligned":
         return da.from_array(X, chunks=(100, D)), da.from_array(w, chunks=250)
     raise AssertionError(kind)
 
 
-@pytest.mark.parametrize("kind", ["numpy", "dask", "dask-misaligned"])
+@pytest.mark.parametrize("kind", ["numpy", "dask", "dask-X-numpy-w", "dask-misaligned"])
 @pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
 def test_integer_weights_equal_repeated_rows(
     data, make_init, fit_quiet, assert_same_fit, covariance_type, kind
@@ -112,6 +114,14 @@ def test_unit_weights_equal_no_weights(data, make_init, fit_quiet, assert_same_f
     plain = fit_quiet(_gm(X, y, make_init), X)
     ones = fit_quiet(_gm(X, y, make_init), X, sample_weight=np.ones(len(X)))
     assert_same_fit(ones, plain, rtol=1e-10, atol=1e-12)
+
+
+def test_sample_weight_scale_invariance(data, make_init, fit_quiet, assert_same_fit):
+    X, y = data
+    w = np.random.default_rng(3).uniform(0.5, 2.0, size=len(X))
+    a = fit_quiet(_gm(X, y, make_init), X, sample_weight=w)
+    b = fit_quiet(_gm(X, y, make_init), X, sample_weight=1e-3 * w)
+    assert_same_fit(b, a, rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize("covariance_type", ["full", "spherical"])
@@ -266,6 +276,16 @@ def test_invalid_sample_weight_raises(data):
         GaussianMixture(2, random_state=0).fit(X, sample_weight=np.ones(len(X) - 1))
 
 
+def test_negative_dask_sample_weight_raises(data):
+    X, _ = data
+    w = np.ones(len(X))
+    w[N // 2] = -1.0
+    with pytest.raises(ValueError):
+        GaussianMixture(2, random_state=0).fit(
+            da.from_array(X, chunks=(400, D)), sample_weight=da.from_array(w, chunks=400)
+        )
+
+
 def test_wrong_means_init_shape_raises(data):
     X, _ = data
     with pytest.raises(ValueError):
@@ -294,7 +314,20 @@ def test_n_samples_equal_n_components(fit_quiet, assert_finite, covariance_type)
     X = np.array([[0.0, 0.0], [5.0, 1.0], [-3.0, 4.0]])
     gm = fit_quiet(GaussianMixture(3, covariance_type=covariance_type, random_state=0), X)
     assert_finite(gm)
+    assert gm.converged_
     assert len(set(gm.predict(X).tolist())) == 3
+
+
+@pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
+def test_n_samples_equal_n_components_close_points(fit_quiet, assert_finite, covariance_type):
+    # Points about sqrt(reg_covar) apart: components overlap, each holds a bit
+    # less or more than one sample's worth of mass.  scikit-learn converges in
+    # 3 iterations; re-seeding such a component at every iteration never ends.
+    X = np.array([[0.0, 0.0], [1e-3, 0.0], [5e-4, 3e-4]])
+    gm = fit_quiet(GaussianMixture(3, covariance_type=covariance_type, random_state=0), X)
+    assert_finite(gm)
+    assert gm.converged_
+    assert len(gm.reseeds_) <= 3
 
 
 def _precisions(covariance_type, k, d):
@@ -381,3 +414,15 @@ def test_verbose_output(data, make_init, fit_quiet, capsys):
     assert capsys.readouterr().out == ""
     fit_quiet(_gm(X, y, make_init, verbose=2, verbose_interval=1), X)
     assert capsys.readouterr().out.strip() != ""
+
+
+def test_array_like_input(data, make_init, fit_quiet):
+    X, y = data
+    gm = fit_quiet(_gm(X, y, make_init), X.tolist())
+    ref = fit_quiet(_gm(X, y, make_init), X)
+    np.testing.assert_allclose(gm.means_, ref.means_, rtol=1e-12)
+    rows = X[:50].tolist()
+    np.testing.assert_array_equal(gm.predict(rows), ref.predict(X[:50]))
+    np.testing.assert_allclose(gm.score(rows), ref.score(X[:50]), rtol=1e-12)
+    np.testing.assert_allclose(gm.bic(rows), ref.bic(X[:50]), rtol=1e-12)
+    np.testing.assert_allclose(gm.aic(rows), ref.aic(X[:50]), rtol=1e-12)

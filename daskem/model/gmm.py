@@ -534,6 +534,8 @@ def block_stats(
             if sample_weight is None
             else np.asarray(sample_weight[s : s + nb], dtype=np.float64).copy()
         )
+        if np.any(w < 0):
+            raise ValueError("sample_weight must be non-negative; got negative weights")
         good = _finite_rows(xb) & np.isfinite(w)
         nbad = int(nb - good.sum())
         if nbad:
@@ -620,15 +622,16 @@ def m_step(
     reg_covar: float,
     *,
     component_class: np.ndarray | None = None,
-    min_mass: float = 1.0,
+    min_mass: float = 0.5,
     reseed: bool = True,
 ) -> tuple[GMMParams, list[dict]]:
     """New parameters from reduced statistics.
 
     Follows scikit-learn's M-step (``nk = n + 10 eps``, ``reg_covar`` added to the
     diagonal). A component is *collapsed* when its responsibility mass is below
-    ``min_mass`` rows' worth or its covariance is not positive definite; with
-    ``reseed`` it is moved to one of the worst-explained rows with the pooled
+    ``min_mass`` rows' worth (half a row by default) or its covariance is not
+    positive definite; with ``reseed`` it is moved to one of the worst-explained rows
+    with the pooled
     covariance of the healthy components, and an event is returned.
 
     Returns
