@@ -222,6 +222,9 @@ class IterationInfo:
     n_samples: int
     params: Any
     events: list[dict]
+    converged: bool = False
+    history: list[float] = field(default_factory=list)
+    stats: Any = None
 
     @property
     def samples_per_second(self) -> float:
@@ -274,6 +277,8 @@ def fit_em(
     split_every: int = 16,
     prev_lower_bound: float = -np.inf,
     callback: Callable[[IterationInfo], None] | None = None,
+    start_iteration: int = 0,
+    history: Sequence[float] = (),
 ) -> EMResult:
     """Run EM from ``params`` until the change of the objective is below ``tol``.
 
@@ -293,20 +298,26 @@ def fit_em(
         Objective before the first iteration (``-inf`` for a fresh start; the last
         value for a warm start, as scikit-learn does).
     callback : callable, optional
-        Called with an :class:`IterationInfo` after each iteration; may raise to stop.
+        Called with an :class:`IterationInfo` after each iteration (e.g. to write a
+        checkpoint); may raise to stop.
+    start_iteration, history : int, sequence of float
+        To resume a run from a checkpoint: the number of iterations already done and
+        their objective values. Iterations are numbered on from ``start_iteration`` and
+        ``max_iter`` counts them all, so a resumed run ends exactly where an
+        uninterrupted one would.
 
     Returns
     -------
     EMResult
     """
     lower_bound = prev_lower_bound
-    history: list[float] = []
+    history = list(history)
     events: list[dict] = []
     converged = False
-    n_iter = 0
+    n_iter = start_iteration
     stats = None
     with _local_blas_limit():
-        for n_iter in range(1, max_iter + 1):
+        for n_iter in range(start_iteration + 1, max_iter + 1):
             t0 = time.perf_counter()
             stats = em_pass(model, data, params, split_every)
             prev = lower_bound
@@ -318,8 +329,18 @@ def fit_em(
             history.append(lower_bound)
             change = lower_bound - prev
             seconds = time.perf_counter() - t0
+            converged = abs(change) < tol and not new_events
             info = IterationInfo(
-                n_iter, lower_bound, change, seconds, data.n_samples, params, new_events
+                n_iter,
+                lower_bound,
+                change,
+                seconds,
+                data.n_samples,
+                params,
+                new_events,
+                converged,
+                list(history),
+                stats,
             )
             logger.info(
                 "iteration %d: mean log-likelihood %.8g, change %.3g, %.2f s, %.3g samples/s",
@@ -331,8 +352,7 @@ def fit_em(
             )
             if callback is not None:
                 callback(info)
-            if abs(change) < tol and not new_events:
-                converged = True
+            if converged:
                 break
     return EMResult(params, lower_bound, history, n_iter, converged, events, stats)
 

@@ -88,6 +88,50 @@ def _rows_predict(params: GMMParams, X: np.ndarray) -> np.ndarray:
     return estimate_weighted_log_prob(X, params).argmax(axis=1)
 
 
+def _params_to_json(p: GMMParams) -> dict[str, Any]:
+    return {
+        "weights": p.weights.tolist(),
+        "means": p.means.tolist(),
+        "precisions_cholesky": np.asarray(p.precisions_cholesky).tolist(),
+        "covariances": None if p.covariances is None else np.asarray(p.covariances).tolist(),
+        "component_class": None
+        if p.component_class is None
+        else np.asarray(p.component_class).tolist(),
+    }
+
+
+def _params_from_json(d: dict[str, Any], covariance_type: str) -> GMMParams:
+    def arr(v, dtype=np.float64):
+        return None if v is None else np.asarray(v, dtype=dtype)
+
+    return GMMParams(
+        arr(d["weights"]),
+        arr(d["means"]),
+        arr(d["precisions_cholesky"]),
+        covariance_type,
+        arr(d["covariances"]),
+        arr(d["component_class"], np.int64),
+    )
+
+
+def _n_excluded(result: engine.EMResult) -> int:
+    if result.stats is not None:
+        return int(result.stats.n_excluded)
+    return int(getattr(result, "n_excluded", 0))
+
+
+def _result_to_json(r: engine.EMResult) -> dict[str, Any]:
+    return {
+        "params": _params_to_json(r.params),
+        "lower_bound": float(r.lower_bound),
+        "lower_bounds": [float(v) for v in r.lower_bounds],
+        "n_iter": int(r.n_iter),
+        "converged": bool(r.converged),
+        "events": [{k: (float(v) if k == "mass" else v) for k, v in e.items()} for e in r.events],
+        "n_excluded": _n_excluded(r),
+    }
+
+
 class GaussianMixture:
     """Gaussian mixture fitted by EM over NumPy or (out-of-core) Dask arrays.
 
@@ -415,9 +459,7 @@ class GaussianMixture:
             Xl, yl = Xl[finite], yl[finite]
         return Xl, yl
 
-    def _initial_params(
-        self, data: engine.ChunkedData, rng: np.random.RandomState, labelled=None
-    ) -> GMMParams:
+    def _initial_params(self, data: engine.ChunkedData, seed: int, labelled=None) -> GMMParams:
         K, ct = self.n_components, self.covariance_type
         component_class = self._component_classes(data.labels is not None)
         have_all = (
@@ -435,7 +477,6 @@ class GaussianMixture:
                 covariances=covariances_from_precision_cholesky(prec_chol, ct),
                 component_class=component_class,
             )
-        seed = int(rng.randint(np.iinfo(np.int32).max))
         gen = np.random.default_rng(seed)
         Xs, ws, _ = engine.draw_sample(data, self.init_sample_size, seed)
         finite = np.isfinite(Xs).all(axis=1)
@@ -496,7 +537,16 @@ class GaussianMixture:
         resp[np.arange(len(Xs)), labels] = 1.0
         return resp
 
-    def fit(self, X: Any, y: Any = None, sample_weight: Any = None) -> GaussianMixture:
+    def fit(
+        self,
+        X: Any,
+        y: Any = None,
+        sample_weight: Any = None,
+        *,
+        checkpoint_dir: Any = None,
+        resume: bool = False,
+        callback: Any = None,
+    ) -> GaussianMixture:
         """Estimate the parameters by EM.
 
         Parameters
@@ -508,15 +558,32 @@ class GaussianMixture:
             to component ``c``.
         sample_weight : array-like of shape (n_samples,), optional
             Non-negative weights (quality masks, area weights) entering every statistic.
+        checkpoint_dir : path, optional
+            Directory where the parameters are saved (atomically, as JSON) after every
+            iteration.
+        resume : bool, default=False
+            Continue from the checkpoint in ``checkpoint_dir`` (if there is one). The
+            data and parameters must be those of the interrupted fit (checked); the
+            result is exactly the one an uninterrupted fit would have reached.
+        callback : callable, optional
+            Called with a :class:`daskem.engine.IterationInfo` after every iteration.
 
         Returns
         -------
         self
         """
-        self._fit(X, y, sample_weight)
+        self._fit(X, y, sample_weight, checkpoint_dir, resume, callback)
         return self
 
-    def _fit(self, X: Any, y: Any, sample_weight: Any) -> engine.ChunkedData:
+    def _fit(
+        self,
+        X: Any,
+        y: Any,
+        sample_weight: Any,
+        checkpoint_dir: Any = None,
+        resume: bool = False,
+        callback: Any = None,
+    ) -> engine.ChunkedData:
         data = self._prepare(X, sample_weight, y, for_fit=True)
         self._check_parameters(data.n_features)
         K = self.n_components
@@ -525,6 +592,8 @@ class GaussianMixture:
                 f"Expected n_samples >= n_components but got n_components = {K}, "
                 f"n_samples = {data.n_samples}"
             )
+        if resume and checkpoint_dir is None:
+            raise ValueError("resume=True needs a checkpoint_dir")
         component_class = self._component_classes(data.labels is not None)
         n_classes = K if component_class is None else int(component_class.max()) + 1
         labelled = None
@@ -534,19 +603,38 @@ class GaussianMixture:
         do_init = not (self.warm_start and hasattr(self, "converged_"))
         n_init = self.n_init if do_init else 1
         rng = _check_random_state(self.random_state)
+        # one seed per initialisation, drawn up front so a resumed run draws the same ones
+        seeds = [int(rng.randint(np.iinfo(np.int32).max)) for _ in range(n_init)]
         model = self._model()
+        fingerprint = self._fingerprint(data)
+        ckpt = self._read_checkpoint(checkpoint_dir, fingerprint) if resume else None
         best: engine.EMResult | None = None
-        for init in range(n_init):
+        first_init = 0
+        if ckpt is not None:
+            first_init = int(ckpt["init"])
+            if ckpt.get("best") is not None:
+                best = self._result_from_json(ckpt["best"])
+        for init in range(first_init, n_init):
             if self.verbose:
                 print(f"Initialization {init}")
             t_init = time.perf_counter()
-            if do_init:
-                params0 = self._initial_params(data, rng, labelled)
-                prev = -np.inf
+            start, history = 0, []
+            if ckpt is not None and init == first_init:
+                params0 = _params_from_json(ckpt["params"], self.covariance_type)
+                start, history = int(ckpt["iteration"]), list(ckpt["history"])
+                prev = history[-1] if history else -np.inf
+                done = bool(ckpt["converged"]) or start >= self.max_iter
             else:
-                params0 = self._fitted_params(component_class)
-                prev = self.lower_bound_
-            if self.max_iter == 0:
+                done = False
+                if do_init:
+                    params0 = self._initial_params(data, seeds[init], labelled)
+                    prev = -np.inf
+                else:
+                    params0 = self._fitted_params(component_class)
+                    prev = self.lower_bound_
+            if done:
+                result = self._result_from_json(ckpt["current"])
+            elif self.max_iter == 0:
                 result = engine.EMResult(params0, -np.inf, [], 0, False, [])
             else:
                 result = engine.fit_em(
@@ -557,7 +645,11 @@ class GaussianMixture:
                     max_iter=int(self.max_iter),
                     split_every=int(self.split_every),
                     prev_lower_bound=prev,
-                    callback=self._verbose_callback(t_init),
+                    callback=self._iteration_callback(
+                        t_init, checkpoint_dir, fingerprint, init, best, callback
+                    ),
+                    start_iteration=start,
+                    history=history,
                 )
             if self.verbose:
                 state = "converged" if result.converged else "did not converge"
@@ -580,7 +672,7 @@ class GaussianMixture:
         self.lower_bounds_ = np.asarray(best.lower_bounds, dtype=np.float64)
         self.reseeds_ = list(best.events)
         self.n_features_in_ = data.n_features
-        self.n_excluded_ = int(best.stats.n_excluded) if best.stats is not None else 0
+        self.n_excluded_ = _n_excluded(best)
         self.component_classes_ = (
             np.arange(K) if component_class is None else np.asarray(component_class)
         )
@@ -593,6 +685,95 @@ class GaussianMixture:
                 stacklevel=3,
             )
         return data
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _fingerprint(self, data: engine.ChunkedData) -> dict[str, Any]:
+        """What must match for a checkpoint to be resumed."""
+        rs = self.random_state
+        return {
+            "n_samples": data.n_samples,
+            "n_features": data.n_features,
+            "n_components": int(self.n_components),
+            "covariance_type": self.covariance_type,
+            "tol": float(self.tol),
+            "reg_covar": float(self.reg_covar),
+            "max_iter": int(self.max_iter),
+            "n_init": int(self.n_init),
+            "init_params": self.init_params,
+            "random_state": int(rs) if isinstance(rs, numbers.Integral) else None,
+            "labelled": data.labels is not None,
+            "weighted": data.sample_weight is not None,
+        }
+
+    def _read_checkpoint(self, directory: Any, fingerprint: dict) -> dict | None:
+        from .modelfile import ModelFileError, load_checkpoint
+
+        ckpt = load_checkpoint(directory)
+        if ckpt is None:
+            return None
+        old = ckpt.get("fingerprint", {})
+        diff = sorted(k for k in fingerprint if old.get(k) != fingerprint[k])
+        if diff:
+            details = ", ".join(f"{k}: {old.get(k)!r} -> {fingerprint[k]!r}" for k in diff)
+            raise ModelFileError(
+                f"checkpoint in {directory} was written for a different fit ({details}); "
+                "use another checkpoint directory or drop --resume"
+            )
+        return ckpt
+
+    def _iteration_callback(self, t_init, checkpoint_dir, fingerprint, init, best, user_cb):
+        verbose_cb = self._verbose_callback(t_init)
+        if checkpoint_dir is None and verbose_cb is None and user_cb is None:
+            return None
+        from .modelfile import save_checkpoint
+
+        best_json = None if best is None else _result_to_json(best)
+        events: list[dict] = []
+
+        def cb(info: engine.IterationInfo) -> None:
+            events.extend(info.events)
+            if checkpoint_dir is not None:
+                current = engine.EMResult(
+                    info.params,
+                    info.lower_bound,
+                    info.history,
+                    info.iteration,
+                    info.converged,
+                    list(events),
+                    info.stats,
+                )
+                save_checkpoint(
+                    checkpoint_dir,
+                    {
+                        "fingerprint": fingerprint,
+                        "init": init,
+                        "iteration": info.iteration,
+                        "converged": info.converged,
+                        "history": info.history,
+                        "params": _params_to_json(info.params),
+                        "current": _result_to_json(current),
+                        "best": best_json,
+                    },
+                )
+            if verbose_cb is not None:
+                verbose_cb(info)
+            if user_cb is not None:
+                user_cb(info)
+
+        return cb
+
+    def _result_from_json(self, d: dict) -> engine.EMResult:
+        res = engine.EMResult(
+            _params_from_json(d["params"], self.covariance_type),
+            float(d["lower_bound"]),
+            list(d["lower_bounds"]),
+            int(d["n_iter"]),
+            bool(d["converged"]),
+            list(d["events"]),
+        )
+        res.n_excluded = int(d.get("n_excluded", 0))
+        return res
 
     def _verbose_callback(self, t_init: float):
         if self.verbose < 2:

@@ -1,0 +1,253 @@
+"""Versioned JSON model files and EM checkpoints (no pickle anywhere).
+
+A model file holds everything needed to predict with a fitted
+:class:`~daskem.GaussianMixture`: constructor parameters, fitted parameters,
+feature (variable) names, class names, convergence history and provenance.
+Floats are written with ``repr`` precision, so a save/load round trip is exact.
+
+Every write is atomic: the file is written beside the target under a temporary
+name, flushed and fsync'ed, then renamed into place, so a reader (or a crash)
+never sees a half-written file.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ._version import __version__
+from .estimator import GaussianMixture
+
+__all__ = [
+    "SCHEMA",
+    "SCHEMA_VERSION",
+    "ModelFileError",
+    "atomic_write_text",
+    "load_checkpoint",
+    "load_model",
+    "model_to_dict",
+    "model_from_dict",
+    "save_checkpoint",
+    "save_model",
+]
+
+SCHEMA = "daskem.model"
+SCHEMA_VERSION = 1
+CHECKPOINT_SCHEMA = "daskem.checkpoint"
+_FITTED = (
+    "weights_",
+    "means_",
+    "covariances_",
+    "precisions_cholesky_",
+)
+
+
+class ModelFileError(ValueError):
+    """A model or checkpoint file is missing, corrupt, or does not match."""
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically (temporary file beside it, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    if isinstance(v, (np.integer,)):
+        return int(v)
+    if isinstance(v, (np.floating,)):
+        return float(v)
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    return v
+
+
+def params_to_dict(gm: GaussianMixture) -> dict[str, Any]:
+    """Constructor parameters as JSON-able values (``random_state`` only if an int)."""
+    out = {}
+    for k, v in gm.get_params().items():
+        if k == "random_state" and not (v is None or isinstance(v, (int, np.integer))):
+            v = None
+        out[k] = _jsonable(v)
+    return out
+
+
+def model_to_dict(
+    gm: GaussianMixture,
+    *,
+    feature_names: list[str] | None = None,
+    class_names: list[str] | None = None,
+    provenance: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The JSON document of a fitted model."""
+    gm._check_fitted()
+    features = feature_names or getattr(gm, "feature_names_in_", None)
+    classes = class_names or getattr(gm, "class_names_", None)
+    D = int(gm.n_features_in_)
+    n_classes = int(getattr(gm, "n_classes_", gm.n_components))
+    prov = {
+        "daskem_version": __version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    prov.update(provenance or {})
+    return {
+        "schema": SCHEMA,
+        "schema_version": SCHEMA_VERSION,
+        "estimator": type(gm).__name__,
+        "parameters": params_to_dict(gm),
+        "features": list(features) if features is not None else [f"x{i}" for i in range(D)],
+        "classes": list(classes)
+        if classes is not None
+        else [f"class_{i}" for i in range(n_classes)],
+        "fitted": {
+            "covariance_type": gm.covariance_type,
+            "weights": gm.weights_.tolist(),
+            "means": gm.means_.tolist(),
+            "covariances": gm.covariances_.tolist(),
+            "precisions_cholesky": gm.precisions_cholesky_.tolist(),
+            "component_classes": np.asarray(
+                getattr(gm, "component_classes_", np.arange(gm.n_components))
+            ).tolist(),
+            "converged": bool(gm.converged_),
+            "n_iter": int(gm.n_iter_),
+            "lower_bound": float(gm.lower_bound_),
+            "lower_bounds": np.asarray(gm.lower_bounds_).tolist(),
+            "reseeds": _jsonable(list(getattr(gm, "reseeds_", []))),
+            "n_excluded": int(getattr(gm, "n_excluded_", 0)),
+        },
+        "provenance": _jsonable(prov),
+    }
+
+
+def _shape_of(ct: str, K: int, D: int) -> tuple[int, ...]:
+    return {"full": (K, D, D), "tied": (D, D), "diag": (K, D), "spherical": (K,)}[ct]
+
+
+def model_from_dict(doc: Any, source: str = "model") -> GaussianMixture:
+    """A fitted :class:`GaussianMixture` from a JSON document, validated."""
+    if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
+        raise ModelFileError(f"{source}: not a daskem model file (missing schema {SCHEMA!r})")
+    version = doc.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise ModelFileError(
+            f"{source}: schema_version {version!r} is not supported (this daskem reads "
+            f"{SCHEMA_VERSION}); re-fit or convert the model"
+        )
+    try:
+        params = dict(doc["parameters"])
+        fitted = doc["fitted"]
+        features = [str(f) for f in doc["features"]]
+        classes = [str(c) for c in doc["classes"]]
+        gm = GaussianMixture(**params)
+        ct = fitted["covariance_type"]
+        K = int(gm.n_components)
+        D = len(features)
+        arrays = {
+            "weights_": np.asarray(fitted["weights"], dtype=np.float64),
+            "means_": np.asarray(fitted["means"], dtype=np.float64),
+            "covariances_": np.asarray(fitted["covariances"], dtype=np.float64),
+            "precisions_cholesky_": np.asarray(fitted["precisions_cholesky"], dtype=np.float64),
+        }
+        cc = np.asarray(fitted["component_classes"], dtype=np.int64)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ModelFileError(f"{source}: malformed model file ({type(e).__name__}: {e})") from e
+    if ct != gm.covariance_type:
+        raise ModelFileError(f"{source}: covariance_type {ct!r} does not match the parameters")
+    expected = {
+        "weights_": (K,),
+        "means_": (K, D),
+        "covariances_": _shape_of(ct, K, D),
+        "precisions_cholesky_": _shape_of(ct, K, D),
+    }
+    for name, arr in arrays.items():
+        if arr.shape != expected[name]:
+            raise ModelFileError(
+                f"{source}: fitted {name.rstrip('_')} has shape {arr.shape}, expected "
+                f"{expected[name]} for {K} components and {D} features"
+            )
+        if not np.all(np.isfinite(arr)):
+            raise ModelFileError(f"{source}: fitted {name.rstrip('_')} contains non-finite values")
+    if cc.shape != (K,) or cc.min() < 0 or len(classes) != int(cc.max()) + 1:
+        raise ModelFileError(
+            f"{source}: component_classes {cc.tolist()} do not match the {len(classes)} classes"
+        )
+    for name, arr in arrays.items():
+        setattr(gm, name, arr)
+    from .model.gmm import precisions_from_cholesky
+
+    gm.precisions_ = precisions_from_cholesky(gm.precisions_cholesky_, ct)
+    gm.converged_ = bool(fitted.get("converged", False))
+    gm.n_iter_ = int(fitted.get("n_iter", 0))
+    gm.lower_bound_ = float(fitted.get("lower_bound", float("nan")))
+    gm.lower_bounds_ = np.asarray(fitted.get("lower_bounds", []), dtype=np.float64)
+    gm.reseeds_ = list(fitted.get("reseeds", []))
+    gm.n_excluded_ = int(fitted.get("n_excluded", 0))
+    gm.n_features_in_ = D
+    gm.component_classes_ = cc
+    gm.n_classes_ = len(classes)
+    gm.feature_names_in_ = np.asarray(features, dtype=object)
+    gm.class_names_ = classes
+    gm.provenance_ = dict(doc.get("provenance") or {})
+    return gm
+
+
+def save_model(gm: GaussianMixture, path: str | os.PathLike, **kwargs: Any) -> Path:
+    """Write a fitted model as JSON, atomically. ``kwargs`` go to :func:`model_to_dict`."""
+    doc = model_to_dict(gm, **kwargs)
+    return atomic_write_text(path, json.dumps(doc, indent=1) + "\n")
+
+
+def load_model(path: str | os.PathLike) -> GaussianMixture:
+    """Read and validate a model file written by :func:`save_model`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"model file {path} does not exist")
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelFileError(f"{path}: not valid JSON ({e})") from e
+    return model_from_dict(doc, source=str(path))
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(directory: str | os.PathLike, state: dict[str, Any]) -> Path:
+    """Atomically write an EM checkpoint (``checkpoint.json`` in ``directory``)."""
+    doc = {"schema": CHECKPOINT_SCHEMA, "schema_version": SCHEMA_VERSION, **_jsonable(state)}
+    return atomic_write_text(Path(directory) / "checkpoint.json", json.dumps(doc) + "\n")
+
+
+def load_checkpoint(directory: str | os.PathLike) -> dict[str, Any] | None:
+    """The last checkpoint in ``directory``, or None if there is none."""
+    path = Path(directory) / "checkpoint.json"
+    if not path.is_file():
+        return None
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ModelFileError(f"{path}: corrupt checkpoint ({e})") from e
+    if doc.get("schema") != CHECKPOINT_SCHEMA or doc.get("schema_version") != SCHEMA_VERSION:
+        raise ModelFileError(f"{path}: not a daskem checkpoint of schema {SCHEMA_VERSION}")
+    return doc

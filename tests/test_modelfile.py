@@ -1,0 +1,102 @@
+"""JSON model files and checkpoint/resume."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from daskem import GaussianMixture
+from daskem.modelfile import ModelFileError, load_checkpoint, load_model, save_model
+
+
+@pytest.fixture(scope="module")
+def data():
+    rng = np.random.default_rng(0)
+    return np.concatenate([rng.normal(c, 1, (1500, 3)) for c in (0, 2.5, 5)])
+
+
+@pytest.mark.parametrize("ct", ["full", "tied", "diag", "spherical"])
+def test_model_round_trip_is_exact(tmp_path, data, ct):
+    gm = GaussianMixture(3, covariance_type=ct, random_state=0).fit(data)
+    path = save_model(
+        gm, tmp_path / "m.json", feature_names=["a", "b", "c"], provenance={"input": "x.zarr"}
+    )
+    doc = json.loads(path.read_text())
+    assert doc["schema"] == "daskem.model" and doc["schema_version"] == 1
+    assert doc["provenance"]["input"] == "x.zarr" and "daskem_version" in doc["provenance"]
+    back = load_model(path)
+    for a in ("weights_", "means_", "covariances_", "precisions_cholesky_", "lower_bounds_"):
+        np.testing.assert_array_equal(getattr(back, a), getattr(gm, a))
+    np.testing.assert_array_equal(back.predict_proba(data), gm.predict_proba(data))
+    assert list(back.feature_names_in_) == ["a", "b", "c"]
+    assert back.n_iter_ == gm.n_iter_ and back.converged_ == gm.converged_
+    assert not list(tmp_path.glob(".*tmp"))
+
+
+def test_load_model_errors(tmp_path, data):
+    with pytest.raises(ModelFileError, match="does not exist"):
+        load_model(tmp_path / "nope.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ModelFileError, match="not valid JSON"):
+        load_model(bad)
+    bad.write_text(json.dumps({"hello": 1}))
+    with pytest.raises(ModelFileError, match="not a daskem model file"):
+        load_model(bad)
+    gm = GaussianMixture(3, random_state=0).fit(data)
+    good = save_model(gm, tmp_path / "m.json")
+    doc = json.loads(good.read_text())
+    doc["schema_version"] = 99
+    bad.write_text(json.dumps(doc))
+    with pytest.raises(ModelFileError, match="schema_version 99"):
+        load_model(bad)
+    doc = json.loads(good.read_text())
+    doc["fitted"]["means"] = doc["fitted"]["means"][:2]
+    bad.write_text(json.dumps(doc))
+    with pytest.raises(ModelFileError, match="means has shape"):
+        load_model(bad)
+    doc = json.loads(good.read_text())
+    del doc["fitted"]["weights"]
+    bad.write_text(json.dumps(doc))
+    with pytest.raises(ModelFileError, match="malformed"):
+        load_model(bad)
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("kill_at", [(0, 2), (1, 1), (1, 4)])
+def test_resume_gives_the_uninterrupted_result(tmp_path, data, kill_at):
+    kwargs = dict(n_components=3, n_init=2, random_state=1, tol=1e-6, max_iter=30)
+    ref = GaussianMixture(**kwargs).fit(data)
+    seen = {"init": 0, "last": 0}
+
+    def stop(info):
+        if info.iteration < seen["last"]:
+            seen["init"] += 1
+        seen["last"] = info.iteration
+        if (seen["init"], info.iteration) == kill_at:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        GaussianMixture(**kwargs).fit(data, checkpoint_dir=tmp_path, callback=stop)
+    ckpt = load_checkpoint(tmp_path)
+    assert (ckpt["init"], ckpt["iteration"]) == kill_at
+    gm = GaussianMixture(**kwargs).fit(data, checkpoint_dir=tmp_path, resume=True)
+    for a in ("weights_", "means_", "covariances_", "lower_bounds_"):
+        np.testing.assert_array_equal(getattr(gm, a), getattr(ref, a))
+    assert gm.n_iter_ == ref.n_iter_
+
+
+def test_resume_refuses_a_checkpoint_of_another_fit(tmp_path, data):
+    GaussianMixture(3, random_state=0, max_iter=3).fit(data, checkpoint_dir=tmp_path)
+    with pytest.raises(ModelFileError, match="n_components: 3 -> 2"):
+        GaussianMixture(2, random_state=0, max_iter=3).fit(
+            data, checkpoint_dir=tmp_path, resume=True
+        )
+    with pytest.raises(ValueError, match="checkpoint_dir"):
+        GaussianMixture(2).fit(data, resume=True)
