@@ -31,6 +31,9 @@ def connect(
     processes: bool = True,
     dashboard_address: str | None = ":0",
     security: Any = None,
+    tls_ca_file: str | os.PathLike | None = None,
+    tls_cert: str | os.PathLike | None = None,
+    tls_key: str | os.PathLike | None = None,
 ) -> Iterator[Any]:
     """A ``distributed.Client`` for the duration of a ``with`` block.
 
@@ -46,7 +49,12 @@ def connect(
         core (NumPy kernels hold the GIL between small calls, so processes scale better
         than threads on few cores).
     security : distributed.Security, optional
-        TLS settings for the connection.
+        TLS settings for the connection. Without it (and without ``tls_*``), Dask's
+        configuration (``distributed.comm.tls.*``, ``DASK_DISTRIBUTED__COMM__TLS__*``)
+        applies as usual.
+    tls_ca_file, tls_cert, tls_key : path, optional
+        CA certificate, client certificate and key for a ``tls://`` scheduler (the
+        names of Dask's own ``--tls-ca-file --tls-cert --tls-key`` options).
 
     Yields
     ------
@@ -56,6 +64,10 @@ def connect(
 
     if scheduler and scheduler_file:
         raise ValueError("give either a scheduler address or a scheduler file, not both")
+    if any(v is not None for v in (tls_ca_file, tls_cert, tls_key)):
+        if security is not None:
+            raise ValueError("give either security or tls_* files, not both")
+        security = _tls_security(tls_ca_file, tls_cert, tls_key)
     if scheduler or scheduler_file:
         kwargs: dict[str, Any] = {"security": security} if security is not None else {}
         if scheduler_file:
@@ -88,3 +100,21 @@ def connect(
     finally:
         client.close()
         cluster.close()
+
+
+def _tls_security(ca_file, cert, key) -> Any:
+    """A ``distributed.Security`` requiring encryption, from certificate files."""
+    from distributed import Security
+
+    files = {"--tls-ca-file": ca_file, "--tls-cert": cert, "--tls-key": key}
+    for option, path in files.items():
+        if path is None:
+            raise ValueError(f"TLS needs {option} too (give --tls-ca-file, --tls-cert, --tls-key)")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{option}: {path} does not exist")
+    return Security(
+        tls_ca_file=os.fspath(ca_file),
+        tls_client_cert=os.fspath(cert),
+        tls_client_key=os.fspath(key),
+        require_encryption=True,
+    )

@@ -56,6 +56,7 @@ __all__ = [
     "EMModel",
     "EMResult",
     "IterationInfo",
+    "WorkerMemoryError",
     "as_chunked",
     "draw_sample",
     "em_pass",
@@ -64,6 +65,10 @@ __all__ = [
 ]
 
 logger = logging.getLogger("daskem")
+
+
+class WorkerMemoryError(RuntimeError):
+    """Workers kept dying while computing a pass (typically out of memory)."""
 
 
 class EMModel(Protocol):
@@ -151,7 +156,13 @@ def as_chunked(
     labels: Any = None,
     chunk_size: int = 65536,
 ) -> ChunkedData:
-    """Wrap NumPy or Dask inputs as :class:`ChunkedData` (NumPy is split into row chunks)."""
+    """Wrap NumPy or Dask inputs as :class:`ChunkedData` (NumPy is split into row chunks).
+
+    NumPy input is sent once to the workers of an active ``distributed`` client (and
+    kept there for the passes) rather than travelling inside every iteration's graph.
+    Dask input is left as it is: its chunks are read by the workers on every pass.
+    """
+    client = _distributed_client()
 
     def wrap(a, ndim):
         if a is None:
@@ -160,7 +171,8 @@ def as_chunked(
             return a
         a = np.asarray(a)
         chunks = (chunk_size,) + (-1,) * (ndim - 1)
-        return da.from_array(a, chunks=chunks)
+        arr = da.from_array(a, chunks=chunks)
+        return arr.persist() if client is not None else arr
 
     return ChunkedData(wrap(X, 2), wrap(sample_weight, 1), wrap(labels, 1))
 
@@ -207,7 +219,18 @@ def em_pass(model: EMModel, data: ChunkedData, params: Any, split_every: int = 1
         delayed(_block_task, pure=True)(m, p, x, w, y, dask_key_name=(f"{name}-stats", i))
         for i, (x, w, y) in enumerate(data._blocks)
     ]
-    (stats,) = dask.compute(_tree(leaves, split_every, name))
+    try:
+        (stats,) = dask.compute(_tree(leaves, split_every, name))
+    except Exception as e:
+        if type(e).__name__ == "KilledWorker":
+            raise WorkerMemoryError(
+                "Dask workers died repeatedly while computing the statistics of a chunk "
+                f"({e}). This usually means a chunk's working set does not fit in a "
+                "worker's memory: raise the worker memory limit (--memory-limit, "
+                "distributed.worker.memory settings) or use smaller chunks (chunk_size, or "
+                "rechunk the stack); see the worker logs for the cause."
+            ) from e
+        raise
     return stats
 
 

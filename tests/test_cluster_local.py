@@ -1,0 +1,154 @@
+"""Real multi-process clusters: a `dask scheduler` and `dask worker` processes on 127.0.0.1,
+started with cluster/local/start.sh and stopped by their process ids."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import dask.array as da
+import numpy as np
+import pytest
+
+from daskem import GaussianMixture
+from daskem.cluster import connect
+
+pytestmark = [pytest.mark.cluster, pytest.mark.filterwarnings("ignore::UserWarning")]
+
+ROOT = Path(__file__).resolve().parents[1]
+START = ROOT / "cluster" / "local" / "start.sh"
+STOP = ROOT / "cluster" / "local" / "stop.sh"
+MAKE_CERTS = ROOT / "cluster" / "tls" / "make-certs.sh"
+
+
+def _pids(run_dir: Path) -> dict[str, int]:
+    return {p.stem: int(p.read_text()) for p in run_dir.glob("*.pid")}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie (exited, not yet reaped) counts as stopped
+    stat = Path(f"/proc/{pid}/stat")
+    return not (stat.exists() and stat.read_text().split()[2] == "Z")
+
+
+class LocalProcesses:
+    def __init__(self, run_dir: Path, n_workers: int, env: dict | None = None):
+        self.run_dir = run_dir
+        full_env = {**os.environ, "PYTHON": sys.executable, **(env or {})}
+        subprocess.run(
+            ["bash", str(START), str(n_workers), str(run_dir)],
+            check=True,
+            env=full_env,
+            timeout=120,
+            capture_output=True,
+        )
+        self.pids = _pids(run_dir)
+        self.scheduler_file = run_dir / "scheduler.json"
+        self.address = json.loads(self.scheduler_file.read_text())["address"]
+
+    def stop(self) -> None:
+        subprocess.run(["bash", str(STOP), str(self.run_dir)], check=True, timeout=60)
+        assert not [p for p in self.pids.values() if _alive(p)], "a process survived stop.sh"
+
+
+@pytest.fixture
+def two_workers(tmp_path):
+    # workers import this module to run _slow_copy
+    procs = LocalProcesses(tmp_path / "run", 2, env={"PYTHONPATH": str(ROOT / "tests")})
+    yield procs
+    procs.stop()
+
+
+def _data():
+    rng = np.random.default_rng(0)
+    X = np.concatenate([rng.normal(c, 1.0, (4000, 3)) for c in (0.0, 2.0, 4.5)])
+    return da.from_array(X, chunks=500)
+
+
+def _fit(X, callback=None):
+    init = dict(
+        weights_init=[0.3, 0.3, 0.4],
+        means_init=[[0.5] * 3, [1.5] * 3, [4.0] * 3],
+        precisions_init=np.stack([np.eye(3)] * 3),
+    )
+    return GaussianMixture(3, tol=1e-9, max_iter=25, **init).fit(X, callback=callback)
+
+
+def _same(a: GaussianMixture, b: GaussianMixture) -> None:
+    for attr in ("weights_", "means_", "covariances_", "lower_bounds_"):
+        np.testing.assert_allclose(getattr(a, attr), getattr(b, attr), rtol=1e-10)
+    assert a.n_iter_ == b.n_iter_
+
+
+def test_processes_fit_equals_threaded(two_workers):
+    X = _data()
+    ref = _fit(X)
+    with connect(scheduler_file=two_workers.scheduler_file) as client:
+        assert len(client.scheduler_info()["workers"]) == 2
+        gm = _fit(X)
+        gm_np = _fit(X.compute())
+    _same(gm, ref)
+    _same(gm_np, ref)
+
+
+def _slow_copy(block):
+    time.sleep(0.05)
+    return block.copy()
+
+
+def test_worker_killed_mid_iteration_gives_the_same_model(two_workers):
+    """SIGKILL one worker process while a pass is running: Dask recomputes its tasks on
+    the other worker and the fit ends with the same model."""
+    X = _data()
+    ref = _fit(X)
+    X = X.rechunk(2000)  # 6 chunks, 0.15 s per pass on two workers
+    slow = X.map_blocks(_slow_copy, dtype=X.dtype)
+    killed: list[int] = []
+
+    def kill_during_next_pass(info):
+        if info.iteration == 2 and not killed:
+            pid = two_workers.pids["worker-1"]
+            threading.Timer(0.07, os.kill, (pid, signal.SIGKILL)).start()
+            killed.append(pid)
+
+    with connect(two_workers.address) as client:
+        gm = _fit(slow, callback=kill_during_next_pass)
+        workers_left = len(client.scheduler_info()["workers"])
+    assert killed and not _alive(killed[0])
+    assert workers_left == 1
+    _same(gm, ref)
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl not installed")
+def test_tls_cluster_requires_certificates(tmp_path):
+    certs = tmp_path / "certs"
+    subprocess.run(["bash", str(MAKE_CERTS), str(certs)], check=True, capture_output=True)
+    procs = LocalProcesses(tmp_path / "run", 1, env={"DASKEM_TLS_DIR": str(certs)})
+    try:
+        assert procs.address.startswith("tls://")
+        X = _data()
+        with connect(
+            procs.address,
+            tls_ca_file=certs / "ca.pem",
+            tls_cert=certs / "node.pem",
+            tls_key=certs / "node-key.pem",
+        ):
+            gm = _fit(X)
+        _same(gm, _fit(X))
+        from distributed import Client
+
+        with pytest.raises(Exception, match="TLS|ssl|SSL|tls"):
+            Client(procs.address, timeout="5s", set_as_default=False)
+    finally:
+        procs.stop()
