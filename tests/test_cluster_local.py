@@ -152,3 +152,33 @@ def test_tls_cluster_requires_certificates(tmp_path):
             Client(procs.address, timeout="5s", set_as_default=False)
     finally:
         procs.stop()
+
+
+def test_worker_memory_limit_below_a_chunk_fails_with_advice():
+    """Workers whose memory limit is below one chunk's working set are killed by their
+    nanny; the fit stops with a message naming the setting instead of hanging."""
+    import dask
+    from distributed import Client, LocalCluster
+
+    from daskem.engine import WorkerMemoryError
+
+    X = da.random.RandomState(0).normal(size=(8_000_000, 8), chunks=(8_000_000, 8))  # 512 MB
+    init = dict(
+        weights_init=[0.5, 0.5],
+        means_init=np.array([[0.0] * 8, [1.0] * 8]),
+        precisions_init=np.stack([np.eye(8)] * 2),
+    )
+    with dask.config.set({"distributed.scheduler.allowed-failures": 1}):
+        with (
+            LocalCluster(
+                n_workers=1,
+                threads_per_worker=1,
+                memory_limit="300MiB",
+                processes=True,
+                dashboard_address=None,
+                host="127.0.0.1",
+            ) as cluster,
+            Client(cluster),
+        ):
+            with pytest.raises(WorkerMemoryError, match="memory-limit"):
+                GaussianMixture(2, max_iter=2, **init).fit(X)
