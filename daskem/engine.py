@@ -62,6 +62,7 @@ __all__ = [
     "em_pass",
     "fit_em",
     "map_rows",
+    "pass_graph",
 ]
 
 logger = logging.getLogger("daskem")
@@ -205,10 +206,11 @@ def _tree(leaves: Sequence, split_every: int, name: str):
     return level[0]
 
 
-def em_pass(model: EMModel, data: ChunkedData, params: Any, split_every: int = 16) -> Any:
-    """One pass: ``block_stats`` mapped over every chunk and tree-reduced; one compute.
+def pass_graph(model: EMModel, data: ChunkedData, params: Any, split_every: int = 16):
+    """The ``Delayed`` of one pass: ``block_stats`` on every chunk, tree-reduced.
 
-    Parameters travel once: they are a single task of the graph.
+    The parameters and the model are single tasks every block task depends on, so they
+    travel once per pass; the data enters only through the chunks' own tasks.
     """
     if split_every < 2:
         raise ValueError(f"split_every must be >= 2, got {split_every}")
@@ -219,8 +221,14 @@ def em_pass(model: EMModel, data: ChunkedData, params: Any, split_every: int = 1
         delayed(_block_task, pure=True)(m, p, x, w, y, dask_key_name=(f"{name}-stats", i))
         for i, (x, w, y) in enumerate(data._blocks)
     ]
+    return _tree(leaves, split_every, name)
+
+
+def em_pass(model: EMModel, data: ChunkedData, params: Any, split_every: int = 16) -> Any:
+    """One pass over the data with exactly one ``dask.compute``: the reduced statistics."""
+    graph = pass_graph(model, data, params, split_every)
     try:
-        (stats,) = dask.compute(_tree(leaves, split_every, name))
+        (stats,) = dask.compute(graph)
     except Exception as e:
         if type(e).__name__ == "KilledWorker":
             raise WorkerMemoryError(
