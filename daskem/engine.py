@@ -61,6 +61,8 @@ __all__ = [
     "draw_sample",
     "em_pass",
     "fit_em",
+    "fit_em_many",
+    "Start",
     "map_rows",
     "pass_graph",
 ]
@@ -181,15 +183,16 @@ def as_chunked(
 # --------------------------------------------------------------------------- passes
 
 
-def _block_task(model, params, x, w, y):
-    return model.block_stats(params, x, w, y)
+def _block_task(model, candidates, x, w, y):
+    # every candidate's statistics from the same chunk, read once
+    return tuple(model.block_stats(p, x, w, y) for p in candidates)
 
 
 def _combine(*stats):
-    out = stats[0]
+    out = list(stats[0])
     for s in stats[1:]:
-        out = out + s
-    return out
+        out = [a + b for a, b in zip(out, s, strict=True)]
+    return tuple(out)
 
 
 def _tree(leaves: Sequence, split_every: int, name: str):
@@ -206,16 +209,19 @@ def _tree(leaves: Sequence, split_every: int, name: str):
     return level[0]
 
 
-def pass_graph(model: EMModel, data: ChunkedData, params: Any, split_every: int = 16):
+def pass_graph(model: EMModel, data: ChunkedData, candidates: Sequence[Any], split_every: int = 16):
     """The ``Delayed`` of one pass: ``block_stats`` on every chunk, tree-reduced.
 
-    The parameters and the model are single tasks every block task depends on, so they
-    travel once per pass; the data enters only through the chunks' own tasks.
+    ``candidates`` is a sequence of parameter sets (e.g. the ``n_init`` restarts) that
+    are all evaluated on each chunk while it is in memory; the result is a tuple of
+    reduced statistics, one per candidate. The candidates and the model are single tasks
+    every block task depends on, so they travel once per pass; the data enters only
+    through the chunks' own tasks.
     """
     if split_every < 2:
         raise ValueError(f"split_every must be >= 2, got {split_every}")
     name = f"daskem-pass-{uuid.uuid4().hex[:12]}"
-    p = delayed(params, traverse=False, name=f"{name}-params")
+    p = delayed(tuple(candidates), traverse=False, name=f"{name}-params")
     m = delayed(model, traverse=False, name=f"{name}-model")
     leaves = [
         delayed(_block_task, pure=True)(m, p, x, w, y, dask_key_name=(f"{name}-stats", i))
@@ -224,9 +230,14 @@ def pass_graph(model: EMModel, data: ChunkedData, params: Any, split_every: int 
     return _tree(leaves, split_every, name)
 
 
-def em_pass(model: EMModel, data: ChunkedData, params: Any, split_every: int = 16) -> Any:
-    """One pass over the data with exactly one ``dask.compute``: the reduced statistics."""
-    graph = pass_graph(model, data, params, split_every)
+def em_pass(
+    model: EMModel, data: ChunkedData, candidates: Sequence[Any], split_every: int = 16
+) -> tuple:
+    """One pass over the data with exactly one ``dask.compute``.
+
+    Returns the reduced statistics of each candidate parameter set, as a tuple.
+    """
+    graph = pass_graph(model, data, candidates, split_every)
     try:
         (stats,) = dask.compute(graph)
     except Exception as e:
@@ -256,6 +267,7 @@ class IterationInfo:
     converged: bool = False
     history: list[float] = field(default_factory=list)
     stats: Any = None
+    candidate: int = 0
 
     @property
     def samples_per_second(self) -> float:
@@ -296,6 +308,16 @@ def _local_blas_limit():
     except ImportError:  # pragma: no cover
         return contextlib.nullcontext()
     return threadpool_limits(limits=1, user_api="blas")
+
+
+@dataclass
+class Start:
+    """Where a candidate starts: its parameters and, to resume, its past iterations."""
+
+    params: Any
+    prev_lower_bound: float = -np.inf
+    iteration: int = 0
+    history: Sequence[float] = ()
 
 
 def fit_em(
@@ -341,51 +363,101 @@ def fit_em(
     -------
     EMResult
     """
-    lower_bound = prev_lower_bound
-    history = list(history)
-    events: list[dict] = []
-    converged = False
-    n_iter = start_iteration
-    stats = None
+    start = Start(params, prev_lower_bound, start_iteration, history)
+    return fit_em_many(
+        model,
+        data,
+        [start],
+        tol=tol,
+        max_iter=max_iter,
+        split_every=split_every,
+        callback=callback,
+    )[0]
+
+
+def fit_em_many(
+    model: EMModel,
+    data: ChunkedData,
+    starts: Sequence[Start],
+    *,
+    tol: float = 1e-3,
+    max_iter: int = 100,
+    split_every: int = 16,
+    callback: Callable[[IterationInfo], None] | None = None,
+) -> list[EMResult]:
+    """Run EM for several candidates at once, sharing every pass over the data.
+
+    Each pass evaluates all still-running candidates on each chunk while it is in
+    memory (one compute per pass); a candidate stops when it converges or reaches
+    ``max_iter``. Every candidate follows exactly the path it would follow alone.
+
+    Parameters
+    ----------
+    starts : sequence of Start
+        Initial parameters (and resume state) of each candidate.
+    callback : callable, optional
+        Called with an :class:`IterationInfo` (its ``candidate`` field set) for every
+        candidate after every pass.
+
+    Returns
+    -------
+    list of EMResult, one per candidate, in order.
+    """
+    params = [s.params for s in starts]
+    lower = [float(s.prev_lower_bound) for s in starts]
+    hist = [list(s.history) for s in starts]
+    n_iter = [int(s.iteration) for s in starts]
+    events: list[list[dict]] = [[] for _ in starts]
+    converged = [False] * len(starts)
+    last_stats: list[Any] = [None] * len(starts)
+    done = [n >= max_iter for n in n_iter]
     with _local_blas_limit():
-        for n_iter in range(start_iteration + 1, max_iter + 1):
+        while not all(done):
+            active = [i for i, d in enumerate(done) if not d]
             t0 = time.perf_counter()
-            stats = em_pass(model, data, params, split_every)
-            prev = lower_bound
-            lower_bound = float(model.objective(stats))
-            params, new_events = model.m_step(stats, params)
-            for e in new_events:
-                e["iteration"] = n_iter
-            events.extend(new_events)
-            history.append(lower_bound)
-            change = lower_bound - prev
+            stats_all = em_pass(model, data, [params[i] for i in active], split_every)
             seconds = time.perf_counter() - t0
-            converged = abs(change) < tol and not new_events
-            info = IterationInfo(
-                n_iter,
-                lower_bound,
-                change,
-                seconds,
-                data.n_samples,
-                params,
-                new_events,
-                converged,
-                list(history),
-                stats,
-            )
-            logger.info(
-                "iteration %d: mean log-likelihood %.8g, change %.3g, %.2f s, %.3g samples/s",
-                n_iter,
-                lower_bound,
-                change,
-                seconds,
-                info.samples_per_second,
-            )
-            if callback is not None:
-                callback(info)
-            if converged:
-                break
-    return EMResult(params, lower_bound, history, n_iter, converged, events, stats)
+            for i, stats in zip(active, stats_all, strict=True):
+                n_iter[i] += 1
+                prev = lower[i]
+                lower[i] = float(model.objective(stats))
+                params[i], new_events = model.m_step(stats, params[i])
+                for e in new_events:
+                    e["iteration"] = n_iter[i]
+                events[i].extend(new_events)
+                hist[i].append(lower[i])
+                change = lower[i] - prev
+                converged[i] = abs(change) < tol and not new_events
+                last_stats[i] = stats
+                done[i] = converged[i] or n_iter[i] >= max_iter
+                info = IterationInfo(
+                    n_iter[i],
+                    lower[i],
+                    change,
+                    seconds,
+                    data.n_samples,
+                    params[i],
+                    new_events,
+                    converged[i],
+                    list(hist[i]),
+                    stats,
+                    i,
+                )
+                logger.info(
+                    "iteration %d%s: mean log-likelihood %.8g, change %.3g, %.2f s, %.3g samples/s",
+                    n_iter[i],
+                    f" (candidate {i})" if len(starts) > 1 else "",
+                    lower[i],
+                    change,
+                    seconds,
+                    info.samples_per_second,
+                )
+                if callback is not None:
+                    callback(info)
+    return [
+        EMResult(params[i], lower[i], hist[i], n_iter[i], converged[i], events[i], last_stats[i])
+        for i in range(len(starts))
+    ]
 
 
 # --------------------------------------------------------------------------- sampling

@@ -608,52 +608,50 @@ class GaussianMixture:
         model = self._model()
         fingerprint = self._fingerprint(data)
         ckpt = self._read_checkpoint(checkpoint_dir, fingerprint) if resume else None
-        best: engine.EMResult | None = None
-        first_init = 0
-        if ckpt is not None:
-            first_init = int(ckpt["init"])
-            if ckpt.get("best") is not None:
-                best = self._result_from_json(ckpt["best"])
-        for init in range(first_init, n_init):
-            if self.verbose:
-                print(f"Initialization {init}")
-            t_init = time.perf_counter()
-            start, history = 0, []
-            if ckpt is not None and init == first_init:
-                params0 = _params_from_json(ckpt["params"], self.covariance_type)
-                start, history = int(ckpt["iteration"]), list(ckpt["history"])
-                prev = history[-1] if history else -np.inf
-                done = bool(ckpt["converged"]) or start >= self.max_iter
-            else:
-                done = False
-                if do_init:
-                    params0 = self._initial_params(data, seeds[init], labelled)
-                    prev = -np.inf
+        saved = (ckpt or {}).get("candidates") or [None] * n_init
+        t_fit = time.perf_counter()
+        finished: dict[int, engine.EMResult] = {}
+        starts: dict[int, engine.Start] = {}
+        for init in range(n_init):
+            state = saved[init]
+            if state is not None:
+                res = self._result_from_json(state)
+                if res.converged or res.n_iter >= self.max_iter:
+                    finished[init] = res
                 else:
-                    params0 = self._fitted_params(component_class)
-                    prev = self.lower_bound_
-            if done:
-                result = self._result_from_json(ckpt["current"])
-            elif self.max_iter == 0:
-                result = engine.EMResult(params0, -np.inf, [], 0, False, [])
+                    prev = res.lower_bounds[-1] if res.lower_bounds else -np.inf
+                    starts[init] = engine.Start(res.params, prev, res.n_iter, res.lower_bounds)
+            elif do_init:
+                if self.verbose:
+                    print(f"Initialization {init}")
+                params0 = self._initial_params(data, seeds[init], labelled)
+                starts[init] = engine.Start(params0)
             else:
-                result = engine.fit_em(
-                    model,
-                    data,
-                    params0,
-                    tol=float(self.tol),
-                    max_iter=int(self.max_iter),
-                    split_every=int(self.split_every),
-                    prev_lower_bound=prev,
-                    callback=self._iteration_callback(
-                        t_init, checkpoint_dir, fingerprint, init, best, callback
-                    ),
-                    start_iteration=start,
-                    history=history,
-                )
+                starts[init] = engine.Start(self._fitted_params(component_class), self.lower_bound_)
+        if self.max_iter == 0:
+            for init, st in starts.items():
+                finished[init] = engine.EMResult(st.params, -np.inf, [], 0, False, [])
+        elif starts:
+            order = sorted(starts)
+            cb = self._iteration_callback(
+                t_fit, checkpoint_dir, fingerprint, order, saved, callback
+            )
+            results = engine.fit_em_many(
+                model,
+                data,
+                [starts[i] for i in order],
+                tol=float(self.tol),
+                max_iter=int(self.max_iter),
+                split_every=int(self.split_every),
+                callback=cb,
+            )
+            finished.update(zip(order, results, strict=True))
+        best: engine.EMResult | None = None
+        for init in range(n_init):
+            result = finished[init]
             if self.verbose:
                 state = "converged" if result.converged else "did not converge"
-                print(f"Initialization {state}. lower bound {result.lower_bound:.5f}")
+                print(f"Initialization {init} {state}. lower bound {result.lower_bound:.5f}")
             if best is None or result.lower_bound > best.lower_bound:
                 best = result
         assert best is not None
@@ -722,17 +720,21 @@ class GaussianMixture:
             )
         return ckpt
 
-    def _iteration_callback(self, t_init, checkpoint_dir, fingerprint, init, best, user_cb):
-        verbose_cb = self._verbose_callback(t_init)
+    def _iteration_callback(self, t_fit, checkpoint_dir, fingerprint, order, saved, user_cb):
+        verbose_cb = self._verbose_callback(t_fit)
         if checkpoint_dir is None and verbose_cb is None and user_cb is None:
             return None
         from .modelfile import save_checkpoint
 
-        best_json = None if best is None else _result_to_json(best)
-        events: list[dict] = []
+        states = list(saved)
+        events: dict[int, list[dict]] = {i: [] for i in order}
+        for i in order:
+            if states[i] is not None:
+                events[i] = list(states[i]["events"])
 
         def cb(info: engine.IterationInfo) -> None:
-            events.extend(info.events)
+            init = order[info.candidate]
+            events[init].extend(info.events)
             if checkpoint_dir is not None:
                 current = engine.EMResult(
                     info.params,
@@ -740,22 +742,11 @@ class GaussianMixture:
                     info.history,
                     info.iteration,
                     info.converged,
-                    list(events),
+                    list(events[init]),
                     info.stats,
                 )
-                save_checkpoint(
-                    checkpoint_dir,
-                    {
-                        "fingerprint": fingerprint,
-                        "init": init,
-                        "iteration": info.iteration,
-                        "converged": info.converged,
-                        "history": info.history,
-                        "params": _params_to_json(info.params),
-                        "current": _result_to_json(current),
-                        "best": best_json,
-                    },
-                )
+                states[init] = _result_to_json(current)
+                save_checkpoint(checkpoint_dir, {"fingerprint": fingerprint, "candidates": states})
             if verbose_cb is not None:
                 verbose_cb(info)
             if user_cb is not None:

@@ -55,10 +55,10 @@ def test_zarr_backed_pass_ships_no_pixels(tmp_path, n_rows):
     Xz = da.from_zarr(str(path))
     data = engine.ChunkedData(Xz)
     params = _params()
-    g = engine.pass_graph(GMMModel(), data, params)
+    g = engine.pass_graph(GMMModel(), data, [params])
     biggest = max((a.nbytes for a in _arrays_in(g.__dask_graph__())), default=0)
     assert biggest <= params.means.nbytes * 16, "pixel data embedded in the graph"
-    stats = engine.em_pass(GMMModel(), data, params)
+    (stats,) = engine.em_pass(GMMModel(), data, [params])
     # what comes back per iteration does not grow with the stack
     assert len(pickle.dumps(stats)) < 20_000
     assert stats.count == n_rows
@@ -74,8 +74,8 @@ def test_numpy_input_is_sent_to_distributed_workers_once():
         distributed.Client(cluster),
     ):
         data = engine.as_chunked(X, chunk_size=10_000)
-        g = engine.pass_graph(GMMModel(), data, _params())
+        g = engine.pass_graph(GMMModel(), data, [_params()])
         biggest = max((a.nbytes for a in _arrays_in(g.__dask_graph__())), default=0)
         assert biggest < 10_000 * 4 * 8, "NumPy chunks travel with every iteration's graph"
-        stats = engine.em_pass(GMMModel(), data, _params())
+        (stats,) = engine.em_pass(GMMModel(), data, [_params()])
         assert stats.count == 50_000

@@ -71,21 +71,18 @@ class _Stop(Exception):
 @pytest.mark.filterwarnings("ignore::UserWarning")
 @pytest.mark.parametrize("kill_at", [(0, 2), (1, 1), (1, 4)])
 def test_resume_gives_the_uninterrupted_result(tmp_path, data, kill_at):
+    """Both restarts share each pass; stop after candidate c's iteration i, resume."""
     kwargs = dict(n_components=3, n_init=2, random_state=1, tol=1e-6, max_iter=30)
     ref = GaussianMixture(**kwargs).fit(data)
-    seen = {"init": 0, "last": 0}
 
     def stop(info):
-        if info.iteration < seen["last"]:
-            seen["init"] += 1
-        seen["last"] = info.iteration
-        if (seen["init"], info.iteration) == kill_at:
+        if (info.candidate, info.iteration) == kill_at:
             raise _Stop
 
     with pytest.raises(_Stop):
         GaussianMixture(**kwargs).fit(data, checkpoint_dir=tmp_path, callback=stop)
     ckpt = load_checkpoint(tmp_path)
-    assert (ckpt["init"], ckpt["iteration"]) == kill_at
+    assert ckpt["candidates"][kill_at[0]]["n_iter"] == kill_at[1]
     gm = GaussianMixture(**kwargs).fit(data, checkpoint_dir=tmp_path, resume=True)
     for a in ("weights_", "means_", "covariances_", "lower_bounds_"):
         np.testing.assert_array_equal(getattr(gm, a), getattr(ref, a))
