@@ -61,6 +61,7 @@ __all__ = [
     "draw_sample",
     "em_pass",
     "fit_em",
+    "fit_em_local",
     "fit_em_many",
     "Start",
     "map_rows",
@@ -458,6 +459,39 @@ def fit_em_many(
         EMResult(params[i], lower[i], hist[i], n_iter[i], converged[i], events[i], last_stats[i])
         for i in range(len(starts))
     ]
+
+
+def fit_em_local(
+    model: EMModel,
+    X: np.ndarray,
+    params: Any,
+    sample_weight: np.ndarray | None = None,
+    labels: np.ndarray | None = None,
+    *,
+    tol: float = 1e-4,
+    max_iter: int = 500,
+) -> EMResult:
+    """EM on an in-memory NumPy block with the model's own kernel (no Dask).
+
+    Used to prefit on a random sample before the passes over the full data.
+    """
+    lower = -np.inf
+    history: list[float] = []
+    events: list[dict] = []
+    converged = False
+    n_iter = 0
+    stats = None
+    with _local_blas_limit():
+        for n_iter in range(1, max_iter + 1):
+            stats = model.block_stats(params, X, sample_weight, labels)
+            prev, lower = lower, float(model.objective(stats))
+            params, new = model.m_step(stats, params)
+            events.extend(dict(e, iteration=n_iter) for e in new)
+            history.append(lower)
+            converged = abs(lower - prev) < tol and not new
+            if converged:
+                break
+    return EMResult(params, lower, history, n_iter, converged, events, stats)
 
 
 # --------------------------------------------------------------------------- sampling

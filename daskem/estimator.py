@@ -12,6 +12,7 @@ does not know xarray (stacks are converted by :mod:`daskem.io`).
 
 from __future__ import annotations
 
+import logging
 import numbers
 import time
 import warnings
@@ -34,6 +35,8 @@ from .model.gmm import (
 from .model.init import INIT_METHODS, initial_responsibilities, kmeans, params_from_resp
 
 __all__ = ["ConvergenceWarning", "GaussianMixture"]
+
+logger = logging.getLogger("daskem")
 
 
 class ConvergenceWarning(UserWarning):
@@ -169,6 +172,13 @@ class GaussianMixture:
         Fan-in of the tree reduction of per-chunk statistics.
     init_sample_size : int, default=100000
         Rows drawn (chunk-wise, reproducibly) for the initialisation.
+    prefit : bool or "auto", default="auto"
+        Before the passes over the full data, run EM to convergence on the in-memory
+        initialisation sample (``init_sample_size`` rows), so that the full passes start
+        near the optimum and far fewer are needed. The full passes are plain EM, so the
+        result is still a fixed point of EM on all the data. ``"auto"``: when the data
+        has more than twice ``init_sample_size`` rows. Not used when all of
+        ``weights_init``, ``means_init`` and ``precisions_init`` are given.
     nan_policy : {"raise", "omit"}, default="raise"
         What a row with a non-finite value does to ``fit``: raise ``ValueError``, or
         be left out of the fit (and counted in ``n_excluded_``).
@@ -236,6 +246,7 @@ class GaussianMixture:
         init_sample_size: int = 100_000,
         nan_policy: str = "raise",
         component_classes: Any = None,
+        prefit: bool | str = "auto",
     ) -> None:
         self.n_components = n_components
         self.covariance_type = covariance_type
@@ -256,6 +267,7 @@ class GaussianMixture:
         self.init_sample_size = init_sample_size
         self.nan_policy = nan_policy
         self.component_classes = component_classes
+        self.prefit = prefit
 
     # ------------------------------------------------------------------ sklearn plumbing
 
@@ -311,6 +323,8 @@ class GaussianMixture:
             v = getattr(self, name)
             if not isinstance(v, numbers.Integral) or v < lo:
                 raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
+        if self.prefit not in ("auto", True, False):
+            raise ValueError(f"prefit must be True, False or 'auto', got {self.prefit!r}")
         if self.nan_policy not in ("raise", "omit"):
             raise ValueError(f"nan_policy must be 'raise' or 'omit', got {self.nan_policy!r}")
         if self.component_classes is not None:
@@ -511,7 +525,38 @@ class GaussianMixture:
             cov = covariances_from_precision_cholesky(prec_chol, ct)
         else:
             prec_chol, cov = params.precisions_cholesky, params.covariances
-        return GMMParams(weights, means, prec_chol, ct, cov, component_class)
+        params = GMMParams(weights, means, prec_chol, ct, cov, component_class)
+        if self._use_prefit(data.n_samples):
+            params = self._prefit(params, Xs, ws, labelled)
+        return params
+
+    def _use_prefit(self, n_samples: int) -> bool:
+        if self.prefit == "auto":
+            return n_samples > 2 * self.init_sample_size
+        return bool(self.prefit)
+
+    def _prefit(self, params: GMMParams, Xs, ws, labelled) -> GMMParams:
+        """EM to convergence on the in-memory sample (no pass over the full data).
+
+        Starting the full passes near the optimum saves most of them; the full passes
+        then run plain EM from there, so the final model is a plain-EM fixed point.
+        """
+        ys = None
+        if labelled is not None and labelled[0].shape[0]:
+            Xl, yl = labelled
+            Xs = np.concatenate([Xs, Xl])
+            ys = np.concatenate([np.full(len(Xs) - len(Xl), -1), yl])
+            ws = None if ws is None else np.concatenate([ws, np.ones(len(Xl))])
+        result = engine.fit_em_local(
+            self._model(), Xs, params, ws, ys, tol=0.1 * float(self.tol), max_iter=500
+        )
+        logger.info(
+            "prefit on %d sampled rows: %d iterations, mean log-likelihood %.6g",
+            len(Xs),
+            result.n_iter,
+            result.lower_bound,
+        )
+        return result.params
 
     def _resp_with_labels(self, Xs, ws, labelled, gen, component_class) -> np.ndarray:
         """Initial hard responsibilities on the sample when some rows carry class labels.
