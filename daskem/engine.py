@@ -58,6 +58,8 @@ __all__ = [
     "IterationInfo",
     "WorkerMemoryError",
     "as_chunked",
+    "cache_data",
+    "cluster_memory",
     "draw_sample",
     "em_pass",
     "fit_em",
@@ -179,6 +181,41 @@ def as_chunked(
         return arr.persist() if client is not None else arr
 
     return ChunkedData(wrap(X, 2), wrap(sample_weight, 1), wrap(labels, 1))
+
+
+def cluster_memory() -> int:
+    """Bytes of memory the active scheduler's workers may use (this process's available
+    memory for the local schedulers)."""
+    client = _distributed_client()
+    if client is not None:
+        workers = client.scheduler_info(n_workers=-1)["workers"].values()
+        return int(sum(w.get("memory_limit") or 0 for w in workers))
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:  # pragma: no cover
+        return 0
+
+
+def cache_data(data: ChunkedData, cache: bool | str = "auto", fraction: float = 0.5) -> ChunkedData:
+    """Read the data once and keep it in (cluster) memory for the following passes.
+
+    ``cache="auto"`` caches when the arrays take less than ``fraction`` of
+    :func:`cluster_memory`; ``True`` always, ``False`` never (every pass streams the
+    chunks from their source again).
+    """
+    arrays = [a for a in (data.X, data.sample_weight, data.labels) if a is not None]
+    nbytes = sum(a.nbytes for a in arrays)
+    if cache == "auto":
+        cache = nbytes < fraction * cluster_memory()
+    if not cache:
+        return data
+    logger.info("caching %.3g GB of input in memory for the passes", nbytes / 1e9)
+    X, w, y = (
+        None if a is None else a.persist() for a in (data.X, data.sample_weight, data.labels)
+    )
+    return ChunkedData(X, w, y)
 
 
 # --------------------------------------------------------------------------- passes

@@ -179,6 +179,10 @@ class GaussianMixture:
         result is still a fixed point of EM on all the data. ``"auto"``: when the data
         has more than twice ``init_sample_size`` rows. Not used when all of
         ``weights_init``, ``means_init`` and ``precisions_init`` are given.
+    cache : bool or "auto", default="auto"
+        Keep Dask input in (cluster) memory after the first read, so later passes do
+        not read and decompress it again. ``"auto"``: when it takes less than half the
+        memory of the workers (of this machine without a distributed client).
     nan_policy : {"raise", "omit"}, default="raise"
         What a row with a non-finite value does to ``fit``: raise ``ValueError``, or
         be left out of the fit (and counted in ``n_excluded_``).
@@ -247,6 +251,7 @@ class GaussianMixture:
         nan_policy: str = "raise",
         component_classes: Any = None,
         prefit: bool | str = "auto",
+        cache: bool | str = "auto",
     ) -> None:
         self.n_components = n_components
         self.covariance_type = covariance_type
@@ -268,6 +273,7 @@ class GaussianMixture:
         self.nan_policy = nan_policy
         self.component_classes = component_classes
         self.prefit = prefit
+        self.cache = cache
 
     # ------------------------------------------------------------------ sklearn plumbing
 
@@ -323,6 +329,8 @@ class GaussianMixture:
             v = getattr(self, name)
             if not isinstance(v, numbers.Integral) or v < lo:
                 raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
+        if self.cache not in ("auto", True, False):
+            raise ValueError(f"cache must be True, False or 'auto', got {self.cache!r}")
         if self.prefit not in ("auto", True, False):
             raise ValueError(f"prefit must be True, False or 'auto', got {self.prefit!r}")
         if self.nan_policy not in ("raise", "omit"):
@@ -645,6 +653,8 @@ class GaussianMixture:
         if data.labels is not None:
             labelled = self._labelled_rows(data, n_classes)
 
+        if self.max_iter > 0:
+            data = engine.cache_data(data, self.cache)
         do_init = not (self.warm_start and hasattr(self, "converged_"))
         n_init = self.n_init if do_init else 1
         rng = _check_random_state(self.random_state)

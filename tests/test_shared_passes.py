@@ -33,7 +33,7 @@ def test_restarts_equal_separate_fits_and_share_passes(X):
     kw = dict(n_components=4, tol=1e-6, max_iter=60, random_state=5)
     with dask.config.set(scheduler="threads"):
         with _Counter() as c:
-            gm = GaussianMixture(n_init=3, **kw).fit(X)
+            gm = GaussianMixture(n_init=3, cache=False, **kw).fit(X)
         total_computes = c.n
     # the same three candidates one by one, from the parameters the restarts started with
     rng = np.random.RandomState(5)
@@ -68,3 +68,25 @@ def test_fit_em_many_candidates_of_different_sizes(X):
         alone = engine.fit_em(GMMModel(), data, st.params, tol=1e-6, max_iter=40)
         np.testing.assert_array_equal(res.params.means, alone.params.means)
         assert res.n_iter == alone.n_iter
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_cache_reads_once_and_changes_nothing(X):
+    reads = []
+
+    def counted(block):
+        reads.append(block.shape[0])
+        return block
+
+    Xc = X.map_blocks(counted, dtype=X.dtype)
+    kw = dict(n_components=3, tol=0, max_iter=4, random_state=0, prefit=False)
+    streamed = GaussianMixture(cache=False, **kw).fit(Xc)
+    n_streamed = len(reads)
+    reads.clear()
+    cached = GaussianMixture(cache=True, **kw).fit(Xc)
+    n_chunks = X.numblocks[0]
+    assert n_streamed >= 4 * n_chunks  # every pass reads every chunk again
+    assert len(reads) < 2 * n_chunks  # read once (plus the sampled chunks of the init)
+    np.testing.assert_array_equal(cached.means_, streamed.means_)
+    with pytest.raises(ValueError, match="cache"):
+        GaussianMixture(3, cache="sometimes").fit(X)
