@@ -40,7 +40,8 @@ def connect(
     Parameters
     ----------
     scheduler : str, optional
-        Address of a running scheduler (``tcp://host:8786``, ``tls://...``).
+        Address of a running scheduler (``tcp://host:8786``, ``tls://...``). Default:
+        Dask's ``scheduler-address`` setting (``DASK_SCHEDULER_ADDRESS``) if set.
     scheduler_file : path, optional
         Scheduler file written by ``dask scheduler --scheduler-file``.
     n_workers, threads_per_worker, memory_limit, processes, dashboard_address
@@ -64,6 +65,10 @@ def connect(
 
     if scheduler and scheduler_file:
         raise ValueError("give either a scheduler address or a scheduler file, not both")
+    if not scheduler and not scheduler_file:
+        import dask
+
+        scheduler = dask.config.get("scheduler-address", None)  # DASK_SCHEDULER_ADDRESS
     if any(v is not None for v in (tls_ca_file, tls_cert, tls_key)):
         if security is not None:
             raise ValueError("give either security or tls_* files, not both")
@@ -86,13 +91,16 @@ def connect(
         n_workers = cores if threads_per_worker is None else max(1, cores // threads_per_worker)
     if threads_per_worker is None:
         threads_per_worker = max(1, cores // n_workers)
-    cluster = LocalCluster(
-        n_workers=n_workers,
-        threads_per_worker=threads_per_worker,
-        memory_limit=memory_limit,
-        processes=processes,
-        dashboard_address=dashboard_address,
-    )
+    # Worker processes inherit an ignored SIGINT: Ctrl-C reaches only this process,
+    # which then shuts the cluster down cleanly (no traceback from every worker).
+    with _sigint_ignored():
+        cluster = LocalCluster(
+            n_workers=n_workers,
+            threads_per_worker=threads_per_worker,
+            memory_limit=memory_limit,
+            processes=processes,
+            dashboard_address=dashboard_address,
+        )
     client = Client(cluster)
     logger.info("embedded cluster: %d workers, dashboard %s", n_workers, client.dashboard_link)
     try:
@@ -100,6 +108,21 @@ def connect(
     finally:
         client.close()
         cluster.close()
+
+
+@contextlib.contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _tls_security(ca_file, cert, key) -> Any:
