@@ -9,22 +9,21 @@ Pure NumPy + xarray generators used by the tests and the demo:
 * :func:`write_stack` writes such a dataset atomically to a Zarr store.
 * :func:`make_samples` draws a plain tabular Gaussian-mixture sample.
 
-Nothing here imports Dask; the returned objects are NumPy-backed.
+The generators build no Dask arrays (the returned objects are NumPy-backed);
+the atomic write itself is :func:`daskem.io.atomic_to_zarr`.
 """
 
 from __future__ import annotations
 
-import errno
 import os
-import shutil
-import uuid
-import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import xarray as xr
+
+from .io import atomic_to_zarr
 
 __all__ = ["make_stack", "write_stack", "make_samples", "UNLABELLED", "CLASS_NAMES"]
 
@@ -468,13 +467,6 @@ def _chunk_encoding(ds: xr.Dataset, chunks: int | Mapping[str, int | None] | Non
     return out
 
 
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
-
-
 def write_stack(
     ds: xr.Dataset,
     path: str | os.PathLike[str],
@@ -517,11 +509,6 @@ def write_stack(
     FileExistsError
         If ``path`` exists and ``overwrite`` is false.
     """
-    path = Path(path)
-    if (path.exists() or path.is_symlink()) and not overwrite:
-        raise FileExistsError(errno.EEXIST, "Zarr store already exists", str(path))
-    path.parent.mkdir(parents=True, exist_ok=True)
-
     ds = ds.drop_encoding()
     sizes = _chunk_encoding(ds, chunks)
     encoding: dict[str, dict[str, Any]] = {}
@@ -533,33 +520,7 @@ def write_stack(
                 if var.ndim:
                     encoding[name] = {"chunks": tuple(sizes[d] for d in var.dims)}
 
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex}"
-    kwargs: dict[str, Any] = {"mode": "w-", "encoding": encoding, "consolidated": True}
-    if zarr_format is not None:
-        kwargs["zarr_format"] = zarr_format
-    try:
-        with warnings.catch_warnings():
-            # Consolidated metadata lets ``xr.open_zarr`` open the store without
-            # warnings; zarr 3 warns that it is not (yet) in the v3 spec.
-            warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
-            ds.to_zarr(tmp, **kwargs)
-        if path.exists() or path.is_symlink():
-            if not overwrite:
-                raise FileExistsError(errno.EEXIST, "Zarr store already exists", str(path))
-            old = path.parent / f".{path.name}.old-{uuid.uuid4().hex}"
-            os.replace(path, old)
-            try:
-                os.replace(tmp, path)
-            except BaseException:
-                os.replace(old, path)
-                raise
-            _remove(old)
-        else:
-            os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            _remove(tmp)
-    return path
+    return atomic_to_zarr(ds, path, overwrite=overwrite, encoding=encoding, zarr_format=zarr_format)
 
 
 def make_samples(

@@ -1,0 +1,1180 @@
+"""The ``daskem`` command line: parses options, calls the library, reports.
+
+Commands: ``fit``, ``predict``, ``run`` (fit then predict), ``demo``, ``inspect`` and
+``plot``; ``daskem COMMAND --help`` for each. The work is done by :mod:`daskem.io`
+(stacks, labels, fitting, posterior, atomic Zarr writes), :mod:`daskem.modelfile`
+(model JSON), :mod:`daskem.plot` (quicklooks) and :mod:`daskem.cluster` (where it
+runs: an embedded ``LocalCluster`` by default, or ``--scheduler`` /
+``--scheduler-file``). This module holds no numerics and makes no ``Client`` itself.
+
+Output: progress (one line per EM iteration, posterior-writing progress, the Dask
+dashboard link) goes to stderr and is silenced by ``--quiet``; results (paths,
+summaries) go to stdout. ``--log-json FILE`` writes one JSON object per EM iteration
+and a final summary, one per line.
+
+Exit codes: 0 success; 2 bad input or usage (the message names the problem and the
+option or file); 130 interrupted (Ctrl-C; the cluster is shut down first); 1 any
+other error, reported in one line (``--debug`` prints the traceback).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import math
+import os
+import sys
+import threading
+import time
+import traceback
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ._version import __version__
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
+
+#: Exceptions that mean "the input is wrong" (bad path, store, variable, model file,
+#: labels, option value, existing output): one line, exit code 2. ``ModelFileError``
+#: is a ``ValueError``. ``KeyError`` is bad input only where the CLI reads user input
+#: (see :func:`_reading`); anywhere else it is an unexpected error (exit code 1).
+BAD_INPUT: tuple[type[BaseException], ...] = (
+    ValueError,
+    FileNotFoundError,
+    FileExistsError,
+    NotADirectoryError,
+)
+
+COVARIANCE_TYPES = ("full", "tied", "diag", "spherical")
+
+
+class BadInput(click.ClickException):
+    """Bad input or usage: printed as ``Error: <message>``, exit code 2."""
+
+    exit_code = EXIT_BAD_INPUT
+
+
+def _message(e: BaseException) -> str:
+    """One readable line for an exception (OSError without the ``[Errno n]`` noise)."""
+    if isinstance(e, OSError) and e.filename is not None and e.strerror:
+        return f"{e.strerror}: {os.fspath(e.filename)}"
+    if isinstance(e, KeyError) and e.args:
+        return f"not found: {e.args[0]!r}"
+    text = str(e).strip() or type(e).__name__
+    return " ".join(text.split("\n"))
+
+
+@contextlib.contextmanager
+def _reading(what: str) -> Iterator[None]:
+    """Report bad-input errors raised while reading ``what`` (an option or a file)."""
+    try:
+        yield
+    except (*BAD_INPUT, KeyError) as e:
+        raise BadInput(f"{what}: {_message(e)}") from e
+
+
+# ----------------------------------------------------------------------------- reporting
+
+
+class Reporter:
+    """Progress on stderr (unless quiet), results on stdout, JSON lines to a log file."""
+
+    def __init__(self, quiet: bool = False, log_json: str | None = None, command: str = ""):
+        self.quiet = quiet
+        self.log_path = log_json
+        self.command = command
+        self._log = None
+        self._lock = threading.Lock()
+        self.t0 = time.perf_counter()
+
+    def progress(self, msg: str) -> None:
+        if not self.quiet:
+            click.echo(msg, err=True)
+
+    def result(self, msg: str) -> None:
+        click.echo(msg)
+
+    def record(self, obj: dict[str, Any]) -> None:
+        if self.log_path is None:
+            return
+        with self._lock:
+            if self._log is None:
+                Path(self.log_path).parent.mkdir(parents=True, exist_ok=True)
+                self._log = open(self.log_path, "w", encoding="utf-8")  # noqa: SIM115
+            self._log.write(json.dumps(_json_safe(obj), allow_nan=False) + "\n")
+            self._log.flush()
+
+    def iteration(self, info: Any) -> None:
+        """Fit callback: one line and one JSON record per EM iteration."""
+        change = "-" if not math.isfinite(info.change) else f"{info.change:+.3e}"
+        self.progress(
+            f"iter {info.iteration:3d}  log-lik/px {info.lower_bound:12.6f}  "
+            f"change {change:>10}  {info.seconds:6.2f} s/pass  "
+            f"{info.samples_per_second:,.0f} px/s"
+        )
+        self.record(
+            {
+                "event": "iteration",
+                "iteration": info.iteration,
+                "lower_bound": info.lower_bound,
+                "change": info.change,
+                "seconds": info.seconds,
+                "n_samples": info.n_samples,
+                "samples_per_second": info.samples_per_second,
+                "converged": info.converged,
+            }
+        )
+
+    def summary(self, **fields: Any) -> None:
+        self.record(
+            {
+                "event": "summary",
+                "command": self.command,
+                "seconds": time.perf_counter() - self.t0,
+                **fields,
+            }
+        )
+
+    def close(self) -> None:
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+
+def _json_safe(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {str(k): _json_safe(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_json_safe(x) for x in v]
+    if isinstance(v, Path):
+        return str(v)
+    if hasattr(v, "item") and getattr(v, "ndim", 1) == 0:
+        return _json_safe(v.item())
+    return v
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    click.echo(f"warning: {message}", err=True)
+
+
+# ----------------------------------------------------------------------------- options
+
+
+def _common_options(f: Callable) -> Callable:
+    f = click.option(
+        "--debug", is_flag=True, help="On an unexpected error, print the full traceback."
+    )(f)
+    f = click.option(
+        "--log-json",
+        type=click.Path(dir_okay=False),
+        help="Write JSON lines to FILE: one object per EM iteration and a final summary.",
+    )(f)
+    f = click.option(
+        "-q", "--quiet", is_flag=True, help="No progress output (results and errors only)."
+    )(f)
+    return f
+
+
+def _cluster_options(f: Callable) -> Callable:
+    opts = [
+        click.option(
+            "--scheduler",
+            metavar="ADDRESS",
+            help="Address of a running Dask scheduler (tcp://host:8786). Default: the "
+            "Dask config 'scheduler-address' if set, else an embedded LocalCluster.",
+        ),
+        click.option(
+            "--scheduler-file",
+            type=click.Path(dir_okay=False),
+            help="Scheduler file written by `dask scheduler --scheduler-file`.",
+        ),
+        click.option(
+            "--workers",
+            type=click.IntRange(min=1),
+            help="Embedded cluster: worker processes (default: one per core).",
+        ),
+        click.option(
+            "--threads-per-worker",
+            type=click.IntRange(min=1),
+            help="Embedded cluster: threads per worker (default: cores / workers).",
+        ),
+        click.option(
+            "--memory-limit",
+            metavar="SIZE",
+            help="Embedded cluster: memory limit per worker, e.g. 4GiB (default: auto).",
+        ),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def _fit_options(f: Callable) -> Callable:
+    opts = [
+        click.option(
+            "--vars",
+            "variables",
+            metavar="A,B,C",
+            help="Attribute variables to use, comma-separated (default: every "
+            "floating-point variable of the stack).",
+        ),
+        click.option(
+            "--labels",
+            metavar="VAR|FILE",
+            help="Training labels: a label-map variable of the stack (-1 = unlabelled), or "
+            "a CSV file with one column per spatial dim and 'class'. Makes the fit "
+            "semi-supervised.",
+        ),
+        click.option(
+            "-k",
+            "--n-components",
+            "n_components",
+            type=click.IntRange(min=1),
+            required=True,
+            metavar="K",
+            help="Number of mixture components (at least the number of classes).",
+        ),
+        click.option(
+            "--covariance",
+            type=click.Choice(COVARIANCE_TYPES),
+            default="full",
+            show_default=True,
+            help="Covariance type of the components.",
+        ),
+        click.option(
+            "--tol",
+            type=click.FloatRange(min=0),
+            default=1e-3,
+            show_default=True,
+            help="Stop when the mean log-likelihood per pixel changes by less than this.",
+        ),
+        click.option(
+            "--max-iter",
+            type=click.IntRange(min=0),
+            default=100,
+            show_default=True,
+            help="EM iterations at most.",
+        ),
+        click.option(
+            "--n-init",
+            type=click.IntRange(min=1),
+            default=1,
+            show_default=True,
+            help="Initialisations to try.",
+        ),
+        click.option("--seed", type=int, default=0, show_default=True, help="Random seed."),
+        click.option(
+            "--checkpoint",
+            type=click.Path(file_okay=False),
+            help="Save the EM state to DIR after every iteration (atomically).",
+        ),
+        click.option(
+            "--resume",
+            is_flag=True,
+            help="Continue from the checkpoint in --checkpoint DIR (same data and options); "
+            "the result equals an uninterrupted fit.",
+        ),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def _parse_vars(variables: str | None) -> list[str] | None:
+    if variables is None:
+        return None
+    names = [v.strip() for v in variables.split(",") if v.strip()]
+    if not names:
+        raise BadInput("--vars: give at least one variable name (comma-separated)")
+    return names
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def _command(name: str) -> Callable:
+    """Wrap a command: reporter, warnings as one-liners, exceptions to exit codes."""
+
+    def deco(f: Callable) -> Callable:
+        @functools.wraps(f)
+        def wrapper(*args: Any, **kw: Any) -> Any:
+            debug = kw.pop("debug", False)
+            rep = Reporter(kw.pop("quiet", False), kw.pop("log_json", None), name)
+            code = EXIT_OK
+            try:
+                with warnings.catch_warnings():
+                    warnings.showwarning = _show_warning
+                    return f(rep, *args, **kw)
+            except click.exceptions.Exit as e:
+                code = e.exit_code
+                raise
+            except click.ClickException as e:
+                code = e.exit_code
+                rep.summary(status="error", exit_code=code, error=e.format_message())
+                if debug:
+                    traceback.print_exc()
+                raise
+            except KeyboardInterrupt:
+                code = EXIT_INTERRUPTED
+                click.echo("interrupted", err=True)
+                rep.summary(status="interrupted", exit_code=code)
+                raise click.exceptions.Exit(code) from None
+            except BAD_INPUT as e:
+                code = EXIT_BAD_INPUT
+                if debug:
+                    traceback.print_exc()
+                rep.summary(status="error", exit_code=code, error=_message(e))
+                raise BadInput(_message(e)) from e
+            except Exception as e:
+                code = EXIT_ERROR
+                if debug:
+                    traceback.print_exc()
+                msg = f"{type(e).__name__}: {_message(e)}"
+                click.echo(
+                    f"Error: {msg}" + ("" if debug else " (--debug for the traceback)"),
+                    err=True,
+                )
+                rep.summary(status="error", exit_code=code, error=msg)
+                raise click.exceptions.Exit(code) from None
+            finally:
+                rep.close()
+
+        return wrapper
+
+    return deco
+
+
+class _Group(click.Group):
+    """Keeps the raw arguments (for the provenance of model files)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        ctx.meta["daskem.argv"] = ["daskem", *args]
+        return super().parse_args(ctx, args)
+
+
+def _argv() -> list[str]:
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None and "daskem.argv" in ctx.meta:
+        return list(ctx.meta["daskem.argv"])
+    return list(sys.argv)
+
+
+# ----------------------------------------------------------------------------- cluster
+
+
+@contextlib.contextmanager
+def _cluster(
+    rep: Reporter,
+    scheduler: str | None = None,
+    scheduler_file: str | None = None,
+    workers: int | None = None,
+    threads_per_worker: int | None = None,
+    memory_limit: str | None = None,
+) -> Iterator[Any]:
+    """The Dask client of a command (see :func:`daskem.cluster.connect`)."""
+    import dask
+
+    from .cluster import connect
+
+    if scheduler and scheduler_file:
+        raise BadInput("give either --scheduler or --scheduler-file, not both")
+    sizing = {
+        "--workers": workers,
+        "--threads-per-worker": threads_per_worker,
+        "--memory-limit": memory_limit,
+    }
+    given = [k for k, v in sizing.items() if v is not None]
+    if given and (scheduler or scheduler_file):
+        raise BadInput(
+            f"{', '.join(given)} size the embedded cluster; they cannot be combined with "
+            "--scheduler / --scheduler-file (size that cluster where it is started)"
+        )
+    if scheduler_file and not Path(scheduler_file).is_file():
+        raise BadInput(f"--scheduler-file: {scheduler_file} does not exist")
+    if not scheduler and not scheduler_file and not given:
+        scheduler = dask.config.get("scheduler-address", None)
+    with connect(
+        scheduler,
+        scheduler_file=scheduler_file,
+        n_workers=workers,
+        threads_per_worker=threads_per_worker,
+        memory_limit=memory_limit if memory_limit is not None else "auto",
+    ) as client:
+        info = client.scheduler_info()
+        n = len(info.get("workers", {}))
+        threads = sum(w.get("nthreads", 0) for w in info.get("workers", {}).values())
+        kind = (
+            "scheduler " + client.scheduler.address
+            if scheduler or scheduler_file
+            else "embedded cluster"
+        )
+        rep.progress(f"dask: {kind}, {n} workers, {threads} threads")
+        rep.progress(f"dask dashboard: {client.dashboard_link}")
+        yield client
+
+
+# ----------------------------------------------------------------------------- steps
+
+
+def _check_fit_options(rep: Reporter, opts: dict[str, Any], overwrite: bool) -> None:
+    """Checkpoint options, checked before any work."""
+    from .modelfile import load_checkpoint
+
+    ckpt = opts["checkpoint"]
+    if opts["resume"] and not ckpt:
+        raise BadInput("--resume needs --checkpoint DIR (where the interrupted fit saved)")
+    if not ckpt:
+        return
+    if Path(ckpt).exists() and not Path(ckpt).is_dir():
+        raise BadInput(f"--checkpoint {ckpt} is not a directory")
+    with _reading(f"--checkpoint {ckpt}"):
+        found = load_checkpoint(ckpt)
+    if found is None and opts["resume"]:
+        rep.progress(f"--resume: no checkpoint in {ckpt} yet; fitting from the start")
+    elif found is not None and not opts["resume"] and not overwrite:
+        raise BadInput(
+            f"--checkpoint {ckpt} holds the checkpoint of an earlier fit; add --resume to "
+            "continue it, or --overwrite to start over"
+        )
+
+
+def _check_output(path: Path, option: str, overwrite: bool) -> None:
+    if (path.exists() or path.is_symlink()) and not overwrite:
+        raise BadInput(f"{option} {path} exists; add --overwrite to replace it")
+
+
+def _open_stack(path: str, variables: list[str] | None) -> Any:
+    from . import io
+
+    what = "--vars" if variables else f"STACK {path}"
+    try:
+        return io.open_stack(path, variables)
+    except FileNotFoundError as e:
+        raise BadInput(f"STACK {path}: {_message(e)}") from e
+    except (*BAD_INPUT, KeyError) as e:
+        raise BadInput(f"{what}: {_message(e)}") from e
+
+
+def _describe_stack(stack: Any) -> str:
+    dims = ", ".join(f"{d}: {n}" for d, n in zip(stack.dims, stack.shape, strict=True))
+    chunks = " x ".join(str(c[0]) for c in stack.chunks)
+    return (
+        f"({dims}; chunks {chunks}; {stack.n_pixels:,} pixels; "
+        f"{stack.n_features} attributes: {', '.join(stack.variables)})"
+    )
+
+
+def _fit(rep: Reporter, stack: Any, *, labels: str | None, opts: dict[str, Any]) -> Any:
+    """Fit a model on an opened stack with per-iteration progress; returns it."""
+    from . import io
+
+    how = f"semi-supervised from --labels {labels}" if labels else "unsupervised"
+    rep.progress(
+        f"fitting {opts['n_components']} components ({opts['covariance']} covariance), {how}"
+    )
+    t = time.perf_counter()
+    try:
+        gm = io.fit_stack(
+            stack,
+            opts["n_components"],
+            labels,
+            covariance_type=opts["covariance"],
+            tol=opts["tol"],
+            max_iter=opts["max_iter"],
+            n_init=opts["n_init"],
+            random_state=opts["seed"],
+            checkpoint_dir=opts["checkpoint"],
+            resume=opts["resume"],
+            callback=rep.iteration,
+        )
+    except (*BAD_INPUT, KeyError) as e:
+        if labels is not None and _raised_in(e, "_resolve_labels"):
+            raise BadInput(f"--labels {labels}: {_message(e)}") from e
+        if str(e).startswith("n_components="):
+            raise BadInput(f"-k/--n-components: {_message(e)}") from e
+        raise
+    seconds = time.perf_counter() - t
+    state = "converged" if gm.converged_ else "did not converge"
+    rep.progress(
+        f"fit: {state} after {gm.n_iter_} iterations, mean log-likelihood "
+        f"{gm.lower_bound_:.6f} per pixel, {seconds:.1f} s"
+    )
+    gm.fit_seconds_ = seconds
+    return gm
+
+
+def _raised_in(e: BaseException, function: str) -> bool:
+    """Whether ``e`` was raised inside a call of ``function`` (to name the option)."""
+    tb = e.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_name == function:
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def _save_model(rep: Reporter, gm: Any, path: Path, stack: Any, labels, opts) -> None:
+    from .modelfile import save_model
+
+    provenance = {
+        "command": "daskem " + rep.command,
+        "argv": _argv(),
+        "input": os.path.abspath(stack.path) if stack.path else None,
+        "variables": list(stack.variables),
+        "labels": labels,
+        "options": {
+            "n_components": opts["n_components"],
+            "covariance_type": opts["covariance"],
+            "tol": opts["tol"],
+            "max_iter": opts["max_iter"],
+            "n_init": opts["n_init"],
+            "seed": opts["seed"],
+            "checkpoint": opts["checkpoint"],
+            "resume": opts["resume"],
+        },
+        "excluded_pixels": getattr(gm, "excluded_counts_", None),
+        "fit_seconds": round(float(getattr(gm, "fit_seconds_", float("nan"))), 3),
+    }
+    save_model(
+        gm,
+        path,
+        feature_names=list(stack.variables),
+        class_names=list(gm.class_names_),
+        provenance=provenance,
+    )
+    rep.result(f"model: {path}")
+
+
+class _WriteProgress:
+    """A periodic progress line while a Zarr store is written beside its target.
+
+    Counts the chunk files in the temporary store (``.{name}.tmp-*``) that
+    :func:`daskem.io.write_posterior` fills before renaming it into place, so it works
+    with any scheduler, local or distributed.
+    """
+
+    _META = {"zarr.json", ".zarray", ".zattrs", ".zgroup", ".zmetadata"}
+
+    def __init__(self, rep: Reporter, target: Path, total: int, interval: float = 2.0):
+        self.rep, self.target, self.total, self.interval = rep, target, total, interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self.t0 = time.time()
+
+    def _count(self) -> int:
+        tmps = [
+            p
+            for p in self.target.parent.glob(f".{self.target.name}.tmp-*")
+            if p.stat().st_mtime >= self.t0 - 1
+        ]
+        n = 0
+        for tmp in tmps:
+            for _, _, files in os.walk(tmp):
+                n += sum(1 for f in files if f not in self._META)
+        return n
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            with contextlib.suppress(OSError):
+                t = time.perf_counter()
+                n = min(self._count(), self.total)
+                # counting must stay cheap next to the write, even for huge stores
+                self.interval = max(self.interval, 20 * (time.perf_counter() - t))
+                pct = 100.0 * n / max(self.total, 1)
+                self.rep.progress(
+                    f"writing {self.target.name}: {pct:3.0f}% ({n}/{self.total} chunks), "
+                    f"{time.time() - self.t0:.0f} s"
+                )
+
+    def __enter__(self) -> _WriteProgress:
+        if not self.rep.quiet:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+
+def _n_chunks(ds: Any) -> int:
+    total = 0
+    for var in ds.variables.values():
+        chunks = var.chunks
+        total += math.prod(len(c) for c in chunks) if chunks else 1
+    return total
+
+
+def _predict(
+    rep: Reporter, model: Any, stack: Any, out: Path, *, labels: str | None, overwrite: bool
+) -> Any:
+    """Posterior of a stack written atomically to ``out``; returns the lazy dataset."""
+    from . import io
+
+    post = io.posterior(model, stack, labels)
+    rep.progress(f"writing the posterior to {out} ({_n_chunks(post)} chunks)")
+    t = time.perf_counter()
+    with _WriteProgress(rep, out, _n_chunks(post)):
+        io.write_posterior(post, out, overwrite=overwrite)
+    rep.progress(f"posterior written in {time.perf_counter() - t:.1f} s")
+    rep.result(f"posterior: {out}")
+    return post
+
+
+def _stack_for_model(path: str, model: Any, model_path: str, variables: list[str] | None):
+    """Open a stack with the model's features, naming missing/extra ones if they differ."""
+    features = [str(f) for f in model.feature_names_in_]
+    if variables is not None and set(variables) != set(features):
+        missing = [f for f in features if f not in variables]
+        extra = [v for v in variables if v not in features]
+        raise BadInput(
+            f"--vars {','.join(variables)} do not match the features of --model {model_path} "
+            f"{features}: missing {missing}, extra {extra}"
+        )
+    try:
+        return _open_stack(path, features)
+    except BadInput as e:
+        if not isinstance(e.__cause__, ValueError) or "unknown variable" not in str(e.__cause__):
+            raise
+        try:
+            probe = _open_stack(path, None)
+        except BadInput:
+            raise e from None
+        have = set(str(v) for v in probe.dataset.data_vars)
+        missing = [f for f in features if f not in have]
+        extra = [v for v in probe.variables if v not in features]
+        raise BadInput(
+            f"--model {model_path} was fitted on features {features}, but STACK {path} lacks "
+            f"{missing}" + (f" (its other attributes: {extra})" if extra else "")
+        ) from None
+
+
+def _load_model(path: str) -> Any:
+    from .modelfile import load_model
+
+    with _reading(f"--model {path}"):
+        gm = load_model(path)
+    if getattr(gm, "input_path_", None) is None:  # recorded in the posterior's attributes
+        gm.input_path_ = (getattr(gm, "provenance_", None) or {}).get("input")
+    return gm
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+@click.group("daskem", cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "-V", "--version", prog_name="daskem")
+def cli() -> None:
+    """Out-of-core Gaussian-mixture EM for tiled image stacks, on Dask.
+
+    \b
+    Typical use:
+      daskem demo --out demo-out
+      daskem fit stack.zarr --labels labels -k 4 --model model.json
+      daskem predict stack.zarr --model model.json --out posterior.zarr
+      daskem plot posterior.zarr --model model.json --out plots
+      daskem inspect model.json
+
+    Runs on an embedded local Dask cluster unless --scheduler / --scheduler-file (or
+    the Dask config's scheduler-address) names a running one. Exit codes: 0 ok,
+    2 bad input, 130 interrupted, 1 other errors.
+    """
+
+
+@cli.command()
+@click.argument("stack", metavar="STACK")
+@_fit_options
+@click.option(
+    "--model",
+    "model_path",
+    type=click.Path(dir_okay=False),
+    required=True,
+    help="Model JSON file to write.",
+)
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace an existing --model file (and start over a checkpoint in --checkpoint).",
+)
+@_cluster_options
+@_common_options
+@_command("fit")
+def fit(rep: Reporter, stack, model_path, overwrite, labels, variables, **kw) -> None:
+    """Fit a mixture on every pixel of STACK; write --model.
+
+    STACK is a Zarr store of attribute maps on one grid.
+    """
+    cluster_kw, opts = _split(kw)
+    model_file = Path(model_path)
+    _check_output(model_file, "--model", overwrite)
+    _check_fit_options(rep, opts, overwrite)
+    st = _open_stack(stack, _parse_vars(variables))
+    rep.progress(f"stack: {stack} {_describe_stack(st)}")
+    with _cluster(rep, **cluster_kw):
+        gm = _fit(rep, st, labels=labels, opts=opts)
+        _check_output(model_file, "--model", overwrite)
+        _save_model(rep, gm, model_file, st, labels, opts)
+    rep.summary(
+        status="ok",
+        model=str(model_file),
+        n_iter=gm.n_iter_,
+        converged=gm.converged_,
+        lower_bound=gm.lower_bound_,
+    )
+
+
+_CLUSTER_KEYS = ("scheduler", "scheduler_file", "workers", "threads_per_worker", "memory_limit")
+
+
+def _split(kw: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    cluster_kw = {k: kw.pop(k) for k in _CLUSTER_KEYS if k in kw}
+    return cluster_kw, kw
+
+
+@cli.command()
+@click.argument("stack", metavar="STACK")
+@click.option(
+    "--model",
+    "model_path",
+    type=click.Path(dir_okay=False),
+    required=True,
+    help="Model JSON written by `daskem fit`.",
+)
+@click.option(
+    "--out",
+    type=click.Path(),
+    required=True,
+    help="Posterior Zarr store to write (probability, label, confidence, entropy, log_likelihood).",
+)
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out store.")
+@click.option(
+    "--vars",
+    "variables",
+    metavar="A,B,C",
+    help="Attribute variables (default: the model's features; if given, they must be them).",
+)
+@click.option(
+    "--labels",
+    metavar="VAR|FILE",
+    help="Clamp these labelled pixels to their class (as in a semi-supervised fit).",
+)
+@_cluster_options
+@_common_options
+@_command("predict")
+def predict(rep: Reporter, stack, model_path, out, overwrite, variables, labels, **kw) -> None:
+    """Posterior maps of STACK under --model, to --out.
+
+    Writes a Zarr store with the class probabilities, the most probable class
+    (label), its probability (confidence), the entropy and the log-likelihood.
+    """
+    cluster_kw, _ = _split(kw)
+    out_path = Path(out)
+    _check_output(out_path, "--out", overwrite)
+    _check_not_input(out_path, stack)
+    model = _load_model(model_path)
+    st = _stack_for_model(stack, model, model_path, _parse_vars(variables))
+    rep.progress(f"stack: {stack} {_describe_stack(st)}")
+    with _cluster(rep, **cluster_kw):
+        _predict(rep, model, st, out_path, labels=labels, overwrite=overwrite)
+    rep.summary(status="ok", posterior=str(out_path))
+
+
+def _check_not_input(out: Path, stack: str) -> None:
+    with contextlib.suppress(OSError):
+        if Path(stack).exists() and out.resolve() == Path(stack).resolve():
+            raise BadInput(f"--out {out} is the input STACK; choose another path")
+
+
+@cli.command()
+@click.argument("stack", metavar="STACK")
+@_fit_options
+@click.option(
+    "--model",
+    "model_path",
+    type=click.Path(dir_okay=False),
+    required=True,
+    help="Model JSON file to write.",
+)
+@click.option("--out", type=click.Path(), required=True, help="Posterior Zarr store to write.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --model and --out.")
+@_cluster_options
+@_common_options
+@_command("run")
+def run(rep: Reporter, stack, model_path, out, overwrite, labels, variables, **kw) -> None:
+    """Fit on STACK, then write its posterior (fit + predict).
+
+    With --labels, the labelled pixels are also clamped to their class in the
+    posterior.
+    """
+    cluster_kw, opts = _split(kw)
+    model_file, out_path = Path(model_path), Path(out)
+    _check_output(model_file, "--model", overwrite)
+    _check_output(out_path, "--out", overwrite)
+    _check_not_input(out_path, stack)
+    _check_fit_options(rep, opts, overwrite)
+    st = _open_stack(stack, _parse_vars(variables))
+    rep.progress(f"stack: {stack} {_describe_stack(st)}")
+    with _cluster(rep, **cluster_kw):
+        gm = _fit(rep, st, labels=labels, opts=opts)
+        _save_model(rep, gm, model_file, st, labels, opts)
+        _predict(rep, gm, st, out_path, labels=labels, overwrite=overwrite)
+    rep.summary(
+        status="ok",
+        model=str(model_file),
+        posterior=str(out_path),
+        n_iter=gm.n_iter_,
+        converged=gm.converged_,
+        lower_bound=gm.lower_bound_,
+    )
+
+
+@cli.command()
+@click.option(
+    "--size",
+    type=click.IntRange(min=32),
+    default=1024,
+    show_default=True,
+    help="Side of the generated map in pixels.",
+)
+@click.option(
+    "--chunk", type=click.IntRange(min=8), default=256, show_default=True, help="Chunk side."
+)
+@click.option("--classes", type=click.IntRange(2, 8), default=4, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False),
+    default="demo-out",
+    show_default=True,
+    help="Directory for stack.zarr, model.json, posterior.zarr and plots/.",
+)
+@click.option("--overwrite", is_flag=True, help="Replace the outputs of a previous demo.")
+@_cluster_options
+@_common_options
+@_command("demo")
+def demo(rep: Reporter, size, chunk, classes, seed, out, overwrite, **kw) -> None:
+    """Generate a tiled synthetic stack and classify it end to end.
+
+    Writes a synthetic attribute stack with a few labelled pixels per class, fits a
+    semi-supervised Gaussian mixture over every pixel, writes the posterior and
+    quicklook PNGs, and prints the accuracy against the known ground truth.
+    """
+    from . import io
+    from .synthetic import make_stack, write_stack
+
+    cluster_kw, _ = _split(kw)
+    out_dir = Path(out)
+    paths = {
+        "stack": out_dir / "stack.zarr",
+        "model": out_dir / "model.json",
+        "posterior": out_dir / "posterior.zarr",
+    }
+    existing = [str(p) for p in paths.values() if p.exists()]
+    if existing and not overwrite:
+        raise BadInput(
+            f"--out {out_dir} holds a previous demo ({', '.join(existing)}); add --overwrite"
+        )
+    opts = {
+        "n_components": classes,
+        "covariance": "full",
+        "tol": 1e-3,
+        "max_iter": 100,
+        "n_init": 1,
+        "seed": seed,
+        "checkpoint": None,
+        "resume": False,
+    }
+    t = time.perf_counter()
+    ds = make_stack((size, size), n_classes=classes, seed=seed)
+    write_stack(ds, paths["stack"], chunks=chunk, overwrite=overwrite)
+    rep.progress(f"generated {paths['stack']} in {time.perf_counter() - t:.1f} s")
+    rep.result(f"stack: {paths['stack']}")
+    st = io.open_stack(paths["stack"])
+    rep.progress(f"stack: {_describe_stack(st)}")
+    with _cluster(rep, **cluster_kw):
+        gm = _fit(rep, st, labels="labels", opts=opts)
+        _save_model(rep, gm, paths["model"], st, "labels", opts)
+        post = _predict(rep, gm, st, paths["posterior"], labels="labels", overwrite=overwrite)
+        acc = _accuracy(paths["posterior"], st.dataset["truth"])
+        pngs = _quicklooks(rep, paths["posterior"], out_dir / "plots", gm)
+    del post
+    rep.result(f"plots: {', '.join(str(p) for p in pngs.values())}")
+    rep.result(f"accuracy vs ground truth: {acc['accuracy']:.3f} on {acc['n']:,} pixels")
+    rep.result(
+        f"mean confidence: {acc['confidence_correct']:.3f} where right, "
+        f"{acc['confidence_wrong']:.3f} where wrong"
+    )
+    total = time.perf_counter() - rep.t0
+    rep.result(f"demo finished in {total:.1f} s")
+    rep.summary(
+        status="ok",
+        **acc,
+        n_iter=gm.n_iter_,
+        converged=gm.converged_,
+        lower_bound=gm.lower_bound_,
+        **{k: str(p) for k, p in paths.items()},
+        plots=[str(p) for p in pngs.values()],
+    )
+
+
+def _accuracy(posterior_path: Path, truth: Any) -> dict[str, float]:
+    """Share of pixels with data whose MAP class is the true class, and the mean
+    confidence of the right and of the wrong ones."""
+    import dask
+
+    from .io import _open_zarr
+
+    post = _open_zarr(str(posterior_path))
+    label, conf = post["label"], post["confidence"]
+    valid = label >= 0
+    hit = (label == truth) & valid
+    miss = (label != truth) & valid
+    n, n_hit, c_hit, c_miss = dask.compute(
+        valid.sum(), hit.sum(), conf.where(hit).sum(), conf.where(miss).sum()
+    )
+    n, n_hit = int(n), int(n_hit)
+    nan = float("nan")
+    return {
+        "n": n,
+        "accuracy": n_hit / n if n else nan,
+        "confidence_correct": float(c_hit) / n_hit if n_hit else nan,
+        "confidence_wrong": float(c_miss) / (n - n_hit) if n > n_hit else nan,
+    }
+
+
+def _quicklooks(rep: Reporter, posterior_path: Path, out_dir: Path, model: Any | None) -> dict:
+    from . import plot
+    from .io import _open_zarr
+
+    ds = _open_zarr(str(posterior_path))
+    with _reading(f"POSTERIOR {posterior_path}"):
+        plot.check_posterior(ds)
+    pngs = plot.quicklooks(
+        ds,
+        out_dir,
+        lower_bounds=None if model is None else list(model.lower_bounds_),
+        tol=None if model is None else float(model.tol),
+    )
+    rep.progress(f"wrote {len(pngs)} PNGs to {out_dir}")
+    return pngs
+
+
+@cli.command("plot")
+@click.argument("posterior", metavar="POSTERIOR")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False),
+    required=True,
+    help="Directory for the PNGs (created; existing PNGs of the same name are replaced).",
+)
+@click.option(
+    "--model",
+    "model_path",
+    type=click.Path(dir_okay=False),
+    help="Model JSON: adds the log-likelihood-per-iteration curve (loglik.png).",
+)
+@click.option(
+    "--max-size",
+    type=click.IntRange(min=16),
+    default=1000,
+    show_default=True,
+    help="Largest side of the map images, in (block-averaged) pixels.",
+)
+@click.option(
+    "--scheduler",
+    metavar="ADDRESS",
+    help="Compute the downsampled maps on this running Dask scheduler (default: local threads).",
+)
+@_common_options
+@_command("plot")
+def plot_cmd(rep: Reporter, posterior, out, model_path, max_size, scheduler) -> None:
+    """Quicklook PNGs of a POSTERIOR store.
+
+    Writes class_map.png (most probable class, with a legend), confidence.png,
+    probabilities.png (one panel per class) and, with --model, loglik.png.
+
+    Maps are block-averaged (xarray coarsen) to at most --max-size pixels per side
+    before anything is loaded, so any map size plots in bounded memory. 3-D stacks
+    are shown at the first index of their leading dims.
+    """
+    from . import plot
+    from .io import _open_zarr
+
+    model = _load_model(model_path) if model_path else None
+    with _reading(f"POSTERIOR {posterior}"):
+        ds = _open_zarr(posterior)
+        plot.check_posterior(ds)
+    ctx = _cluster(rep, scheduler) if scheduler else contextlib.nullcontext()
+    with ctx:
+        pngs = plot.quicklooks(
+            ds,
+            out,
+            lower_bounds=None if model is None else list(model.lower_bounds_),
+            tol=None if model is None else float(model.tol),
+            max_size=max_size,
+        )
+    for p in pngs.values():
+        rep.result(str(p))
+    rep.summary(status="ok", plots=[str(p) for p in pngs.values()])
+
+
+@cli.command()
+@click.argument("path", metavar="PATH")
+@_common_options
+@_command("inspect")
+def inspect(rep: Reporter, path) -> None:
+    """Summarise a stack, model or posterior.
+
+    PATH is a stack (Zarr store), a model (JSON) or a posterior (Zarr store).
+    """
+    p = Path(path)
+    if not p.exists():
+        raise BadInput(f"PATH {path} does not exist")
+    if p.is_file():
+        rep.result(_inspect_model(path))
+        return
+    from .io import _open_zarr
+
+    with _reading(f"PATH {path}"):
+        ds = _open_zarr(path)
+    if "probability" in ds.data_vars and "model_class_names" in ds.attrs:
+        rep.result(_inspect_posterior(path, ds))
+    else:
+        rep.result(_inspect_stack(path, ds))
+
+
+def _fmt_dims(ds: Any) -> str:
+    return ", ".join(f"{d}: {n}" for d, n in ds.sizes.items())
+
+
+def _fmt_chunks(var: Any) -> str:
+    if var.chunks is None:
+        return "-"
+    return " x ".join(str(c[0]) for c in var.chunks)
+
+
+def _coord_lines(ds: Any) -> list[str]:
+    lines = []
+    for name, c in ds.coords.items():
+        if c.ndim == 1 and c.size and c.dtype.kind in "iuf":
+            units = c.attrs.get("units", "")
+            lines.append(f"  {name}: {c.values[0]:.10g} .. {c.values[-1]:.10g} {units}".rstrip())
+        elif c.ndim == 1 and c.size:
+            lines.append(f"  {name}: {', '.join(str(v) for v in c.values[:12])}")
+    return lines
+
+
+def _inspect_stack(path: str, ds: Any) -> str:
+    from .io import open_stack
+
+    lines = [f"stack: {path}", f"dims: {_fmt_dims(ds)}"]
+    try:
+        st = open_stack(path)
+        attrs = list(st.variables)
+        chunks = ", ".join(f"{d} {c[0]}" for d, c in zip(st.dims, st.chunks, strict=True))
+        lines.append(f"chunks: {chunks}; attributes: {', '.join(attrs)}")
+    except (*BAD_INPUT, KeyError) as e:
+        attrs = []
+        lines.append(f"(no default attribute selection: {_message(e)})")
+    lines.append("variables:")
+    for name, var in ds.data_vars.items():
+        role = "attribute" if name in attrs else ""
+        if "flag_meanings" in var.attrs:
+            role = "labels/classes: " + ", ".join(str(var.attrs["flag_meanings"]).split())
+        desc = var.attrs.get("long_name", "")
+        units = var.attrs.get("units", "")
+        lines.append(
+            f"  {name}: {var.dtype} ({', '.join(var.dims)}) chunks {_fmt_chunks(var)}"
+            + (f"  {desc}" if desc else "")
+            + (f" [{units}]" if units else "")
+            + (f"  <{role}>" if role else "")
+        )
+    coords = _coord_lines(ds)
+    if coords:
+        lines.append("coordinates:")
+        lines.extend(coords)
+    for key in ("title", "source", "history"):
+        if key in ds.attrs:
+            lines.append(f"{key}: {ds.attrs[key]}")
+    return "\n".join(lines)
+
+
+def _inspect_posterior(path: str, ds: Any) -> str:
+    a = ds.attrs
+    classes = [str(c) for c in ds["class"].values] if "class" in ds.coords else []
+    lines = [
+        f"posterior: {path}",
+        f"dims: {_fmt_dims(ds)}",
+        f"chunks: {_fmt_chunks(ds['confidence'])}",
+        f"classes ({len(classes)}): {', '.join(classes)}",
+        "variables:",
+    ]
+    for name, var in ds.data_vars.items():
+        lines.append(
+            f"  {name}: {var.dtype} ({', '.join(var.dims)})  {var.attrs.get('long_name', '')}"
+        )
+    lines.append(
+        f"model: {a.get('model_type', '?')} {a.get('model_n_components', '?')} components, "
+        f"{a.get('model_covariance_type', '?')} covariance, features "
+        f"{', '.join(json.loads(a.get('model_feature_names', '[]')))}"
+    )
+    state = "converged" if a.get("model_converged") else "did not converge"
+    lb = a.get("model_lower_bound", "?")
+    lb = f"{lb:.6f}" if isinstance(lb, float) else lb
+    lines.append(
+        f"fit: {state} after {a.get('model_n_iter', '?')} iterations, mean log-likelihood "
+        f"{lb} per pixel"
+    )
+    for key, label in (
+        ("daskem_input_path", "input"),
+        ("model_training_path", "trained on"),
+        ("daskem_date_created", "created"),
+        ("daskem_version", "daskem"),
+    ):
+        if key in a:
+            lines.append(f"{label}: {a[key]}")
+    return "\n".join(lines)
+
+
+def _inspect_model(path: str) -> str:
+    import numpy as np
+
+    gm = _load_model(path)
+    names = list(gm.class_names_)
+    cc = np.asarray(gm.component_classes_)
+    lines = [
+        f"model: {path}",
+        f"estimator: GaussianMixture, {gm.n_components} components, "
+        f"{gm.covariance_type} covariance",
+        f"features ({gm.n_features_in_}): {', '.join(str(f) for f in gm.feature_names_in_)}",
+        f"classes ({len(names)}): {', '.join(names)}",
+        f"fit: {'converged' if gm.converged_ else 'did not converge'} after {gm.n_iter_} "
+        f"iterations (tol {gm.tol:g}, max_iter {gm.max_iter}); mean log-likelihood "
+        f"{gm.lower_bound_:.6f} per pixel",
+        "components (weight, class):",
+    ]
+    for k in range(gm.n_components):
+        lines.append(f"  {k}: {gm.weights_[k]:.4f}  {names[int(cc[k])]}")
+    prov = dict(getattr(gm, "provenance_", {}) or {})
+    if prov:
+        lines.append("provenance:")
+        for key, value in prov.items():
+            if isinstance(value, list) and key == "argv":
+                value = " ".join(str(v) for v in value)
+            lines.append(f"  {key}: {value}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> Any:
+    """Console-script entry point (``daskem``)."""
+    return cli.main(args=argv, prog_name="daskem")

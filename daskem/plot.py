@@ -1,0 +1,407 @@
+"""Quicklook PNGs of a posterior: class map, confidence, class probabilities, EM curve.
+
+This module owns plotting only. Maps are reduced with :meth:`xarray.Dataset.coarsen`
+to at most ``max_size`` pixels per side *before* anything is computed, so a
+100 000 x 100 000 posterior is plotted in bounded memory: each output pixel is the
+mean of a block of input pixels, the class map is the most probable class of the
+block-mean probabilities, and only the small result is ever loaded. Stacks with
+leading dims (``(z, y, x)``, ``(time, y, x)`` ...) are plotted at the first index of
+each leading dim.
+
+Figures are drawn on matplotlib's Agg canvas directly (no ``pyplot`` state, no
+display needed). It reads posterior datasets made by :func:`daskem.io.posterior`
+and builds no Dask graphs by hand, fits nothing and makes no ``distributed.Client``.
+
+Examples
+--------
+>>> import xarray as xr                                          # doctest: +SKIP
+>>> from daskem import plot                                      # doctest: +SKIP
+>>> post = xr.open_zarr("posterior.zarr")                        # doctest: +SKIP
+>>> plot.quicklooks(post, "plots", lower_bounds=gm.lower_bounds_)  # doctest: +SKIP
+{'class_map': PosixPath('plots/class_map.png'), ...}
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "check_posterior",
+    "coarsen_factor",
+    "downsample",
+    "plot_class_map",
+    "plot_confidence",
+    "plot_lower_bounds",
+    "plot_probabilities",
+    "quicklooks",
+]
+
+#: Colour of pixels without data (every attribute missing).
+NODATA_COLOR = "#d9d9d9"
+_DPI = 110
+#: Bins of the full-resolution confidence histogram (over [0, 1]).
+HISTOGRAM_BINS = 50
+
+
+def coarsen_factor(size: int, chunk: int | None, max_size: int) -> int:
+    """Window length that brings ``size`` pixels down to at most ``max_size``.
+
+    Prefers a divisor of the chunk length (or a multiple of it) so that the windows
+    never straddle chunks and no rechunking is needed.
+
+    Examples
+    --------
+    >>> coarsen_factor(100_000, 256, 1000)  # 128 divides the 256-pixel chunks
+    128
+    >>> coarsen_factor(800, 256, 1000)
+    1
+    """
+    need = max(1, math.ceil(size / max_size))
+    if need == 1 or not chunk:
+        return need
+    if need <= chunk:
+        f = next(d for d in range(need, chunk + 1) if chunk % d == 0)
+    else:
+        f = math.ceil(need / chunk) * chunk
+    return f if f <= 2 * need else need
+
+
+def check_posterior(ds: Any) -> None:
+    missing = [v for v in ("probability", "confidence") if v not in ds.data_vars]
+    if missing or "class" not in ds["probability"].dims:
+        raise ValueError(
+            f"not a daskem posterior (missing variables {missing or ['class dim']}; "
+            "expected 'probability' (class, ...) and 'confidence' as written by "
+            "daskem predict)"
+        )
+
+
+def downsample(ds: Any, max_size: int = 1000) -> Any:
+    """A small, in-memory version of a posterior dataset for plotting.
+
+    Parameters
+    ----------
+    ds : xarray.Dataset
+        Posterior with ``probability`` (class, *spatial) and ``confidence`` (*spatial),
+        lazy or in memory.
+    max_size : int, default 1000
+        Largest number of pixels per side of the result.
+
+    Returns
+    -------
+    xarray.Dataset
+        ``probability`` and ``confidence`` block means over windows of
+        :func:`coarsen_factor` pixels, and ``label`` (int16, the most probable class
+        of the mean probabilities, ``-1`` where a whole window has no data), on the
+        last two spatial dims at index 0 of any leading dims; attribute
+        ``coarsen_factors`` records the windows and ``leading`` the selection.
+        ``confidence_histogram`` counts the *full-resolution* confidence values in
+        :data:`HISTOGRAM_BINS` bins over [0, 1] (computed in the same pass).
+    """
+    check_posterior(ds)
+    spatial = [d for d in ds["confidence"].dims]
+    if len(spatial) < 2:
+        raise ValueError(f"need at least two spatial dims to plot a map, got {spatial}")
+    lead, (ydim, xdim) = spatial[:-2], spatial[-2:]
+    small = ds[["probability", "confidence"]]
+    if lead:
+        small = small.isel({d: 0 for d in lead})
+    chunks = small["confidence"].chunks
+    factors = {}
+    for i, d in enumerate((ydim, xdim)):
+        chunk = int(chunks[i][0]) if chunks else None
+        factors[d] = coarsen_factor(int(small.sizes[d]), chunk, max_size)
+    window = {d: f for d, f in factors.items() if f > 1}
+    conf = small["confidence"].data
+    if window:
+        small = small.coarsen(window, boundary="pad").mean()
+    # full-resolution histogram of the confidence, in the same pass over the data
+    edges = np.linspace(0.0, 1.0, HISTOGRAM_BINS + 1)
+    if hasattr(conf, "dask"):
+        import dask
+        import dask.array as da
+
+        hist = da.histogram(conf, bins=edges)[0]
+        small, counts = dask.compute(small, hist)
+    else:
+        small = small.compute()
+        counts = np.histogram(np.asarray(conf), bins=edges)[0]
+    p = small["probability"].transpose("class", ydim, xdim).values
+    nodata = np.all(np.isnan(p), axis=0)
+    label = np.argmax(np.where(np.isnan(p), -np.inf, p), axis=0).astype(np.int16)
+    label[nodata] = -1
+    small["label"] = ((ydim, xdim), label)
+    small["confidence_histogram"] = (("confidence_bin",), np.asarray(counts, dtype=np.int64))
+    small = small.assign_coords(confidence_bin=0.5 * (edges[1:] + edges[:-1]))
+    small.attrs = dict(ds.attrs)
+    small.attrs["coarsen_factors"] = factors
+    small.attrs["leading"] = {d: _scalar(ds[d][0]) if d in ds.coords else 0 for d in lead}
+    return small
+
+
+def _scalar(v: Any) -> Any:
+    a = np.asarray(v.values)
+    return a.item() if a.ndim == 0 else a
+
+
+def _class_colors(n: int) -> list:
+    from matplotlib import colormaps
+
+    if n <= 10:
+        cmap = colormaps["tab10"]
+        return [cmap(i) for i in range(n)]
+    if n <= 20:
+        cmap = colormaps["tab20"]
+        return [cmap(i) for i in range(n)]
+    cmap = colormaps["turbo"]
+    return [cmap(i / max(n - 1, 1)) for i in range(n)]
+
+
+def _figure(width: float, height: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=_DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _extent(small: Any, ydim: str, xdim: str) -> tuple[list[float] | None, str, str]:
+    """imshow extent from 1-D numeric coords (row 0 at the top), and axis labels."""
+
+    def edges(d: str) -> tuple[float, float] | None:
+        if d not in small.coords or small[d].ndim != 1 or small[d].dtype.kind not in "iuf":
+            return None
+        c = np.asarray(small[d].values, dtype=np.float64)
+        if c.size == 0 or not np.all(np.isfinite(c)):
+            return None
+        step = float(c[1] - c[0]) if c.size > 1 else 1.0
+        return c[0] - step / 2, c[-1] + step / 2
+
+    ex, ey = edges(xdim), edges(ydim)
+
+    def label(d: str) -> str:
+        if d in small.coords and "units" in small[d].attrs:
+            return f"{d} [{small[d].attrs['units']}]"
+        return d
+
+    if ex is None or ey is None:
+        return None, f"{xdim} (index / {small.attrs['coarsen_factors'][xdim]})", ydim
+    return [ex[0], ex[1], ey[1], ey[0]], label(xdim), label(ydim)
+
+
+def _title(small: Any, what: str) -> str:
+    factors = small.attrs.get("coarsen_factors", {})
+    parts = [what]
+    if any(f > 1 for f in factors.values()):
+        parts.append("block means " + " x ".join(str(f) for f in factors.values()) + " px")
+    lead = small.attrs.get("leading") or {}
+    if lead:
+        parts.append(", ".join(f"{d}={v}" for d, v in lead.items()))
+    return " | ".join(parts)
+
+
+def _dims(small: Any) -> tuple[str, str]:
+    ydim, xdim = small["confidence"].dims
+    return ydim, xdim
+
+
+def _aspect_size(small: Any, extra_width: float = 0.0) -> tuple[float, float]:
+    ydim, xdim = _dims(small)
+    ny, nx = small.sizes[ydim], small.sizes[xdim]
+    width = 7.0
+    height = max(3.0, min(9.0, width * ny / max(nx, 1) + 0.8))
+    return width + extra_width, height
+
+
+def plot_class_map(small: Any, path: str | os.PathLike) -> Path:
+    """PNG of the most probable class, with a legend of the class names."""
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
+
+    ydim, xdim = _dims(small)
+    names = [str(n) for n in small["class"].values]
+    colors = _class_colors(len(names))
+    label = np.asarray(small["label"].values)
+    cmap = ListedColormap([NODATA_COLOR, *colors])
+    fig = _figure(*_aspect_size(small, extra_width=2.0))
+    ax = fig.add_subplot()
+    extent, xl, yl = _extent(small, ydim, xdim)
+    ax.imshow(
+        label + 1,
+        cmap=cmap,
+        vmin=-0.5,
+        vmax=len(names) + 0.5,
+        interpolation="nearest",
+        extent=extent,
+    )
+    counts = np.bincount(label[label >= 0].ravel(), minlength=len(names))
+    total = max(int(counts.sum()), 1)
+    handles = [
+        Patch(color=c, label=f"{n} ({100 * k / total:.0f}%)")
+        for n, c, k in zip(names, colors, counts, strict=True)
+    ]
+    if (label < 0).any():
+        handles.append(Patch(color=NODATA_COLOR, label="no data"))
+    fig.legend(handles=handles, loc="outside right upper", title="class")
+    ax.set(title=_title(small, "most probable class"), xlabel=xl, ylabel=yl)
+    _plain_ticks(ax)
+    return _save(fig, path)
+
+
+def plot_confidence(small: Any, path: str | os.PathLike) -> Path:
+    """PNG of the confidence (largest class probability) map and its histogram.
+
+    The map runs from 1/n_classes (no information) to 1; the histogram is over every
+    full-resolution pixel with data.
+    """
+    from matplotlib import colormaps
+
+    ydim, xdim = _dims(small)
+    C = small.sizes["class"]
+    cmap = colormaps["viridis"].with_extremes(bad=NODATA_COLOR)
+    width, height = _aspect_size(small, extra_width=4.0)
+    fig = _figure(width, height)
+    ax, axh = fig.subplots(1, 2, width_ratios=[2.4, 1])
+    extent, xl, yl = _extent(small, ydim, xdim)
+    im = ax.imshow(
+        small["confidence"].values,
+        cmap=cmap,
+        vmin=1.0 / C,
+        vmax=1.0,
+        interpolation="nearest",
+        extent=extent,
+    )
+    fig.colorbar(im, ax=ax, label="largest class probability", shrink=0.8)
+    ax.set(title=_title(small, "confidence"), xlabel=xl, ylabel=yl)
+    _plain_ticks(ax)
+
+    counts = np.asarray(small["confidence_histogram"].values, dtype=np.float64)
+    centres = np.asarray(small["confidence_bin"].values)
+    total = counts.sum()
+    if total > 0:
+        share = counts / total
+        width_bin = float(centres[1] - centres[0]) if centres.size > 1 else 1.0
+        axh.bar(centres, 100 * share, width=width_bin, color=cmap(np.clip(
+            (centres - 1.0 / C) / (1 - 1.0 / C), 0, 1)))  # fmt: skip
+        cum = np.cumsum(share)
+        median = float(centres[np.searchsorted(cum, 0.5)])
+        high = 100 * float(share[centres >= 0.9].sum())
+        axh.axvline(median, color="k", lw=1, ls="--")
+        axh.set_title(f"all {int(total):,} pixels\nmedian {median:.2f}, {high:.0f}% >= 0.9")
+    axh.set(xlim=(0, 1), xlabel="largest class probability", ylabel="% of pixels")
+    axh.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_probabilities(small: Any, path: str | os.PathLike, max_cols: int = 4) -> Path:
+    """PNG with one panel per class: its posterior probability, 0 to 1."""
+    from matplotlib import colormaps
+
+    ydim, xdim = _dims(small)
+    names = [str(n) for n in small["class"].values]
+    C = len(names)
+    ncols = min(C, max_cols)
+    nrows = math.ceil(C / ncols)
+    ny, nx = small.sizes[ydim], small.sizes[xdim]
+    panel = 3.2
+    fig = _figure(panel * ncols + 1.0, panel * nrows * min(2.0, max(0.4, ny / nx)) + 0.6)
+    axes = np.atleast_1d(fig.subplots(nrows, ncols, sharex=True, sharey=True, squeeze=False))
+    cmap = colormaps["magma"].with_extremes(bad=NODATA_COLOR)
+    extent, xl, yl = _extent(small, ydim, xdim)
+    prob = small["probability"].transpose("class", ydim, xdim).values
+    im = None
+    for i, ax in enumerate(axes.ravel()):
+        if i >= C:
+            ax.set_axis_off()
+            continue
+        im = ax.imshow(prob[i], cmap=cmap, vmin=0, vmax=1, interpolation="nearest", extent=extent)
+        ax.set_title(names[i])
+        ax.tick_params(labelsize=7)
+        _plain_ticks(ax)
+    fig.colorbar(im, ax=axes, label="posterior probability", shrink=0.8)
+    fig.suptitle(_title(small, "class probabilities"))
+    return _save(fig, path)
+
+
+def plot_lower_bounds(
+    lower_bounds: Sequence[float], path: str | os.PathLike, *, tol: float | None = None
+) -> Path:
+    """PNG of the mean log-likelihood per pixel at each EM iteration, and its change."""
+    lb = np.asarray(lower_bounds, dtype=np.float64)
+    if lb.size == 0:
+        raise ValueError("the model holds no log-likelihood history (lower_bounds is empty)")
+    it = np.arange(1, lb.size + 1)
+    fig = _figure(7.0, 5.0)
+    ax1, ax2 = fig.subplots(2, 1, sharex=True)
+    ax1.plot(it, lb, marker="o", ms=3)
+    ax1.set(ylabel="mean log-likelihood / pixel", title="EM convergence")
+    ax1.grid(alpha=0.3)
+    if lb.size > 1:
+        change = np.abs(np.diff(lb))
+        ax2.semilogy(it[1:], np.where(change > 0, change, np.nan), marker="o", ms=3)
+        if tol is not None and tol > 0:
+            ax2.axhline(tol, color="grey", ls="--", lw=1, label=f"tol = {tol:g}")
+            ax2.legend()
+    ax2.set(xlabel="iteration", ylabel="|change|")
+    ax2.grid(alpha=0.3, which="both")
+    return _save(fig, path)
+
+
+def _plain_ticks(ax: Any) -> None:
+    """Coordinates as plain numbers (no ``1e6`` offset above the axis)."""
+    ax.ticklabel_format(style="plain", useOffset=False)
+
+
+def _save(fig: Any, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=_DPI)
+    return path
+
+
+def quicklooks(
+    ds: Any,
+    out_dir: str | os.PathLike,
+    *,
+    lower_bounds: Sequence[float] | None = None,
+    tol: float | None = None,
+    max_size: int = 1000,
+) -> dict[str, Path]:
+    """Write every quicklook PNG of a posterior into ``out_dir``.
+
+    Parameters
+    ----------
+    ds : xarray.Dataset
+        Posterior from :func:`daskem.io.posterior` (lazy is best: only the coarsened
+        maps are computed).
+    out_dir : path
+        Created if needed; files ``class_map.png``, ``confidence.png``,
+        ``probabilities.png`` and, with ``lower_bounds``, ``loglik.png``.
+    lower_bounds : sequence of float, optional
+        The model's log-likelihood history (``GaussianMixture.lower_bounds_``).
+    tol : float, optional
+        Convergence tolerance, drawn on the change panel.
+    max_size : int, default 1000
+        Largest side of the map images in data pixels.
+
+    Returns
+    -------
+    dict of str to pathlib.Path
+    """
+    out = Path(out_dir)
+    small = downsample(ds, max_size=max_size)
+    written = {
+        "class_map": plot_class_map(small, out / "class_map.png"),
+        "confidence": plot_confidence(small, out / "confidence.png"),
+        "probabilities": plot_probabilities(small, out / "probabilities.png"),
+    }
+    if lower_bounds is not None and len(lower_bounds):
+        written["loglik"] = plot_lower_bounds(lower_bounds, out / "loglik.png", tol=tol)
+    return written
