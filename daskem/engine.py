@@ -212,10 +212,20 @@ def cache_data(data: ChunkedData, cache: bool | str = "auto", fraction: float = 
     if not cache:
         return data
     logger.info("caching %.3g GB of input in memory for the passes", nbytes / 1e9)
+    tag = uuid.uuid4().hex[:12]
+    # Persist under fresh key names: keys of the source graph held in memory would clash
+    # with the same keys rebuilt differently by later graphs (e.g. the posterior's).
     X, w, y = (
-        None if a is None else a.persist() for a in (data.X, data.sample_weight, data.labels)
+        None
+        if a is None
+        else a.map_blocks(_identity, dtype=a.dtype, name=f"daskem-cache-{i}-{tag}").persist()
+        for i, a in enumerate((data.X, data.sample_weight, data.labels))
     )
     return ChunkedData(X, w, y)
+
+
+def _identity(block):
+    return block
 
 
 # --------------------------------------------------------------------------- passes
