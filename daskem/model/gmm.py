@@ -15,16 +15,23 @@ Cholesky factors of the precision matrices:
 It must not import Dask or xarray: every function takes NumPy arrays of one
 block and returns NumPy arrays or small records.
 
-Numerics: whatever the input dtype, a block is processed in row sub-blocks of
-``block_rows`` rows cast to float64 one at a time (no whole-block upcast);
-statistics are accumulated in float64, shifted by the current means (the
-E-step forms ``x - mu_k`` anyway), turned into centred per-block moments and
-merged pairwise across blocks (:func:`daskem.model.stats.merge_centred_moments`).
+Numerics: :func:`block_stats` evaluates every component's log-density of a row
+sub-block (``block_rows`` rows, copied feature-major and centred on a shift ``c``) with
+one GEMM on the quadratic features ``[1, x - c, vech((x - c)(x - c)^T)]`` and every
+statistic with a second GEMM on the same features, accumulated in float64. Float32
+input keeps float32 sub-blocks for the E-step where a rounding-error bound allows it
+(log-densities within 1e-3, typically 1e-6; float64 input: 1e-9), the statistics GEMM
+is always float64, and rows the bound does not cover (far outliers, non-finite values)
+are recomputed by the per-component float64 reference kernel. Statistics are turned
+into centred per-block moments and merged pairwise across blocks
+(:func:`daskem.model.stats.merge_centred_moments`).
 """
 
 from __future__ import annotations
 
 import math
+import threading
+import weakref
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -52,7 +59,8 @@ __all__ = [
 COVARIANCE_TYPES = ("full", "tied", "diag", "spherical")
 _LOG_2PI = math.log(2.0 * math.pi)
 _EPS10 = 10.0 * np.finfo(np.float64).eps
-DEFAULT_BLOCK_ROWS = 4096
+DEFAULT_BLOCK_ROWS = 8192
+_LOG_RESP_FLOOR = -80.0
 
 
 # --------------------------------------------------------------------------- parameters
@@ -498,13 +506,64 @@ def block_stats(
         Given responsibilities instead of an E-step (used for initialisation);
         ``loglik`` is then 0 and ``params`` only provide the shift.
     block_rows : int
-        Rows per float64 sub-block (sized to stay in cache).
+        Rows per sub-block (sized to stay in cache).
     n_worst : int
         How many worst-explained rows to keep for re-seeding.
 
     Returns
     -------
     GMMStats
+
+    Notes
+    -----
+    Most rows go through the fast kernel (:func:`_block_stats_fast`: one GEMM for every
+    component's log-density, one GEMM for every statistic, float32 sub-blocks for float32
+    input where the error bound allows it); rows it cannot bound (far outliers, non-finite
+    values, labelled rows without an allowed component) and ``resp`` go through the
+    per-component float64 kernel (:func:`_block_stats_reference`).
+    """
+    X = np.asarray(X)
+    if resp is not None or X.shape[0] == 0:
+        return _block_stats_reference(
+            X, params, sample_weight, labels, resp=resp, block_rows=block_rows, n_worst=n_worst
+        )
+    w = None if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
+    if w is not None and np.any(w < 0):
+        raise ValueError("sample_weight must be non-negative; got negative weights")
+    plan = _fast_plan(params, X.dtype, w)
+    if plan is None:
+        return _block_stats_reference(X, params, w, labels, block_rows=block_rows, n_worst=n_worst)
+    return _block_stats_fast(X, params, plan, w, labels, block_rows=block_rows, n_worst=n_worst)
+
+
+def _stats_from_shifted_sums(
+    S0: np.ndarray, S1: np.ndarray, S2: np.ndarray, shift: np.ndarray, means: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Centred means and scatter from sums of ``x - shift`` (``shift`` (K, D) or (D,))."""
+    safe = np.where(S0 > 0, S0, 1.0)
+    off = S1 / safe[:, None]
+    mean = np.where(S0[:, None] > 0, shift + off, means)
+    if S2.ndim == 3:
+        m2 = S2 - S0[:, None, None] * (off[:, :, None] * off[:, None, :])
+    else:
+        m2 = S2 - S0[:, None] * off * off
+    return mean, m2
+
+
+def _block_stats_reference(
+    X: np.ndarray,
+    params: GMMParams,
+    sample_weight: np.ndarray | None = None,
+    labels: np.ndarray | None = None,
+    *,
+    resp: np.ndarray | None = None,
+    block_rows: int = DEFAULT_BLOCK_ROWS,
+    n_worst: int = 16,
+) -> GMMStats:
+    """:func:`block_stats` by the per-component Cholesky-residual form, all in float64.
+
+    Slow (K small GEMMs and K outer-product GEMMs per sub-block) but exact for any offset
+    and any row: the reference the fast kernel is tested against, and its fallback.
     """
     X = np.asarray(X)
     n, D = X.shape
@@ -548,8 +607,8 @@ def block_stats(
             log_norm, log_r = _normalise(wlp, _allowed_components(lb, params))
             # clip before exp: responsibilities below e^-80 are 0 and avoid subnormals
             with np.errstate(under="ignore"):
-                r = np.exp(np.maximum(log_r, -80.0))
-            r[log_r < -80.0] = 0.0
+                r = np.exp(np.maximum(log_r, _LOG_RESP_FLOOR))
+            r[log_r < _LOG_RESP_FLOOR] = 0.0
             lw = w * log_norm
             lw[w == 0] = 0.0
             loglik += float(lw.sum())
@@ -575,22 +634,453 @@ def block_stats(
                 S2[k] += (d * rk[:, None]).T @ d
             else:
                 S2[k] += rk @ (d * d)
-    safe = np.where(S0 > 0, S0, 1.0)
-    off = S1 / safe[:, None]
-    mean = np.where(S0[:, None] > 0, shift + off, shift)
-    if full:
-        m2 = S2 - S0[:, None, None] * (off[:, :, None] * off[:, None, :])
-    else:
-        m2 = S2 - S0[:, None] * off * off
     out.n = S0
-    out.mean = mean
-    out.m2 = m2
+    out.mean, out.m2 = _stats_from_shifted_sums(S0, S1, S2, shift, shift)
     out.loglik = loglik
     out.weight = weight
     out.count = count
     out.n_excluded = excluded
     out.worst_score = worst_score
     out.worst_rows = worst_rows
+    return out
+
+
+# --------------------------------------------------------------------------- fast kernel
+#
+# log pi_k + log N(x | mu_k, Sigma_k) is a linear function of the quadratic features
+#     phi(x) = [1, x - c, (x - c)^2, (x_a - c_a)(x_b - c_b) for a < b]   (M = 1 + D + D(D+1)/2)
+# (diag/spherical: no cross products), so one GEMM  A (K, M) @ Phi (M, nb)  gives every
+# component's log-density of a sub-block, and one float64 GEMM  R (K, nb) @ Phi.T  gives
+# every component's [S0, S1, diag S2, offdiag S2] about the shift c at once. Sub-blocks are
+# copied feature-major (transposing, centring copy), so the log-sum-exp reduces over the
+# short K axis row-wise (PERFORMANCE.md trap 5); buffers are reused (trap 3).
+#
+# The expanded form cancels when x - c is large against a component's spread (trap 6).
+# For row i and component k the GEMM adds terms of total size at most
+#     T_k(r) = |const_k| + ||Lambda_k delta_k|| r + ||abs(Lambda_k)|| r^2 / 2,   r = ||x_i - c||,
+# (delta_k = mu_k - c), with a rounding error of about gamma T_k(r), gamma = (2 sqrt(M) + 4) u
+# (a probabilistic bound for the dot product plus the roundings of phi and A; u the unit
+# roundoff). Hence, per parameter set:
+# * a component keeps the expanded form only if the error stays below _FAST_TOL[dtype] over
+#   its bulk (Mahalanobis distance <= 5); float32 sub-blocks only if every
+#   component qualifies in float32; otherwise float64 sub-blocks, and components that do
+#   not qualify even there (thin, ill-conditioned, far from c) get the reference kernel's
+#   exact per-component form ||P_k^T (x - mu_k)||^2 and statistics about mu_k; the others'
+#   statistics about c are then accurate to about 2 u T_k <= 1e-9 relative;
+# * a row beyond radius sqrt(r2max_k) of a component it is relevant to (log-density within
+#   80 of the row's best, with a margin of _SAFE_ERROR), beyond the radius where any error
+#   could reach _SAFE_ERROR, or with non-finite values, is recomputed by the reference kernel.
+
+# Bound on the absolute error of a log-density from the expanded form, per sub-block dtype.
+_FAST_TOL = {np.dtype(np.float32): 1e-3, np.dtype(np.float64): 1e-8}
+_SAFE_ERROR = 10.0
+_RELEVANT = _LOG_RESP_FLOOR - _SAFE_ERROR
+_BULK_MAHA = 25.0
+# float32 sub-blocks only if every positive sample weight is at least this (so that
+# floored responsibilities times weights never become subnormal).
+_F32_MIN_WEIGHT = 1e-3
+_WORKSPACES = threading.local()
+_PLAN_CACHE: dict = {}  # float32 allowed? -> (weakref to params, plan)
+
+
+@dataclass(frozen=True)
+class _QuadPlan:
+    """How the fast kernel evaluates one parameter set (see the comment above)."""
+
+    dtype: np.dtype  # of the sub-block features and of the log-density GEMM
+    shift: np.ndarray  # (D,) float64, exactly representable in ``dtype``
+    full: bool  # cross products in phi (full/tied) or squares only (diag/spherical)
+    order: np.ndarray  # (K,) components in kernel order: expanded form first, residual last
+    A: np.ndarray  # (K, M) in ``dtype``; zero rows for the residual-form components
+    n_quad: int  # components with the expanded form (the first n_quad of ``order``)
+    r2max: np.ndarray  # (n_quad,) rows farther than this from c must find k irrelevant
+    r2min: float  # min(r2max): rows within need no check
+    r2safe: float  # rows farther than this go to the reference kernel
+    PT_res: np.ndarray  # (n_res, D, D) float64: P_k^T of the residual-form components
+    mu_res: np.ndarray  # (n_res, D) their means
+    c_res: np.ndarray  # (n_res,) log w_k + log det P_k - D/2 log(2 pi)
+
+    @property
+    def n_res(self) -> int:
+        return int(self.c_res.shape[0])
+
+
+def _radius(c0: np.ndarray, lin: np.ndarray, q: np.ndarray, T: float) -> np.ndarray:
+    """Largest r with c0 + lin r + q r^2 / 2 <= T (-1 where even r = 0 exceeds it)."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r = (-lin + np.sqrt(lin * lin + 2.0 * q * (T - c0))) / q
+    return np.where(c0 <= T, r, -1.0)
+
+
+def _component_forms(params: GMMParams, shift: np.ndarray) -> dict:
+    """float64 expanded-form rows about ``shift``, residual factors and error-bound terms."""
+    ct = params.covariance_type
+    means = np.asarray(params.means, dtype=np.float64)
+    K, D = means.shape
+    P = np.asarray(params.precisions_cholesky, dtype=np.float64)
+    delta = means - shift
+    cprime = _log_weights(params.weights) + _log_det_chol(P, ct, D) - 0.5 * D * _LOG_2PI
+    if ct in ("full", "tied"):
+        Pk = P if ct == "full" else np.broadcast_to(P, (K, D, D))
+        lam = np.einsum("kij,klj->kil", Pk, Pk)
+        iu, ju = np.triu_indices(D, 1)
+        quad = np.concatenate([-0.5 * np.diagonal(lam, axis1=1, axis2=2), -lam[:, iu, ju]], axis=1)
+        q = np.linalg.norm(np.abs(lam), 2, axis=(1, 2))
+        lam_min = np.linalg.eigvalsh(lam)[:, 0]
+        lin = np.einsum("kij,kj->ki", lam, delta)
+    else:
+        p2 = P**2 if ct == "diag" else np.repeat((P**2)[:, None], D, axis=1)
+        Pk = np.stack([np.diag(v) for v in np.sqrt(p2)])
+        quad = -0.5 * p2
+        q = p2.max(axis=1)
+        lam_min = p2.min(axis=1)
+        lin = p2 * delta
+    const = cprime - 0.5 * np.einsum("ki,ki->k", delta, lin)
+    with np.errstate(divide="ignore"):
+        bulk = np.linalg.norm(delta, axis=1) + np.sqrt(_BULK_MAHA / lam_min)
+    return {
+        "A": np.concatenate([const[:, None], lin, quad], axis=1),
+        "const": np.abs(const),
+        "lin": np.linalg.norm(lin, axis=1),
+        "q": q,
+        "bulk": bulk,
+        "PT": np.ascontiguousarray(np.transpose(Pk, (0, 2, 1))),
+        "cprime": cprime,
+    }
+
+
+def _fast_plan(params: GMMParams, x_dtype: np.dtype, w: np.ndarray | None) -> _QuadPlan | None:
+    """How the fast kernel evaluates ``params`` (None: use the reference kernel).
+
+    Cached for the last parameter object seen (every block of a pass shares it).
+    """
+    f32 = x_dtype == np.float32
+    if f32 and w is not None and np.any((w > 0) & (w < _F32_MIN_WEIGHT)):
+        f32 = False
+    cached = _PLAN_CACHE.get(f32)
+    if cached is not None and cached[0]() is params:
+        return cached[1]
+    plan = _make_plan(params, f32)
+    _PLAN_CACHE[f32] = (weakref.ref(params), plan)
+    return plan
+
+
+def _make_plan(params: GMMParams, f32: bool) -> _QuadPlan | None:
+    weights = np.asarray(params.weights, dtype=np.float64)
+    means = np.asarray(params.means, dtype=np.float64)
+    live = weights > 0
+    if not live.any() or not np.all(np.isfinite(means)):
+        return None
+    K, D = means.shape
+    centre = (weights[live, None] * means[live]).sum(axis=0) / weights[live].sum()
+    full = params.covariance_type in ("full", "tied")
+    for dt in [np.dtype(np.float32), np.dtype(np.float64)] if f32 else [np.dtype(np.float64)]:
+        shift = centre.astype(dt).astype(np.float64)
+        f = _component_forms(params, shift)
+        if not (np.all(np.isfinite(f["A"][live])) and np.all(np.isfinite(f["PT"]))):
+            return None
+        gamma = (2.0 * math.sqrt(f["A"].shape[1]) + 4.0) * np.finfo(dt).eps / 2
+        rmax = _radius(f["const"], f["lin"], f["q"], _FAST_TOL[dt] / gamma)
+        quad = ~live | (rmax >= f["bulk"])
+        if dt == np.float32 and not quad.all():
+            continue  # float32 only if every component qualifies
+        rsafe = _radius(f["const"], f["lin"], f["q"], _SAFE_ERROR / gamma)
+        order = np.concatenate([np.flatnonzero(quad), np.flatnonzero(~quad)])
+        qk = order[: int(quad.sum())]
+        r2max = np.where(live[qk], np.square(rmax[qk]), np.inf)
+        r2safe = np.where(live[qk], np.square(rsafe[qk]), np.inf)
+        rk = order[int(quad.sum()) :]
+        return _QuadPlan(
+            dtype=dt,
+            shift=shift,
+            full=full,
+            order=order,
+            A=np.ascontiguousarray(np.where(quad[order, None], f["A"][order], 0.0), dtype=dt),
+            n_quad=int(qk.size),
+            r2max=r2max,
+            r2min=float(r2max.min()) if qk.size else np.inf,
+            r2safe=float(r2safe.min()) if qk.size else np.inf,
+            PT_res=f["PT"][rk],
+            mu_res=means[rk],
+            c_res=f["cprime"][rk],
+        )
+    return None
+
+
+def _lowest(score: np.ndarray, take: int, group: int = 64) -> np.ndarray:
+    """Indices of the ``take`` smallest entries of ``score`` (in no particular order).
+
+    The ``take`` smallest lie in the ``take`` groups of ``group`` rows with the smallest
+    minima, so only those groups are searched.
+    """
+    n = score.shape[0]
+    if take >= n:
+        return np.arange(n)
+    full = n // group
+    if full <= take:
+        return np.argpartition(score, take - 1)[:take]
+    mins = score[: full * group].reshape(full, group).min(axis=1)
+    best = np.argpartition(mins, take - 1)[:take]
+    cand = (best[:, None] * group + np.arange(group)).ravel()
+    cand = np.concatenate([cand, np.arange(full * group, n)])
+    return cand[np.argpartition(score[cand], take - 1)[:take]]
+
+
+class _Workspace:
+    """Preallocated sub-block buffers, reused across calls in one thread (no page faults)."""
+
+    def __init__(self, dtype: np.dtype, K: int, M: int, nb: int) -> None:
+        self.nb = nb
+        self.phi = np.empty((M, nb), dtype=dtype)
+        self.phi[0] = 1.0
+        self.logp = np.empty((K, nb), dtype=dtype)
+        self.top = np.empty(nb, dtype=dtype)
+        self.norm = np.empty(nb, dtype=dtype)
+        self.r2 = np.empty(nb, dtype=dtype)
+        self.ok = np.empty(nb, dtype=bool)
+        self.gram = np.empty((K, M))
+        if dtype != np.float64:
+            self.phi64 = np.empty((M, nb))
+            self.resp64 = np.empty((K, nb))
+        self.log_norm = np.empty(0)
+        self.diff = np.empty((0, 0, nb))
+
+    def log_norm_buffer(self, n: int) -> np.ndarray:
+        """A float64 (n,) buffer, grown (never shrunk) as blocks need."""
+        if self.log_norm.shape[0] < n:
+            self.log_norm = np.empty(n)
+        return self.log_norm[:n]
+
+    def residual_buffers(self, n_res: int, D: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """float64 buffers of the residual-form components: ``x - mu_k`` (n_res, D, nb),
+        the raw rows (D, nb) and one (D, nb) scratch."""
+        if self.diff.shape[:2] != (n_res + 2, D):
+            self.diff = np.empty((n_res + 2, D, self.nb))
+        return self.diff[:n_res], self.diff[n_res], self.diff[n_res + 1]
+
+
+def _workspace(dtype: np.dtype, K: int, M: int, nb: int) -> _Workspace:
+    cache = getattr(_WORKSPACES, "cache", None)
+    if cache is None:
+        cache = _WORKSPACES.cache = {}
+    key = (dtype.str, K, M, nb)
+    ws = cache.get(key)
+    if ws is None:
+        if len(cache) >= 4:
+            cache.clear()
+        ws = cache[key] = _Workspace(dtype, K, M, nb)
+    return ws
+
+
+def _block_stats_fast(
+    X: np.ndarray,
+    params: GMMParams,
+    plan: _QuadPlan,
+    w: np.ndarray | None,
+    labels: np.ndarray | None,
+    *,
+    block_rows: int,
+    n_worst: int,
+) -> GMMStats:
+    """:func:`block_stats` by the expanded quadratic form (see the comment above).
+
+    ``w`` is float64 and non-negative (checked by the caller). Rows the plan cannot
+    bound are zeroed out of both GEMMs and passed to :func:`_block_stats_reference`.
+    Components are processed in ``plan.order`` and put back in order at the end.
+    """
+    n, D = X.shape
+    K = params.n_components
+    M = 1 + D + D * (D + 1) // 2 if plan.full else 1 + 2 * D
+    dt = plan.dtype
+    nq, nr = plan.n_quad, plan.n_res
+    n_worst = max(n_worst, K)
+    nb = max(1, min(block_rows, n))
+    # buffers sized in powers of two (>= 1024 rows) so uneven blocks share them
+    ws = _workspace(dt, K, M, min(max(block_rows, 1), max(1024, 1 << (n - 1).bit_length())))
+    if nr:
+        diff, raw, scratch = ws.residual_buffers(nr, D)
+        res_S1 = np.zeros((nr, D))
+        res_S2 = np.zeros((nr, D, D) if plan.full else (nr, D))
+    A = plan.A
+    shift = plan.shift.astype(dt)[:, None]
+    floor = dt.type(_LOG_RESP_FLOOR)
+    r2min = dt.type(min(plan.r2min, float(np.finfo(dt).max)))
+    r2max = plan.r2max[:, None]
+    order = plan.order
+    dead = np.flatnonzero(~(np.asarray(params.weights)[order] > 0))
+    dead = dead if dead.size else None
+    lab = None
+    if labels is not None:
+        lab = np.asarray(labels)
+        if not np.any(lab >= 0):
+            lab = None
+    flagged = []
+    w_in, wd = w, None
+    if w is not None:
+        bad_w = ~np.isfinite(w)
+        if bad_w.any():
+            flagged.append(np.flatnonzero(bad_w))
+            w = np.where(bad_w, 0.0, w)
+        wd = w.astype(dt, copy=False)
+    acc = np.zeros((K, M))
+    log_norm = ws.log_norm_buffer(n)
+    with np.errstate(all="ignore"):
+        for s in range(0, n, nb):
+            e = min(s + nb, n)
+            m = e - s
+            phi = ws.phi[:, :m]
+            logp = ws.logp[:, :m]
+            top, norm, r2, ok = ws.top[:m], ws.norm[:m], ws.r2[:m], ws.ok[:m]
+            xc = phi[1 : 1 + D]
+            sq = phi[1 + D : 1 + 2 * D]
+            np.subtract(X[s:e].T, shift, out=xc)
+            np.square(xc, out=sq)
+            if plan.full:
+                o = 1 + 2 * D
+                for j in range(D - 1):
+                    np.multiply(xc[j], xc[j + 1 :], out=phi[o : o + D - 1 - j])
+                    o += D - 1 - j
+            np.sum(sq, axis=0, out=r2)
+            np.matmul(A, phi, out=logp)  # all K rows: BLAS is slow on odd row counts
+            if nr:  # exact per-component residual form, like the reference (float64 only)
+                np.copyto(raw[:, :m], X[s:e].T)
+                for j in range(nr):
+                    d, y, lp = diff[j, :, :m], scratch[:, :m], logp[nq + j]
+                    np.subtract(raw[:, :m], plan.mu_res[j][:, None], out=d)
+                    np.matmul(plan.PT_res[j], d, out=y)
+                    np.square(y, out=y)
+                    np.sum(y, axis=0, out=lp)
+                    lp *= -0.5
+                    lp += plan.c_res[j]
+            barred = None
+            if lab is not None:
+                allowed = _allowed_components(lab[s:e], params)
+                if allowed is not None:
+                    barred = ~allowed[:, order].T
+                    logp[barred] = -np.inf
+            np.max(logp, axis=0, out=top)
+            np.less_equal(r2, r2min, out=ok)
+            if barred is not None:
+                ok &= top > -np.inf
+            zeroed = not ok.all()
+            if zeroed:
+                bad = np.flatnonzero(~ok)
+                far = r2[bad]
+                relevant = logp[:nq, bad] > top[bad] + _RELEVANT
+                trouble = (relevant & (far > r2max)).any(axis=0) | ~(far <= plan.r2safe)
+                trouble |= ~(far < np.inf)
+                if barred is not None:
+                    trouble |= ~(top[bad] > -np.inf)
+                bad = bad[trouble]
+                zeroed = bad.size > 0
+            np.subtract(logp, top, out=logp)
+            # floor before exp: no subnormals (responsibilities below e^-80 are ~0)
+            np.maximum(logp, floor, out=logp)
+            np.exp(logp, out=logp)
+            if barred is not None:
+                logp[barred] = 0.0
+            if dead is not None:
+                logp[dead] = 0.0
+            np.sum(logp, axis=0, out=norm)
+            ln = log_norm[s:e]
+            np.log(norm, out=ln)
+            ln += top
+            if wd is None:
+                np.reciprocal(norm, out=norm)
+            else:
+                np.divide(wd[s:e], norm, out=norm)
+            np.multiply(logp, norm, out=logp)  # weighted responsibilities
+            if zeroed:
+                logp[:, bad] = 0.0
+                phi[:, bad] = 0.0
+                flagged.append(s + bad)
+            if dt == np.float64:
+                np.matmul(logp, phi.T, out=ws.gram)
+            else:  # float64 statistics GEMM: S2 about the shift needs ~1e-10 (trap 7)
+                phi64, resp64 = ws.phi64[:, :m], ws.resp64[:, :m]
+                np.copyto(phi64, phi)
+                np.copyto(resp64, logp)
+                np.matmul(resp64, phi64.T, out=ws.gram)
+            acc += ws.gram
+            if nr:  # their statistics about their own means (exact for any offset)
+                if zeroed:
+                    diff[:, :, bad] = 0.0
+                for j in range(nr):
+                    d, y, r = diff[j, :, :m], scratch[:, :m], logp[nq + j]
+                    res_S1[j] += d @ r
+                    if plan.full:
+                        np.multiply(d, r, out=y)
+                        res_S2[j] += y @ d.T
+                    else:
+                        np.square(d, out=y)
+                        res_S2[j] += y @ r
+            if zeroed:
+                phi[0] = 1.0
+    fidx = np.unique(np.concatenate(flagged)) if flagged else np.empty(0, dtype=np.intp)
+    log_norm[fidx] = 0.0
+    if w is None:
+        weight = float(n - fidx.size)
+        count = n - fidx.size
+        loglik = float(log_norm.sum())
+        score = log_norm
+    else:
+        w = w.copy()
+        w[fidx] = 0.0
+        weight = float(w.sum())
+        count = int(np.count_nonzero(w))
+        loglik = float(w @ log_norm)
+        score = np.where(w > 0, log_norm, np.inf)
+    score[fidx] = np.inf
+    take = min(n_worst, count)
+    worst_score = np.empty(0)
+    worst_rows = np.empty((0, D))
+    if take:
+        idx = _lowest(score, take)
+        idx = idx[np.isfinite(score[idx])]
+        worst_score, worst_rows = merge_lowest(
+            worst_score, worst_rows, score[idx], np.asarray(X[idx], dtype=np.float64), n_worst
+        )
+    sums = np.empty_like(acc)
+    sums[order] = acc
+    S0 = sums[:, 0].copy()
+    S1 = sums[:, 1 : 1 + D]
+    if plan.full:
+        S2 = np.empty((K, D, D))
+        di = np.arange(D)
+        S2[:, di, di] = sums[:, 1 + D : 1 + 2 * D]
+        iu, ju = np.triu_indices(D, 1)
+        S2[:, iu, ju] = sums[:, 1 + 2 * D :]
+        S2[:, ju, iu] = sums[:, 1 + 2 * D :]
+    else:
+        S2 = sums[:, 1 + D : 1 + 2 * D].copy()
+    means = np.asarray(params.means, dtype=np.float64)
+    shift = np.repeat(plan.shift[None], K, axis=0)
+    if nr:
+        res = order[nq:]
+        shift[res] = plan.mu_res
+        S1[res] = res_S1
+        S2[res] = res_S2
+    mean, m2 = _stats_from_shifted_sums(S0, S1, S2, shift, means)
+    out = GMMStats(
+        n=S0,
+        mean=mean,
+        m2=m2,
+        loglik=loglik,
+        weight=weight,
+        count=count,
+        n_excluded=0,
+        worst_score=worst_score,
+        worst_rows=worst_rows,
+        n_worst=n_worst,
+    )
+    if fidx.size:
+        out = out + _block_stats_reference(
+            X[fidx],
+            params,
+            None if w_in is None else w_in[fidx],
+            None if labels is None else np.asarray(labels)[fidx],
+            n_worst=n_worst,
+        )
     return out
 
 

@@ -1,0 +1,661 @@
+"""Benchmark one EM pass of daskem against scikit-learn, a NumPy roofline proxy and Zarr reads.
+
+Everything runs on the same generated float32 pixels from the same initial parameters for
+a fixed number of iterations (``tol=0``), and is reported in pixel-iterations per second:
+
+* daskem ``GaussianMixture`` on NumPy input with the threaded scheduler and on a
+  ``distributed.LocalCluster(n_workers=2, threads_per_worker=1)`` (worker processes, with
+  distributed's default allocator settings and with ``MALLOC_MMAP_THRESHOLD_`` raised,
+  PERFORMANCE.md trap 3), and on a zstd-compressed Zarr copy read by ``da.from_zarr``
+  every pass (``cache=False``);
+* scikit-learn ``GaussianMixture`` (float64; BLAS threads 1 and 2, best kept) on a subset
+  of at most ``--sklearn-n`` pixels (it needs about 480 bytes per pixel); its fit also
+  does one M-step at initialisation and a final E-step, counted as one more iteration;
+* a minimal fused NumPy pass (float32 feature-major blocks of 2,048 px, expanded quadratic
+  form, two GEMMs per block, float64 accumulators) on one core and in two processes: the
+  roofline proxy for what a NumPy kernel can reach;
+* a read-only pass over the Zarr store (read + zstd decode, two threads).
+
+It prints the table, the ratios daskem / scikit-learn, daskem / (NumPy pass x 2 cores) and
+daskem-on-Zarr / read-only, and the peak RSS of every process, and saves them as JSON::
+
+    python scripts/bench.py --quick --json bench-quick.json     # 1 M pixels, < 3 min
+    python scripts/bench.py --json bench.json                   # 10 M pixels, < 20 min
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import inspect
+import json
+import multiprocessing as mp
+import os
+import platform
+import resource
+import shutil
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+MIB = 2**20
+PROXY_BLOCK = 2048
+ZARR_ROWS = 131_072  # 4 MiB float32 chunks of 8 features
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "268435456"}
+MALLOC_DEFAULT = {"MALLOC_TRIM_THRESHOLD_": "65536"}  # distributed's own setting
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def peak_rss() -> int:
+    """Peak resident set size of this process in bytes.
+
+    ``VmHWM`` of this address space: unlike ``ru_maxrss`` it does not carry over the
+    parent's peak into a spawned (fork + exec) child such as a Dask worker.
+    """
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _spin(barrier, queue, loops=5_000_000):
+    barrier.wait()
+    t0 = time.perf_counter()
+    x = 0
+    for i in range(loops):
+        x += i
+    queue.put(time.perf_counter() - t0)
+
+
+def cpu_scaling() -> float:
+    """Throughput of 2 busy processes over 1 (2.0 = two free cores; this host is shared)."""
+    ctx = mp.get_context("fork")
+    rates = []
+    for k in (1, 2):
+        barrier, queue = ctx.Barrier(k), ctx.Queue()
+        procs = [ctx.Process(target=_spin, args=(barrier, queue)) for _ in range(k)]
+        for p in procs:
+            p.start()
+        times = [queue.get() for _ in procs]
+        for p in procs:
+            p.join()
+        rates.append(k / max(times))
+    return rates[1] / rates[0]
+
+
+class RssSampler:
+    """Peak RSS of this process while the ``with`` block runs (psutil, sampled every 20 ms)."""
+
+    def __init__(self, interval: float = 0.02) -> None:
+        import psutil
+
+        self._proc = psutil.Process()
+        self._interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+            self._stop.wait(self._interval)
+
+    def __enter__(self) -> RssSampler:
+        self.start = self._proc.memory_info().rss
+        self.peak = self.start
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._proc.memory_info().rss)
+
+
+def make_data(n: int, D: int, K: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` float32 pixels of a K-component mixture with correlated features (row-major)."""
+    rng = np.random.default_rng(seed)
+    means = rng.normal(scale=3.0, size=(K, D))
+    mix = rng.normal(scale=0.4, size=(K, D, D)) + np.eye(D)
+    X = np.empty((n, D), dtype=np.float32)
+    step = 1 << 20
+    for a in range(0, n, step):
+        b = min(a + step, n)
+        z = rng.integers(0, K, b - a)
+        e = rng.standard_normal((b - a, D))
+        X[a:b] = means[z] + np.einsum("nj,nij->ni", e, mix[z])
+    return X, means
+
+
+def initial_params(X: np.ndarray, K: int, cov: str, seed: int = 1) -> dict:
+    """The same start for everyone: K random pixels as means, the global covariance."""
+    rng = np.random.default_rng(seed)
+    sample = X[rng.choice(X.shape[0], size=min(X.shape[0], 100_000), replace=False)]
+    sample = sample.astype(np.float64)
+    means = sample[rng.choice(sample.shape[0], size=K, replace=False)]
+    C = np.cov(sample, rowvar=False)
+    if cov == "full":
+        prec = np.repeat(np.linalg.inv(C)[None], K, axis=0)
+    elif cov == "diag":
+        prec = np.repeat((1.0 / np.diag(C))[None], K, axis=0)
+    elif cov == "tied":
+        prec = np.linalg.inv(C)
+    else:
+        prec = np.full(K, 1.0 / np.diag(C).mean())
+    return {"weights_init": np.full(K, 1.0 / K), "means_init": means, "precisions_init": prec}
+
+
+def _rate(n: int, iters: int, seconds: float) -> float:
+    return n * iters / seconds if seconds > 0 else float("nan")
+
+
+# --------------------------------------------------------------------------- daskem
+
+
+def fit_daskem(X, cov: str, init: dict, iters: int, chunk_size: int, cache=None) -> dict:
+    from daskem import GaussianMixture
+
+    kwargs = {"chunk_size": chunk_size}
+    if cache is not None and "cache" in inspect.signature(GaussianMixture).parameters:
+        kwargs["cache"] = cache
+    K = init["means_init"].shape[0]
+    gm = GaussianMixture(K, covariance_type=cov, tol=0.0, max_iter=iters, **init, **kwargs)
+    seconds: list[float] = []
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        gm.fit(X, callback=lambda info: seconds.append(info.seconds))
+    wall = time.perf_counter() - t0
+    n = X.shape[0]
+    return {
+        "seconds_per_iteration": seconds,
+        "wall_seconds": wall,
+        "rate": _rate(n, len(seconds), sum(seconds)),
+        "rate_steady": n / float(np.median(seconds)),
+        "lower_bound": float(gm.lower_bound_),
+    }
+
+
+def _minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def _worker_memory() -> dict:
+    import psutil
+
+    return {
+        "peak_rss": peak_rss(),
+        "rss": psutil.Process().memory_info().rss,
+        "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
+        "malloc_trim_threshold": os.environ.get("MALLOC_TRIM_THRESHOLD_"),
+    }
+
+
+def _restore_environ(saved: dict) -> None:
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def run_cluster(inputs: dict, cov: str, init: dict, iters: int, chunk_size: int, env=None):
+    """daskem on a 2-process LocalCluster for each input; worker peak RSS after all of them."""
+    import dask
+    from distributed import Client, LocalCluster
+
+    # The nanny prefers the variables of this process over the configuration, and the
+    # first cluster leaves MALLOC_TRIM_THRESHOLD_=65536 in os.environ: set both.
+    env = {**MALLOC_DEFAULT, **(env or {})}
+    spawn_env = {**dask.config.get("distributed.nanny.pre-spawn-environ", {}), **env}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    out = {}
+    with contextlib.ExitStack() as stack:
+        stack.callback(_restore_environ, saved)
+        stack.enter_context(dask.config.set({"distributed.nanny.pre-spawn-environ": spawn_env}))
+        t0 = time.perf_counter()
+        with (
+            LocalCluster(
+                n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+            ) as lc,
+            Client(lc) as client,
+        ):
+            start = time.perf_counter() - t0
+            for name, X in inputs.items():
+                before = client.run(_minor_faults)
+                out[name] = fit_daskem(
+                    X, cov, init, iters, chunk_size, cache=False if name == "zarr" else None
+                )
+                after = client.run(_minor_faults)
+                out[name]["worker_minor_faults"] = [after[k] - before[k] for k in after]
+            workers = client.run(_worker_memory)
+    return out, {"startup_seconds": start, "workers": list(workers.values())}
+
+
+# --------------------------------------------------------------------------- Zarr
+
+
+def write_zarr(X: np.ndarray, path: Path, rows: int = ZARR_ROWS) -> dict:
+    import zarr
+    from zarr.codecs import ZstdCodec
+
+    t0 = time.perf_counter()
+    arr = zarr.create_array(
+        store=str(path),
+        shape=X.shape,
+        chunks=(rows, X.shape[1]),
+        dtype="float32",
+        compressors=ZstdCodec(level=3),
+        overwrite=True,
+    )
+    for a in range(0, X.shape[0], rows):
+        arr[a : a + rows] = X[a : a + rows]
+    seconds = time.perf_counter() - t0
+    stored = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    return {
+        "path": str(path),
+        "chunk_rows": rows,
+        "chunk_mib": rows * X.shape[1] * 4 / MIB,
+        "write_seconds": seconds,
+        "stored_bytes": stored,
+        "compression_ratio": X.nbytes / stored,
+    }
+
+
+def _touch(block):
+    return np.array([[block.shape[0]]], dtype=np.int64)
+
+
+def read_only_pass(path: Path, repeats: int = 3) -> dict:
+    """Read + decode every chunk with the threaded scheduler on 2 threads (warm page cache)."""
+    import dask
+    import dask.array as da
+
+    x = da.from_zarr(str(path))
+    counts = x.map_blocks(_touch, chunks=((1,) * x.numblocks[0], (1,)), dtype=np.int64)
+    times = []
+    with dask.config.set(scheduler="threads", num_workers=2):
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            total = int(counts.sum().compute())
+            times.append(time.perf_counter() - t0)
+    assert total == x.shape[0]
+    return {"seconds": min(times), "rate": x.shape[0] / min(times)}
+
+
+# --------------------------------------------------------------------------- scikit-learn
+
+
+def fit_sklearn(X: np.ndarray, cov: str, init: dict, iters: int, threads: int) -> dict:
+    from sklearn.mixture import GaussianMixture as SkGaussianMixture
+    from threadpoolctl import threadpool_limits
+
+    X64 = X.astype(np.float64)
+    K = init["means_init"].shape[0]
+    gm = SkGaussianMixture(
+        K, covariance_type=cov, tol=0.0, max_iter=iters, init_params="random_from_data", **init
+    )
+    with threadpool_limits(limits=threads, user_api="blas"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t0 = time.perf_counter()
+        gm.fit(X64)
+        seconds = time.perf_counter() - t0
+    # the fit's initial M-step and final E-step count as one more iteration
+    return {
+        "threads": threads,
+        "seconds": seconds,
+        "rate": _rate(X.shape[0], iters + 1, seconds),
+        "lower_bound": float(gm.lower_bound_),
+    }
+
+
+# --------------------------------------------------------------------------- roofline proxy
+
+
+def proxy_coefficients(init: dict, cov: str, shift: np.ndarray) -> tuple[np.ndarray, bool]:
+    """``A`` (K, M) of ``log pi_k + log N(x | mu_k, Sigma_k)`` as a linear function of
+    ``[1, x - c, vech((x - c)(x - c)^T)]`` (full) or ``[1, x - c, (x - c)^2]`` (diag)."""
+    w, mu, prec = init["weights_init"], init["means_init"], init["precisions_init"]
+    K, D = mu.shape
+    if cov == "tied":
+        prec = np.repeat(prec[None], K, axis=0)
+    elif cov == "spherical":
+        prec = np.repeat(prec[:, None], D, axis=1)
+    full = cov in ("full", "tied")
+    lam = prec if full else np.stack([np.diag(p) for p in prec])
+    delta = mu - shift
+    lin = np.einsum("kij,kj->ki", lam, delta)
+    logdet = 0.5 * np.linalg.slogdet(lam)[1]
+    const = np.log(w) + logdet - 0.5 * D * np.log(2 * np.pi) - 0.5 * (delta * lin).sum(1)
+    if full:
+        iu, ju = np.triu_indices(D)
+        quad = np.where(iu == ju, -0.5, -1.0) * lam[:, iu, ju]
+    else:
+        quad = -0.5 * prec
+    return np.concatenate([const[:, None], lin, quad], axis=1).astype(np.float32), full
+
+
+def proxy_pass(XT: np.ndarray, A: np.ndarray, full: bool, shift: np.ndarray, nb=PROXY_BLOCK):
+    """Fused E-step + statistics, float32 feature-major blocks, float64 accumulators."""
+    D, n = XT.shape
+    K, M = A.shape
+    c = shift.astype(np.float32)[:, None]
+    phi = np.empty((M, nb), np.float32)
+    phi[0] = 1.0
+    L = np.empty((K, nb), np.float32)
+    top = np.empty(nb, np.float32)
+    s = np.empty(nb, np.float32)
+    G = np.empty((K, M), np.float32)
+    acc = np.zeros((K, M))
+    loglik = 0.0
+    xc = phi[1 : 1 + D]
+    for a in range(0, n - nb + 1, nb):
+        np.subtract(XT[:, a : a + nb], c, out=xc)
+        if full:
+            o = 1 + D
+            for j in range(D):
+                np.multiply(xc[j], xc[j:], out=phi[o : o + D - j])
+                o += D - j
+        else:
+            np.square(xc, out=phi[1 + D :])
+        np.matmul(A, phi, out=L)
+        np.max(L, axis=0, out=top)
+        L -= top
+        np.maximum(L, -80.0, out=L)
+        np.exp(L, out=L)
+        np.sum(L, axis=0, out=s)
+        loglik += float(top.sum(dtype=np.float64))
+        np.log(s, out=top)
+        loglik += float(top.sum(dtype=np.float64))
+        np.reciprocal(s, out=s)
+        L *= s
+        np.matmul(L, phi.T, out=G)
+        acc += G
+    return acc, loglik
+
+
+def _proxy_child(XT, A, full, shift, lo, hi, barrier, queue):
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1, user_api="blas"):
+        proxy_pass(XT[:, lo : lo + 20 * PROXY_BLOCK], A, full, shift)  # warm up
+        barrier.wait()
+        t0 = time.perf_counter()
+        proxy_pass(XT[:, lo:hi], A, full, shift)
+        queue.put((time.perf_counter() - t0, hi - lo, peak_rss()))
+
+
+def run_proxy(X: np.ndarray, init: dict, cov: str, repeats: int = 3) -> dict:
+    from threadpoolctl import threadpool_limits
+
+    XT = np.ascontiguousarray(X.T)
+    shift = init["means_init"].mean(axis=0)
+    A, full = proxy_coefficients(init, cov, shift)
+    n = XT.shape[1]
+    with threadpool_limits(limits=1, user_api="blas"):
+        proxy_pass(XT[:, : 20 * PROXY_BLOCK], A, full, shift)
+        one = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            proxy_pass(XT, A, full, shift)
+            one.append(time.perf_counter() - t0)
+    ctx = mp.get_context("fork")
+    two, child_rss = [], []
+    for _ in range(repeats):
+        barrier, queue = ctx.Barrier(2), ctx.Queue()
+        half = n // 2
+        procs = [
+            ctx.Process(target=_proxy_child, args=(XT, A, full, shift, lo, hi, barrier, queue))
+            for lo, hi in ((0, half), (half, n))
+        ]
+        for p in procs:
+            p.start()
+        results = [queue.get() for _ in procs]
+        for p in procs:
+            p.join()
+        two.append(sum(r[1] for r in results) / max(r[0] for r in results))
+        child_rss = [r[2] for r in results]
+    return {
+        "block": PROXY_BLOCK,
+        "rate_1core": n / min(one),
+        "rate_2proc": max(two),
+        "peak_rss_children": child_rss,
+    }
+
+
+# --------------------------------------------------------------------------- main
+
+
+def _fmt_rate(r: float) -> str:
+    return f"{r / 1e6:8.2f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=10_000_000, help="pixels")
+    parser.add_argument("--d", type=int, default=8, help="features")
+    parser.add_argument("--k", type=int, default=8, help="components")
+    parser.add_argument("--cov", default="full,diag", help="covariance types, comma-separated")
+    parser.add_argument("--iters", type=int, default=5, help="EM iterations per fit")
+    parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--quick", action="store_true", help="1 M pixels")
+    parser.add_argument("--sklearn-n", type=int, default=2_000_000, help="scikit-learn subset")
+    parser.add_argument("--chunk-size", type=int, default=262_144, help="daskem rows per chunk")
+    parser.add_argument(
+        "--skip", default="", help="comma-separated: threads,cluster,malloc,zarr,sklearn,proxy"
+    )
+    parser.add_argument("--workdir", type=Path, help="where to write the Zarr store (temp)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.n = 1_000_000
+    skip = set(filter(None, args.skip.split(",")))
+    covs = [c.strip() for c in args.cov.split(",") if c.strip()]
+
+    import dask
+    import dask.array as da
+    import sklearn
+    import threadpoolctl
+
+    import daskem
+
+    n, D, K, iters = args.n, args.d, args.k, args.iters
+    results: dict = {
+        "config": {
+            "n": n,
+            "d": D,
+            "k": K,
+            "iters": iters,
+            "chunk_size": args.chunk_size,
+            "sklearn_n": min(n, args.sklearn_n),
+            "cpus": os.cpu_count(),
+            "machine": platform.processor() or platform.machine(),
+            "python": sys.version.split()[0],
+            "numpy": np.__version__,
+            "dask": dask.__version__,
+            "sklearn": sklearn.__version__,
+            "daskem": getattr(daskem, "__version__", "?"),
+            "blas": [
+                {k: i.get(k) for k in ("internal_api", "version", "architecture")}
+                for i in threadpoolctl.threadpool_info()
+            ],
+        },
+        "runs": {},
+    }
+    t_start = time.perf_counter()
+    results["cpu_scaling_start"] = cpu_scaling()
+    X, _ = make_data(n, D, K)
+    print(f"data: {n:,} px x {D} features, float32, {X.nbytes / MIB:.0f} MiB", flush=True)
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="daskem-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    zpath = work / "pixels.zarr"
+    try:
+        if "zarr" not in skip:
+            results["zarr"] = write_zarr(X, zpath)
+            results["zarr"]["read_only"] = read_only_pass(zpath)
+            z = results["zarr"]
+            print(
+                f"zarr: {z['chunk_mib']:.0f} MiB chunks, ratio {z['compression_ratio']:.3f}, "
+                f"read-only {z['read_only']['rate'] / 1e6:.1f} M px/s",
+                flush=True,
+            )
+        for cov in covs:
+            init = initial_params(X, K, cov)
+            run: dict = {}
+            results["runs"][cov] = run
+            if "proxy" not in skip:
+                run["numpy_proxy"] = run_proxy(X, init, cov)
+                print(f"[{cov}] proxy {run['numpy_proxy']}", flush=True)
+            if "threads" not in skip:
+                faults = _minor_faults()
+                with dask.config.set(scheduler="threads"), RssSampler() as rss:
+                    run["daskem_threads"] = fit_daskem(X, cov, init, iters, args.chunk_size)
+                run["daskem_threads"]["minor_faults"] = _minor_faults() - faults
+                run["daskem_threads"]["peak_rss_main"] = rss.peak
+                run["daskem_threads"]["rss_growth"] = rss.peak - rss.start
+                print(f"[{cov}] threads {run['daskem_threads']['rate'] / 1e6:.2f} M", flush=True)
+                if "zarr" not in skip:
+                    Xz = da.from_zarr(str(zpath))
+                    faults = _minor_faults()
+                    with dask.config.set(scheduler="threads"), RssSampler() as rss:
+                        run["daskem_zarr_threads"] = fit_daskem(
+                            Xz, cov, init, iters, args.chunk_size, cache=False
+                        )
+                    run["daskem_zarr_threads"]["minor_faults"] = _minor_faults() - faults
+                    run["daskem_zarr_threads"]["peak_rss_main"] = rss.peak
+                    run["daskem_zarr_threads"]["rss_growth"] = rss.peak - rss.start
+            if "cluster" not in skip:
+                envs = {"default": None}
+                if "malloc" not in skip:
+                    envs["malloc"] = MALLOC_ENV
+                for label, env in envs.items():
+                    inputs = {"numpy": X}
+                    if "zarr" not in skip:
+                        inputs["zarr"] = da.from_zarr(str(zpath))
+                    with RssSampler() as rss:
+                        fits, info = run_cluster(inputs, cov, init, iters, args.chunk_size, env)
+                    info["peak_rss_main"] = rss.peak
+                    info["env"] = env
+                    for name, fit in fits.items():
+                        run[f"daskem_cluster_{name}_{label}"] = fit
+                        print(
+                            f"[{cov}] cluster {name} {label} {fit['rate'] / 1e6:.2f} M "
+                            f"(steady {fit['rate_steady'] / 1e6:.2f} M)",
+                            flush=True,
+                        )
+                    run[f"cluster_{label}"] = info
+            if "sklearn" not in skip:
+                Xs = X[: min(n, args.sklearn_n)]
+                best = None
+                for threads in (1, 2):
+                    with RssSampler() as rss:
+                        r = fit_sklearn(Xs, cov, init, iters, threads)
+                    r["peak_rss_main"] = rss.peak
+                    r["rss_growth"] = rss.peak - rss.start
+                    run[f"sklearn_{threads}"] = r
+                    if best is None or r["rate"] > best["rate"]:
+                        best = r
+                    print(f"[{cov}] sklearn {threads} thr {r['rate'] / 1e6:.3f} M", flush=True)
+                run["sklearn"] = best
+        results["cpu_scaling_end"] = cpu_scaling()
+        results["peak_rss_main"] = peak_rss()
+        results["total_seconds"] = time.perf_counter() - t_start
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+    report(results)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1, default=float))
+        print(f"saved {args.json}")
+    return 0
+
+
+def _best_daskem(run: dict, zarr: bool) -> tuple[float, str] | None:
+    keys = [k for k in run if k.startswith("daskem_") and (("zarr" in k) == zarr)]
+    return max((run[k]["rate_steady"], k) for k in keys) if keys else None
+
+
+def ratios(results: dict, run: dict) -> dict:
+    """The ratios the benchmark is for (steady rates: median iteration)."""
+    out = {}
+    sk, p = run.get("sklearn"), run.get("numpy_proxy")
+    z = results.get("zarr")
+    for key in [k for k in run if k.startswith("daskem_") and "zarr" not in k]:
+        rate = run[key]["rate_steady"]
+        if sk:
+            out[f"{key} / scikit-learn"] = rate / sk["rate"]
+        if p:
+            out[f"{key} / NumPy pass in 2 processes"] = rate / p["rate_2proc"]
+            out[f"{key} / (NumPy pass 1 core x 2)"] = rate / (2 * p["rate_1core"])
+    if z:
+        for key in [k for k in run if k.startswith("daskem_") and "zarr" in k]:
+            out[f"{key} / read-only"] = run[key]["rate_steady"] / z["read_only"]["rate"]
+    return out
+
+
+def report(results: dict) -> None:
+    cfg = results["config"]
+    print(
+        f"\n{cfg['n']:,} px x {cfg['d']} features x {cfg['k']} components, {cfg['iters']} "
+        f"iterations, chunks of {cfg['chunk_size']:,} rows; scikit-learn on "
+        f"{cfg['sklearn_n']:,} px.\nRates in M pixel-iterations/s: mean over all iterations "
+        "and steady (median iteration). RSS: peak of the process during the run and its "
+        "growth."
+    )
+    z = results.get("zarr")
+    if z:
+        print(
+            f"Zarr: {z['chunk_mib']:.0f} MiB chunks, zstd ratio {z['compression_ratio']:.3f}; "
+            f"read-only pass (2 threads): {z['read_only']['rate'] / 1e6:.2f}"
+        )
+    for cov, run in results["runs"].items():
+        print(f"\n[{cov}]")
+        print(
+            f"{'what':34s} {'mean':>8s} {'steady':>8s} {'faults/Mpx':>10s} "
+            f"{'peak RSS MiB':>13s} {'growth':>7s}"
+        )
+        for key, r in run.items():
+            if not isinstance(r, dict) or "rate" not in r:
+                continue
+            rss = r.get("peak_rss_main")
+            mem = "" if rss is None else f"{rss / MIB:13.0f} {r.get('rss_growth', 0) / MIB:7.0f}"
+            faults = r.get("minor_faults", sum(r.get("worker_minor_faults", [])) or None)
+            pxit = cfg["n"] * len(r.get("seconds_per_iteration", [])) / 1e6
+            fpm = f"{faults / pxit:10.0f}" if faults is not None and pxit else f"{'':10s}"
+            print(
+                f"{key:34s} {_fmt_rate(r['rate'])} {_fmt_rate(r.get('rate_steady', r['rate']))}"
+                f" {fpm} {mem}"
+            )
+        p = run.get("numpy_proxy")
+        if p:
+            print(f"{'numpy_proxy 1 core':34s} {_fmt_rate(p['rate_1core'])}")
+            print(f"{'numpy_proxy 2 processes':34s} {_fmt_rate(p['rate_2proc'])}")
+        for label in ("default", "malloc"):
+            info = run.get(f"cluster_{label}")
+            if info:
+                mem = ", ".join(f"{w['peak_rss'] / MIB:.0f}" for w in info["workers"])
+                print(f"LocalCluster ({label} malloc settings) worker peak RSS MiB: {mem}")
+        run["ratios"] = ratios(results, run)
+        for k, v in run["ratios"].items():
+            print(f"  {k:58s} {v:6.2f}")
+    print(
+        "\n2-process CPU scaling of this host (2.0 = two free cores), start / end: "
+        f"{results['cpu_scaling_start']:.2f} / {results['cpu_scaling_end']:.2f}"
+    )
+    print(
+        f"main process peak RSS {results['peak_rss_main'] / MIB:.0f} MiB; "
+        f"total {results['total_seconds']:.0f} s"
+    )
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        sys.exit(main())
