@@ -93,7 +93,7 @@ def connect(
         threads_per_worker = max(1, cores // n_workers)
     # Worker processes inherit an ignored SIGINT: Ctrl-C reaches only this process,
     # which then shuts the cluster down cleanly (no traceback from every worker).
-    with _sigint_ignored():
+    with _sigint_ignored(), _worker_malloc_settings():
         cluster = LocalCluster(
             n_workers=n_workers,
             threads_per_worker=threads_per_worker,
@@ -108,6 +108,35 @@ def connect(
     finally:
         client.close()
         cluster.close()
+
+
+# glibc malloc for embedded workers: distributed's default trim threshold (64 KiB) turns
+# every large temporary into a fresh mmap and its page faults; these settings made
+# Zarr-backed passes about 1.4x faster here (scripts/bench.py). A user's own values win.
+WORKER_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "268435456"}
+
+
+@contextlib.contextmanager
+def _worker_malloc_settings() -> Iterator[None]:
+    import dask
+
+    environ = dict(dask.config.get("distributed.nanny.pre-spawn-environ", {}) or {})
+    user = {k: os.environ[k] for k in WORKER_MALLOC if k in os.environ}
+    if user:  # the user chose: leave it alone
+        yield
+        return
+    environ.update(WORKER_MALLOC)
+    saved = {k: os.environ.get(k) for k in WORKER_MALLOC}
+    os.environ.update(WORKER_MALLOC)  # the nanny prefers the parent's environment
+    try:
+        with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):
+            yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 @contextlib.contextmanager
