@@ -213,6 +213,21 @@ def _cluster_options(f: Callable) -> Callable:
             metavar="SIZE",
             help="Embedded cluster: memory limit per worker, e.g. 4GiB (default: auto).",
         ),
+        click.option(
+            "--tls-ca-file",
+            type=click.Path(dir_okay=False),
+            help="CA certificate (PEM) of a tls:// scheduler (or Dask's TLS config).",
+        ),
+        click.option(
+            "--tls-cert",
+            type=click.Path(dir_okay=False),
+            help="Client certificate (PEM) for a tls:// scheduler.",
+        ),
+        click.option(
+            "--tls-key",
+            type=click.Path(dir_okay=False),
+            help="Client private key (PEM) for a tls:// scheduler.",
+        ),
     ]
     for o in reversed(opts):
         f = o(f)
@@ -340,6 +355,13 @@ def _command(name: str) -> Callable:
                 if debug:
                     traceback.print_exc()
                 msg = f"{type(e).__name__}: {_message(e)}"
+                if _lost_cluster(e):
+                    msg = (
+                        "lost the connection to the Dask scheduler or its workers "
+                        f"({type(e).__name__}). Restart the cluster and run the same command "
+                        "again; with --checkpoint DIR --resume a fit continues from its last "
+                        "completed iteration."
+                    )
                 click.echo(
                     f"Error: {msg}" + ("" if debug else " (--debug for the traceback)"),
                     err=True,
@@ -380,6 +402,9 @@ def _cluster(
     workers: int | None = None,
     threads_per_worker: int | None = None,
     memory_limit: str | None = None,
+    tls_ca_file: str | None = None,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
 ) -> Iterator[Any]:
     """The Dask client of a command (see :func:`daskem.cluster.connect`)."""
     import dask
@@ -399,6 +424,16 @@ def _cluster(
             f"{', '.join(given)} size the embedded cluster; they cannot be combined with "
             "--scheduler / --scheduler-file (size that cluster where it is started)"
         )
+    tls = {"--tls-ca-file": tls_ca_file, "--tls-cert": tls_cert, "--tls-key": tls_key}
+    if any(v is not None for v in tls.values()):
+        missing = [k for k, v in tls.items() if v is None]
+        if missing:
+            raise BadInput(f"TLS needs {', '.join(missing)} too")
+        for option, path in tls.items():
+            if not Path(path).is_file():
+                raise BadInput(f"{option}: {path} does not exist")
+        if not (scheduler or scheduler_file):
+            raise BadInput("--tls-* options need --scheduler or --scheduler-file")
     if scheduler_file and not Path(scheduler_file).is_file():
         raise BadInput(f"--scheduler-file: {scheduler_file} does not exist")
     if not scheduler and not scheduler_file and not given:
@@ -409,6 +444,9 @@ def _cluster(
         n_workers=workers,
         threads_per_worker=threads_per_worker,
         memory_limit=memory_limit if memory_limit is not None else "auto",
+        tls_ca_file=tls_ca_file,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
     ) as client:
         info = client.scheduler_info()
         n = len(info.get("workers", {}))
@@ -733,7 +771,16 @@ def fit(rep: Reporter, stack, model_path, overwrite, labels, variables, **kw) ->
     )
 
 
-_CLUSTER_KEYS = ("scheduler", "scheduler_file", "workers", "threads_per_worker", "memory_limit")
+_CLUSTER_KEYS = (
+    "scheduler",
+    "scheduler_file",
+    "workers",
+    "threads_per_worker",
+    "memory_limit",
+    "tls_ca_file",
+    "tls_cert",
+    "tls_key",
+)
 
 
 def _split(kw: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -1173,6 +1220,20 @@ def _inspect_model(path: str) -> str:
                 value = " ".join(str(v) for v in value)
             lines.append(f"  {key}: {value}")
     return "\n".join(lines)
+
+
+def _lost_cluster(e: BaseException) -> bool:
+    """Whether ``e`` means the scheduler (or the connection to it) went away."""
+    text = f"{type(e).__name__} {e}"
+    return any(
+        marker in text
+        for marker in (
+            "scheduler-connection-lost",
+            "CommClosedError",
+            "Client lost the connection",
+            "StreamClosedError",
+        )
+    )
 
 
 def main(argv: list[str] | None = None) -> Any:

@@ -3,63 +3,22 @@ started with cluster/local/start.sh and stopped by their process ids."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import dask.array as da
 import numpy as np
 import pytest
+from _procs import MAKE_CERTS, ROOT, LocalProcesses, _alive
 
 from daskem import GaussianMixture
 from daskem.cluster import connect
 
 pytestmark = [pytest.mark.cluster, pytest.mark.filterwarnings("ignore::UserWarning")]
-
-ROOT = Path(__file__).resolve().parents[1]
-START = ROOT / "cluster" / "local" / "start.sh"
-STOP = ROOT / "cluster" / "local" / "stop.sh"
-MAKE_CERTS = ROOT / "cluster" / "tls" / "make-certs.sh"
-
-
-def _pids(run_dir: Path) -> dict[str, int]:
-    return {p.stem: int(p.read_text()) for p in run_dir.glob("*.pid")}
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # a zombie (exited, not yet reaped) counts as stopped
-    stat = Path(f"/proc/{pid}/stat")
-    return not (stat.exists() and stat.read_text().split()[2] == "Z")
-
-
-class LocalProcesses:
-    def __init__(self, run_dir: Path, n_workers: int, env: dict | None = None):
-        self.run_dir = run_dir
-        full_env = {**os.environ, "PYTHON": sys.executable, **(env or {})}
-        subprocess.run(
-            ["bash", str(START), str(n_workers), str(run_dir)],
-            check=True,
-            env=full_env,
-            timeout=120,
-            capture_output=True,
-        )
-        self.pids = _pids(run_dir)
-        self.scheduler_file = run_dir / "scheduler.json"
-        self.address = json.loads(self.scheduler_file.read_text())["address"]
-
-    def stop(self) -> None:
-        subprocess.run(["bash", str(STOP), str(self.run_dir)], check=True, timeout=60)
-        assert not [p for p in self.pids.values() if _alive(p)], "a process survived stop.sh"
 
 
 @pytest.fixture

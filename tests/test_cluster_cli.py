@@ -1,0 +1,169 @@
+"""`daskem fit` / `daskem predict` against real scheduler and worker processes on 127.0.0.1:
+same model and posterior as the embedded default, a worker SIGKILLed mid-fit, a lost
+scheduler then --resume, and TLS."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import xarray as xr
+from _procs import MAKE_CERTS, LocalProcesses, _alive
+
+from daskem.synthetic import make_stack, write_stack
+
+pytestmark = pytest.mark.cluster
+
+DASKEM = [sys.executable, "-m", "daskem"]
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("stack") / "s.zarr"
+    write_stack(make_stack((384, 384), seed=3), path, chunks=48)  # 64 chunks
+    return path
+
+
+def _run(*args: str, check: bool = True, timeout: float = 240) -> subprocess.CompletedProcess:
+    out = subprocess.run(
+        [*DASKEM, *args], capture_output=True, text=True, timeout=timeout, check=False
+    )
+    if check and out.returncode != 0:
+        raise AssertionError(f"daskem {' '.join(args)} -> {out.returncode}\n{out.stderr}")
+    return out
+
+
+FIT = ("--labels", "labels", "-k", "4", "--seed", "0", "--tol", "1e-9", "--max-iter", "12")
+
+
+def _params(model: Path) -> dict:
+    fitted = json.loads(model.read_text())["fitted"]
+    return {k: np.asarray(fitted[k]) for k in ("weights", "means", "covariances")}
+
+
+def _same_model(a: Path, b: Path, rtol: float = 1e-10) -> None:
+    pa, pb = _params(a), _params(b)
+    for k in pa:
+        np.testing.assert_allclose(pa[k], pb[k], rtol=rtol, err_msg=k)
+
+
+@pytest.fixture(scope="module")
+def embedded(stack, tmp_path_factory) -> tuple[Path, Path]:
+    """The reference: fit and predict on the embedded default cluster."""
+    out = tmp_path_factory.mktemp("embedded")
+    model, post = out / "m.json", out / "p.zarr"
+    _run("fit", str(stack), *FIT, "--model", str(model), "--quiet")
+    _run("predict", str(stack), "--model", str(model), "--out", str(post), "--quiet")
+    return model, post
+
+
+def test_fit_and_predict_on_a_running_cluster_equal_the_embedded_default(stack, embedded, tmp_path):
+    procs = LocalProcesses(tmp_path / "run", 2)
+    try:
+        model, post = tmp_path / "m.json", tmp_path / "p.zarr"
+        fit = _run("fit", str(stack), *FIT, "--model", str(model), "--scheduler", procs.address)
+        assert f"scheduler {procs.address}, 2 workers" in fit.stderr
+        _run(
+            "predict", str(stack), "--model", str(model), "--out", str(post),
+            "--scheduler-file", str(procs.scheduler_file),
+        )  # fmt: skip
+    finally:
+        procs.stop()
+    _same_model(model, embedded[0])
+    a, b = xr.open_zarr(post), xr.open_zarr(embedded[1])
+    np.testing.assert_array_equal(a["label"].values, b["label"].values)
+    np.testing.assert_allclose(a["probability"].values, b["probability"].values, rtol=1e-5)
+
+
+def _wait_for_iterations(log: Path, n: int, proc: subprocess.Popen, timeout: float = 120):
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if proc.poll() is not None:
+            raise AssertionError(f"fit ended early: {proc.stderr.read()}")
+        if log.exists():
+            lines = [json.loads(x) for x in log.read_text().splitlines() if x.strip()]
+            seen = sum(x.get("event") == "iteration" for x in lines)
+            if seen >= n:
+                return seen
+        time.sleep(0.05)
+    raise AssertionError("no progress")
+
+
+def test_fit_survives_a_worker_killed_mid_fit(stack, embedded, tmp_path):
+    procs = LocalProcesses(tmp_path / "run", 2)
+    try:
+        model, log = tmp_path / "m.json", tmp_path / "log.jsonl"
+        proc = subprocess.Popen(
+            [*DASKEM, "fit", str(stack), *FIT, "--model", str(model),
+             "--scheduler", procs.address, "--log-json", str(log)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        seen = _wait_for_iterations(log, 2, proc)
+        os.kill(procs.pids["worker-1"], signal.SIGKILL)
+        _, err = proc.communicate(timeout=240)
+        assert proc.returncode == 0, err
+        assert not _alive(procs.pids["worker-1"])
+        events = [json.loads(x) for x in log.read_text().splitlines()]
+        assert sum(e.get("event") == "iteration" for e in events) > seen  # killed mid-fit
+    finally:
+        procs.stop()
+    _same_model(model, embedded[0])
+
+
+def test_lost_scheduler_stops_with_advice_and_resume_finishes(stack, embedded, tmp_path):
+    procs = LocalProcesses(tmp_path / "run", 2)
+    model, log, ckpt = tmp_path / "m.json", tmp_path / "log.jsonl", tmp_path / "ckpt"
+    try:
+        proc = subprocess.Popen(
+            [*DASKEM, "fit", str(stack), *FIT, "--model", str(model), "--checkpoint",
+             str(ckpt), "--scheduler", procs.address, "--log-json", str(log)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        _wait_for_iterations(log, 2, proc)
+        os.kill(procs.pids["scheduler"], signal.SIGKILL)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        procs.stop()
+    assert proc.returncode == 1, err
+    assert "lost the connection to the Dask scheduler" in err and "--resume" in err
+    assert not model.exists()
+    again = LocalProcesses(tmp_path / "run2", 2)
+    try:
+        _run(
+            "fit", str(stack), *FIT, "--model", str(model), "--checkpoint", str(ckpt),
+            "--resume", "--scheduler", again.address,
+        )  # fmt: skip
+    finally:
+        again.stop()
+    _same_model(model, embedded[0], rtol=0)  # resumed: exactly the uninterrupted model
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl not installed")
+def test_tls_fit_with_certificates_and_refused_without(stack, embedded, tmp_path):
+    certs = tmp_path / "certs"
+    subprocess.run(["bash", str(MAKE_CERTS), str(certs)], check=True, capture_output=True)
+    procs = LocalProcesses(tmp_path / "run", 2, env={"DASKEM_TLS_DIR": str(certs)})
+    try:
+        assert procs.address.startswith("tls://")
+        model = tmp_path / "m.json"
+        tls = ["--tls-ca-file", str(certs / "ca.pem"), "--tls-cert", str(certs / "node.pem"),
+               "--tls-key", str(certs / "node-key.pem")]  # fmt: skip
+        _run("fit", str(stack), *FIT, "--model", str(model), "--scheduler", procs.address, *tls)
+        refused = _run(
+            "fit", str(stack), *FIT, "--model", str(tmp_path / "x.json"),
+            "--scheduler", procs.address, check=False, timeout=120,
+        )  # fmt: skip
+    finally:
+        procs.stop()
+    _same_model(model, embedded[0])
+    assert refused.returncode != 0
+    assert "TLS" in refused.stderr or "tls" in refused.stderr
+    assert not (tmp_path / "x.json").exists()
