@@ -481,15 +481,12 @@ class GaussianMixture:
             Xl, yl = Xl[finite], yl[finite]
         return Xl, yl
 
-    def _initial_params(self, data: engine.ChunkedData, seed: int, labelled=None) -> GMMParams:
+    def _initial_params(
+        self, data: engine.ChunkedData, seed: int, labelled=None, sample=None
+    ) -> GMMParams:
         K, ct = self.n_components, self.covariance_type
         component_class = self._component_classes(data.labels is not None)
-        have_all = (
-            self.weights_init is not None
-            and self.means_init is not None
-            and self.precisions_init is not None
-        )
-        if have_all:
+        if self._user_init_complete():
             prec_chol = self._precision_cholesky_init()
             return GMMParams(
                 weights=np.asarray(self.weights_init, dtype=np.float64),
@@ -500,7 +497,9 @@ class GaussianMixture:
                 component_class=component_class,
             )
         gen = np.random.default_rng(seed)
-        Xs, ws, _ = engine.draw_sample(data, self.init_sample_size, seed)
+        if sample is None:
+            sample = engine.draw_sample(data, self.init_sample_size, seed)
+        Xs, ws, _ = sample
         finite = np.isfinite(Xs).all(axis=1)
         if ws is not None:
             finite &= np.isfinite(ws) & (ws > 0)
@@ -537,6 +536,13 @@ class GaussianMixture:
         if self._use_prefit(data.n_samples):
             params = self._prefit(params, Xs, ws, labelled)
         return params
+
+    def _user_init_complete(self) -> bool:
+        return (
+            self.weights_init is not None
+            and self.means_init is not None
+            and self.precisions_init is not None
+        )
 
     def _use_prefit(self, n_samples: int) -> bool:
         if self.prefit == "auto":
@@ -667,6 +673,7 @@ class GaussianMixture:
         t_fit = time.perf_counter()
         finished: dict[int, engine.EMResult] = {}
         starts: dict[int, engine.Start] = {}
+        sample = None
         for init in range(n_init):
             state = saved[init]
             if state is not None:
@@ -679,7 +686,10 @@ class GaussianMixture:
             elif do_init:
                 if self.verbose:
                     print(f"Initialization {init}")
-                params0 = self._initial_params(data, seeds[init], labelled)
+                if sample is None and not self._user_init_complete():
+                    # one chunk-wise sample serves every restart: a single read of the data
+                    sample = engine.draw_sample(data, self.init_sample_size, seeds[0])
+                params0 = self._initial_params(data, seeds[init], labelled, sample)
                 starts[init] = engine.Start(params0)
             else:
                 starts[init] = engine.Start(self._fitted_params(component_class), self.lower_bound_)
