@@ -1,0 +1,102 @@
+"""Fit a stack larger than memory and report seconds per pass and peak memory of every process.
+
+    python scripts/make_big_stack.py /tmp/big.zarr --gb 36      # bigger than this machine's RAM
+    python scripts/bench_big.py /tmp/big.zarr -k 6 --json big.json
+
+Runs on an embedded ``LocalCluster`` (2 single-threaded workers with a memory limit) so
+that peak memory is bounded by construction and measured per process: the client (this
+process), the scheduler and each worker (``VmHWM``, their peak resident set).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+from daskem import io
+from daskem.cluster import connect
+
+
+def _vmhwm() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("stack", type=Path)
+    p.add_argument("-k", type=int, default=6)
+    p.add_argument("--covariance", default="full")
+    p.add_argument("--tol", type=float, default=1e-3)
+    p.add_argument("--max-iter", type=int, default=30)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--memory-limit", default="1.5GiB")
+    p.add_argument("--json", type=Path)
+    args = p.parse_args()
+
+    passes: list[dict] = []
+
+    def on_iteration(info) -> None:
+        passes.append(
+            {"iteration": info.iteration, "seconds": info.seconds, "ll": info.lower_bound}
+        )
+        print(
+            f"pass {info.iteration}: {info.seconds:.1f} s, "
+            f"{info.samples_per_second / 1e6:.2f} M px/s, ll/px {info.lower_bound:.6f}",
+            flush=True,
+        )
+
+    t0 = time.perf_counter()
+    with connect(
+        n_workers=args.workers, threads_per_worker=1, memory_limit=args.memory_limit
+    ) as client:
+        stack = io.open_stack(args.stack)
+        gb = stack.data.nbytes / 1e9
+        print(f"{stack.n_pixels:,} pixels x {stack.n_features} attributes = {gb:.1f} GB "
+              f"(float32), chunks {stack.chunks[0][0]} x {stack.chunks[1][0]}")  # fmt: skip
+        t_fit = time.perf_counter()
+        gm = io.fit_stack(
+            stack, args.k, covariance_type=args.covariance, tol=args.tol,
+            max_iter=args.max_iter, random_state=0, callback=on_iteration,
+        )  # fmt: skip
+        fit_s = time.perf_counter() - t_fit
+        workers = client.run(_vmhwm)
+        scheduler = client.run_on_scheduler(_vmhwm)
+        scheduler_pid = client.run_on_scheduler(os.getpid)
+    total_s = time.perf_counter() - t0
+    client_peak = _vmhwm()
+    if scheduler_pid == os.getpid():  # LocalCluster's scheduler lives in this process
+        peaks = {"client + scheduler": client_peak, **workers}
+    else:
+        peaks = {"client": client_peak, "scheduler": scheduler, **workers}
+    out = {
+        "stack": str(args.stack),
+        "gigabytes": gb,
+        "pixels": stack.n_pixels,
+        "passes": passes,
+        "n_iter": gm.n_iter_,
+        "converged": gm.converged_,
+        "fit_seconds": fit_s,
+        "total_seconds": total_s,
+        "seconds_per_pass_median": sorted(x["seconds"] for x in passes)[len(passes) // 2],
+        "peak_rss_bytes": peaks,
+        "peak_rss_total_gb": sum(peaks.values()) / 1e9,
+        "memory_limit_per_worker": args.memory_limit,
+    }
+    median = out["seconds_per_pass_median"]
+    print(f"fit {fit_s:.0f} s ({gm.n_iter_} passes, converged={gm.converged_}), "
+          f"total {total_s:.0f} s, median {median:.1f} s per pass")  # fmt: skip
+    for name, b in peaks.items():
+        print(f"peak RSS {name}: {b / 2**20:.0f} MiB")
+    print(f"peak RSS all processes: {out['peak_rss_total_gb']:.2f} GB")
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
