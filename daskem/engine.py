@@ -65,6 +65,7 @@ __all__ = [
     "fit_em",
     "fit_em_local",
     "fit_em_many",
+    "labelled_rows",
     "Start",
     "map_rows",
     "pass_graph",
@@ -546,6 +547,44 @@ def fit_em_local(
 
 def _take_rows(block, idx):
     return None if block is None else np.asarray(block)[idx]
+
+
+def _label_summary(y):
+    y = np.asarray(y)
+    if y.size == 0:
+        return np.empty(0, dtype=np.int64), None, None
+    return np.flatnonzero(y >= 0), y.min(), y.max()
+
+
+def labelled_rows(data: ChunkedData) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """The rows that carry a label, read from the chunks that hold them only.
+
+    One compute reads the labels (small integers) to find the labelled rows and their
+    range; a second reads just the chunks of ``X`` that contain labelled rows.
+
+    Returns
+    -------
+    X, labels : ndarrays of the labelled rows, in row order
+    y_min, y_max : int
+        Smallest and largest label value anywhere (for validation).
+    """
+    if data.labels is None:
+        raise ValueError("the data has no labels")
+    (summaries,) = dask.compute([delayed(_label_summary, pure=True)(y) for _, _, y in data._blocks])
+    extremes = [(lo, hi) for _, lo, hi in summaries if lo is not None]
+    y_min = int(min(lo for lo, _ in extremes)) if extremes else -1
+    y_max = int(max(hi for _, hi in extremes)) if extremes else -1
+    parts = [
+        (delayed(_take_rows, pure=True)(x, idx), delayed(_take_rows, pure=True)(y, idx))
+        for (x, _, y), (idx, _, _) in zip(data._blocks, summaries, strict=True)
+        if idx.size
+    ]
+    (taken,) = dask.compute(parts)
+    if not taken:
+        return np.empty((0, data.n_features)), np.empty(0, dtype=np.int64), y_min, y_max
+    X = np.concatenate([t[0] for t in taken])
+    y = np.concatenate([t[1] for t in taken])
+    return X, y, y_min, y_max
 
 
 def draw_sample(

@@ -452,10 +452,8 @@ class GaussianMixture:
     def _labelled_rows(
         self, data: engine.ChunkedData, n_classes: int
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Every labelled row (X, y), gathered in one pass (labels are few), validated."""
-        y = data.labels
-        mask = y >= 0
-        Xl, yl, ymin, ymax = da.compute(data.X[mask], y[mask], y.min(), y.max())
+        """Every labelled row (X, y), read from the chunks that hold them, validated."""
+        Xl, yl, ymin, ymax = engine.labelled_rows(data)
         Xl = np.asarray(Xl, dtype=np.float64)
         yl = np.asarray(yl)
         if int(ymax) >= n_classes:

@@ -1121,8 +1121,7 @@ def m_step(
     diagonal). A component is *collapsed* when its responsibility mass is below
     ``min_mass`` rows' worth (half a row by default) or its covariance is not
     positive definite; with ``reseed`` it is moved to one of the worst-explained rows
-    with the pooled
-    covariance of the healthy components, and an event is returned.
+    with the pooled covariance of the healthy components, and an event is returned.
 
     Returns
     -------
