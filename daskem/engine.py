@@ -30,6 +30,10 @@ An iteration computes ``stats = sum_blocks block_stats(params_t, block)``,
 with exactly one ``dask.compute``. This matches scikit-learn's bookkeeping: the lower
 bound reported after an iteration is the one of the parameters before its M-step.
 
+Optionally, ``to_vector(params) -> ndarray`` and ``from_vector(vector, like) -> params |
+None`` (None: not a valid parameter set) let :func:`fit_em_local` extrapolate EM steps
+(SQUAREM) on in-memory samples.
+
 Other public helpers: :func:`draw_sample` (reproducible random rows drawn chunk-wise
 without loading the array) and :func:`map_rows` (apply a row-wise NumPy function to
 every block, lazily, with the parameters shipped once).
@@ -317,6 +321,7 @@ class IterationInfo:
     history: list[float] = field(default_factory=list)
     stats: Any = None
     candidate: int = 0
+    stopped: bool = False
 
     @property
     def samples_per_second(self) -> float:
@@ -334,6 +339,7 @@ class EMResult:
     converged: bool
     events: list[dict]
     stats: Any = None
+    stopped: bool = False  # left behind by a better candidate (``select_after``)
 
 
 def _distributed_client():
@@ -352,6 +358,15 @@ def _local_blas_limit():
     workers already set ``OMP/OPENBLAS/MKL_NUM_THREADS=1`` in their environment)."""
     if _distributed_client() is not None:
         return contextlib.nullcontext()
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=1, user_api="blas")
+
+
+def blas_one_thread():
+    """Pin BLAS to one thread in this process (small GEMMs on an in-memory sample)."""
     try:
         from threadpoolctl import threadpool_limits
     except ImportError:  # pragma: no cover
@@ -433,6 +448,7 @@ def fit_em_many(
     max_iter: int = 100,
     split_every: int = 16,
     callback: Callable[[IterationInfo], None] | None = None,
+    select_after: int | None = None,
 ) -> list[EMResult]:
     """Run EM for several candidates at once, sharing every pass over the data.
 
@@ -444,6 +460,11 @@ def fit_em_many(
     ----------
     starts : sequence of Start
         Initial parameters (and resume state) of each candidate.
+    select_after : int, optional
+        Once every candidate has done this many iterations, only the one with the
+        highest objective goes on; the others end with ``stopped=True``. EM never
+        lowers the objective, so the survivor ends at least as high as any of them.
+        None: every candidate runs to the end.
     callback : callable, optional
         Called with an :class:`IterationInfo` (its ``candidate`` field set) for every
         candidate after every pass.
@@ -460,12 +481,14 @@ def fit_em_many(
     converged = [False] * len(starts)
     last_stats: list[Any] = [None] * len(starts)
     done = [n >= max_iter for n in n_iter]
+    stopped = [False] * len(starts)
     with _local_blas_limit():
         while not all(done):
             active = [i for i, d in enumerate(done) if not d]
             t0 = time.perf_counter()
             stats_all = em_pass(model, data, [params[i] for i in active], split_every)
             seconds = time.perf_counter() - t0
+            changes = {}
             for i, stats in zip(active, stats_all, strict=True):
                 n_iter[i] += 1
                 prev = lower[i]
@@ -475,10 +498,13 @@ def fit_em_many(
                     e["iteration"] = n_iter[i]
                 events[i].extend(new_events)
                 hist[i].append(lower[i])
-                change = lower[i] - prev
-                converged[i] = abs(change) < tol and not new_events
+                changes[i] = (lower[i] - prev, new_events)
+                converged[i] = abs(changes[i][0]) < tol and not new_events
                 last_stats[i] = stats
                 done[i] = converged[i] or n_iter[i] >= max_iter
+            _select(select_after, n_iter, lower, done, stopped)
+            for i, stats in zip(active, stats_all, strict=True):
+                change, new_events = changes[i]
                 info = IterationInfo(
                     n_iter[i],
                     lower[i],
@@ -491,6 +517,7 @@ def fit_em_many(
                     list(hist[i]),
                     stats,
                     i,
+                    stopped[i],
                 )
                 logger.info(
                     "iteration %d%s: mean log-likelihood %.8g, change %.3g, %.2f s, %.3g samples/s",
@@ -504,9 +531,31 @@ def fit_em_many(
                 if callback is not None:
                     callback(info)
     return [
-        EMResult(params[i], lower[i], hist[i], n_iter[i], converged[i], events[i], last_stats[i])
+        EMResult(
+            params[i],
+            lower[i],
+            hist[i],
+            n_iter[i],
+            converged[i],
+            events[i],
+            last_stats[i],
+            stopped[i],
+        )
         for i in range(len(starts))
     ]
+
+
+def _select(select_after, n_iter, lower, done, stopped) -> None:
+    """Stop every running candidate but the best once all have ``select_after`` passes."""
+    if select_after is None:
+        return
+    alive = [i for i in range(len(n_iter)) if not stopped[i]]
+    if len(alive) < 2 or min(n_iter[i] for i in alive) < select_after:
+        return
+    best = max(alive, key=lambda i: (lower[i], -i))  # ties: the first
+    for i in alive:
+        if i != best and not done[i]:
+            done[i] = stopped[i] = True
 
 
 def fit_em_local(
@@ -518,18 +567,25 @@ def fit_em_local(
     *,
     tol: float = 1e-4,
     max_iter: int = 500,
+    accelerate: bool = False,
 ) -> EMResult:
     """EM on an in-memory NumPy block with the model's own kernel (no Dask).
 
     Used to prefit on a random sample before the passes over the full data.
+    ``accelerate=True`` (models with ``to_vector``/``from_vector``) extrapolates pairs
+    of EM steps with SQUAREM (Varadhan & Roland 2008, scheme S3), keeping an
+    extrapolated point only if its objective beats the last EM step's, so the objective
+    still never decreases; ``max_iter`` then counts E-steps.
     """
+    if accelerate and hasattr(model, "to_vector") and hasattr(model, "from_vector"):
+        return _fit_em_local_squarem(model, X, params, sample_weight, labels, tol, max_iter)
     lower = -np.inf
     history: list[float] = []
     events: list[dict] = []
     converged = False
     n_iter = 0
     stats = None
-    with _local_blas_limit():
+    with blas_one_thread():
         for n_iter in range(1, max_iter + 1):
             stats = model.block_stats(params, X, sample_weight, labels)
             prev, lower = lower, float(model.objective(stats))
@@ -540,6 +596,61 @@ def fit_em_local(
             if converged:
                 break
     return EMResult(params, lower, history, n_iter, converged, events, stats)
+
+
+def _squarem_point(model, p0, p1, p2):
+    """SQUAREM (S3) extrapolation from two EM steps p0 -> p1 -> p2 (None: no better point)."""
+    t0, t1, t2 = model.to_vector(p0), model.to_vector(p1), model.to_vector(p2)
+    r, v = t1 - t0, t2 - 2.0 * t1 + t0
+    nv = float(np.linalg.norm(v))
+    if not nv > 0:
+        return None
+    alpha = -float(np.linalg.norm(r)) / nv
+    if not alpha < -1.0:  # alpha = -1 gives p2 itself
+        return None
+    return model.from_vector(t0 - 2.0 * alpha * r + alpha * alpha * v, p2)
+
+
+def _fit_em_local_squarem(model, X, params, w, labels, tol, max_iter) -> EMResult:
+    history: list[float] = []  # objective at every accepted E-step point: non-decreasing
+    events: list[dict] = []
+    n_e = 0
+    stats = None
+
+    def em(p):  # E-step at p (its objective) and the M-step from it
+        nonlocal n_e, stats
+        n_e += 1
+        stats = model.block_stats(p, X, w, labels)
+        new, ev = model.m_step(stats, p)
+        return new, float(model.objective(stats)), [dict(e, iteration=n_e) for e in ev]
+
+    converged = False
+    prev = -np.inf
+    p0 = params
+    with blas_one_thread():
+        while n_e < max_iter:
+            p1, l0, ev0 = em(p0)
+            history.append(l0)
+            events.extend(ev0)
+            params, converged, prev = p1, abs(l0 - prev) < tol and not ev0, l0
+            if converged or n_e >= max_iter:
+                break
+            p2, l1, ev1 = em(p1)
+            history.append(l1)
+            events.extend(ev1)
+            params, converged, prev = p2, abs(l1 - l0) < tol and not ev1, l1
+            if converged or n_e >= max_iter:
+                break
+            ext = None if ev0 or ev1 else _squarem_point(model, p0, p1, p2)
+            p0 = p2
+            if ext is not None:
+                p3, l_ext, ev3 = em(ext)
+                if l_ext > l1 and not ev3:  # else the extrapolation is dropped
+                    history.append(l_ext)
+                    params, prev, p0 = p3, l_ext, p3
+    return EMResult(
+        params, history[-1] if history else -np.inf, history, n_e, converged, events, stats
+    )
 
 
 # --------------------------------------------------------------------------- sampling

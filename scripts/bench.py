@@ -160,10 +160,14 @@ def _rate(n: int, iters: int, seconds: float) -> float:
 # --------------------------------------------------------------------------- daskem
 
 
-def fit_daskem(X, cov: str, init: dict, iters: int, chunk_size: int, cache=None) -> dict:
+def fit_daskem(
+    X, cov: str, init: dict, iters: int, chunk_size: int, cache=None, precision="auto"
+) -> dict:
     from daskem import GaussianMixture
 
     kwargs = {"chunk_size": chunk_size}
+    if precision != "auto":
+        kwargs["precision"] = precision
     if cache is not None and "cache" in inspect.signature(GaussianMixture).parameters:
         kwargs["cache"] = cache
     K = init["means_init"].shape[0]
@@ -181,6 +185,8 @@ def fit_daskem(X, cov: str, init: dict, iters: int, chunk_size: int, cache=None)
         "rate": _rate(n, len(seconds), sum(seconds)),
         "rate_steady": n / float(np.median(seconds)),
         "lower_bound": float(gm.lower_bound_),
+        "precision": precision,
+        "means": gm.means_.tolist(),
     }
 
 
@@ -207,7 +213,9 @@ def _restore_environ(saved: dict) -> None:
             os.environ[k] = v
 
 
-def run_cluster(inputs: dict, cov: str, init: dict, iters: int, chunk_size: int, env=None):
+def run_cluster(
+    inputs: dict, cov: str, init: dict, iters: int, chunk_size: int, env=None, precisions=("auto",)
+):
     """daskem on a 2-process LocalCluster for each input; worker peak RSS after all of them."""
     import dask
     from distributed import Client, LocalCluster
@@ -231,12 +239,20 @@ def run_cluster(inputs: dict, cov: str, init: dict, iters: int, chunk_size: int,
         ):
             start = time.perf_counter() - t0
             for name, X in inputs.items():
-                before = client.run(_minor_faults)
-                out[name] = fit_daskem(
-                    X, cov, init, iters, chunk_size, cache=False if name == "zarr" else None
-                )
-                after = client.run(_minor_faults)
-                out[name]["worker_minor_faults"] = [after[k] - before[k] for k in after]
+                for precision in precisions:
+                    key = name if precision == "auto" else f"{name}_{precision}"
+                    before = client.run(_minor_faults)
+                    out[key] = fit_daskem(
+                        X,
+                        cov,
+                        init,
+                        iters,
+                        chunk_size,
+                        cache=False if name == "zarr" else None,
+                        precision=precision,
+                    )
+                    after = client.run(_minor_faults)
+                    out[key]["worker_minor_faults"] = [after[k] - before[k] for k in after]
             workers = client.run(_worker_memory)
     return out, {"startup_seconds": start, "workers": list(workers.values())}
 
@@ -454,11 +470,17 @@ def main(argv: list[str] | None = None) -> int:
         "--skip", default="", help="comma-separated: threads,cluster,malloc,zarr,sklearn,proxy"
     )
     parser.add_argument("--workdir", type=Path, help="where to write the Zarr store (temp)")
+    parser.add_argument(
+        "--precision",
+        default="auto,single",
+        help="daskem precisions to run, comma-separated (auto: float64-accurate; single)",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.n = 1_000_000
     skip = set(filter(None, args.skip.split(",")))
     covs = [c.strip() for c in args.cov.split(",") if c.strip()]
+    precisions = [c.strip() for c in args.precision.split(",") if c.strip()]
 
     import dask
     import dask.array as da
@@ -515,23 +537,28 @@ def main(argv: list[str] | None = None) -> int:
                 run["numpy_proxy"] = run_proxy(X, init, cov)
                 print(f"[{cov}] proxy {run['numpy_proxy']}", flush=True)
             if "threads" not in skip:
-                faults = _minor_faults()
-                with dask.config.set(scheduler="threads"), RssSampler() as rss:
-                    run["daskem_threads"] = fit_daskem(X, cov, init, iters, args.chunk_size)
-                run["daskem_threads"]["minor_faults"] = _minor_faults() - faults
-                run["daskem_threads"]["peak_rss_main"] = rss.peak
-                run["daskem_threads"]["rss_growth"] = rss.peak - rss.start
-                print(f"[{cov}] threads {run['daskem_threads']['rate'] / 1e6:.2f} M", flush=True)
+                inputs = {"": X}
                 if "zarr" not in skip:
-                    Xz = da.from_zarr(str(zpath))
-                    faults = _minor_faults()
-                    with dask.config.set(scheduler="threads"), RssSampler() as rss:
-                        run["daskem_zarr_threads"] = fit_daskem(
-                            Xz, cov, init, iters, args.chunk_size, cache=False
-                        )
-                    run["daskem_zarr_threads"]["minor_faults"] = _minor_faults() - faults
-                    run["daskem_zarr_threads"]["peak_rss_main"] = rss.peak
-                    run["daskem_zarr_threads"]["rss_growth"] = rss.peak - rss.start
+                    inputs["_zarr"] = da.from_zarr(str(zpath))
+                for name, Xin in inputs.items():
+                    for precision in precisions:
+                        key = f"daskem{name}_threads" + ("" if precision == "auto" else "_single")
+                        faults = _minor_faults()
+                        with dask.config.set(scheduler="threads"), RssSampler() as rss:
+                            r = fit_daskem(
+                                Xin,
+                                cov,
+                                init,
+                                iters,
+                                args.chunk_size,
+                                cache=False if name else None,
+                                precision=precision,
+                            )
+                        r["minor_faults"] = _minor_faults() - faults
+                        r["peak_rss_main"] = rss.peak
+                        r["rss_growth"] = rss.peak - rss.start
+                        run[key] = r
+                        print(f"[{cov}] {key} {r['rate'] / 1e6:.2f} M", flush=True)
             if "cluster" not in skip:
                 envs = {"default": None}
                 if "malloc" not in skip:
@@ -541,11 +568,15 @@ def main(argv: list[str] | None = None) -> int:
                     if "zarr" not in skip:
                         inputs["zarr"] = da.from_zarr(str(zpath))
                     with RssSampler() as rss:
-                        fits, info = run_cluster(inputs, cov, init, iters, args.chunk_size, env)
+                        fits, info = run_cluster(
+                            inputs, cov, init, iters, args.chunk_size, env, precisions
+                        )
                     info["peak_rss_main"] = rss.peak
                     info["env"] = env
                     for name, fit in fits.items():
-                        run[f"daskem_cluster_{name}_{label}"] = fit
+                        source, _, precision = name.partition("_")  # "zarr_single"
+                        key = f"daskem_cluster_{source}_{label}"
+                        run[key + (f"_{precision}" if precision else "")] = fit
                         print(
                             f"[{cov}] cluster {name} {label} {fit['rate'] / 1e6:.2f} M "
                             f"(steady {fit['rate_steady'] / 1e6:.2f} M)",
@@ -596,8 +627,19 @@ def ratios(results: dict, run: dict) -> dict:
             out[f"{key} / NumPy pass in 2 processes"] = rate / p["rate_2proc"]
             out[f"{key} / (NumPy pass 1 core x 2)"] = rate / (2 * p["rate_1core"])
     if z:
+        t_read = 1.0 / z["read_only"]["rate"]  # seconds per pixel
         for key in [k for k in run if k.startswith("daskem_") and "zarr" in k]:
             out[f"{key} / read-only"] = run[key]["rate_steady"] / z["read_only"]["rate"]
+            # the same run on the in-memory pixels
+            if "cluster_zarr" in key:
+                mem = key.replace("cluster_zarr", "cluster_numpy")
+            else:
+                mem = key.replace("_zarr_", "_")
+            if mem in run:
+                t_mem = 1.0 / run[mem]["rate_steady"]
+                t_zarr = 1.0 / run[key]["rate_steady"]
+                out[f"{key} pass / (read-only + {mem}) pass"] = t_zarr / (t_read + t_mem)
+                out[f"{key}: dominated by"] = "read" if t_read > t_mem else "compute"
     return out
 
 
@@ -645,7 +687,7 @@ def report(results: dict) -> None:
                 print(f"LocalCluster ({label} malloc settings) worker peak RSS MiB: {mem}")
         run["ratios"] = ratios(results, run)
         for k, v in run["ratios"].items():
-            print(f"  {k:58s} {v:6.2f}")
+            print(f"  {k:72s} {v:>7.2f}" if isinstance(v, float) else f"  {k:72s} {v:>7s}")
     print(
         "\n2-process CPU scaling of this host (2.0 = two free cores), start / end: "
         f"{results['cpu_scaling_start']:.2f} / {results['cpu_scaling_end']:.2f}"

@@ -89,6 +89,33 @@ def test_resume_gives_the_uninterrupted_result(tmp_path, data, kill_at):
     assert gm.n_iter_ == ref.n_iter_
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("when", ["selection", "survivor"])
+def test_resume_after_restart_selection_gives_the_uninterrupted_result(tmp_path, data, when):
+    """select_after=1: the stopped restarts stay stopped on resume."""
+    kwargs = dict(n_components=3, n_init=3, random_state=1, tol=1e-6, max_iter=30)
+    kwargs.update(select_after=1)
+    seen = []
+    ref = GaussianMixture(**kwargs).fit(data, callback=seen.append)
+    survivor = next(i.candidate for i in seen if i.iteration == 1 and not i.stopped)
+    assert sum(i.stopped for i in seen) == 2
+    kill_at = (2, 1) if when == "selection" else (survivor, 3)
+
+    def stop(info):
+        if (info.candidate, info.iteration) == kill_at:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        GaussianMixture(**kwargs).fit(data, checkpoint_dir=tmp_path, callback=stop)
+    resumed = []
+    gm = GaussianMixture(**kwargs).fit(
+        data, checkpoint_dir=tmp_path, resume=True, callback=resumed.append
+    )
+    assert all(i.candidate == 0 for i in resumed)  # only the survivor runs on
+    for a in ("weights_", "means_", "covariances_", "lower_bounds_"):
+        np.testing.assert_array_equal(getattr(gm, a), getattr(ref, a))
+
+
 def test_resume_refuses_a_checkpoint_of_another_fit(tmp_path, data):
     GaussianMixture(3, random_state=0, max_iter=3).fit(data, checkpoint_dir=tmp_path)
     with pytest.raises(ModelFileError, match="n_components: 3 -> 2"):

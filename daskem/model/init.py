@@ -24,6 +24,7 @@ __all__ = [
 ]
 
 INIT_METHODS = ("kmeans", "k-means++", "random", "random_from_data")
+KMEANS_ROWS = 20_000
 
 
 def _sq_dist(X: np.ndarray, C: np.ndarray) -> np.ndarray:
@@ -119,13 +120,18 @@ def kmeans(
 
     labels = assign(centers)
     scale = float(np.mean(np.var(X, axis=0))) + 1e-300
+    wX = w[:, None] * X
     for _ in range(max_iter):
-        new = centers.copy()
-        for k in range(n_clusters):
-            m = labels == k
-            wk = w[m]
-            if wk.sum() > 0:
-                new[k] = (wk[:, None] * X[m]).sum(0) / wk.sum()
+        # weighted cluster sums in one pass: bincount per feature
+        mass = np.bincount(labels, weights=w, minlength=n_clusters)
+        sums = np.stack(
+            [
+                np.bincount(labels, weights=wX[:, j], minlength=n_clusters)
+                for j in range(X.shape[1])
+            ],
+            axis=1,
+        )
+        new = np.where(mass[:, None] > 0, sums / np.where(mass > 0, mass, 1.0)[:, None], centers)
         shift = float(((new - centers) ** 2).sum())
         centers = new
         labels = assign(centers)
@@ -150,14 +156,19 @@ def initial_responsibilities(
 
     Distances are measured on standardised features. Unlike scikit-learn, the last
     two assign every sampled row to a component, so first covariances are estimated
-    from data rather than set to ``reg_covar``.
+    from data rather than set to ``reg_covar``. ``"kmeans"`` runs on an evenly spaced
+    subset of at most ``KMEANS_ROWS`` rows (a start for EM needs no more), then assigns
+    every row to its nearest centre.
     """
     n = X.shape[0]
     # distances in standardised units, so attributes in different units weigh alike
     scale = X.std(axis=0)
     X = (X - X.mean(axis=0)) / np.where(scale > 0, scale, 1.0)
     if method == "kmeans":
-        _, labels = kmeans(X, n_components, rng, sample_weight)
+        step = max(1, -(-n // KMEANS_ROWS))
+        sw = None if sample_weight is None else sample_weight[::step]
+        centers, _ = kmeans(X[::step], n_components, rng, sw)
+        labels = np.argmin(_sq_dist(X, centers), axis=1)
     elif method == "k-means++":
         seeds = kmeans_plusplus(X, n_components, rng, sample_weight)
         labels = np.argmin(_sq_dist(X, X[seeds]), axis=1)
