@@ -197,13 +197,20 @@ class Stack:
 
 
 def _map_to_rows(data: da.Array) -> da.Array:
-    """(D, *spatial) -> (n_pixels, D), one row chunk per spatial block."""
+    """(D, *spatial) -> (n_pixels, D), one row chunk per spatial block.
+
+    Each block stays feature-major in memory: a (D, *block) chunk is viewed as
+    (D, pixels) (free) and handed on transposed, a Fortran-ordered (pixels, D) view, so
+    neither this step nor the kernel's feature-major sub-blocks copy across the grain
+    (PERFORMANCE.md trap 5).
+    """
     D = data.shape[0]
     n = math.prod(data.shape[1:])
-    t = data.transpose(*range(1, data.ndim), 0)
-    if data.ndim == 2:
-        return t
-    return da.reshape_blockwise(t, (n, D))
+    if len(data.chunks[0]) != 1:
+        data = data.rechunk({0: -1})
+    if data.ndim > 2:
+        data = da.reshape_blockwise(data, (D, n))
+    return data.T
 
 
 def _spatial_to_rows(a: da.Array) -> da.Array:
