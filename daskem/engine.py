@@ -44,6 +44,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -165,15 +166,20 @@ def as_chunked(
     X: Any,
     sample_weight: Any = None,
     labels: Any = None,
-    chunk_size: int = 65536,
+    chunk_size: int | str = "auto",
 ) -> ChunkedData:
     """Wrap NumPy or Dask inputs as :class:`ChunkedData` (NumPy is split into row chunks).
 
     NumPy input is sent once to the workers of an active ``distributed`` client (and
     kept there for the passes) rather than travelling inside every iteration's graph.
     Dask input is left as it is: its chunks are read by the workers on every pass.
+    ``chunk_size="auto"``: :func:`auto_chunk_rows`.
     """
     client = _distributed_client()
+    if chunk_size == "auto":
+        Xa = X if isinstance(X, da.Array) else np.asarray(X)
+        row_bytes = Xa.dtype.itemsize * int(np.prod(Xa.shape[1:]))
+        chunk_size = auto_chunk_rows(Xa.shape[0], row_bytes, _parallelism(client))
 
     def wrap(a, ndim):
         if a is None:
@@ -186,6 +192,25 @@ def as_chunked(
         return arr.persist() if client is not None else arr
 
     return ChunkedData(wrap(X, 2), wrap(sample_weight, 1), wrap(labels, 1))
+
+
+AUTO_CHUNK_BYTES = 16 * 2**20
+
+
+def auto_chunk_rows(n: int, row_bytes: int, parallelism: int) -> int:
+    """Rows per chunk for in-memory input: chunks of about 16 MiB (a scheduled task costs
+    about 1 ms on a distributed cluster, PERFORMANCE.md trap 8), but at least two chunks
+    per thread that can run them, and never below 4,096 rows."""
+    target = AUTO_CHUNK_BYTES // max(row_bytes, 1)
+    per_thread = -(-n // (2 * max(parallelism, 1)))
+    return int(max(4096, min(target, per_thread)))
+
+
+def _parallelism(client) -> int:
+    if client is not None:
+        with contextlib.suppress(Exception):
+            return int(sum(client.nthreads().values())) or 1
+    return os.cpu_count() or 1
 
 
 def cluster_memory() -> int:
@@ -236,7 +261,32 @@ def _identity(block):
 # --------------------------------------------------------------------------- passes
 
 
+_BLAS_CONTROLLER: Any = None
+
+
+def _one_blas_thread() -> None:
+    """Make sure BLAS runs one thread in this process while block tasks run here.
+
+    Distributed workers start with ``OMP/OPENBLAS/MKL_NUM_THREADS=1`` (the default
+    ``distributed.nanny.pre-spawn-environ``), but a worker started with other settings
+    would run every small GEMM of the kernel on oversubscribed BLAS threads, 3-40x slower
+    (PERFORMANCE.md trap 1). Local schedulers already run inside :func:`_local_blas_limit`
+    (so nothing changes there); in a worker process the limit is set once and kept.
+    """
+    global _BLAS_CONTROLLER
+    if _BLAS_CONTROLLER is None:
+        try:
+            from threadpoolctl import ThreadpoolController
+
+            _BLAS_CONTROLLER = ThreadpoolController().select(user_api="blas")
+        except Exception:  # pragma: no cover - threadpoolctl missing or unusable
+            _BLAS_CONTROLLER = False
+    if _BLAS_CONTROLLER and any(lib.num_threads > 1 for lib in _BLAS_CONTROLLER.lib_controllers):
+        _BLAS_CONTROLLER.limit(limits=1)
+
+
 def _block_task(model, candidates, x, w, y):
+    _one_blas_thread()
     # every candidate's statistics from the same chunk, read once
     return tuple(model.block_stats(p, x, w, y) for p in candidates)
 

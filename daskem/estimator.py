@@ -172,9 +172,10 @@ class GaussianMixture:
         Start the next ``fit`` from the current solution (``n_init`` is then 1).
     verbose : int, default=0
     verbose_interval : int, default=10
-    chunk_size : int, default=65536
+    chunk_size : int or "auto", default="auto"
         Rows per chunk when NumPy input is wrapped as a Dask array (Dask input keeps
-        its chunks).
+        its chunks). ``"auto"``: chunks of about 16 MiB, at least two per thread of
+        the cluster (or of this machine), never below 4,096 rows.
     split_every : int, default=16
         Fan-in of the tree reduction of per-chunk statistics.
     init_sample_size : int, default=100000
@@ -267,7 +268,7 @@ class GaussianMixture:
         warm_start: bool = False,
         verbose: int = 0,
         verbose_interval: int = 10,
-        chunk_size: int = 65536,
+        chunk_size: int | str = "auto",
         split_every: int = 16,
         init_sample_size: int = 100_000,
         nan_policy: str = "raise",
@@ -348,7 +349,6 @@ class GaussianMixture:
         for name, lo in (
             ("max_iter", 0),
             ("n_init", 1),
-            ("chunk_size", 1),
             ("split_every", 2),
             ("init_sample_size", 1),
         ):
@@ -460,7 +460,10 @@ class GaussianMixture:
             if not np.issubdtype(yy.dtype, np.integer):
                 raise ValueError(f"y must hold integer class ids (-1 = unlabelled), got {yy.dtype}")
             y = yy
-        return engine.as_chunked(X, sample_weight, y, chunk_size=self.chunk_size)
+        cs = self.chunk_size
+        if not (cs == "auto" or (isinstance(cs, numbers.Integral) and cs >= 1)):
+            raise ValueError(f"chunk_size must be an integer >= 1 or 'auto', got {cs!r}")
+        return engine.as_chunked(X, sample_weight, y, chunk_size=cs)
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "means_"):

@@ -207,3 +207,37 @@ def test_lower_bound_is_monotone(
     np.testing.assert_allclose(gm.lower_bound_, lbs[-1])
     if not gm.reseeds_:
         assert np.all(np.diff(lbs) >= -1e-9 * (1 + np.abs(lbs[1:])))
+
+
+def test_auto_chunk_rows():
+    from daskem.engine import auto_chunk_rows
+
+    # 10 M float32 pixels x 8 attributes on 2 threads: 16 MiB chunks
+    assert auto_chunk_rows(10_000_000, 32, 2) == 16 * 2**20 // 32
+    # small inputs: at least two chunks per thread, never below 4,096 rows
+    assert auto_chunk_rows(100_000, 32, 2) == 25_000
+    assert auto_chunk_rows(1_000, 32, 8) == 4096
+    data = daskem.engine.as_chunked(np.zeros((50_000, 4), dtype=np.float32))
+    assert len(data.X.chunks[0]) >= 2
+    with pytest.raises(ValueError, match="chunk_size"):
+        GaussianMixture(2, chunk_size="big").fit(np.zeros((100, 2)))
+
+
+def test_block_task_runs_blas_on_one_thread():
+    """A worker whose BLAS has several threads (other pre-spawn settings) is pinned to
+    one by the first block task (PERFORMANCE.md trap 1)."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from daskem.engine import _block_task
+    from daskem.model.gmm import GMMModel
+
+    blas = [i for i in threadpool_info() if i["user_api"] == "blas"]
+    if not blas:
+        pytest.skip("no BLAS library found by threadpoolctl")
+    X = np.random.default_rng(0).normal(size=(200, 3))
+    gm = GaussianMixture(2, random_state=0)
+    gm._check_parameters(3)
+    p = gm._initial_params(daskem.engine.as_chunked(X), 0)
+    with threadpool_limits(limits=2, user_api="blas"):
+        _block_task(GMMModel(), [p], X, None, None)
+        assert all(i["num_threads"] == 1 for i in threadpool_info() if i["user_api"] == "blas")

@@ -343,3 +343,31 @@ def test_single_precision_keeps_a_thin_component_exact_and_float64_input_as_auto
     np.testing.assert_array_equal(single64.m2, auto64.m2)
     with pytest.raises(ValueError, match="precision"):
         block_stats(X, p, precision="half")
+
+
+def test_single_precision_residual_form_in_float32_when_its_bound_allows():
+    """A thin component far from the centre: float64 residual form under "auto", float32
+    residual form under "single" (its rounding bound allows it); both close to exact."""
+    K, D = 4, 5
+    base = _params("full", K=K, D=D, seed=7, spread=4.0)
+    cov = base.covariances.copy()
+    u = np.ones(D) / np.sqrt(D)
+    cov[1] = 1e-3 * np.eye(D) + 9.0 * np.outer(u, u)
+    means = base.means.copy()
+    means[1] += 30.0
+    pc, _ = compute_precision_cholesky(cov, "full")
+    p = GMMParams(np.full(K, 0.25), means, pc, "full", cov)
+    rng = np.random.default_rng(8)
+    z = rng.integers(0, K, 20_000)
+    X = np.stack([rng.multivariate_normal(means[k], cov[k]) for k in z]).astype(np.float32)
+    auto = gmm._fast_plan(p, X.dtype, None)
+    single = gmm._fast_plan(p, X.dtype, None, single=True)
+    assert auto.res_dtype == np.float64 and auto.order[-1] == 1
+    assert single.res_dtype == np.float32 and single.order[-1] == 1
+    ref = _reference(X, p)
+    _assert_stats_close(block_stats(X, p), ref, rtol=1e-5, atol=1e-6, worst=False)
+    fast = block_stats(X, p, precision="single")
+    _assert_stats_close(fast, ref, rtol=1e-4, atol=1e-5, worst=False)
+    # the thin direction's variance (1e-3) to 1e-3 of itself
+    thin = np.linalg.eigvalsh(fast.m2[1] / fast.n[1])[0]
+    assert thin == pytest.approx(np.linalg.eigvalsh(ref.m2[1] / ref.n[1])[0], rel=1e-3)

@@ -718,6 +718,7 @@ class _QuadPlan:
     mu_res: np.ndarray  # (n_res, D) their means
     c_res: np.ndarray  # (n_res,) log w_k + log det P_k - D/2 log(2 pi)
     stats_dtype: np.dtype = np.dtype(np.float64)  # of the statistics GEMM of a sub-block
+    res_dtype: np.dtype = np.dtype(np.float64)  # of the residual-form components
 
     @property
     def n_res(self) -> int:
@@ -813,6 +814,11 @@ def _make_plan(params: GMMParams, f32: bool, single: bool = False) -> _QuadPlan 
         r2max = np.where(live[qk], np.square(rmax[qk]), np.inf)
         r2safe = np.where(live[qk], np.square(rsafe[qk]), np.inf)
         rk = order[int(quad.sum()) :]
+        single32 = single and dt == np.float32
+        rdt = (
+            np.dtype(np.float32) if single32 and _f32_residual_ok(f["PT"][rk], means[rk]) else None
+        )
+        rdt = rdt or np.dtype(np.float64)
         return _QuadPlan(
             dtype=dt,
             shift=shift,
@@ -823,12 +829,32 @@ def _make_plan(params: GMMParams, f32: bool, single: bool = False) -> _QuadPlan 
             r2max=r2max,
             r2min=float(r2max.min()) if qk.size else np.inf,
             r2safe=float(r2safe.min()) if qk.size else np.inf,
-            PT_res=f["PT"][rk],
-            mu_res=means[rk],
+            PT_res=np.ascontiguousarray(f["PT"][rk], dtype=rdt),
+            mu_res=means[rk].astype(rdt),
             c_res=f["cprime"][rk],
-            stats_dtype=dt if single and dt == np.float32 else np.dtype(np.float64),
+            stats_dtype=dt if single32 else np.dtype(np.float64),
+            res_dtype=rdt,
         )
     return None
+
+
+def _f32_residual_ok(PT: np.ndarray, mu: np.ndarray) -> bool:
+    """Whether float32 keeps the residual form ``||P^T (x - mu)||^2 / 2`` of these
+    components within _SINGLE_TOL over their bulk (Mahalanobis distance <= 5).
+
+    There ``|y| = |P^T (x - mu)| <= 5`` and ``|x - mu| <= 5 sigma_max``; rounding ``mu``,
+    ``x - mu`` and the D-term products perturbs ``y`` by at most about
+    ``u ||P|| (|mu| + 5 (D + 1) sigma_max)``, hence ``|y|^2 / 2`` by 5 times that.
+    """
+    if PT.shape[0] == 0:
+        return True
+    D = PT.shape[-1]
+    sv = np.linalg.svd(PT, compute_uv=False)  # singular values of P_k
+    with np.errstate(divide="ignore"):
+        sigma_max = 1.0 / sv[:, -1]
+    err = 5.0 * np.finfo(np.float32).eps * sv[:, 0]
+    err = err * (np.linalg.norm(mu, axis=1) + 5.0 * (D + 1) * sigma_max)
+    return bool(np.all(err <= _SINGLE_TOL))
 
 
 def _lowest(score: np.ndarray, take: int, group: int = 64) -> np.ndarray:
@@ -876,11 +902,13 @@ class _Workspace:
             self.log_norm = np.empty(n)
         return self.log_norm[:n]
 
-    def residual_buffers(self, n_res: int, D: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """float64 buffers of the residual-form components: ``x - mu_k`` (n_res, D, nb),
-        the raw rows (D, nb) and one (D, nb) scratch."""
-        if self.diff.shape[:2] != (n_res + 2, D):
-            self.diff = np.empty((n_res + 2, D, self.nb))
+    def residual_buffers(
+        self, n_res: int, D: int, dtype: np.dtype
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Buffers of the residual-form components: ``x - mu_k`` (n_res, D, nb), the raw
+        rows (D, nb) and one (D, nb) scratch."""
+        if self.diff.shape[:2] != (n_res + 2, D) or self.diff.dtype != dtype:
+            self.diff = np.empty((n_res + 2, D, self.nb), dtype=dtype)
         return self.diff[:n_res], self.diff[n_res], self.diff[n_res + 1]
 
 
@@ -923,7 +951,8 @@ def _block_stats_fast(
     # buffers sized in powers of two (>= 1024 rows) so uneven blocks share them
     ws = _workspace(dt, K, M, min(max(block_rows, 1), max(1024, 1 << (n - 1).bit_length())))
     if nr:
-        diff, raw, scratch = ws.residual_buffers(nr, D)
+        rdt = plan.res_dtype
+        diff, raw, scratch = ws.residual_buffers(nr, D, rdt)
         res_S1 = np.zeros((nr, D))
         res_S2 = np.zeros((nr, D, D) if plan.full else (nr, D))
     A = plan.A
@@ -967,18 +996,22 @@ def _block_stats_fast(
                     o += D - 1 - j
             np.sum(sq, axis=0, out=r2)
             np.matmul(A, phi, out=logp)  # all K rows: BLAS is slow on odd row counts
-            if nr:  # exact per-component residual form, like the reference, in float64
-                np.copyto(raw[:, :m], X[s:e].T)
+            if nr:  # per-component residual form, like the reference (float64 unless single)
+                if rdt == X.dtype:
+                    src = X[s:e].T
+                else:
+                    src = raw[:, :m]
+                    np.copyto(src, X[s:e].T)
                 for j in range(nr):
                     d, y = diff[j, :, :m], scratch[:, :m]
-                    lp = logp[nq + j] if dt == np.float64 else ws.resp64[nq + j, :m]
-                    np.subtract(raw[:, :m], plan.mu_res[j][:, None], out=d)
+                    lp = logp[nq + j] if dt == rdt else ws.resp64[nq + j, :m]
+                    np.subtract(src, plan.mu_res[j][:, None], out=d)
                     np.matmul(plan.PT_res[j], d, out=y)
                     np.square(y, out=y)
                     np.sum(y, axis=0, out=lp)
                     lp *= -0.5
                     lp += plan.c_res[j]
-                    if dt != np.float64:  # only the rounding of the result to float32
+                    if dt != rdt:  # only the rounding of the result to float32
                         np.copyto(logp[nq + j], lp, casting="same_kind")
             barred = None
             if lab is not None:
@@ -1028,7 +1061,7 @@ def _block_stats_fast(
             elif plan.stats_dtype == dt:  # precision="single": float32 within a sub-block
                 gram = ws.gram32
                 np.matmul(logp, phi.T, out=gram)
-                if nr:
+                if nr and rdt != dt:
                     np.copyto(ws.resp64[nq:, :m], logp[nq:])
             else:  # float64 statistics GEMM: S2 about the shift needs ~1e-10 (trap 7)
                 phi64, resp64 = ws.phi64[:, :m], ws.resp64[:, :m]
@@ -1039,7 +1072,7 @@ def _block_stats_fast(
             if nr:  # their statistics about their own means (exact for any offset)
                 if zeroed:
                     diff[:, :, bad] = 0.0
-                resp = logp if dt == np.float64 else ws.resp64
+                resp = logp if dt == rdt else ws.resp64
                 for j in range(nr):
                     d, y, r = diff[j, :, :m], scratch[:, :m], resp[nq + j, :m]
                     res_S1[j] += d @ r
