@@ -194,16 +194,18 @@ def as_chunked(
     return ChunkedData(wrap(X, 2), wrap(sample_weight, 1), wrap(labels, 1))
 
 
-AUTO_CHUNK_BYTES = 16 * 2**20
+AUTO_CHUNK_BYTES = 32 * 2**20
 
 
 def auto_chunk_rows(n: int, row_bytes: int, parallelism: int) -> int:
-    """Rows per chunk for in-memory input: chunks of about 16 MiB (a scheduled task costs
-    about 1 ms on a distributed cluster, PERFORMANCE.md trap 8), but at least two chunks
-    per thread that can run them, and never below 4,096 rows."""
-    target = AUTO_CHUNK_BYTES // max(row_bytes, 1)
-    per_thread = -(-n // (2 * max(parallelism, 1)))
-    return int(max(4096, min(target, per_thread)))
+    """Rows per chunk for in-memory input: chunks of at most about 32 MiB (a scheduled task
+    costs about 1 ms on a distributed cluster, PERFORMANCE.md trap 8), at least two per
+    thread that can run them, their number a multiple of the threads (so every thread
+    gets the same work in a pass), and never below 4,096 rows."""
+    par = max(parallelism, 1)
+    n_chunks = max(2 * par, -(-n * max(row_bytes, 1) // AUTO_CHUNK_BYTES))
+    n_chunks = -(-n_chunks // par) * par
+    return int(max(4096, -(-n // n_chunks)))
 
 
 def _parallelism(client) -> int:
@@ -233,7 +235,8 @@ def cache_data(data: ChunkedData, cache: bool | str = "auto", fraction: float = 
 
     ``cache="auto"`` caches when the arrays take less than ``fraction`` of
     :func:`cluster_memory`; ``True`` always, ``False`` never (every pass streams the
-    chunks from their source again).
+    chunks from their source again). Cached row chunks of ``X`` are stored feature-major
+    (Fortran-ordered), the layout the kernels read, so no pass transposes them again.
     """
     arrays = [a for a in (data.X, data.sample_weight, data.labels) if a is not None]
     nbytes = sum(a.nbytes for a in arrays)
@@ -248,10 +251,16 @@ def cache_data(data: ChunkedData, cache: bool | str = "auto", fraction: float = 
     X, w, y = (
         None
         if a is None
-        else a.map_blocks(_identity, dtype=a.dtype, name=f"daskem-cache-{i}-{tag}").persist()
+        else a.map_blocks(
+            _feature_major if i == 0 else _identity, dtype=a.dtype, name=f"daskem-cache-{i}-{tag}"
+        ).persist()
         for i, a in enumerate((data.X, data.sample_weight, data.labels))
     )
     return ChunkedData(X, w, y)
+
+
+def _feature_major(block):
+    return block if block.flags.f_contiguous else np.asfortranarray(block)
 
 
 def _identity(block):

@@ -174,7 +174,7 @@ class GaussianMixture:
     verbose_interval : int, default=10
     chunk_size : int or "auto", default="auto"
         Rows per chunk when NumPy input is wrapped as a Dask array (Dask input keeps
-        its chunks). ``"auto"``: chunks of about 16 MiB, at least two per thread of
+        its chunks). ``"auto"``: chunks of about 32 MiB, at least two per thread of
         the cluster (or of this machine), never below 4,096 rows.
     split_every : int, default=16
         Fan-in of the tree reduction of per-chunk statistics.

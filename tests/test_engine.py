@@ -212,8 +212,10 @@ def test_lower_bound_is_monotone(
 def test_auto_chunk_rows():
     from daskem.engine import auto_chunk_rows
 
-    # 10 M float32 pixels x 8 attributes on 2 threads: 16 MiB chunks
-    assert auto_chunk_rows(10_000_000, 32, 2) == 16 * 2**20 // 32
+    # 10 M float32 pixels x 8 attributes on 2 threads: 10 chunks of 1 M rows (32 MB)
+    assert auto_chunk_rows(10_000_000, 32, 2) == 1_000_000
+    # 9.6 chunks' worth on 4 threads: 12 equal chunks
+    assert auto_chunk_rows(10_000_000, 32, 4) == 833_334
     # small inputs: at least two chunks per thread, never below 4,096 rows
     assert auto_chunk_rows(100_000, 32, 2) == 25_000
     assert auto_chunk_rows(1_000, 32, 8) == 4096
