@@ -45,7 +45,8 @@ import numpy as np
 
 MIB = 2**20
 PROXY_BLOCK = 2048
-ZARR_ROWS = 1_048_576  # 32 MiB float32 chunks of 8 features (a 1024 x 1024 x 8 map tile)
+ZARR_ROWS = 524_288  # 16 MiB float32 chunks of 8 features (a 1024 x 512 x 8 map tile);
+# 32 MiB chunks hit glibc's largest mmap threshold: every decoded chunk page-faults (trap 3)
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "268435456"}
 MALLOC_DEFAULT = {"MALLOC_TRIM_THRESHOLD_": "65536"}  # distributed's own setting
 
