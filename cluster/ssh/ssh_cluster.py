@@ -35,6 +35,14 @@ def main() -> None:
             "n_workers": args.procs_per_host,
             "nthreads": 1,
             "memory_limit": args.memory_limit,
+            # one BLAS thread per worker (trap 1); reuse freed chunk buffers (trap 3)
+            "env": {
+                "OMP_NUM_THREADS": "1",
+                "OPENBLAS_NUM_THREADS": "1",
+                "MKL_NUM_THREADS": "1",
+                "MALLOC_MMAP_THRESHOLD_": "33554432",
+                "MALLOC_TRIM_THRESHOLD_": "268435456",
+            },
         },
         scheduler_options={"port": 0, "dashboard_address": ":0"},
         remote_python=args.python,
