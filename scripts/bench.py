@@ -189,6 +189,11 @@ def fit_daskem(
         "lower_bound": float(gm.lower_bound_),
         "precision": precision,
         "means": gm.means_.tolist(),
+        "fitted": {
+            "weights": gm.weights_.tolist(),
+            "means": gm.means_.tolist(),
+            "precisions_cholesky": gm.precisions_cholesky_.tolist(),
+        },
     }
 
 
@@ -450,6 +455,38 @@ def run_proxy(X: np.ndarray, init: dict, cov: str, repeats: int = 3) -> dict:
     }
 
 
+# --------------------------------------------------------------------------- kernel, 1 core
+
+
+def run_kernel(X: np.ndarray, fitted: dict, cov: str, repeats: int = 3) -> dict:
+    """daskem's block kernel alone on one core (BLAS 1 thread), on feature-major chunks of
+    1 M rows (as cached), at the parameters daskem fitted: same footing as the proxy."""
+    from threadpoolctl import threadpool_limits
+
+    from daskem.model.gmm import GMMParams, block_stats
+
+    p = GMMParams(
+        np.asarray(fitted["weights"]),
+        np.asarray(fitted["means"]),
+        np.asarray(fitted["precisions_cholesky"]),
+        cov,
+    )
+    rows = 1 << 20
+    blocks = [np.asfortranarray(X[a : a + rows]) for a in range(0, X.shape[0], rows)]
+    out = {}
+    with threadpool_limits(limits=1, user_api="blas"):
+        for precision in ("auto", "single"):
+            block_stats(blocks[0][:100_000], p, precision=precision)
+            times = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                for b in blocks:
+                    block_stats(b, p, precision=precision)
+                times.append(time.perf_counter() - t0)
+            out[precision] = X.shape[0] / min(times)
+    return out
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -567,6 +604,9 @@ def main(argv: list[str] | None = None) -> int:
                         r["rss_growth"] = rss.peak - rss.start
                         run[key] = r
                         print(f"[{cov}] {key} {r['rate'] / 1e6:.2f} M", flush=True)
+                if "proxy" not in skip:
+                    run["kernel_1core"] = run_kernel(X, run["daskem_threads"]["fitted"], cov)
+                    print(f"[{cov}] kernel 1 core {run['kernel_1core']}", flush=True)
             if "cluster" not in skip:
                 envs = {"default": None}
                 if "malloc" not in skip:
@@ -638,6 +678,10 @@ def ratios(results: dict, run: dict) -> dict:
         if p:
             out[f"{key} / NumPy pass in 2 processes"] = rate / p["rate_2proc"]
             out[f"{key} / (NumPy pass 1 core x 2)"] = rate / (2 * p["rate_1core"])
+    kern = run.get("kernel_1core")
+    if kern and p:
+        for prec, rate in kern.items():
+            out[f"daskem kernel 1 core ({prec}) / NumPy pass 1 core"] = rate / p["rate_1core"]
     if z:
         t_read = 1.0 / z["read_only"]["rate"]  # seconds per pixel
         for key in [k for k in run if k.startswith("daskem_") and "zarr" in k]:
@@ -688,6 +732,10 @@ def report(results: dict) -> None:
                 f"{key:34s} {_fmt_rate(r['rate'])} {_fmt_rate(r.get('rate_steady', r['rate']))}"
                 f" {_fmt_rate(r.get('rate_best', r['rate']))} {fpm} {mem}"
             )
+        kern = run.get("kernel_1core")
+        if kern:
+            for prec, rate in kern.items():
+                print(f"{'daskem kernel 1 core, ' + prec:34s} {_fmt_rate(rate)}")
         p = run.get("numpy_proxy")
         if p:
             print(f"{'numpy_proxy 1 core':34s} {_fmt_rate(p['rate_1core'])}")
