@@ -14,7 +14,10 @@ a fixed number of iterations (``tol=0``), and is reported in pixel-iterations pe
 * a minimal fused NumPy pass (float32 feature-major blocks of 2,048 px, expanded quadratic
   form, two GEMMs per block, float64 accumulators) on one core and in two processes: the
   roofline proxy for what a NumPy kernel can reach;
-* a read-only pass over the Zarr store (read + zstd decode, two threads).
+* a read-only pass over the Zarr store (read + zstd decode, two threads);
+* daskem's block kernel alone on one core at the fitted parameters (both precisions);
+* Spark MLlib ``GaussianMixture`` (full covariance, ``local[2]``, ``--spark-n`` pixels)
+  if pyspark and pyarrow are installed (``pip install ".[spark]"``; needs Java 17+).
 
 It prints the table, the ratios daskem / scikit-learn, daskem / (NumPy pass x 2 cores) and
 daskem-on-Zarr / read-only, and the peak RSS of every process, and saves them as JSON::
@@ -341,6 +344,58 @@ def fit_sklearn(X: np.ndarray, cov: str, init: dict, iters: int, threads: int) -
     }
 
 
+# --------------------------------------------------------------------------- Spark MLlib
+
+
+def fit_spark(X: np.ndarray, K: int, iters: int, workdir: Path) -> dict | None:
+    """Spark MLlib ``GaussianMixture`` (full covariance only) on ``local[2]``, if pyspark
+    (and pyarrow, to hand the pixels over as Parquet) are installed; else None.
+
+    MLlib takes no initial parameters (it seeds from a sample), so only the rate of its
+    fixed ``iters`` iterations is comparable, not the optimum. Its fit includes its own
+    initialisation, counted as one more iteration as for scikit-learn.
+    """
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        from pyspark.ml.clustering import GaussianMixture as SparkGaussianMixture
+        from pyspark.ml.functions import array_to_vector
+        from pyspark.sql import SparkSession
+    except ImportError:
+        return None
+    n, D = X.shape
+    path = workdir / "spark-pixels.parquet"
+    flat = pa.array(np.ascontiguousarray(X, dtype=np.float64).ravel())
+    pq.write_table(pa.table({"f": pa.FixedSizeListArray.from_arrays(flat, D)}), path)
+    spark = (
+        SparkSession.builder.master("local[2]")
+        .appName("daskem-bench")
+        .config("spark.driver.memory", "8g")
+        .config("spark.ui.enabled", "false")
+        .config("spark.ui.showConsoleProgress", "false")
+        .getOrCreate()
+    )
+    try:
+        spark.sparkContext.setLogLevel("ERROR")
+        df = spark.read.parquet(str(path)).select(array_to_vector("f").alias("features"))
+        df = df.repartition(2).cache()
+        df.count()  # materialise the cached vectors before timing
+        gm = SparkGaussianMixture(k=K, maxIter=iters, tol=0.0, seed=1)
+        t0 = time.perf_counter()
+        model = gm.fit(df)
+        seconds = time.perf_counter() - t0
+        ll = float(model.summary.logLikelihood) / n
+    finally:
+        spark.stop()
+    return {
+        "n": n,
+        "seconds": seconds,
+        "rate": _rate(n, iters + 1, seconds),
+        "lower_bound": ll,
+        "pyspark": __import__("pyspark").__version__,
+    }
+
+
 # --------------------------------------------------------------------------- roofline proxy
 
 
@@ -504,6 +559,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--quick", action="store_true", help="1 M pixels")
     parser.add_argument("--sklearn-n", type=int, default=2_000_000, help="scikit-learn subset")
+    parser.add_argument("--spark-n", type=int, default=1_000_000, help="Spark MLlib subset")
     parser.add_argument(
         "--chunk-size",
         type=lambda v: v if v == "auto" else int(v),
@@ -512,7 +568,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--zarr-rows", type=int, default=ZARR_ROWS, help="Zarr rows per chunk")
     parser.add_argument(
-        "--skip", default="", help="comma-separated: threads,cluster,malloc,zarr,sklearn,proxy"
+        "--skip",
+        default="",
+        help="comma-separated: threads,cluster,malloc,zarr,sklearn,spark,proxy",
     )
     parser.add_argument("--workdir", type=Path, help="where to write the Zarr store (temp)")
     parser.add_argument(
@@ -644,6 +702,13 @@ def main(argv: list[str] | None = None) -> int:
                         best = r
                     print(f"[{cov}] sklearn {threads} thr {r['rate'] / 1e6:.3f} M", flush=True)
                 run["sklearn"] = best
+            if "spark" not in skip and cov == "full":
+                r = fit_spark(X[: min(n, args.spark_n)], K, iters, work)
+                if r is None:
+                    print("[full] Spark MLlib: pyspark/pyarrow not installed, skipped")
+                else:
+                    run["spark"] = r
+                    print(f"[full] Spark MLlib local[2] {r['rate'] / 1e6:.3f} M", flush=True)
         results["cpu_scaling_end"] = cpu_scaling()
         results["peak_rss_main"] = peak_rss()
         results["total_seconds"] = time.perf_counter() - t_start
@@ -675,6 +740,8 @@ def ratios(results: dict, run: dict) -> dict:
         rate = run[key]["rate_best"]
         if sk:
             out[f"{key} / scikit-learn"] = rate / sk["rate"]
+        if run.get("spark"):
+            out[f"{key} / Spark MLlib"] = rate / run["spark"]["rate"]
         if p:
             out[f"{key} / NumPy pass in 2 processes"] = rate / p["rate_2proc"]
             out[f"{key} / (NumPy pass 1 core x 2)"] = rate / (2 * p["rate_1core"])
