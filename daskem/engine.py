@@ -685,20 +685,24 @@ def _fit_em_local_squarem(model, X, params, w, labels, tol, max_iter) -> EMResul
 
     converged = False
     prev = -np.inf
+
+    def step(p):  # a plain EM step, recorded; also says whether to stop
+        nonlocal params, prev, converged
+        new, lower, ev = em(p)
+        history.append(lower)
+        events.extend(ev)
+        converged = abs(lower - prev) < tol and not ev
+        params, prev = new, lower
+        return new, lower, bool(ev), converged or n_e >= max_iter
+
     p0 = params
     with blas_one_thread():
         while n_e < max_iter:
-            p1, l0, ev0 = em(p0)
-            history.append(l0)
-            events.extend(ev0)
-            params, converged, prev = p1, abs(l0 - prev) < tol and not ev0, l0
-            if converged or n_e >= max_iter:
+            p1, _, ev0, stop = step(p0)
+            if stop:
                 break
-            p2, l1, ev1 = em(p1)
-            history.append(l1)
-            events.extend(ev1)
-            params, converged, prev = p2, abs(l1 - l0) < tol and not ev1, l1
-            if converged or n_e >= max_iter:
+            p2, l1, ev1, stop = step(p1)
+            if stop:
                 break
             ext = None if ev0 or ev1 else _squarem_point(model, p0, p1, p2)
             p0 = p2
