@@ -229,6 +229,7 @@ BAD_INPUTS = [
     ),
     ("missing-k", "fit {stack} --model {tmp}/m.json", "Missing option '-k'"),
     ("bad-covariance", "fit {stack} -k 4 --covariance blob --model {tmp}/m.json", "'blob'"),
+    ("bad-precision", "fit {stack} -k 4 --precision half --model {tmp}/m.json", "'half'"),
     ("inspect-missing", "inspect {tmp}/nothing", "PATH {tmp}/nothing does not exist"),
     ("plot-not-posterior", "plot {stack} --out {tmp}/plots", "not a daskem posterior"),
 ]
@@ -432,6 +433,23 @@ def test_demo_small(scheduler, tmp_path):
     assert r.exit_code == 2 and "add --overwrite" in r.output
     r = invoke(*args, "--overwrite", "--quiet")
     assert r.exit_code == 0, r.output
+
+
+def test_fit_single_precision_is_recorded_and_close(fitted, scheduler, tmp_path):
+    model = tmp_path / "single.json"
+    r = invoke(
+        "fit", fitted["stack"], "--labels", "labels", "-k", 4, "--model", model,
+        "--precision", "single", "--scheduler", scheduler,
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    doc = json.loads(model.read_text())
+    auto = json.loads(fitted["model"].read_text())
+    assert doc["provenance"]["options"]["precision"] == "single"
+    assert auto["provenance"]["options"]["precision"] == "auto"
+    np.testing.assert_allclose(
+        doc["fitted"]["means"], auto["fitted"]["means"], rtol=1e-3, atol=1e-3
+    )
+    assert doc["fitted"]["means"] != auto["fitted"]["means"]  # float32 stack: other arithmetic
 
 
 def test_inspect_stack_model_posterior(fitted):
