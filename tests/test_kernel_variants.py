@@ -371,3 +371,22 @@ def test_single_precision_residual_form_in_float32_when_its_bound_allows():
     # the thin direction's variance (1e-3) to 1e-3 of itself
     thin = np.linalg.eigvalsh(fast.m2[1] / fast.n[1])[0]
     assert thin == pytest.approx(np.linalg.eigvalsh(ref.m2[1] / ref.n[1])[0], rel=1e-3)
+
+
+@pytest.mark.parametrize("ct", ["full", "tied", "diag"])
+def test_attributes_in_different_units_use_the_scaled_expanded_form(ct):
+    """Spreads of 0.04 and 50 with offsets of hundreds (like the demo stack): in
+    per-feature power-of-two units every component keeps the expanded form, in float32,
+    and the statistics stay as exact as the float64 reference."""
+    base = _params(ct, K=4, D=4, seed=5, spread=2.0)
+    units = np.array([0.04, 2.0, 50.0, 3.0])
+    offset = np.array([0.2, -11.0, 340.0, 290.0])
+    X = (_data(base, n=20_000, seed=7) * units + offset).astype(np.float32)
+    cov = base.covariances * (units**2 if ct == "diag" else np.outer(units, units))
+    pc, ok = compute_precision_cholesky(cov, ct)
+    assert ok.all()
+    p = GMMParams(base.weights, base.means * units + offset, pc, ct, cov)
+    plan = gmm._fast_plan(p, X.dtype, None)
+    assert plan.scale is not None and plan.n_res == 0 and plan.dtype == np.float32
+    np.testing.assert_array_equal(np.log2(plan.scale), np.round(np.log2(plan.scale)))
+    _assert_stats_close(block_stats(X, p), _reference(X, p), rtol=1e-5, atol=1e-6, worst=False)

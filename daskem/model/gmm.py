@@ -719,6 +719,7 @@ class _QuadPlan:
     c_res: np.ndarray  # (n_res,) log w_k + log det P_k - D/2 log(2 pi)
     stats_dtype: np.dtype = np.dtype(np.float64)  # of the statistics GEMM of a sub-block
     res_dtype: np.dtype = np.dtype(np.float64)  # of the residual-form components
+    scale: np.ndarray | None = None  # (D,) powers of two: phi is built from (x - c) / scale
 
     @property
     def n_res(self) -> int:
@@ -794,21 +795,35 @@ def _make_plan(params: GMMParams, f32: bool, single: bool = False) -> _QuadPlan 
     live = weights > 0
     if not live.any() or not np.all(np.isfinite(means)):
         return None
-    K, D = means.shape
+    K = means.shape[0]
     centre = (weights[live, None] * means[live]).sum(axis=0) / weights[live].sum()
-    full = params.covariance_type in ("full", "tied")
+    scale, scaled = _feature_scale(params, live)
+    units = [(None, params)] if scale is None else [(None, params), (scale, scaled)]
     for dt in [np.dtype(np.float32), np.dtype(np.float64)] if f32 else [np.dtype(np.float64)]:
         shift = centre.astype(dt).astype(np.float64)
-        f = _component_forms(params, shift)
-        if not (np.all(np.isfinite(f["A"][live])) and np.all(np.isfinite(f["PT"]))):
+        exact = _component_forms(params, shift)  # residual forms, in data units
+        if not np.all(np.isfinite(exact["PT"])):
             return None
-        gamma = (2.0 * math.sqrt(f["A"].shape[1]) + 4.0) * np.finfo(dt).eps / 2
         tol = _SINGLE_TOL if single and dt == np.float32 else _FAST_TOL[dt]
-        rmax = _radius(f["const"], f["lin"], f["q"], tol / gamma)
-        quad = ~live | (rmax >= f["bulk"])
-        rsafe = _radius(f["const"], f["lin"], f["q"], _SAFE_ERROR / gamma)
+        best = None
+        for sc, p in units:  # data units, then per-feature scaled units if any
+            f = exact if sc is None else _component_forms(p, shift / sc)
+            if sc is not None:  # log-densities in data units: undo the Jacobian of 1/scale
+                f["A"][:, 0] -= np.log(sc).sum()
+                f["const"] = np.abs(f["A"][:, 0])
+            if not np.all(np.isfinite(f["A"][live])):
+                continue
+            gamma = (2.0 * math.sqrt(f["A"].shape[1]) + 4.0) * np.finfo(dt).eps / 2
+            rmax = _radius(f["const"], f["lin"], f["q"], tol / gamma)
+            quad = ~live | (rmax >= f["bulk"])
+            if best is None or np.count_nonzero(quad) > np.count_nonzero(best[2]):
+                best = (sc, f, quad, rmax, gamma)
+        if best is None:
+            return None
+        sc, f, quad, rmax, gamma = best
         if dt == np.float32 and np.count_nonzero(~quad) > K // 4:
             continue  # float32 E-step only if few components need the float64 residual form
+        rsafe = _radius(f["const"], f["lin"], f["q"], _SAFE_ERROR / gamma)
         order = np.concatenate([np.flatnonzero(quad), np.flatnonzero(~quad)])
         qk = order[: int(quad.sum())]
         r2max = np.where(live[qk], np.square(rmax[qk]), np.inf)
@@ -816,26 +831,63 @@ def _make_plan(params: GMMParams, f32: bool, single: bool = False) -> _QuadPlan 
         rk = order[int(quad.sum()) :]
         single32 = single and dt == np.float32
         rdt = (
-            np.dtype(np.float32) if single32 and _f32_residual_ok(f["PT"][rk], means[rk]) else None
+            np.dtype(np.float32)
+            if single32 and _f32_residual_ok(exact["PT"][rk], means[rk])
+            else np.dtype(np.float64)
         )
-        rdt = rdt or np.dtype(np.float64)
         return _QuadPlan(
             dtype=dt,
             shift=shift,
-            full=full,
+            full=params.covariance_type in ("full", "tied"),
             order=order,
             A=np.ascontiguousarray(np.where(quad[order, None], f["A"][order], 0.0), dtype=dt),
             n_quad=int(qk.size),
             r2max=r2max,
             r2min=float(r2max.min()) if qk.size else np.inf,
             r2safe=float(r2safe.min()) if qk.size else np.inf,
-            PT_res=np.ascontiguousarray(f["PT"][rk], dtype=rdt),
+            PT_res=np.ascontiguousarray(exact["PT"][rk], dtype=rdt),
             mu_res=means[rk].astype(rdt),
-            c_res=f["cprime"][rk],
+            c_res=exact["cprime"][rk],
             stats_dtype=dt if single32 else np.dtype(np.float64),
             res_dtype=rdt,
+            scale=sc,
         )
     return None
+
+
+def _feature_scale(params: GMMParams, live: np.ndarray) -> tuple[np.ndarray | None, GMMParams]:
+    """Per-feature scales (powers of two, so scaling is exact) and the parameters in the
+    scaled units ``x / scale``, for the expanded form (trap 6: attributes in different
+    units, e.g. spreads of 0.04 and 49, make it ill-conditioned in data units).
+
+    ``scale_j`` is the weighted root-mean variance of feature j over the live components;
+    None when every scale is 1.
+    """
+    ct = params.covariance_type
+    P = np.asarray(params.precisions_cholesky, dtype=np.float64)
+    K, D = np.shape(params.means)
+    var = covariances_from_precision_cholesky(P, ct)
+    if ct == "full":
+        var = np.diagonal(var, axis1=1, axis2=2)
+    elif ct == "tied":
+        var = np.broadcast_to(np.diag(var), (K, D))
+    elif ct == "spherical":
+        var = np.repeat(var[:, None], D, axis=1)
+    w = np.asarray(params.weights, dtype=np.float64) * live
+    mean_var = (w[:, None] * var).sum(axis=0) / w.sum()
+    if not np.all(np.isfinite(mean_var) & (mean_var > 0)):
+        return None, params
+    scale = np.exp2(np.round(0.5 * np.log2(mean_var)))
+    if np.all(scale == 1.0):
+        return None, params
+    means = np.asarray(params.means, dtype=np.float64) / scale
+    if ct in ("full", "tied"):  # Lambda' = S Lambda S, so P' = S P
+        Ps = scale[:, None] * P
+        cts = ct
+    else:  # diag; spherical becomes diag in scaled units
+        Ps = (P if ct == "diag" else np.repeat(P[:, None], D, axis=1)) * scale
+        cts = "diag"
+    return scale, GMMParams(params.weights, means, Ps, cts)
 
 
 def _f32_residual_ok(PT: np.ndarray, mu: np.ndarray) -> bool:
@@ -957,6 +1009,7 @@ def _block_stats_fast(
         res_S2 = np.zeros((nr, D, D) if plan.full else (nr, D))
     A = plan.A
     shift = plan.shift.astype(dt)[:, None]
+    inv_scale = None if plan.scale is None else (1.0 / plan.scale).astype(dt)[:, None]
     floor = dt.type(_LOG_RESP_FLOOR)
     r2min = dt.type(min(plan.r2min, float(np.finfo(dt).max)))
     r2max = plan.r2max[:, None]
@@ -988,6 +1041,8 @@ def _block_stats_fast(
             xc = phi[1 : 1 + D]
             sq = phi[1 + D : 1 + 2 * D]
             np.subtract(X[s:e].T, shift, out=xc)
+            if inv_scale is not None:
+                xc *= inv_scale
             np.square(xc, out=sq)
             if plan.full:
                 o = 1 + 2 * D
@@ -1121,6 +1176,9 @@ def _block_stats_fast(
         S2[:, ju, iu] = sums[:, 1 + 2 * D :]
     else:
         S2 = sums[:, 1 + D : 1 + 2 * D].copy()
+    if plan.scale is not None:  # back to data units (exact: powers of two)
+        S1 = S1 * plan.scale
+        S2 *= np.outer(plan.scale, plan.scale) if plan.full else plan.scale**2
     means = np.asarray(params.means, dtype=np.float64)
     shift = np.repeat(plan.shift[None], K, axis=0)
     if nr:
