@@ -390,3 +390,22 @@ def test_attributes_in_different_units_use_the_scaled_expanded_form(ct):
     assert plan.scale is not None and plan.n_res == 0 and plan.dtype == np.float32
     np.testing.assert_array_equal(np.log2(plan.scale), np.round(np.log2(plan.scale)))
     _assert_stats_close(block_stats(X, p), _reference(X, p), rtol=1e-5, atol=1e-6, worst=False)
+
+
+@pytest.mark.parametrize("ct", ["full", "diag"])
+def test_float64_sub_blocks_of_float32_input_take_exp_in_float32(ct):
+    """Components far from the common centre: float32 cannot bound their expanded form, so
+    float32 input gets float64 sub-blocks, whose responsibilities alone are exponentiated in
+    float32 (relative error ~1e-7): statistics of overlapping pairs still within 1e-7 of the
+    float64 reference (~1e-9 measured), and float64 input keeps float64 throughout."""
+    p = _params(ct, K=6, D=4, seed=3, spread=25.0)
+    means = p.means.copy()
+    means[3:] = means[:3] + 0.7  # three far-apart pairs of overlapping components
+    p = GMMParams(p.weights, means, p.precisions_cholesky, ct, p.covariances)
+    X32 = _data(p, n=20_000, seed=4, dtype=np.float32)
+    plan = gmm._fast_plan(p, X32.dtype, None)
+    assert plan.dtype == np.float64 and plan.exp32 and plan.n_res < 6
+    _assert_stats_close(block_stats(X32, p), _reference(X32, p), rtol=1e-7, worst=False)
+    X64 = X32.astype(np.float64)
+    assert not gmm._fast_plan(p, X64.dtype, None).exp32
+    _assert_stats_close(block_stats(X64, p), _reference(X64, p), rtol=1e-10, worst=False)
