@@ -248,6 +248,9 @@ def run_cluster(
             Client(lc) as client,
         ):
             start = time.perf_counter() - t0
+            read_only = None
+            if "zarr" in inputs:  # reading on these workers, the reference of their Zarr rows
+                read_only = _read_only(inputs["zarr"], repeats=3)
             for name, X in inputs.items():
                 for precision in precisions:
                     key = name if precision == "auto" else f"{name}_{precision}"
@@ -264,7 +267,10 @@ def run_cluster(
                     after = client.run(_minor_faults)
                     out[key]["worker_minor_faults"] = [after[k] - before[k] for k in after]
             workers = client.run(_worker_memory)
-    return out, {"startup_seconds": start, "workers": list(workers.values())}
+    info = {"startup_seconds": start, "workers": list(workers.values())}
+    if read_only is not None:
+        info["read_only"] = read_only
+    return out, info
 
 
 # --------------------------------------------------------------------------- Zarr
@@ -301,21 +307,30 @@ def _touch(block):
     return np.array([[block.shape[0]]], dtype=np.int64)
 
 
+def _read_only(x, repeats: int = 3) -> dict:
+    """Read + decode every chunk of ``x`` on the active scheduler (warm page cache)."""
+    counts = x.map_blocks(_touch, chunks=((1,) * x.numblocks[0], (1,)), dtype=np.int64)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        total = int(counts.sum().compute())
+        times.append(time.perf_counter() - t0)
+    assert total == x.shape[0]
+    return {"seconds": min(times), "rate": x.shape[0] / min(times)}
+
+
 def read_only_pass(path: Path, repeats: int = 3) -> dict:
-    """Read + decode every chunk with the threaded scheduler on 2 threads (warm page cache)."""
+    """Read + decode every chunk with the threaded scheduler on 2 threads (warm page cache).
+
+    The LocalCluster rows are compared with the same pass on their own workers
+    (``run_cluster``): there, scheduling and moving chunks between tasks cost about a
+    quarter more than in one process, for reading alone.
+    """
     import dask
     import dask.array as da
 
-    x = da.from_zarr(str(path))
-    counts = x.map_blocks(_touch, chunks=((1,) * x.numblocks[0], (1,)), dtype=np.int64)
-    times = []
     with dask.config.set(scheduler="threads", num_workers=2):
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            total = int(counts.sum().compute())
-            times.append(time.perf_counter() - t0)
-    assert total == x.shape[0]
-    return {"seconds": min(times), "rate": x.shape[0] / min(times)}
+        return _read_only(da.from_zarr(str(path)), repeats)
 
 
 # --------------------------------------------------------------------------- scikit-learn
@@ -761,9 +776,14 @@ def ratios(results: dict, run: dict) -> dict:
             if not prec.endswith("_plan"):
                 out[f"daskem kernel 1 core ({prec}) / NumPy pass 1 core"] = rate / p["rate_1core"]
     if z:
-        t_read = 1.0 / z["read_only"]["rate"]  # seconds per pixel
         for key in [k for k in run if k.startswith("daskem_") and "zarr" in k]:
-            out[f"{key} / read-only"] = run[key]["rate_steady"] / z["read_only"]["rate"]
+            # the read-only pass on the same scheduler: threads, or this cluster's workers
+            ro = z["read_only"]
+            if "cluster_zarr" in key:
+                label = "default" if "_default" in key else "malloc"
+                ro = run.get(f"cluster_{label}", {}).get("read_only", ro)
+            t_read = 1.0 / ro["rate"]  # seconds per pixel
+            out[f"{key} / read-only"] = run[key]["rate_steady"] / ro["rate"]
             # the same run on the in-memory pixels
             if "cluster_zarr" in key:
                 mem = key.replace("cluster_zarr", "cluster_numpy")
@@ -821,11 +841,14 @@ def report(results: dict) -> None:
         if p:
             print(f"{'numpy_proxy 1 core':34s} {_fmt_rate(p['rate_1core'])}")
             print(f"{'numpy_proxy 2 processes':34s} {_fmt_rate(p['rate_2proc'])}")
-        for label in ("default", "malloc"):
+        for label, what in (("default", "distributed's"), ("malloc", "daskem's")):
             info = run.get(f"cluster_{label}")
             if info:
                 mem = ", ".join(f"{w['peak_rss'] / MIB:.0f}" for w in info["workers"])
-                print(f"LocalCluster ({label} malloc settings) worker peak RSS MiB: {mem}")
+                print(f"LocalCluster ({what} malloc settings) worker peak RSS MiB: {mem}")
+                if "read_only" in info:
+                    rate = _fmt_rate(info["read_only"]["rate"])
+                    print(f"LocalCluster ({what} malloc settings) Zarr read-only pass: {rate}")
         run["ratios"] = ratios(results, run)
         for k, v in run["ratios"].items():
             print(f"  {k:72s} {v:>7.2f}" if isinstance(v, float) else f"  {k:72s} {v:>7s}")

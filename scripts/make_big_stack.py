@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import shutil
 import time
 from pathlib import Path
 
@@ -95,8 +97,14 @@ def main() -> None:
         f"writing {args.side} x {args.side} x {args.features} float32 = {gb:.1f} GB to {args.out}"
     )
     t = time.perf_counter()
-    with connect(n_workers=args.workers):
-        ds.to_zarr(args.out, mode="w-", consolidated=True)
+    # written beside the target and renamed into place: a killed run leaves no half store
+    tmp = args.out.with_name(f".{args.out.name}.partial-{os.getpid()}")
+    try:
+        with connect(n_workers=args.workers):
+            ds.to_zarr(tmp, mode="w-", consolidated=True)
+        os.rename(tmp, args.out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     s = time.perf_counter() - t
     on_disk = sum(f.stat().st_size for f in args.out.rglob("*") if f.is_file()) / 1e9
     print(f"done in {s:.0f} s ({gb / s:.2f} GB/s); {on_disk:.1f} GB on disk")

@@ -1,0 +1,76 @@
+"""The benchmark and data scripts run end to end on tiny inputs and write what they
+promise (JSON with the ratios the README quotes; a Zarr stack daskem can open). They are
+deliverables like the package: this keeps them from rotting. No timing is checked."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import xarray as xr
+
+SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+
+
+def _run(*args, timeout=300):
+    proc = subprocess.run(
+        [sys.executable, *map(str, args)], capture_output=True, text=True, timeout=timeout
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc.stdout
+
+
+@pytest.mark.slow
+def test_bench_runs_and_reports_the_ratios(tmp_path):
+    out = tmp_path / "bench.json"
+    text = _run(
+        SCRIPTS / "bench.py", "--n", 40_000, "--d", 3, "--k", 3, "--iters", 2,
+        "--cov", "full", "--sklearn-n", 20_000, "--skip", "malloc,spark",
+        "--zarr-rows", 8192, "--json", out,
+    )  # fmt: skip
+    res = json.loads(out.read_text())
+    run = res["runs"]["full"]
+    for key in ("daskem_threads", "daskem_threads_single", "daskem_zarr_threads", "sklearn"):
+        assert run[key]["rate"] > 0, key
+    assert run["kernel_1core"]["auto_plan"].endswith("components")
+    ratios = run["ratios"]
+    assert ratios["daskem_threads / scikit-learn"] > 0
+    assert ratios["daskem_threads / (NumPy pass 1 core x 2)"] > 0
+    assert ratios["daskem_zarr_threads: dominated by"] in ("read", "compute")
+    assert "daskem_zarr_threads pass / (read-only + daskem_threads) pass" in text
+    # the cluster's Zarr rows are compared with a read-only pass on the same workers
+    assert run["cluster_default"]["read_only"]["rate"] > 0
+    key = "daskem_cluster_zarr_default pass / (read-only + daskem_cluster_numpy_default) pass"
+    assert ratios[key] > 0
+
+
+@pytest.mark.slow
+def test_bench_passes_runs_and_compares_with_plain_em(tmp_path):
+    out = tmp_path / "passes.json"
+    _run(
+        SCRIPTS / "bench_passes.py", "--n", 30_000, "--d", 3, "--k", 3, "--rows", 4096,
+        "--tols", "1e-3", "--skip-exhaustive", "--json", out,
+    )  # fmt: skip
+    res = json.loads(out.read_text())
+    (row,) = res["passes"]
+    assert row["plain EM"]["passes"] >= 1 and row["prefit"]["passes"] >= 1
+    assert row["pass_ratio"] == row["prefit"]["passes"] / row["plain EM"]["passes"]
+    assert set(res["restarts"]) == {"n_init=1", "n_init=4"}
+    assert res["restarts"]["n_init=4"]["time_ratio"] > 0
+
+
+@pytest.mark.slow
+def test_big_stack_generator_and_fit(tmp_path):
+    stack = tmp_path / "big.zarr"
+    _run(SCRIPTS / "make_big_stack.py", stack, "--side", 256, "--chunk", 128, "--features", 3,
+         "--classes", 3, "--workers", 1)  # fmt: skip
+    ds = xr.open_zarr(stack)
+    assert len(ds.data_vars) >= 3
+    out = tmp_path / "big.json"
+    _run(SCRIPTS / "bench_big.py", stack, "-k", 3, "--max-iter", 3, "--workers", 1,
+         "--memory-limit", "1GiB", "--json", out)  # fmt: skip
+    res = json.loads(out.read_text())
+    assert res["pixels"] == 256 * 256
+    assert 1 <= res["n_iter"] <= 3 and len(res["passes"]) >= 1
+    assert res["peak_rss_total_gb"] > 0
