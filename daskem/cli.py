@@ -295,7 +295,7 @@ def _fit_options(f: Callable) -> Callable:
             default="auto",
             show_default=True,
             help="E-step arithmetic for float32 stacks: 'auto' matches a float64 fit to "
-            "~1e-9; 'single' is a plain float32 kernel, ~1.5-2x faster, parameters within "
+            "~1e-9; 'single' is a plain float32 kernel, up to ~1.7x faster, parameters within "
             "~1e-4.",
         ),
         click.option(
