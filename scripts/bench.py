@@ -323,8 +323,8 @@ def read_only_pass(path: Path, repeats: int = 3) -> dict:
     """Read + decode every chunk with the threaded scheduler on 2 threads (warm page cache).
 
     The LocalCluster rows are compared with the same pass on their own workers
-    (``run_cluster``): there, scheduling and moving chunks between tasks cost about a
-    quarter more than in one process, for reading alone.
+    (``run_cluster``): reading alone ran 10-35 % slower on two worker processes than on
+    two threads of one process here.
     """
     import dask
     import dask.array as da
