@@ -17,7 +17,24 @@ from typing import Any
 
 logger = logging.getLogger("daskem")
 
-__all__ = ["connect"]
+__all__ = ["connect", "peak_rss"]
+
+
+def peak_rss() -> int:
+    """Peak resident set size of the calling process, in bytes.
+
+    ``VmHWM`` of this address space where ``/proc`` has it (unlike ``ru_maxrss`` it does
+    not carry a parent's peak into a spawned child such as a Dask worker), else
+    ``ru_maxrss``. ``client.run(peak_rss)`` gives every worker's.
+    """
+    with contextlib.suppress(OSError):
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 @contextlib.contextmanager

@@ -46,6 +46,8 @@ from pathlib import Path
 
 import numpy as np
 
+from daskem.cluster import peak_rss
+
 MIB = 2**20
 PROXY_BLOCK = 2048
 ZARR_ROWS = 524_288  # 16 MiB float32 chunks of 8 features (a 1024 x 512 x 8 map tile);
@@ -55,19 +57,6 @@ MALLOC_DEFAULT = {"MALLOC_TRIM_THRESHOLD_": "65536"}  # distributed's own settin
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def peak_rss() -> int:
-    """Peak resident set size of this process in bytes.
-
-    ``VmHWM`` of this address space: unlike ``ru_maxrss`` it does not carry over the
-    parent's peak into a spawned (fork + exec) child such as a Dask worker.
-    """
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _spin(barrier, queue, loops=5_000_000):

@@ -17,14 +17,7 @@ import time
 from pathlib import Path
 
 from daskem import io
-from daskem.cluster import connect
-
-
-def _vmhwm() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return 0
+from daskem.cluster import connect, peak_rss
 
 
 def main() -> None:
@@ -65,11 +58,11 @@ def main() -> None:
             max_iter=args.max_iter, random_state=0, callback=on_iteration,
         )  # fmt: skip
         fit_s = time.perf_counter() - t_fit
-        workers = client.run(_vmhwm)
-        scheduler = client.run_on_scheduler(_vmhwm)
+        workers = client.run(peak_rss)
+        scheduler = client.run_on_scheduler(peak_rss)
         scheduler_pid = client.run_on_scheduler(os.getpid)
     total_s = time.perf_counter() - t0
-    client_peak = _vmhwm()
+    client_peak = peak_rss()
     if scheduler_pid == os.getpid():  # LocalCluster's scheduler lives in this process
         peaks = {"client + scheduler": client_peak, **workers}
     else:

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
+from daskem.cluster import peak_rss
 from daskem.io import (
     Stack,
     fit_stack,
@@ -449,19 +450,10 @@ def _generate(block_info=None, seed=0):
     return out
 
 
-def _peak_rss() -> int:
-    """Peak resident set size of this process (``VmHWM``), in bytes."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
-
-
 def _import_daskem() -> int:
     import daskem.io  # noqa: F401  (what the write imports: xarray, zarr, daskem)
 
-    return _peak_rss()
+    return peak_rss()
 
 
 @pytest.mark.cluster
@@ -509,7 +501,7 @@ def test_posterior_of_a_stack_larger_than_worker_memory(tmp_path):
         assert dask.base.get_scheduler() == client.get
         (base,) = client.run(_import_daskem).values()
         path = write_posterior(post, tmp_path / "big.zarr")
-        (peak,) = client.run(_peak_rss).values()
+        (peak,) = client.run(peak_rss).values()
     seconds = time.perf_counter() - t0
     growth = peak - base
     assert growth < growth_bound, f"worker grew by {growth / 2**20:.0f} MiB"
