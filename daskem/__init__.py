@@ -1,6 +1,11 @@
 """daskem: out-of-core, Dask-distributed Expectation-Maximization for image stacks."""
 
 from ._version import __version__
-from .estimator import ConvergenceWarning, GaussianMixture
+from .estimator import ConvergenceWarning, GaussianMixture, GaussianMixtureClassifier
 
-__all__ = ["ConvergenceWarning", "GaussianMixture", "__version__"]
+__all__ = [
+    "ConvergenceWarning",
+    "GaussianMixture",
+    "GaussianMixtureClassifier",
+    "__version__",
+]

@@ -74,6 +74,7 @@ __all__ = [
     "Start",
     "map_rows",
     "pass_graph",
+    "relabel",
 ]
 
 logger = logging.getLogger("daskem")
@@ -759,6 +760,28 @@ def labelled_rows(data: ChunkedData) -> tuple[np.ndarray, np.ndarray, int, int]:
     X = np.concatenate([t[0] for t in taken])
     y = np.concatenate([t[1] for t in taken])
     return X, y, y_min, y_max
+
+
+def _relabel_block(y: np.ndarray, classes: np.ndarray) -> np.ndarray:
+    y = np.asarray(y)
+    out = np.full(y.shape, -1, dtype=np.int64)
+    lab = y != -1
+    out[lab] = np.searchsorted(classes, y[lab])
+    return out
+
+
+def relabel(data: ChunkedData, classes: np.ndarray) -> ChunkedData:
+    """The same data with its labels replaced, lazily, by their index in ``classes``.
+
+    ``classes`` is sorted and holds every label value but ``-1`` (unlabelled), which
+    stays ``-1``.
+    """
+    if data.labels is None:
+        raise ValueError("the data has no labels")
+    labels = data.labels.map_blocks(
+        _relabel_block, np.asarray(classes), dtype=np.int64, meta=np.empty(0, np.int64)
+    )
+    return ChunkedData(data.X, data.sample_weight, labels)
 
 
 def draw_sample(

@@ -49,7 +49,7 @@ import numpy as np
 import xarray as xr
 
 from ._version import __version__
-from .estimator import GaussianMixture
+from .estimator import GaussianMixture, GaussianMixtureClassifier
 from .model.gmm import class_posterior
 
 __all__ = [
@@ -923,43 +923,49 @@ def _points_block(block, index, ids, block_info=None):
 
 def fit_stack(
     stack: Stack,
-    n_components: int,
+    n_components: int | None = None,
     labels: Any = None,
     *,
     class_names: Sequence[str] | Mapping[int, str] | None = None,
+    components_per_class: int | Mapping[Any, int] | None = None,
     sample_weight: Any = None,
     checkpoint_dir: str | os.PathLike[str] | None = None,
     resume: bool = False,
     callback: Any = None,
     **gm_kwargs: Any,
-) -> GaussianMixture:
-    """Fit a :class:`~daskem.GaussianMixture` on every pixel of a stack.
+) -> GaussianMixture | GaussianMixtureClassifier:
+    """Fit a mixture on every pixel of a stack.
 
-    Pixels with a missing attribute are left out of the fit (``nan_policy="omit"``).
+    Without labels a :class:`~daskem.GaussianMixture`; with labels a semi-supervised
+    :class:`~daskem.GaussianMixtureClassifier`. Pixels with a missing attribute are
+    left out of the fit (``nan_policy="omit"``).
 
     Parameters
     ----------
     stack : Stack
-    n_components : int
-        Number of mixture components; at least the number of classes.
+    n_components : int, optional
+        Number of mixture components; with labels at least the number of classes
+        (default: one per class, or what ``components_per_class`` asks for; further
+        components are given to the classes in turn). Required without labels.
     labels : optional
-        Training labels, anything :func:`labels_for_stack` accepts. With labels the
-        fit is semi-supervised; unless ``component_classes`` is given, component
-        ``k`` belongs to class ``k % n_classes``.
+        Training labels, anything :func:`labels_for_stack` accepts.
     class_names : sequence of str or mapping, optional
         See :func:`labels_for_stack`.
+    components_per_class : int or mapping, optional
+        With labels: components of every class (an int), or per class as a mapping
+        from class name (or class id) to a count >= 1; classes not named get 1.
     sample_weight : xarray.DataArray or array, optional
         Per-pixel weights: a DataArray on the stack's grid, an array of the stack's
         spatial shape, or an array of shape (n_pixels,) already in the row order of
         :meth:`Stack.rows`.
     checkpoint_dir, resume, callback
-        Passed to :meth:`GaussianMixture.fit`.
+        Passed to the estimator's ``fit``.
     **gm_kwargs
-        Passed to :class:`~daskem.GaussianMixture`.
+        Passed to the estimator (e.g. ``covariance_type``, ``label_weight``).
 
     Returns
     -------
-    GaussianMixture
+    GaussianMixture or GaussianMixtureClassifier
         Fitted, with in addition ``feature_names_in_`` (the stack's variables),
         ``class_names_``, ``excluded_counts_`` (``{"all_missing", "partially_missing",
         "total"}`` pixel counts) and ``input_path_``.
@@ -972,20 +978,28 @@ def fit_stack(
     X = stack.rows()
     y = None
     names: list[str] | None = None
+    gm_kwargs.setdefault("nan_policy", "omit")
     if labels is not None:
         y, names = labels_for_stack(stack, labels, class_names=class_names)
         C = len(names)
-        if n_components < C:
+        if n_components is not None and n_components < C:
             raise ValueError(
                 f"n_components={n_components} is smaller than the number of classes ({C}: "
                 f"{names}); every class needs at least one component"
             )
-        if gm_kwargs.get("component_classes") is None:
-            gm_kwargs["component_classes"] = np.arange(n_components) % C
-    elif class_names is not None:
-        names = _names_from_mapping(class_names)
-    gm_kwargs.setdefault("nan_policy", "omit")
-    gm = GaussianMixture(n_components, **gm_kwargs)
+        gm = GaussianMixtureClassifier(
+            n_components,
+            components_per_class=_components_per_class_ids(components_per_class, names),
+            **gm_kwargs,
+        )
+    else:
+        if components_per_class is not None:
+            raise ValueError("components_per_class needs labels (a semi-supervised fit)")
+        if n_components is None:
+            raise ValueError("n_components is required for an unsupervised fit")
+        if class_names is not None:
+            names = _names_from_mapping(class_names)
+        gm = GaussianMixture(n_components, **gm_kwargs)
     n_bad = (~da.isfinite(stack.data)).sum(axis=0, dtype=np.int32)
     D = stack.n_features
     all_missing, partial = da.compute((n_bad == D).sum(), ((n_bad > 0) & (n_bad < D)).sum())
@@ -996,8 +1010,11 @@ def fit_stack(
         for k, v in (("checkpoint_dir", checkpoint_dir), ("resume", resume), ("callback", callback))
         if v is not None and v is not False
     }
-    gm.fit(X, y, sample_weight, **fit_kwargs)
-    n_classes = int(getattr(gm, "n_classes_", n_components))
+    if y is None:
+        gm.fit(X, sample_weight=sample_weight, **fit_kwargs)
+    else:
+        gm.fit(X, y, sample_weight, **fit_kwargs)
+    n_classes = int(gm.n_classes_)
     if names is None:
         names = [f"class_{c}" for c in range(n_classes)]
     elif len(names) != n_classes:
@@ -1013,6 +1030,26 @@ def fit_stack(
     }
     gm.input_path_ = stack.path
     return gm
+
+
+def _components_per_class_ids(
+    components_per_class: int | Mapping[Any, int] | None, names: list[str]
+) -> int | dict[int, int] | None:
+    """``components_per_class`` keyed by class id (given by class name or id)."""
+    if not isinstance(components_per_class, Mapping):
+        return components_per_class
+    out = {}
+    for key, count in components_per_class.items():
+        if isinstance(key, str) and key in names:
+            out[names.index(key)] = count
+        elif isinstance(key, (int, np.integer)) and 0 <= int(key) < len(names):
+            out[int(key)] = count
+        else:
+            raise ValueError(
+                f"components_per_class names class {key!r}, which is not among the "
+                f"classes {names}"
+            )
+    return out
 
 
 def _weights_as_rows(stack: Stack, w: Any) -> da.Array:
@@ -1161,7 +1198,7 @@ def posterior(
             f"{stack.n_features}"
         )
     params = model._fitted_params()
-    C = int(getattr(model, "n_classes_", model.n_components))
+    C = int(getattr(model, "n_classes_", model.means_.shape[0]))
     names = getattr(model, "class_names_", None)
     if names is None:
         names = (
@@ -1273,11 +1310,11 @@ def _model_attrs(model: GaussianMixture, names: list[str], stack: Stack) -> dict
         "daskem_date_created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "model_type": type(model).__name__,
         "model_covariance_type": model.covariance_type,
-        "model_n_components": int(model.n_components),
+        "model_n_components": int(model.means_.shape[0]),
         "model_feature_names": json.dumps(list(stack.variables)),
         "model_class_names": json.dumps(names),
         "model_component_classes": json.dumps(
-            _jsonable(getattr(model, "component_classes_", np.arange(model.n_components)))
+            _jsonable(getattr(model, "component_classes_", np.arange(model.means_.shape[0])))
         ),
         "model_weights": json.dumps(_jsonable(model.weights_)),
         "model_means": json.dumps(_jsonable(model.means_)),

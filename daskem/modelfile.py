@@ -22,7 +22,10 @@ from typing import Any
 import numpy as np
 
 from ._version import __version__
-from .estimator import GaussianMixture
+from .estimator import GaussianMixture, GaussianMixtureClassifier
+
+#: The estimators a model file can hold, by the name written in its ``estimator`` field.
+ESTIMATORS = {cls.__name__: cls for cls in (GaussianMixture, GaussianMixtureClassifier)}
 
 __all__ = [
     "SCHEMA",
@@ -105,7 +108,7 @@ def model_to_dict(
     features = feature_names or getattr(gm, "feature_names_in_", None)
     classes = class_names or getattr(gm, "class_names_", None)
     D = int(gm.n_features_in_)
-    n_classes = int(getattr(gm, "n_classes_", gm.n_components))
+    n_classes = int(getattr(gm, "n_classes_", gm.means_.shape[0]))
     prov = {
         "daskem_version": __version__,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -127,7 +130,7 @@ def model_to_dict(
             "covariances": gm.covariances_.tolist(),
             "precisions_cholesky": gm.precisions_cholesky_.tolist(),
             "component_classes": np.asarray(
-                getattr(gm, "component_classes_", np.arange(gm.n_components))
+                getattr(gm, "component_classes_", np.arange(gm.means_.shape[0]))
             ).tolist(),
             "converged": bool(gm.converged_),
             "n_iter": int(gm.n_iter_),
@@ -135,6 +138,7 @@ def model_to_dict(
             "lower_bounds": np.asarray(gm.lower_bounds_).tolist(),
             "reseeds": _jsonable(list(getattr(gm, "reseeds_", []))),
             "n_excluded": int(getattr(gm, "n_excluded_", 0)),
+            "classes": _jsonable(gm.classes_) if hasattr(gm, "classes_") else None,
         },
         "provenance": _jsonable(prov),
     }
@@ -159,9 +163,19 @@ def model_from_dict(doc: Any, source: str = "model") -> GaussianMixture:
         fitted = doc["fitted"]
         features = [str(f) for f in doc["features"]]
         classes = [str(c) for c in doc["classes"]]
-        gm = GaussianMixture(**params)
+        kind = doc.get("estimator", "GaussianMixture")
+        if kind not in ESTIMATORS:
+            raise ModelFileError(
+                f"{source}: estimator {kind!r} is not one this daskem reads "
+                f"({', '.join(ESTIMATORS)})"
+            )
+        if kind == "GaussianMixture" and "component_classes" in params:
+            # files of daskem <= 0.x: semi-supervised fits were GaussianMixture too
+            if params.pop("component_classes") is not None:
+                kind = "GaussianMixtureClassifier"
+        gm = ESTIMATORS[kind](**params)
         ct = fitted["covariance_type"]
-        K = int(gm.n_components)
+        K = len(fitted["weights"])
         D = len(features)
         arrays = {
             "weights_": np.asarray(fitted["weights"], dtype=np.float64),
@@ -208,6 +222,13 @@ def model_from_dict(doc: Any, source: str = "model") -> GaussianMixture:
     gm.n_classes_ = len(classes)
     gm.feature_names_in_ = np.asarray(features, dtype=object)
     gm.class_names_ = classes
+    if isinstance(gm, GaussianMixtureClassifier):
+        saved = fitted.get("classes")
+        gm.classes_ = np.asarray(saved if saved is not None else np.arange(len(classes)))
+        if gm.classes_.shape != (len(classes),):
+            raise ModelFileError(
+                f"{source}: {len(gm.classes_)} class labels for {len(classes)} classes"
+            )
     gm.provenance_ = dict(doc.get("provenance") or {})
     return gm
 

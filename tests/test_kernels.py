@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from daskem import GaussianMixture
+from daskem import GaussianMixture, GaussianMixtureClassifier
 from daskem.model.gmm import (
     GMMParams,
     block_stats,
@@ -164,7 +164,7 @@ def test_semi_supervised_objective_never_decreases():
     X = np.concatenate([rng.normal(size=(300, 2)) + c for c in ([0, 0], [2.5, 0], [0, 2.5])])
     y = np.full(len(X), -1)
     y[[0, 1, 300, 301, 600, 601]] = [0, 0, 1, 1, 2, 2]
-    gm = GaussianMixture(3, tol=0, max_iter=40, random_state=0)
+    gm = GaussianMixtureClassifier(tol=0, max_iter=40, random_state=0)
     with pytest.warns(UserWarning):
         gm.fit(X, y)
     lb = gm.lower_bounds_

@@ -1369,6 +1369,10 @@ class GMMModel:
         Sub-block size of the kernel.
     precision : {"auto", "single"}
         Arithmetic of the kernel for float32 data (see :func:`block_stats`).
+    label_weight : float
+        Weight of a labelled row relative to an unlabelled one (Nigam et al. 2000's
+        lambda): it multiplies the row's sample weight in every statistic and in the
+        objective.
     """
 
     covariance_type: str = "full"
@@ -1377,6 +1381,7 @@ class GMMModel:
     reseed: bool = True
     block_rows: int = DEFAULT_BLOCK_ROWS
     precision: str = "auto"
+    label_weight: float = 1.0
 
     def block_stats(
         self,
@@ -1385,6 +1390,9 @@ class GMMModel:
         sample_weight: np.ndarray | None = None,
         labels: np.ndarray | None = None,
     ) -> GMMStats:
+        if labels is not None and self.label_weight != 1.0:
+            lw = np.where(np.asarray(labels) >= 0, self.label_weight, 1.0)
+            sample_weight = lw if sample_weight is None else lw * sample_weight
         return block_stats(
             X,
             params,

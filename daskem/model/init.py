@@ -20,6 +20,7 @@ __all__ = [
     "initial_responsibilities",
     "kmeans",
     "kmeans_plusplus",
+    "labelled_start",
     "params_from_resp",
 ]
 
@@ -213,3 +214,134 @@ def params_from_resp(
     )
     stats = block_stats(X, prov, sample_weight, resp=resp)
     return m_step(stats, covariance_type, reg_covar, component_class=component_class)
+
+
+def common_covariance(
+    X: np.ndarray,
+    sample_weight: np.ndarray | None,
+    Xl: np.ndarray,
+    yl: np.ndarray,
+    how: str = "sample",
+) -> np.ndarray:
+    """One covariance matrix (D, D) shared by every component of a labelled start.
+
+    * ``"sample"``: the (weighted) covariance of the initialisation sample -- broad
+      (it includes the spread between classes), so no component starts too thin to
+      reach the pixels of its class;
+    * ``"pooled"``: the pooled within-class covariance of the labelled rows (as in
+      linear discriminant analysis), usable only when every class has more labelled
+      rows than features.
+    """
+    if how == "pooled":
+        resid = np.concatenate([Xl[yl == c] - Xl[yl == c].mean(0) for c in np.unique(yl)])
+        return resid.T @ resid / max(len(Xl) - len(np.unique(yl)), 1)
+    w = np.ones(len(X)) if sample_weight is None else np.asarray(sample_weight, np.float64)
+    w = w / w.sum()
+    xc = X - w @ X
+    return (xc * w[:, None]).T @ xc
+
+
+def _covariances_for(cov: np.ndarray, K: int, covariance_type: str, reg_covar: float):
+    D = cov.shape[0]
+    cov = cov + reg_covar * np.eye(D)
+    if covariance_type == "full":
+        return np.repeat(cov[None], K, axis=0)
+    if covariance_type == "tied":
+        return cov
+    if covariance_type == "diag":
+        return np.repeat(np.diag(cov)[None], K, axis=0)
+    return np.full(K, float(np.mean(np.diag(cov))))
+
+
+def labelled_start(
+    X: np.ndarray,
+    sample_weight: np.ndarray | None,
+    Xl: np.ndarray,
+    yl: np.ndarray,
+    component_class: np.ndarray,
+    covariance_type: str,
+    reg_covar: float,
+    rng: np.random.Generator,
+    covariance: str = "sample",
+) -> GMMParams:
+    """First parameters of a semi-supervised mixture from its labelled rows.
+
+    The rule (the same for every covariance type):
+
+    1. the first component of each class starts at the mean of that class's labelled
+       rows (a class with no labelled row has no fixed centre);
+    2. every component starts with one common covariance (:func:`common_covariance`,
+       plus ``reg_covar`` on the diagonal, reduced to the covariance type), and all
+       weights are equal;
+    3. further components of a class are seeded by k-means++ -- against the class's
+       centre -- among the sampled rows nearest (in the Mahalanobis distance of the
+       common covariance) to that class's centre; components of classes without
+       labelled rows are seeded by k-means++ on all sampled rows against every fixed
+       centre.
+
+    With one component per class the start is exactly "class means of the labelled
+    rows, common covariance, equal weights", independent of ``rng``; restarts vary
+    only the seeded components of step 3.
+
+    Parameters
+    ----------
+    X : ndarray (n, D)
+        The initialisation sample (finite rows).
+    sample_weight : ndarray (n,) or None
+    Xl : ndarray (m, D)
+        The labelled rows; ``yl`` (m,) their class ids.
+    component_class : ndarray of int (K,)
+        Class of each component.
+    """
+    from .gmm import compute_precision_cholesky
+
+    K, D = len(component_class), X.shape[1]
+    cov = common_covariance(X, sample_weight, Xl, yl, covariance)
+    cov = 0.5 * (cov + cov.T)
+    means = np.empty((K, D))
+    fixed: list[int] = []
+    for c in np.unique(component_class):
+        rows = yl == c
+        if rows.any():
+            k = int(np.flatnonzero(component_class == c)[0])
+            means[k] = Xl[rows].mean(axis=0)
+            fixed.append(k)
+    todo = [k for k in range(K) if k not in fixed]
+    if todo:
+        # whitened units of the common covariance: Euclidean there = Mahalanobis here
+        L = np.linalg.cholesky(cov + (reg_covar + 1e-12 * np.trace(cov) / D) * np.eye(D))
+        loc = X.mean(axis=0)
+        Z = np.linalg.solve(L, (X - loc).T).T
+        centres = np.linalg.solve(L, (means[fixed] - loc).T).T
+        nearest = np.asarray(fixed)[np.argmin(_sq_dist(Z, centres), axis=1)] if fixed else None
+        w = None if sample_weight is None else np.asarray(sample_weight, np.float64)
+        for c in np.unique(component_class[todo]):
+            extra = [k for k in todo if component_class[k] == c]
+            own = [k for k in fixed if component_class[k] == c]
+            if own:
+                rows = np.flatnonzero(nearest == own[0])
+                if len(rows) < 2 * len(extra):  # too few rows near the class: use all
+                    rows = np.arange(len(Z))
+                against = centres[[fixed.index(k) for k in own]]
+            else:
+                rows = np.arange(len(Z))
+                against = centres if fixed else None
+            seeds = kmeans_plusplus(
+                Z[rows], len(extra), rng, None if w is None else w[rows], initial_centers=against
+            )
+            means[extra] = X[rows[seeds]]
+    covariances = _covariances_for(cov, K, covariance_type, reg_covar)
+    prec_chol, ok = compute_precision_cholesky(covariances, covariance_type)
+    if not np.all(ok):
+        raise ValueError(
+            "the common covariance of the labelled start is not positive-definite: "
+            "increase reg_covar or check for constant attributes"
+        )
+    return GMMParams(
+        weights=np.full(K, 1.0 / K),
+        means=means,
+        precisions_cholesky=prec_chol,
+        covariance_type=covariance_type,
+        covariances=covariances,
+        component_class=np.asarray(component_class),
+    )
