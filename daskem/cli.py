@@ -256,9 +256,26 @@ def _fit_options(f: Callable) -> Callable:
             "--n-components",
             "n_components",
             type=click.IntRange(min=1),
-            required=True,
             metavar="K",
-            help="Number of mixture components (at least the number of classes).",
+            help="Number of mixture components. Required without --labels; with --labels "
+            "at least the number of classes (default: one per class, or what "
+            "--components-per-class asks for).",
+        ),
+        click.option(
+            "--components-per-class",
+            "components_per_class",
+            metavar="N|CLASS=N,...",
+            help="With --labels: components of every class (N), or of named classes "
+            "(e.g. urban=3,forest=2; others get 1). For classes made of several kinds of "
+            "pixels.",
+        ),
+        click.option(
+            "--label-weight",
+            type=click.FloatRange(min=0, min_open=True),
+            default=1.0,
+            show_default=True,
+            help="With --labels: how many unlabelled pixels a labelled pixel counts for in "
+            "the fit (> 0).",
         ),
         click.option(
             "--covariance",
@@ -474,9 +491,18 @@ def _cluster(
 # ----------------------------------------------------------------------------- steps
 
 
-def _check_fit_options(rep: Reporter, opts: dict[str, Any], overwrite: bool) -> None:
-    """Checkpoint options, checked before any work."""
+def _check_fit_options(
+    rep: Reporter, opts: dict[str, Any], overwrite: bool, labels: str | None
+) -> None:
+    """Model and checkpoint options, checked before any work."""
     from .modelfile import load_checkpoint
+
+    if labels is None and opts["n_components"] is None:
+        raise BadInput("-k/--n-components is required without --labels")
+    if labels is None and opts.get("components_per_class") is not None:
+        raise BadInput("--components-per-class needs --labels (a semi-supervised fit)")
+    if labels is not None:
+        _parse_components_per_class(opts.get("components_per_class"))
 
     ckpt = opts["checkpoint"]
     if opts["resume"] and not ckpt:
@@ -527,15 +553,24 @@ def _fit(rep: Reporter, stack: Any, *, labels: str | None, opts: dict[str, Any])
     from . import io
 
     how = f"semi-supervised from --labels {labels}" if labels else "unsupervised"
+    k = opts["n_components"]
     rep.progress(
-        f"fitting {opts['n_components']} components ({opts['covariance']} covariance), {how}"
+        f"fitting {k if k is not None else 'one per class of the'} components "
+        f"({opts['covariance']} covariance), {how}"
     )
     t = time.perf_counter()
+    extra: dict[str, Any] = {}
+    if labels is not None:
+        extra["components_per_class"] = _parse_components_per_class(
+            opts.get("components_per_class")
+        )
+        extra["label_weight"] = opts.get("label_weight", 1.0)
     try:
         gm = io.fit_stack(
             stack,
             opts["n_components"],
             labels,
+            **extra,
             covariance_type=opts["covariance"],
             tol=opts["tol"],
             max_iter=opts["max_iter"],
@@ -551,6 +586,8 @@ def _fit(rep: Reporter, stack: Any, *, labels: str | None, opts: dict[str, Any])
             raise BadInput(f"--labels {labels}: {_message(e)}") from e
         if str(e).startswith("n_components="):
             raise BadInput(f"-k/--n-components: {_message(e)}") from e
+        if str(e).startswith("components_per_class"):
+            raise BadInput(f"--components-per-class: {_message(e)}") from e
         raise
     seconds = time.perf_counter() - t
     state = "converged" if gm.converged_ else "did not converge"
@@ -560,6 +597,32 @@ def _fit(rep: Reporter, stack: Any, *, labels: str | None, opts: dict[str, Any])
     )
     gm.fit_seconds_ = seconds
     return gm
+
+
+def _parse_components_per_class(text: str | None) -> int | dict[str, int] | None:
+    """``--components-per-class``: ``N`` or ``CLASS=N,CLASS=N``."""
+    if text is None:
+        return None
+    option = "--components-per-class"
+
+    def count(value: str) -> int:
+        try:
+            n = int(value)
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise BadInput(f"{option} {text}: {value!r} is not an integer >= 1")
+        return n
+
+    if "=" not in text:
+        return count(text.strip())
+    out: dict[str, int] = {}
+    for item in text.split(","):
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise BadInput(f"{option} {text}: expected N or CLASS=N,CLASS=N")
+        out[name.strip()] = count(value.strip())
+    return out
 
 
 def _raised_in(e: BaseException, function: str) -> bool:
@@ -583,6 +646,8 @@ def _save_model(rep: Reporter, gm: Any, path: Path, stack: Any, labels, opts) ->
         "labels": labels,
         "options": {
             "n_components": opts["n_components"],
+            "components_per_class": opts.get("components_per_class"),
+            "label_weight": opts.get("label_weight", 1.0),
             "covariance_type": opts["covariance"],
             "tol": opts["tol"],
             "max_iter": opts["max_iter"],
@@ -767,7 +832,7 @@ def fit(rep: Reporter, stack, model_path, overwrite, labels, variables, **kw) ->
     cluster_kw, opts = _split(kw)
     model_file = Path(model_path)
     _check_output(model_file, "--model", overwrite)
-    _check_fit_options(rep, opts, overwrite)
+    _check_fit_options(rep, opts, overwrite, labels)
     st = _open_stack(stack, _parse_vars(variables))
     rep.progress(f"stack: {stack} {_describe_stack(st)}")
     with _cluster(rep, **cluster_kw):
@@ -880,7 +945,7 @@ def run(rep: Reporter, stack, model_path, out, overwrite, labels, variables, **k
     _check_output(model_file, "--model", overwrite)
     _check_output(out_path, "--out", overwrite)
     _check_not_input(out_path, stack)
-    _check_fit_options(rep, opts, overwrite)
+    _check_fit_options(rep, opts, overwrite, labels)
     st = _open_stack(stack, _parse_vars(variables))
     rep.progress(f"stack: {stack} {_describe_stack(st)}")
     with _cluster(rep, **cluster_kw):
@@ -1214,8 +1279,9 @@ def _inspect_model(path: str) -> str:
     cc = np.asarray(gm.component_classes_)
     lines = [
         f"model: {path}",
-        f"estimator: GaussianMixture, {gm.n_components} components, "
-        f"{gm.covariance_type} covariance",
+        f"estimator: {type(gm).__name__}, {len(gm.weights_)} components, "
+        f"{gm.covariance_type} covariance"
+        + (f", label weight {gm.label_weight:g}" if hasattr(gm, "label_weight") else ""),
         f"features ({gm.n_features_in_}): {', '.join(str(f) for f in gm.feature_names_in_)}",
         f"classes ({len(names)}): {', '.join(names)}",
         f"fit: {'converged' if gm.converged_ else 'did not converge'} after {gm.n_iter_} "
@@ -1223,7 +1289,7 @@ def _inspect_model(path: str) -> str:
         f"{gm.lower_bound_:.6f} per pixel",
         "components (weight, class):",
     ]
-    for k in range(gm.n_components):
+    for k in range(len(gm.weights_)):
         lines.append(f"  {k}: {gm.weights_[k]:.4f}  {names[int(cc[k])]}")
     prov = dict(getattr(gm, "provenance_", {}) or {})
     if prov:

@@ -38,6 +38,7 @@ from .model.gmm import (
     class_posterior,
     covariances_from_precision_cholesky,
     estimate_weighted_log_prob,
+    log_responsibilities,
     n_parameters,
     precisions_from_cholesky,
 )
@@ -454,7 +455,9 @@ class _BaseGaussianMixture(BaseEstimator):
         with engine.blas_one_thread(), ThreadPoolExecutor(workers) as pool:
             return list(pool.map(lambda s: self._initial_params(data, s, labelled, sample), seeds))
 
-    def _screen(self, candidates: list[GMMParams], sample) -> list[bool]:
+    def _screen(
+        self, candidates: list[GMMParams], sample, n_total: int = 1, labelled=None
+    ) -> list[bool]:
         """Which prefitted restarts go on to the full passes.
 
         Every restart was fitted on the same random sample, so the paired difference of
@@ -463,6 +466,10 @@ class _BaseGaussianMixture(BaseEstimator):
         out when, even 4 standard errors in its favour, it could not beat the best
         restart on the sample by more than ``tol``: it is worse, or equal to within the
         fit's own tolerance. The best on the sample always goes on.
+
+        With labels, the objective compared is the semi-supervised one: the sample
+        stands for the ``n_total`` rows' ``log p(x)``, and every labelled row adds
+        ``label_weight * log p(x, class)`` exactly (no sampling error).
         """
         Xs, ws, _ = sample
         finite = np.isfinite(Xs).all(axis=1)
@@ -473,12 +480,20 @@ class _BaseGaussianMixture(BaseEstimator):
         w = w / w.sum()
         ll = np.stack([_logsumexp_rows(estimate_weighted_log_prob(Xs, p)) for p in candidates])
         mean = ll @ w
+        share, lab = 1.0, np.zeros(len(candidates))
+        if labelled is not None and len(labelled[0]):
+            Xl, yl = labelled
+            lw = float(getattr(self, "label_weight", 1.0)) * len(Xl)
+            share = n_total / (n_total + lw)
+            lab = np.array([log_responsibilities(Xl, p, yl)[0].mean() for p in candidates])
+        mean = share * mean + (1.0 - share) * lab
         best = int(np.argmax(mean))
         keep = []
         for i in range(len(candidates)):
             d = ll[best] - ll[i]
-            diff = float(d @ w)
-            se = float(np.sqrt(max(((d - diff) ** 2) @ w, 0.0) * (w @ w)))
+            diff = float(mean[best] - mean[i])
+            d_mean = float(d @ w)
+            se = share * float(np.sqrt(max(((d - d_mean) ** 2) @ w, 0.0) * (w @ w)))
             keep.append(i == best or 4.0 * se - diff >= float(self.tol))
         logger.info(
             "restarts screened on %d sampled rows: mean log-likelihoods %s, %d go on",
@@ -602,7 +617,7 @@ class _BaseGaussianMixture(BaseEstimator):
             first = self._initialise(data, [seeds[i] for i in to_init], labelled, sample)
             keep = [True] * len(first)
             if len(first) > 1 and sample is not None and self._select_after(data.n_samples):
-                keep = self._screen(first, sample)
+                keep = self._screen(first, sample, data.n_samples, labelled)
             for init, params0, kept in zip(to_init, first, keep, strict=True):
                 if kept:
                     starts[init] = engine.Start(params0)

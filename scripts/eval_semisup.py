@@ -554,7 +554,7 @@ def summarise(records: list[dict]) -> dict:
     return summary
 
 
-def _cell(s: dict | None, n_seeds: int) -> str:
+def _cell(s: dict | None) -> str:
     if s is None or s["n"] == 0:
         if s is not None and s["failed"]:
             return "failed"
@@ -565,12 +565,12 @@ def _cell(s: dict | None, n_seeds: int) -> str:
     return txt
 
 
-def markdown_table(summary: dict, datasets: list[str], labels: list[int], n_seeds: int) -> str:
+def markdown_table(summary: dict, datasets: list[str], labels: list[int]) -> str:
     cols = [(d, str(n)) for d in datasets for n in labels if d in summary]
     head = ["method"] + [f"{d} {n}/cl" for d, n in cols]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key, label, _ in METHODS:
-        cells = [_cell(summary[d].get(n, {}).get(key), n_seeds) for d, n in cols]
+        cells = [_cell(summary[d].get(n, {}).get(key)) for d, n in cols]
         if all(c == "–" for c in cells):
             continue
         lines.append("| " + " | ".join([label] + cells) + " |")
@@ -614,7 +614,11 @@ def main(argv: list[str] | None = None) -> int:
         default=",".join(map(str, LABELS_PER_CLASS)),
         help="comma-separated labelled samples per class (default 3,10)",
     )
-    p.add_argument("--methods", default=None, help="comma-separated method keys (default all)")
+    p.add_argument(
+        "--methods",
+        default=None,
+        help="comma-separated subset of " + ",".join(k for k, _, _ in METHODS) + " (default all)",
+    )
     p.add_argument("--quick", action="store_true", help="2 seeds (a smoke run of ~1 minute)")
     p.add_argument("--json", type=Path, default=None, help="write every number to this file")
     args = p.parse_args(argv)
@@ -672,7 +676,7 @@ def main(argv: list[str] | None = None) -> int:
         f"Accuracy (%) on held-out samples, mean ± std over {n_seeds} seeds "
         f"(n/cl = labelled samples per class)\n"
     )
-    print(markdown_table(summary, names, labels, n_seeds))
+    print(markdown_table(summary, names, labels))
     if "nc_landsat" in loaded:
         keys = [
             k

@@ -227,7 +227,34 @@ BAD_INPUTS = [
         "fit {stack} -k 4 --workers 2 --model {tmp}/m.json --scheduler {scheduler}",
         "--workers size the embedded cluster",
     ),
-    ("missing-k", "fit {stack} --model {tmp}/m.json", "Missing option '-k'"),
+    ("missing-k", "fit {stack} --model {tmp}/m.json", "-k/--n-components is required without"),
+    (
+        "bad-label-weight",
+        "fit {stack} --labels labels --label-weight 0 --model {tmp}/m.json",
+        "Invalid value for '--label-weight'",
+    ),
+    (
+        "components-per-class-unknown",
+        "fit {stack} --labels labels --components-per-class lava=2 --model {tmp}/m.json "
+        "--scheduler {scheduler}",
+        "--components-per-class: components_per_class names class 'lava', which is not",
+    ),
+    (
+        "components-per-class-zero",
+        "fit {stack} --labels labels --components-per-class 0 --model {tmp}/m.json",
+        "--components-per-class 0: '0' is not an integer >= 1",
+    ),
+    (
+        "components-over-k",
+        "fit {stack} --labels labels -k 4 --components-per-class 2 --model {tmp}/m.json "
+        "--scheduler {scheduler}",
+        "--components-per-class: components_per_class asks for 8 components but n_components=4",
+    ),
+    (
+        "components-without-labels",
+        "fit {stack} -k 4 --components-per-class 2 --model {tmp}/m.json",
+        "--components-per-class needs --labels",
+    ),
     ("bad-covariance", "fit {stack} -k 4 --covariance blob --model {tmp}/m.json", "'blob'"),
     ("bad-precision", "fit {stack} -k 4 --precision half --model {tmp}/m.json", "'half'"),
     ("inspect-missing", "inspect {tmp}/nothing", "PATH {tmp}/nothing does not exist"),
