@@ -1140,8 +1140,10 @@ class GaussianMixtureClassifier(ClassifierMixin, _BaseGaussianMixture):
     Notes
     -----
     The start (:func:`daskem.model.init.labelled_start`): the first component of each
-    class at the mean of its labelled samples, every component with the covariance of
-    the initialisation sample, equal weights; further components of a class are
+    class at the mean of its labelled samples, every component with one common
+    covariance (the pooled within-class covariance of the labels, shrunk towards the
+    covariance of the initialisation sample as if that were worth ``D + 1`` samples),
+    equal weights; further components of a class are
     seeded by k-means++ among the samples nearest to that class. With one component
     per class every restart has this same start, so ``n_init`` is then 1; otherwise
     restarts vary the seeded components and the one with the highest objective is

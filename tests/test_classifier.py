@@ -57,7 +57,13 @@ def test_start_with_one_component_per_class_is_class_means_common_cov_equal_weig
     for c in range(3):
         np.testing.assert_allclose(clf.means_[c], X[y == c].mean(0), rtol=1e-12)
     np.testing.assert_allclose(clf.weights_, np.full(3, 1 / 3), rtol=1e-12)
-    S = _sample_covariance(X) + 1e-6 * np.eye(2)  # the whole sample: init_sample_size > n
+    # the pooled within-class covariance of the labels shrunk to the sample covariance
+    # (the whole data here: init_sample_size > n) as a prior worth D + 1 = 3 rows
+    lab = y >= 0
+    resid = np.concatenate([X[y == c] - X[y == c].mean(0) for c in range(3)])
+    nu = lab.sum() - 3
+    W = resid.T @ resid / nu
+    S = (nu * W + 3 * _sample_covariance(X)) / (nu + 3) + 1e-6 * np.eye(2)
     expected = {
         "full": np.repeat(S[None], 3, axis=0),
         "tied": S,
