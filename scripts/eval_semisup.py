@@ -17,8 +17,10 @@ Methods
 -------
 ``daskem``
     ``GaussianMixtureClassifier(random_state=seed)`` (one full-covariance component per
-    class, label_weight 1) fitted on ALL samples (every pixel of the scene) with ``y=-1``
-    except the few labels; prediction is the most probable class.
+    class, label_weight 1, its default labelled start: class means and the ``"auto"``
+    common covariance of :func:`daskem.model.init.common_covariance`) fitted on ALL
+    samples (every pixel of the scene) with ``y=-1`` except the few labels; prediction
+    is the most probable class.
 ``reference EM``
     Semi-supervised EM written here in NumPy, independent of daskem: start at the class
     means of the labelled rows, one common covariance (of all samples, plus ``reg_covar``)
@@ -41,8 +43,8 @@ Methods
 daskem variants (to help pick defaults)
     ``label_weight`` 5 and 20, and scaled so that the labelled rows carry 1 % and 10 % of
     the total weight; ``covariance_type`` "diag" and "tied"; ``components_per_class=2``;
-    the start with the pooled within-class covariance of the labels instead of the
-    covariance of all samples (:func:`daskem.model.init.labelled_start` with
+    the start with the plain pooled within-class covariance of the labels instead of the
+    default one (:func:`daskem.model.init.labelled_start` with
     ``covariance="pooled"``, passed as ``weights_init``/``means_init``/``precisions_init``),
     run only when every class has more labels than there are features.
 
