@@ -974,6 +974,21 @@ def run(rep: Reporter, stack, model_path, out, overwrite, labels, variables, **k
     "--chunk", type=click.IntRange(min=8), default=256, show_default=True, help="Chunk side."
 )
 @click.option("--classes", type=click.IntRange(2, 8), default=4, show_default=True)
+@click.option(
+    "--modes-per-class",
+    type=click.IntRange(1, 4),
+    default=1,
+    show_default=True,
+    help="Kinds of pixels per generated class (>1: multi-modal classes, like 'urban' = "
+    "roofs + roads).",
+)
+@click.option(
+    "--components-per-class",
+    type=click.IntRange(1, 8),
+    default=1,
+    show_default=True,
+    help="Mixture components fitted per class (try the --modes-per-class value).",
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")
 @click.option(
     "--out",
@@ -986,7 +1001,18 @@ def run(rep: Reporter, stack, model_path, out, overwrite, labels, variables, **k
 @_cluster_options
 @_common_options
 @_command("demo")
-def demo(rep: Reporter, size, chunk, classes, seed, out, overwrite, **kw) -> None:
+def demo(
+    rep: Reporter,
+    size,
+    chunk,
+    classes,
+    modes_per_class,
+    components_per_class,
+    seed,
+    out,
+    overwrite,
+    **kw,
+) -> None:
     """Generate a tiled synthetic stack and classify it end to end.
 
     Writes a synthetic attribute stack with a few labelled pixels per class, fits a
@@ -1009,7 +1035,9 @@ def demo(rep: Reporter, size, chunk, classes, seed, out, overwrite, **kw) -> Non
             f"--out {out_dir} holds a previous demo ({', '.join(existing)}); add --overwrite"
         )
     opts = {
-        "n_components": classes,
+        "n_components": None,
+        "components_per_class": str(components_per_class),
+        "label_weight": 1.0,
         "covariance": "full",
         "tol": 1e-3,
         "max_iter": 100,
@@ -1020,7 +1048,7 @@ def demo(rep: Reporter, size, chunk, classes, seed, out, overwrite, **kw) -> Non
         "resume": False,
     }
     t = time.perf_counter()
-    ds = make_stack((size, size), n_classes=classes, seed=seed)
+    ds = make_stack((size, size), n_classes=classes, seed=seed, modes_per_class=modes_per_class)
     write_stack(ds, paths["stack"], chunks=chunk, overwrite=overwrite)
     rep.progress(f"generated {paths['stack']} in {time.perf_counter() - t:.1f} s")
     rep.result(f"stack: {paths['stack']}")

@@ -260,6 +260,7 @@ def make_stack(
     smoothness: float = 12.0,
     dtype: str | np.dtype = "float32",
     seed: int | None = 0,
+    modes_per_class: int = 1,
 ) -> xr.Dataset:
     """Make a synthetic multi-attribute map with spatially coherent classes.
 
@@ -299,6 +300,11 @@ def make_stack(
     seed : int or None, default 0
         Seed of :func:`numpy.random.default_rng`; equal seeds give identical
         datasets.
+    modes_per_class : int, default 1
+        Kinds of pixels per class: each class is made of this many sub-classes, each
+        with its own regions, mean and covariance (e.g. "urban" = roofs + roads), so
+        a class is multi-modal for ``modes_per_class > 1``. ``1`` gives exactly the
+        dataset of earlier versions.
 
     Returns
     -------
@@ -317,8 +323,9 @@ def make_stack(
           ``spatial_ref`` grid-mapping variable (EPSG:32633).
 
         Dataset attrs hold ``title``, ``source``, the generating parameters,
-        ``class_names``, ``true_means`` (``n_classes x n_features`` nested
-        list in data units) and ``true_covariances``.
+        ``class_names``, ``true_means`` (``(n_classes * modes_per_class) x
+        n_features`` nested list in data units; sub-class ``j`` belongs to class
+        ``j // modes_per_class``) and ``true_covariances``.
 
     Raises
     ------
@@ -337,6 +344,8 @@ def make_stack(
         raise ValueError(f"shape must have 2 to 4 axes, got {shape}")
     if min(shape) < 1:
         raise ValueError(f"shape must be positive, got {shape}")
+    if modes_per_class < 1:
+        raise ValueError(f"modes_per_class must be >= 1, got {modes_per_class}")
     if n_classes < 1 or n_features < 1 or labels_per_class < 0:
         raise ValueError("n_classes and n_features must be >= 1, labels_per_class >= 0")
     if not 0.0 <= nan_fraction < 0.8:
@@ -352,12 +361,14 @@ def make_stack(
     n_pixels = int(np.prod(shape))
 
     # Class parameters in standardised (latent) units.
-    means = _class_means(rng, n_classes, n_features, separation)
-    covs = _class_covariances(rng, n_classes, n_features)
+    n_modes = n_classes * modes_per_class
+    means = _class_means(rng, n_modes, n_features, separation)
+    covs = _class_covariances(rng, n_modes, n_features)
 
-    # Spatially coherent classes and per-pixel features.
-    truth = _class_map(rng, shape, n_classes, smoothness)
-    latent = _draw(rng, truth.ravel(), means, covs)
+    # Spatially coherent (sub-)classes and per-pixel features.
+    modes = _class_map(rng, shape, n_modes, smoothness)
+    latent = _draw(rng, modes.ravel(), means, covs)
+    truth = (modes // modes_per_class).astype(modes.dtype)
 
     # Per-attribute affine mapping onto physical-looking scales.
     meta = [_ATTRIBUTES[k % len(_ATTRIBUTES)] for k in range(n_features)]
@@ -441,6 +452,7 @@ def make_stack(
         "smoothness": float(smoothness),
         "dtype": dtype.name,
         "class_names": names,
+        "modes_per_class": int(modes_per_class),
         "true_means": true_means.tolist(),
         "true_covariances": true_covs.tolist(),
     }

@@ -311,3 +311,32 @@ def test_real_data_at_least_plain_semi_supervised_em(loader, per_class):
         ref.append(np.mean(_plain_semi_supervised_em(X, y, C)[test] == truth[test]))
     assert np.mean(ours) >= np.mean(ref) - 0.01, (ours, ref)
     assert np.mean(ours) > 0.75
+
+
+def test_components_per_class_helps_multi_modal_classes():
+    """Classes made of two kinds of pixels each (``modes_per_class=2``): two components
+    per class map them better than one (as ``daskem demo --modes-per-class 2`` shows)."""
+    from daskem import io
+    from daskem.synthetic import make_stack
+
+    ds = make_stack((256, 256), modes_per_class=2, seed=1)
+    stack = io.open_stack(ds)
+    truth = ds.truth.values
+    acc = {}
+    for cpc in (1, 2):
+        model = io.fit_stack(stack, labels="labels", components_per_class=cpc, random_state=0)
+        assert len(model.weights_) == 4 * cpc
+        label = io.posterior(model, stack)["label"].values
+        acc[cpc] = np.mean((label == truth)[label >= 0])
+    assert acc[2] > acc[1] + 0.05, acc
+
+
+def test_modes_per_class_one_is_the_plain_generator():
+    from daskem.synthetic import make_stack
+
+    a = make_stack((64, 64), seed=3)
+    b = make_stack((64, 64), seed=3, modes_per_class=1)
+    np.testing.assert_array_equal(a.attr_0.values, b.attr_0.values)
+    two = make_stack((64, 64), seed=3, modes_per_class=2)
+    assert set(np.unique(two.truth.values)) == {0, 1, 2, 3}
+    assert len(two.attrs["true_means"]) == 8
