@@ -553,11 +553,12 @@ def _fit(rep: Reporter, stack: Any, *, labels: str | None, opts: dict[str, Any])
     from . import io
 
     how = f"semi-supervised from --labels {labels}" if labels else "unsupervised"
-    k = opts["n_components"]
-    rep.progress(
-        f"fitting {k if k is not None else 'one per class of the'} components "
-        f"({opts['covariance']} covariance), {how}"
-    )
+    k, cpc = opts["n_components"], opts.get("components_per_class")
+    if k is not None:
+        what = f"{k} components"
+    else:
+        what = f"components per class: {cpc}" if cpc else "one component per class"
+    rep.progress(f"fitting {what} ({opts['covariance']} covariance), {how}")
     t = time.perf_counter()
     extra: dict[str, Any] = {}
     if labels is not None:
