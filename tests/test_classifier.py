@@ -340,3 +340,19 @@ def test_modes_per_class_one_is_the_plain_generator():
     two = make_stack((64, 64), seed=3, modes_per_class=2)
     assert set(np.unique(two.truth.values)) == {0, 1, 2, 3}
     assert len(two.attrs["true_means"]) == 8
+
+
+def test_classifier_model_file_round_trip(tmp_path):
+    from daskem.modelfile import load_model, save_model
+
+    X, y, _ = _blobs()
+    ys = np.where(y >= 0, np.array(["water", "forest", "urban"], dtype=object)[y], -1)
+    clf = GaussianMixtureClassifier(components_per_class=2, label_weight=2.0, random_state=0)
+    clf.fit(X, ys)
+    path = save_model(clf, tmp_path / "m.json", class_names=list(clf.classes_))
+    back = load_model(path)
+    assert type(back) is GaussianMixtureClassifier
+    assert back.label_weight == 2.0 and back.components_per_class == 2
+    assert list(back.classes_) == list(clf.classes_)
+    np.testing.assert_array_equal(back.predict(X), clf.predict(X))
+    np.testing.assert_array_equal(back.predict_proba(X), clf.predict_proba(X))
