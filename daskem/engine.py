@@ -200,7 +200,7 @@ AUTO_CHUNK_BYTES = 32 * 2**20
 
 def auto_chunk_rows(n: int, row_bytes: int, parallelism: int) -> int:
     """Rows per chunk for in-memory input: chunks of at most about 32 MiB (a scheduled task
-    costs about 1 ms on a distributed cluster, PERFORMANCE.md trap 8), at least two per
+    costs about 1 ms on a distributed cluster, docs/performance.md trap 8), at least two per
     thread that can run them, their number a multiple of the threads (so every thread
     gets the same work in a pass), and never below 4,096 rows."""
     par = max(parallelism, 1)
@@ -280,7 +280,7 @@ def _one_blas_thread() -> None:
     Distributed workers start with ``OMP/OPENBLAS/MKL_NUM_THREADS=1`` (the default
     ``distributed.nanny.pre-spawn-environ``), but a worker started with other settings
     would run every small GEMM of the kernel on oversubscribed BLAS threads, 3-40x slower
-    (PERFORMANCE.md trap 1). Local schedulers already run inside :func:`_local_blas_limit`
+    (docs/performance.md trap 1). Local schedulers already run inside :func:`_local_blas_limit`
     (so nothing changes there); in a worker process the limit is set once and kept.
     """
     global _BLAS_CONTROLLER

@@ -202,7 +202,7 @@ def _map_to_rows(data: da.Array) -> da.Array:
     Each block stays feature-major in memory: a (D, *block) chunk is viewed as
     (D, pixels) (free) and handed on transposed, a Fortran-ordered (pixels, D) view, so
     neither this step nor the kernel's feature-major sub-blocks copy across the grain
-    (PERFORMANCE.md trap 5).
+    (docs/performance.md trap 5).
     """
     D = data.shape[0]
     n = math.prod(data.shape[1:])

@@ -6,7 +6,7 @@ a fixed number of iterations (``tol=0``), and is reported in pixel-iterations pe
 * daskem ``GaussianMixture`` on NumPy input with the threaded scheduler and on a
   ``distributed.LocalCluster(n_workers=2, threads_per_worker=1)`` (worker processes, with
   distributed's default allocator settings and with ``MALLOC_MMAP_THRESHOLD_`` raised,
-  PERFORMANCE.md trap 3), and on a zstd-compressed Zarr copy read by ``da.from_zarr``
+  docs/performance.md trap 3), and on a zstd-compressed Zarr copy read by ``da.from_zarr``
   every pass (``cache=False``);
 * scikit-learn ``GaussianMixture`` (float64; BLAS threads 1 and 2, best kept) on a subset
   of at most ``--sklearn-n`` pixels (it needs about 480 bytes per pixel); its fit also
@@ -51,7 +51,8 @@ from daskem.cluster import peak_rss
 MIB = 2**20
 PROXY_BLOCK = 2048
 ZARR_ROWS = 524_288  # 16 MiB float32 chunks of 8 features (a 1024 x 512 x 8 map tile);
-# 32 MiB chunks hit glibc's largest mmap threshold: every decoded chunk page-faults (trap 3)
+# 32 MiB chunks hit glibc's largest mmap threshold: every decoded chunk page-faults
+# (docs/performance.md trap 3)
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "268435456"}
 MALLOC_DEFAULT = {"MALLOC_TRIM_THRESHOLD_": "65536"}  # distributed's own setting
 

@@ -227,7 +227,7 @@ def test_auto_chunk_rows():
 
 def test_block_task_runs_blas_on_one_thread():
     """A worker whose BLAS has several threads (other pre-spawn settings) is pinned to
-    one by the first block task (PERFORMANCE.md trap 1)."""
+    one by the first block task (docs/performance.md trap 1)."""
     from threadpoolctl import threadpool_info, threadpool_limits
 
     from daskem.engine import _block_task

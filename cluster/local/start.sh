@@ -38,7 +38,7 @@ fi
 
 # BLAS threads inside tasks only slow things down: parallelism comes from processes.
 export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1
-# reuse freed chunk buffers instead of fresh mmaps (PERFORMANCE.md trap 3)
+# reuse freed chunk buffers instead of fresh mmaps (docs/performance.md trap 3)
 export MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=268435456
 
 "$PYTHON" -m distributed.cli.dask_scheduler --host "$HOST" --port 0 \

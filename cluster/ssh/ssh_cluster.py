@@ -35,7 +35,8 @@ def main() -> None:
             "n_workers": args.procs_per_host,
             "nthreads": 1,
             "memory_limit": args.memory_limit,
-            # one BLAS thread per worker (trap 1); reuse freed chunk buffers (trap 3)
+            # one BLAS thread per worker; reuse freed chunk buffers (docs/performance.md
+            # traps 1 and 3)
             "env": {
                 "OMP_NUM_THREADS": "1",
                 "OPENBLAS_NUM_THREADS": "1",

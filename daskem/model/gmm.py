@@ -666,9 +666,10 @@ def _block_stats_reference(
 # component's log-density of a sub-block, and one float64 GEMM  R (K, nb) @ Phi.T  gives
 # every component's [S0, S1, diag S2, offdiag S2] about the shift c at once. Sub-blocks are
 # copied feature-major (transposing, centring copy), so the log-sum-exp reduces over the
-# short K axis row-wise (PERFORMANCE.md trap 5); buffers are reused (trap 3).
+# short K axis row-wise (docs/performance.md trap 5); buffers are reused (trap 3 there).
 #
-# The expanded form cancels when x - c is large against a component's spread (trap 6).
+# The expanded form cancels when x - c is large against a component's spread
+# (docs/performance.md trap 6).
 # For row i and component k the GEMM adds terms of total size at most
 #     T_k(r) = |const_k| + ||Lambda_k delta_k|| r + ||abs(Lambda_k)|| r^2 / 2,   r = ||x_i - c||,
 # (delta_k = mu_k - c), with a rounding error of about gamma T_k(r), gamma = (2 sqrt(M) + 4) u
@@ -861,8 +862,9 @@ def _make_plan(params: GMMParams, f32: bool, single: bool = False) -> _QuadPlan 
 
 def _feature_scale(params: GMMParams, live: np.ndarray) -> tuple[np.ndarray | None, GMMParams]:
     """Per-feature scales (powers of two, so scaling is exact) and the parameters in the
-    scaled units ``x / scale``, for the expanded form (trap 6: attributes in different
-    units, e.g. spreads of 0.04 and 49, make it ill-conditioned in data units).
+    scaled units ``x / scale``, for the expanded form (docs/performance.md trap 6:
+    attributes in different units, e.g. spreads of 0.04 and 49, make it ill-conditioned
+    in data units).
 
     ``scale_j`` is the weighted root-mean variance of feature j over the live components;
     None when every scale is 1.
