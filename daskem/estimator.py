@@ -43,6 +43,7 @@ from .model.gmm import (
     precisions_from_cholesky,
 )
 from .model.init import INIT_METHODS, initial_responsibilities, labelled_start, params_from_resp
+from .modelfile import ModelFileError, load_checkpoint, register_estimator, save_checkpoint
 
 __all__ = ["ConvergenceWarning", "GaussianMixture", "GaussianMixtureClassifier"]
 
@@ -705,8 +706,6 @@ class _BaseGaussianMixture(BaseEstimator):
         }
 
     def _read_checkpoint(self, directory: Any, fingerprint: dict) -> dict | None:
-        from .modelfile import ModelFileError, load_checkpoint
-
         ckpt = load_checkpoint(directory)
         if ckpt is None:
             return None
@@ -724,8 +723,6 @@ class _BaseGaussianMixture(BaseEstimator):
         verbose_cb = self._verbose_callback(t_fit)
         if checkpoint_dir is None and verbose_cb is None and user_cb is None:
             return None
-        from .modelfile import save_checkpoint
-
         states = list(saved)
         events: dict[int, list[dict]] = {i: [] for i in order}
         for i in order:
@@ -901,6 +898,7 @@ class _BaseGaussianMixture(BaseEstimator):
         return X, y
 
 
+@register_estimator
 class GaussianMixture(DensityMixin, _BaseGaussianMixture):
     """Gaussian mixture fitted by EM over NumPy or (out-of-core) Dask arrays.
 
@@ -1089,6 +1087,7 @@ class GaussianMixture(DensityMixin, _BaseGaussianMixture):
         return self._mean_log_likelihood(X, sample_weight)
 
 
+@register_estimator
 class GaussianMixtureClassifier(ClassifierMixin, _BaseGaussianMixture):
     """Semi-supervised Gaussian mixture classifier fitted by EM over all samples.
 

@@ -1,8 +1,9 @@
 """Versioned JSON model files and EM checkpoints (no pickle anywhere).
 
-A model file holds everything needed to predict with a fitted
-:class:`~daskem.GaussianMixture`: constructor parameters, fitted parameters,
-feature (variable) names, class names, convergence history and provenance.
+A model file holds everything needed to predict with a fitted estimator (one of
+:data:`ESTIMATORS`, which estimator modules fill with :func:`register_estimator`):
+constructor parameters, fitted parameters, feature (variable) names, class names,
+convergence history and provenance. This module imports no estimator.
 Floats are written with ``repr`` precision, so a save/load round trip is exact.
 
 Every write is atomic: the file is written beside the target under a temporary
@@ -20,16 +21,25 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from sklearn.base import BaseEstimator, is_classifier
 
 from ._version import __version__
-from .estimator import GaussianMixture, GaussianMixtureClassifier
 
-#: The estimators a model file can hold, by the name written in its ``estimator`` field.
-ESTIMATORS = {cls.__name__: cls for cls in (GaussianMixture, GaussianMixtureClassifier)}
+#: The estimators a model file can hold, by the name written in its ``estimator`` field;
+#: each estimator module registers its classes (:func:`register_estimator`), so this
+#: module imports none of them (no import cycle).
+ESTIMATORS: dict[str, type[BaseEstimator]] = {}
+
+
+def register_estimator(cls: type[BaseEstimator]) -> type[BaseEstimator]:
+    """Class decorator: model files may hold fitted ``cls`` instances."""
+    ESTIMATORS[cls.__name__] = cls
+    return cls
 
 __all__ = [
     "SCHEMA",
     "SCHEMA_VERSION",
+    "ESTIMATORS",
     "ModelFileError",
     "atomic_write_text",
     "load_checkpoint",
@@ -86,7 +96,7 @@ def _jsonable(v: Any) -> Any:
     return v
 
 
-def params_to_dict(gm: GaussianMixture) -> dict[str, Any]:
+def params_to_dict(gm: BaseEstimator) -> dict[str, Any]:
     """Constructor parameters as JSON-able values (``random_state`` only if an int)."""
     out = {}
     for k, v in gm.get_params().items():
@@ -97,7 +107,7 @@ def params_to_dict(gm: GaussianMixture) -> dict[str, Any]:
 
 
 def model_to_dict(
-    gm: GaussianMixture,
+    gm: BaseEstimator,
     *,
     feature_names: list[str] | None = None,
     class_names: list[str] | None = None,
@@ -148,8 +158,8 @@ def _shape_of(ct: str, K: int, D: int) -> tuple[int, ...]:
     return {"full": (K, D, D), "tied": (D, D), "diag": (K, D), "spherical": (K,)}[ct]
 
 
-def model_from_dict(doc: Any, source: str = "model") -> GaussianMixture:
-    """A fitted :class:`GaussianMixture` from a JSON document, validated."""
+def model_from_dict(doc: Any, source: str = "model") -> BaseEstimator:
+    """A fitted estimator (:data:`ESTIMATORS`) from a JSON document, validated."""
     if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
         raise ModelFileError(f"{source}: not a daskem model file (missing schema {SCHEMA!r})")
     version = doc.get("schema_version")
@@ -222,7 +232,7 @@ def model_from_dict(doc: Any, source: str = "model") -> GaussianMixture:
     gm.n_classes_ = len(classes)
     gm.feature_names_in_ = np.asarray(features, dtype=object)
     gm.class_names_ = classes
-    if isinstance(gm, GaussianMixtureClassifier):
+    if is_classifier(gm):
         saved = fitted.get("classes")
         gm.classes_ = np.asarray(saved if saved is not None else np.arange(len(classes)))
         if gm.classes_.shape != (len(classes),):
@@ -233,13 +243,13 @@ def model_from_dict(doc: Any, source: str = "model") -> GaussianMixture:
     return gm
 
 
-def save_model(gm: GaussianMixture, path: str | os.PathLike, **kwargs: Any) -> Path:
+def save_model(gm: BaseEstimator, path: str | os.PathLike, **kwargs: Any) -> Path:
     """Write a fitted model as JSON, atomically. ``kwargs`` go to :func:`model_to_dict`."""
     doc = model_to_dict(gm, **kwargs)
     return atomic_write_text(path, json.dumps(doc, indent=1) + "\n")
 
 
-def load_model(path: str | os.PathLike) -> GaussianMixture:
+def load_model(path: str | os.PathLike) -> BaseEstimator:
     """Read and validate a model file written by :func:`save_model`."""
     path = Path(path)
     if not path.is_file():
