@@ -1340,6 +1340,10 @@ def _lost_cluster(e: BaseException) -> bool:
             "CommClosedError",
             "Client lost the connection",
             "StreamClosedError",
+            # a pass's tasks cancelled "for reason: unknown": the scheduler went away
+            # before the client noticed (seen when the scheduler is SIGKILLed mid-pass);
+            # daskem never cancels its own tasks, and Ctrl-C is handled before this
+            "CancelledError",
         )
     )
 
