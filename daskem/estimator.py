@@ -703,6 +703,10 @@ class _BaseGaussianMixture(BaseEstimator):
             "weighted": data.sample_weight is not None,
             "precision": self.precision,
             "select_after": self._select_after(data.n_samples),
+            "component_classes": None
+            if self._component_class is None
+            else [int(c) for c in self._component_class],
+            "label_weight": float(getattr(self, "label_weight", 1.0)),
         }
 
     def _read_checkpoint(self, directory: Any, fingerprint: dict) -> dict | None:

@@ -1046,8 +1046,7 @@ def _components_per_class_ids(
             out[int(key)] = count
         else:
             raise ValueError(
-                f"components_per_class names class {key!r}, which is not among the "
-                f"classes {names}"
+                f"components_per_class names class {key!r}, which is not among the classes {names}"
             )
     return out
 

@@ -36,6 +36,7 @@ def register_estimator(cls: type[BaseEstimator]) -> type[BaseEstimator]:
     ESTIMATORS[cls.__name__] = cls
     return cls
 
+
 __all__ = [
     "SCHEMA",
     "SCHEMA_VERSION",

@@ -356,3 +356,25 @@ def test_classifier_model_file_round_trip(tmp_path):
     assert list(back.classes_) == list(clf.classes_)
     np.testing.assert_array_equal(back.predict(X), clf.predict(X))
     np.testing.assert_array_equal(back.predict_proba(X), clf.predict_proba(X))
+
+
+def test_checkpoint_of_a_classifier_resumes_only_the_same_fit(tmp_path):
+    from daskem.modelfile import ModelFileError
+
+    X, y, _ = _blobs()
+    kw = dict(components_per_class=2, random_state=0, max_iter=6, tol=0)
+
+    def stop_after_two(info):
+        if info.iteration == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        GaussianMixtureClassifier(**kw).fit(X, y, checkpoint_dir=tmp_path, callback=stop_after_two)
+    with pytest.raises(ModelFileError, match="label_weight"):
+        GaussianMixtureClassifier(**kw, label_weight=2.0).fit(
+            X, y, checkpoint_dir=tmp_path, resume=True
+        )
+    resumed = GaussianMixtureClassifier(**kw).fit(X, y, checkpoint_dir=tmp_path, resume=True)
+    full = GaussianMixtureClassifier(**kw).fit(X, y)
+    np.testing.assert_array_equal(resumed.means_, full.means_)
+    np.testing.assert_array_equal(resumed.lower_bounds_, full.lower_bounds_)
