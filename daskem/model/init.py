@@ -84,18 +84,8 @@ def kmeans(
     sample_weight: np.ndarray | None = None,
     max_iter: int = 20,
     tol: float = 1e-6,
-    fixed_centers: dict[int, np.ndarray] | None = None,
-    pinned: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """k-means++ seeding then weighted Lloyd iterations.
-
-    Parameters
-    ----------
-    fixed_centers : dict {cluster: centre}, optional
-        Starting centres of some clusters (e.g. labelled class means); the other
-        clusters are seeded by k-means++ against them.
-    pinned : ndarray of int (n,), optional
-        Rows with a value ``>= 0`` are always assigned to that cluster.
 
     Returns
     -------
@@ -103,21 +93,10 @@ def kmeans(
     labels : ndarray (n,)
     """
     w = np.ones(X.shape[0]) if sample_weight is None else np.asarray(sample_weight, float)
-    fixed = fixed_centers or {}
-    free = [k for k in range(n_clusters) if k not in fixed]
-    centers = np.empty((n_clusters, X.shape[1]))
-    for k, c in fixed.items():
-        centers[k] = c
-    init = np.array([fixed[k] for k in sorted(fixed)]) if fixed else None
-    seeds = kmeans_plusplus(X, len(free), rng, w, initial_centers=init)
-    centers[free] = X[seeds]
-    pin = None if pinned is None else np.asarray(pinned)
+    centers = X[kmeans_plusplus(X, n_clusters, rng, w)]
 
     def assign(c):
-        lab = np.argmin(_sq_dist(X, c), axis=1)
-        if pin is not None:
-            lab = np.where(pin >= 0, pin, lab)
-        return lab
+        return np.argmin(_sq_dist(X, c), axis=1)
 
     labels = assign(centers)
     scale = float(np.mean(np.var(X, axis=0))) + 1e-300
@@ -193,7 +172,6 @@ def params_from_resp(
     covariance_type: str,
     reg_covar: float,
     sample_weight: np.ndarray | None = None,
-    component_class: np.ndarray | None = None,
 ) -> tuple[GMMParams, list[dict]]:
     """Parameters from given responsibilities (an M-step on the sample)."""
     K = resp.shape[1]
@@ -210,10 +188,9 @@ def params_from_resp(
         means=shift,
         precisions_cholesky=np.ones(K) if covariance_type == "spherical" else np.ones((K, D)),
         covariance_type=covariance_type,
-        component_class=component_class,
     )
     stats = block_stats(X, prov, sample_weight, resp=resp)
-    return m_step(stats, covariance_type, reg_covar, component_class=component_class)
+    return m_step(stats, covariance_type, reg_covar)
 
 
 def common_covariance(
