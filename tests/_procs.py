@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,4 +46,7 @@ class LocalProcesses:
 
     def stop(self) -> None:
         subprocess.run(["bash", str(STOP), str(self.run_dir)], check=True, timeout=60)
+        deadline = time.monotonic() + 10  # SIGKILL is asynchronous; stop.sh waits too
+        while [p for p in self.pids.values() if _alive(p)] and time.monotonic() < deadline:
+            time.sleep(0.1)
         assert not [p for p in self.pids.values() if _alive(p)], "a process survived stop.sh"
