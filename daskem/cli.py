@@ -285,6 +285,15 @@ def _fit_options(f: Callable) -> Callable:
             help="Covariance type of the components.",
         ),
         click.option(
+            "--nan-policy",
+            type=click.Choice(("marginalize", "omit")),
+            default="marginalize",
+            show_default=True,
+            help="Pixels with some attributes missing: fit them through their observed "
+            "attributes (EM with missing data), or leave them out. Pixels with none "
+            "observed are always left out.",
+        ),
+        click.option(
             "--tol",
             type=click.FloatRange(min=0),
             default=1e-3,
@@ -330,6 +339,17 @@ def _fit_options(f: Callable) -> Callable:
     for o in reversed(opts):
         f = o(f)
     return f
+
+
+def _impute_option(f: Callable) -> Callable:
+    return click.option(
+        "--impute",
+        is_flag=True,
+        help="Also write the stack's attributes with gaps filled (each missing value "
+        "replaced by its expected value given the pixel's observed attributes) and, per "
+        "attribute, NAME_std: the standard deviation of each filled value (NaN where "
+        "observed).",
+    )(f)
 
 
 def _parse_vars(variables: str | None) -> list[str] | None:
@@ -578,6 +598,7 @@ def _fit(rep: Reporter, stack: Any, *, labels: str | None, opts: dict[str, Any])
             n_init=opts["n_init"],
             random_state=opts["seed"],
             precision=opts["precision"],
+            nan_policy=opts.get("nan_policy", "marginalize"),
             checkpoint_dir=opts["checkpoint"],
             resume=opts["resume"],
             callback=rep.iteration,
@@ -655,6 +676,7 @@ def _save_model(rep: Reporter, gm: Any, path: Path, stack: Any, labels, opts) ->
             "n_init": opts["n_init"],
             "seed": opts["seed"],
             "precision": opts["precision"],
+            "nan_policy": opts.get("nan_policy", "marginalize"),
             "checkpoint": opts["checkpoint"],
             "resume": opts["resume"],
         },
@@ -732,12 +754,19 @@ def _n_chunks(ds: Any) -> int:
 
 
 def _predict(
-    rep: Reporter, model: Any, stack: Any, out: Path, *, labels: str | None, overwrite: bool
+    rep: Reporter,
+    model: Any,
+    stack: Any,
+    out: Path,
+    *,
+    labels: str | None,
+    overwrite: bool,
+    impute: bool = False,
 ) -> Any:
     """Posterior of a stack written atomically to ``out``; returns the lazy dataset."""
     from . import io
 
-    post = io.posterior(model, stack, labels)
+    post = io.posterior(model, stack, labels, impute=impute)
     rep.progress(f"writing the posterior to {out} ({_n_chunks(post)} chunks)")
     t = time.perf_counter()
     with _WriteProgress(rep, out, _n_chunks(post)):
@@ -893,10 +922,13 @@ def _split(kw: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     metavar="VAR|FILE",
     help="Clamp these labelled pixels to their class (as in a semi-supervised fit).",
 )
+@_impute_option
 @_cluster_options
 @_common_options
 @_command("predict")
-def predict(rep: Reporter, stack, model_path, out, overwrite, variables, labels, **kw) -> None:
+def predict(
+    rep: Reporter, stack, model_path, out, overwrite, variables, labels, impute, **kw
+) -> None:
     """Posterior maps of STACK under --model, to --out.
 
     Writes a Zarr store with the class probabilities, the most probable class
@@ -907,10 +939,15 @@ def predict(rep: Reporter, stack, model_path, out, overwrite, variables, labels,
     _check_output(out_path, "--out", overwrite)
     _check_not_input(out_path, stack)
     model = _load_model(model_path)
+    if impute and not callable(getattr(model, "impute", None)):
+        raise BadInput(
+            f"--impute: the model in {model_path} ({type(model).__name__}) cannot fill "
+            "missing attributes; predict without --impute"
+        )
     st = _stack_for_model(stack, model, model_path, _parse_vars(variables))
     rep.progress(f"stack: {stack} {_describe_stack(st)}")
     with _cluster(rep, **cluster_kw):
-        _predict(rep, model, st, out_path, labels=labels, overwrite=overwrite)
+        _predict(rep, model, st, out_path, labels=labels, overwrite=overwrite, impute=impute)
     rep.summary(status="ok", posterior=str(out_path))
 
 
@@ -932,10 +969,11 @@ def _check_not_input(out: Path, stack: str) -> None:
 )
 @click.option("--out", type=click.Path(), required=True, help="Posterior Zarr store to write.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --model and --out.")
+@_impute_option
 @_cluster_options
 @_common_options
 @_command("run")
-def run(rep: Reporter, stack, model_path, out, overwrite, labels, variables, **kw) -> None:
+def run(rep: Reporter, stack, model_path, out, overwrite, labels, variables, impute, **kw) -> None:
     """Fit on STACK, then write its posterior (fit + predict).
 
     With --labels, the labelled pixels are also clamped to their class in the
@@ -952,7 +990,7 @@ def run(rep: Reporter, stack, model_path, out, overwrite, labels, variables, **k
     with _cluster(rep, **cluster_kw):
         gm = _fit(rep, st, labels=labels, opts=opts)
         _save_model(rep, gm, model_file, st, labels, opts)
-        _predict(rep, gm, st, out_path, labels=labels, overwrite=overwrite)
+        _predict(rep, gm, st, out_path, labels=labels, overwrite=overwrite, impute=impute)
     rep.summary(
         status="ok",
         model=str(model_file),

@@ -37,12 +37,14 @@ from .model.gmm import (
     GMMParams,
     class_posterior,
     covariances_from_precision_cholesky,
-    estimate_weighted_log_prob,
     log_responsibilities,
     n_parameters,
+    observed_weighted_log_prob,
     precisions_from_cholesky,
 )
 from .model.init import INIT_METHODS, initial_responsibilities, labelled_start, params_from_resp
+from .model.missing import MissingGMMModel
+from .model.missing import impute as _impute
 from .modelfile import ModelFileError, load_checkpoint, register_estimator, save_checkpoint
 
 __all__ = ["ConvergenceWarning", "GaussianMixture", "GaussianMixtureClassifier"]
@@ -80,16 +82,16 @@ def _flip_cholesky_upper(precision: np.ndarray) -> np.ndarray:
 
 
 def _rows_weighted_log_prob(params: GMMParams, X: np.ndarray) -> np.ndarray:
-    return estimate_weighted_log_prob(X, params)
+    return observed_weighted_log_prob(X, params)
 
 
 def _rows_score(params: GMMParams, X: np.ndarray) -> np.ndarray:
-    return _logsumexp_rows(estimate_weighted_log_prob(X, params))
+    return _logsumexp_rows(observed_weighted_log_prob(X, params))
 
 
 def _rows_proba(params: GMMParams, X: np.ndarray) -> np.ndarray:
-    wlp = estimate_weighted_log_prob(X, params)
-    with np.errstate(under="ignore"):
+    wlp = observed_weighted_log_prob(X, params)
+    with np.errstate(under="ignore", invalid="ignore"):
         return np.exp(wlp - _logsumexp_rows(wlp)[:, None])
 
 
@@ -99,7 +101,13 @@ def _rows_class_posterior(params: GMMParams, X: np.ndarray) -> np.ndarray:
 
 
 def _rows_predict(params: GMMParams, X: np.ndarray) -> np.ndarray:
-    return estimate_weighted_log_prob(X, params).argmax(axis=1)
+    wlp = observed_weighted_log_prob(X, params)
+    return np.where(np.isnan(wlp[:, 0]), -1, wlp.argmax(axis=1)) if len(wlp) else wlp.argmax(1)
+
+
+def _rows_impute(params: GMMParams, X: np.ndarray) -> np.ndarray:
+    filled, std = _impute(X, params, return_std=True)
+    return np.concatenate([filled, std], axis=1)
 
 
 def _params_to_json(p: GMMParams) -> dict[str, Any]:
@@ -134,6 +142,18 @@ def _n_excluded(result: engine.EMResult) -> int:
     return int(getattr(result, "n_excluded", 0))
 
 
+def _n_partial(result: engine.EMResult) -> int:
+    if result.stats is not None:
+        return int(result.stats.n_partial)
+    return int(getattr(result, "n_partial", 0))
+
+
+def _n_empty(result: engine.EMResult) -> int:
+    if result.stats is not None:
+        return int(result.stats.n_empty)
+    return int(getattr(result, "n_empty", 0))
+
+
 def _result_to_json(r: engine.EMResult) -> dict[str, Any]:
     return {
         "params": _params_to_json(r.params),
@@ -144,6 +164,8 @@ def _result_to_json(r: engine.EMResult) -> dict[str, Any]:
         "stopped": bool(r.stopped),
         "events": [{k: (float(v) if k == "mass" else v) for k, v in e.items()} for e in r.events],
         "n_excluded": _n_excluded(r),
+        "n_partial": _n_partial(r),
+        "n_empty": _n_empty(r),
     }
 
 
@@ -159,6 +181,25 @@ def _take_classes(idx: np.ndarray, classes: np.ndarray) -> np.ndarray:
     return classes[idx]
 
 
+def _fill_by_class(X: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """``X`` with each missing value replaced by its class's mean of that attribute
+    (the mean over every row where the class has none observed)."""
+    X = np.array(X, dtype=np.float64)
+    missing = ~np.isfinite(X)
+    if not missing.any():
+        return X
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns
+        overall = np.nanmean(np.where(missing, np.nan, X), axis=0)
+        overall = np.where(np.isfinite(overall), overall, 0.0)
+        for c in np.unique(y):
+            rows = y == c
+            fill = np.nanmean(np.where(missing[rows], np.nan, X[rows]), axis=0)
+            fill = np.where(np.isfinite(fill), fill, overall)
+            X[rows] = np.where(missing[rows], fill, X[rows])
+    return X
+
+
 def _store_params(estimator: Any, params: dict[str, Any]) -> None:
     """Store ``__init__``'s arguments unchanged, as scikit-learn's contract asks."""
     for name, value in params.items():
@@ -166,6 +207,9 @@ def _store_params(estimator: Any, params: dict[str, Any]) -> None:
             setattr(estimator, name, value)
 
 
+#: How rows with non-finite values are treated when fitting: refused, left out, or used
+#: through their observed attributes (EM with missing data, :mod:`daskem.model.missing`).
+NAN_POLICIES = ("raise", "omit", "marginalize")
 PREFIT_MIN_ROWS = 5_000  # smallest coarse stage of the prefit
 
 
@@ -216,8 +260,8 @@ class _BaseGaussianMixture(BaseEstimator):
             raise ValueError(f"cache must be True, False or 'auto', got {self.cache!r}")
         if self.prefit not in ("auto", True, False):
             raise ValueError(f"prefit must be True, False or 'auto', got {self.prefit!r}")
-        if self.nan_policy not in ("raise", "omit"):
-            raise ValueError(f"nan_policy must be 'raise' or 'omit', got {self.nan_policy!r}")
+        if self.nan_policy not in NAN_POLICIES:
+            raise ValueError(f"nan_policy must be one of {NAN_POLICIES}, got {self.nan_policy!r}")
         sa = self.select_after
         if not (sa is None or sa == "auto" or (isinstance(sa, numbers.Integral) and sa >= 1)):
             raise ValueError(f"select_after must be an integer >= 1, None or 'auto', got {sa!r}")
@@ -294,12 +338,15 @@ class _BaseGaussianMixture(BaseEstimator):
                 bad = int((~np.isfinite(X)).any(axis=1).sum())
                 raise ValueError(
                     f"Input X contains non-finite values (NaN or inf) in {bad} rows. "
-                    "Remove or impute them, or use nan_policy='omit' to leave them out."
+                    "Remove them, use nan_policy='marginalize' to fit them through their "
+                    "observed attributes, or nan_policy='omit' to leave them out."
                 )
+            allow_missing = allow_missing or self.nan_policy == "marginalize"
             if not for_fit and not allow_missing and not np.isfinite(X).all():
                 raise ValueError(
                     "Input X contains non-finite values (NaN or inf); use class_posterior() "
-                    "for samples with missing attributes"
+                    "for samples with missing attributes, or fit with "
+                    "nan_policy='marginalize'"
                 )
         return X
 
@@ -343,7 +390,8 @@ class _BaseGaussianMixture(BaseEstimator):
     # ------------------------------------------------------------------ fitting
 
     def _model(self) -> GMMModel:
-        return GMMModel(
+        cls = MissingGMMModel if self.nan_policy == "marginalize" else GMMModel
+        return cls(
             self.covariance_type,
             float(self.reg_covar),
             allow_excluded=self.nan_policy == "omit",
@@ -375,9 +423,15 @@ class _BaseGaussianMixture(BaseEstimator):
         if not finite.all():
             if self.nan_policy == "raise":
                 raise ValueError(
-                    "Some labelled rows of X contain non-finite values; "
-                    "use nan_policy='omit' to leave them out"
+                    "Some labelled rows of X contain non-finite values; use "
+                    "nan_policy='marginalize' or 'omit'"
                 )
+            if self.nan_policy == "marginalize":
+                seen = np.isfinite(Xl).any(axis=1)
+                Xl, yl = _fill_by_class(Xl[seen], yl[seen]), yl[seen]
+                if not len(Xl):
+                    raise ValueError("Every labelled row of X has every attribute missing")
+                return Xl, yl
             lost = sorted(set(yl[~finite].tolist()) - set(yl[finite].tolist()))
             if lost:
                 raise ValueError(
@@ -405,12 +459,15 @@ class _BaseGaussianMixture(BaseEstimator):
         gen = np.random.default_rng(seed)
         if sample is None:
             sample = engine.draw_sample(data, self.init_sample_size, seed)
-        Xs, ws, _ = sample
-        finite = np.isfinite(Xs).all(axis=1)
-        if ws is not None:
-            finite &= np.isfinite(ws) & (ws > 0)
-        Xs = np.asarray(Xs[finite], dtype=np.float64)
-        ws = None if ws is None else ws[finite]
+        Xs, ws = self._start_sample(sample, K)
+        if Xs.shape[0] < K and self.nan_policy == "omit":
+            raise ValueError(
+                f"Only {Xs.shape[0]} of the {len(sample[0])} rows drawn for initialisation "
+                f"have every attribute observed, fewer than n_components={K}: with "
+                "nan_policy='omit' (rows with a missing attribute left out) there is too "
+                "little to fit; use nan_policy='marginalize' to fit the rows through their "
+                "observed attributes."
+            )
         if Xs.shape[0] < K:
             raise ValueError(
                 f"Only {Xs.shape[0]} usable rows were drawn for initialisation but "
@@ -443,6 +500,32 @@ class _BaseGaussianMixture(BaseEstimator):
             params = self._prefit(params, Xs, ws, labelled)
         return params
 
+    def _start_sample(self, sample, K: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """The sampled rows a start is computed from (float64, positive weights).
+
+        Rows with every attribute observed; under ``nan_policy="marginalize"``, if fewer
+        than ``max(10 K, 100)`` of those were drawn, every row with some attribute
+        observed, its missing values filled with the sample's mean of that attribute
+        (EM then works from the observed values only).
+        """
+        Xs, ws, _ = sample
+        keep = np.ones(len(Xs), dtype=bool) if ws is None else np.isfinite(ws) & (ws > 0)
+        never = ~np.isfinite(Xs[keep]).any(axis=0)
+        if self.nan_policy == "marginalize" and keep.any() and never.any():
+            names = getattr(self, "feature_names_in_", None)
+            which = [str(names[j]) if names is not None else int(j) for j in np.flatnonzero(never)]
+            raise ValueError(
+                f"Attribute(s) (columns of X) {which} are missing in every one of the "
+                f"{int(keep.sum())} rows drawn for initialisation: nothing can be learnt about "
+                "them; leave them out"
+            )
+        finite = np.isfinite(Xs).all(axis=1) & keep
+        if self.nan_policy == "marginalize" and finite.sum() < max(10 * K, 100):
+            seen = np.isfinite(Xs).any(axis=1) & keep
+            Xf = _fill_by_class(np.asarray(Xs[seen], dtype=np.float64), np.zeros(seen.sum(), int))
+            return Xf, None if ws is None else ws[seen]
+        return np.asarray(Xs[finite], dtype=np.float64), None if ws is None else ws[finite]
+
     def _initialise(self, data, seeds, labelled, sample) -> list[GMMParams]:
         """First parameters of each restart (one per seed), on the shared sample.
 
@@ -473,13 +556,16 @@ class _BaseGaussianMixture(BaseEstimator):
         ``label_weight * log p(x, class)`` exactly (no sampling error).
         """
         Xs, ws, _ = sample
-        finite = np.isfinite(Xs).all(axis=1)
+        if self.nan_policy == "marginalize":  # every row with something observed
+            finite = np.isfinite(Xs).any(axis=1)
+        else:
+            finite = np.isfinite(Xs).all(axis=1)
         if ws is not None:
             finite &= np.isfinite(ws) & (ws > 0)
         Xs = np.asarray(Xs[finite], dtype=np.float64)
         w = np.ones(len(Xs)) if ws is None else np.asarray(ws[finite], dtype=np.float64)
         w = w / w.sum()
-        ll = np.stack([_logsumexp_rows(estimate_weighted_log_prob(Xs, p)) for p in candidates])
+        ll = np.stack([_logsumexp_rows(observed_weighted_log_prob(Xs, p)) for p in candidates])
         mean = ll @ w
         share, lab = 1.0, np.zeros(len(candidates))
         if labelled is not None and len(labelled[0]):
@@ -670,6 +756,8 @@ class _BaseGaussianMixture(BaseEstimator):
         self.reseeds_ = list(best.events)
         self.n_features_in_ = data.n_features
         self.n_excluded_ = _n_excluded(best)
+        self.n_partial_ = _n_partial(best)
+        self.n_empty_ = _n_empty(best)
         self.component_classes_ = (
             np.arange(K) if component_class is None else np.asarray(component_class)
         )
@@ -767,6 +855,8 @@ class _BaseGaussianMixture(BaseEstimator):
             stopped=bool(d.get("stopped", False)),
         )
         res.n_excluded = int(d.get("n_excluded", 0))
+        res.n_partial = int(d.get("n_partial", 0))
+        res.n_empty = int(d.get("n_empty", 0))
         return res
 
     def _verbose_callback(self, t_init: float):
@@ -834,6 +924,34 @@ class _BaseGaussianMixture(BaseEstimator):
             _rows_class_posterior, X, self.n_classes_ + 1, np.float64, allow_missing=True
         )
         return both[:, :-1], both[:, -1]
+
+    def impute(self, X: Any, return_std: bool = False):
+        """Fill missing attributes with their expected value given the observed ones.
+
+        Each missing attribute of a row is replaced by its conditional mean given the
+        row's observed attributes, mixed over the row's posterior component
+        probabilities: ``E[x_m | x_o] = sum_k p(k | x_o) E[x_m | x_o, k]``, with
+        ``E[x_m | x_o, k] = mu_k,m + Sigma_k,mo Sigma_k,oo^-1 (x_o - mu_k,o)``. Observed
+        values are returned unchanged; rows with nothing observed stay NaN.
+
+        Parameters
+        ----------
+        X : array-like or dask array of shape (n_samples, n_features)
+            Non-finite values (NaN, inf) mark missing attributes.
+        return_std : bool, default=False
+            Also return the conditional standard deviation of each filled value,
+            ``sqrt(Var[x_m | x_o])`` under the mixture (0 where a value was observed).
+
+        Returns
+        -------
+        X_filled : array of shape (n_samples, n_features), float64
+        std : array of shape (n_samples, n_features)
+            Only if ``return_std``. NumPy for NumPy input, lazy Dask arrays for Dask input.
+        """
+        self._check_fitted()
+        D = self.means_.shape[1]
+        both = self._rows(_rows_impute, X, 2 * D, np.float64, allow_missing=True)
+        return (both[:, :D], both[:, D:]) if return_std else both[:, :D]
 
     def score_samples(self, X: Any):
         """Log-likelihood ``log p(x)`` of each sample, shape (n_samples,)."""
@@ -952,9 +1070,16 @@ class GaussianMixture(DensityMixin, _BaseGaussianMixture):
         Keep Dask input in (cluster) memory after the first read, so later passes do
         not read and decompress it again. ``"auto"``: when it takes less than half the
         memory of the workers (of this machine without a distributed client).
-    nan_policy : {"raise", "omit"}, default="raise"
-        What a row with a non-finite value does to ``fit``: raise ``ValueError``, or
-        be left out of the fit (and counted in ``n_excluded_``).
+    nan_policy : {"raise", "omit", "marginalize"}, default="raise"
+        What a row with a non-finite value (a missing attribute) does to ``fit``:
+        ``"raise"`` raises ``ValueError``; ``"omit"`` leaves the row out (counted in
+        ``n_excluded_``); ``"marginalize"`` fits it through its observed attributes (EM
+        with missing data, Ghahramani & Jordan 1994): its responsibilities come from the
+        marginal Gaussians of the observed attributes, its missing ones enter the
+        statistics as conditional expectations, and the objective is the observed-data
+        log-likelihood. Only rows with nothing observed are left out. Fitted with
+        ``"marginalize"``, ``predict``, ``predict_proba`` and ``score_samples`` accept
+        missing values too; :meth:`impute` fills them.
     precision : {"auto", "single"}, default="auto"
         Arithmetic of the E-step for float32 data (float64 data is always computed in
         float64). ``"auto"``: float32 only where a rounding-error bound keeps every
@@ -991,7 +1116,12 @@ class GaussianMixture(DensityMixin, _BaseGaussianMixture):
         Components re-seeded because they collapsed: ``iteration``, ``component``,
         ``reason``.
     n_excluded_ : int
-        Rows left out of the fit (non-finite values, only with ``nan_policy="omit"``).
+        Rows left out of the fit: with ``nan_policy="omit"`` every row with a non-finite
+        value, with ``"marginalize"`` the rows with no attribute observed.
+    n_partial_ : int
+        Rows fitted with some attributes missing (``nan_policy="marginalize"``).
+    n_empty_ : int
+        Rows with no attribute observed (left out under any ``nan_policy``).
     component_classes_ : ndarray of int, shape (n_components,)
         ``arange(n_components)``: each component is its own class (see
         :class:`GaussianMixtureClassifier` for classes made of components).
@@ -1135,7 +1265,8 @@ class GaussianMixtureClassifier(ClassifierMixin, _BaseGaussianMixture):
         Index into ``classes_`` of the class owning each component.
     n_classes_ : int
     weights_, means_, covariances_, precisions_, precisions_cholesky_, converged_,
-    n_iter_, lower_bound_, lower_bounds_, n_features_in_, reseeds_, n_excluded_
+    n_iter_, lower_bound_, lower_bounds_, n_features_in_, reseeds_, n_excluded_, n_partial_,
+    n_empty_
         As in :class:`GaussianMixture`; the lower bound is the semi-supervised
         objective (log p(x) of unlabelled samples plus ``label_weight`` times
         log p(x, class) of labelled ones, per unit of weight).

@@ -51,6 +51,7 @@ import xarray as xr
 from ._version import __version__
 from .estimator import GaussianMixture, GaussianMixtureClassifier
 from .model.gmm import class_posterior
+from .model.missing import impute as _impute_rows
 
 __all__ = [
     "Stack",
@@ -244,7 +245,8 @@ def open_stack(
         Attributes to use (Dataset variables, or labels along ``feature_dim``).
         Default for a Dataset: every floating-point data variable with the full
         spatial dims, except the ``mask`` variable and label-like variables (those
-        with CF ``flag_values`` / ``flag_meanings``), in natural name order (a store
+        with CF ``flag_values`` / ``flag_meanings``) and the variables another one
+        names in its CF ``ancillary_variables``, in natural name order (a store
         lists its arrays in no fixed order). Integer variables may be named
         explicitly; they are converted to floating point.
     feature_dim : str, optional
@@ -371,11 +373,19 @@ def _select_variables(
                     "integer or floating-point"
                 )
         return names
+    # CF ancillary variables (uncertainties, quality flags, reference values) describe
+    # another variable: they are not attributes of their own
+    ancillary = {
+        a
+        for v in ds.data_vars.values()
+        for a in str(v.attrs.get("ancillary_variables", "")).split()
+    }
     # natural name order: a store's listing order is not stable (attr_2 < attr_10)
     candidates = [
         n
         for n in sorted(available, key=_natural_key)
         if n != mask_name
+        and n not in ancillary
         and ds[n].ndim > 0
         and ds[n].dtype.kind == "f"
         and not _is_label_like(ds[n])
@@ -937,8 +947,10 @@ def fit_stack(
     """Fit a mixture on every pixel of a stack.
 
     Without labels a :class:`~daskem.GaussianMixture`; with labels a semi-supervised
-    :class:`~daskem.GaussianMixtureClassifier`. Pixels with a missing attribute are
-    left out of the fit (``nan_policy="omit"``).
+    :class:`~daskem.GaussianMixtureClassifier`. Pixels with some attributes missing
+    are fitted through their observed ones (``nan_policy="marginalize"``, EM with
+    missing data); pixels with none observed are left out. Pass
+    ``nan_policy="omit"`` to leave out every pixel with a missing attribute.
 
     Parameters
     ----------
@@ -972,13 +984,15 @@ def fit_stack(
 
     Notes
     -----
-    Besides the EM passes, the missing-value counts cost one pass over the data
-    and labels one pass over the label map (see :func:`labels_for_stack`).
+    Besides the EM passes, labels cost one pass over the label map (see
+    :func:`labels_for_stack`). ``excluded_counts_`` comes from the last pass's
+    statistics: ``partially_missing`` pixels are fitted under ``"marginalize"`` and left
+    out (counted in ``total``) under ``"omit"``.
     """
     X = stack.rows()
     y = None
     names: list[str] | None = None
-    gm_kwargs.setdefault("nan_policy", "omit")
+    gm_kwargs.setdefault("nan_policy", "marginalize")
     if labels is not None:
         y, names = labels_for_stack(stack, labels, class_names=class_names)
         C = len(names)
@@ -1000,9 +1014,6 @@ def fit_stack(
         if class_names is not None:
             names = _names_from_mapping(class_names)
         gm = GaussianMixture(n_components, **gm_kwargs)
-    n_bad = (~da.isfinite(stack.data)).sum(axis=0, dtype=np.int32)
-    D = stack.n_features
-    all_missing, partial = da.compute((n_bad == D).sum(), ((n_bad > 0) & (n_bad < D)).sum())
     if sample_weight is not None:
         sample_weight = _weights_as_rows(stack, sample_weight)
     fit_kwargs = {
@@ -1023,10 +1034,12 @@ def fit_stack(
         )
     gm.feature_names_in_ = np.asarray(stack.variables, dtype=object)
     gm.class_names_ = list(names)
+    # from the statistics of the last pass: no pass of its own
+    partial = gm.n_partial_ if gm.nan_policy == "marginalize" else gm.n_excluded_ - gm.n_empty_
     gm.excluded_counts_ = {
-        "all_missing": int(all_missing),
+        "all_missing": int(gm.n_empty_),
         "partially_missing": int(partial),
-        "total": int(all_missing) + int(partial),
+        "total": int(gm.n_excluded_),
     }
     gm.input_path_ = stack.path
     return gm
@@ -1078,24 +1091,32 @@ def _entropy(p: np.ndarray, axis: int) -> np.ndarray:
         return -(p * np.log(np.where(p > 0, p, 1.0))).sum(axis=axis)
 
 
-def _posterior_block(block, *labels, params, n_classes, rows):
-    """(D, *b) attributes (+ (*b) labels) -> (C + 2, *b) float64.
+def _posterior_block(block, *labels, params, n_classes, rows, impute=False):
+    """(D, *b) attributes (+ (*b) labels) -> (C + 2 [+ 2 D], *b) float64.
 
     Planes ``0..C-1`` are class probabilities, ``C`` the entropy, ``C + 1`` the log
-    density. Labelled pixels with any observed attribute are clamped to their class.
+    density; with ``impute`` then the D attributes with gaps filled and the D conditional
+    standard deviations (NaN where the value was observed). Labelled pixels with any
+    observed attribute are clamped to their class.
     """
     D = block.shape[0]
     spatial = block.shape[1:]
     n = math.prod(spatial)
     X = block.reshape(D, n)
     C = n_classes
-    out = np.empty((C + 2, n))
+    out = np.empty((C + 2 + (2 * D if impute else 0), n))
     for s in range(0, n, rows):
         e = min(n, s + rows)
-        proba, logd = class_posterior(params, X[:, s:e].T, C)
+        xb = X[:, s:e].T
+        proba, logd = class_posterior(params, xb, C)
         out[:C, s:e] = proba.T
         out[C, s:e] = _entropy(proba, axis=1)
         out[C + 1, s:e] = logd
+        if impute:
+            filled, std = _impute_rows(xb, params, return_std=True)
+            std[std == 0.0] = np.nan  # observed
+            out[C + 2 : C + 2 + D, s:e] = filled.T
+            out[C + 2 + D :, s:e] = std.T
     if labels:
         y = labels[0].reshape(n)
         sel = (y >= 0) & (y < C) & np.isfinite(X).any(axis=0)
@@ -1103,7 +1124,7 @@ def _posterior_block(block, *labels, params, n_classes, rows):
             out[:C, sel] = 0.0
             out[y[sel], np.flatnonzero(sel)] = 1.0
             out[C, sel] = 0.0
-    return out.reshape((C + 2, *spatial))
+    return out.reshape((out.shape[0], *spatial))
 
 
 def _planes(block, start, stop, dtype):
@@ -1136,6 +1157,7 @@ def posterior(
     labels: Any = None,
     *,
     class_names: Sequence[str] | Mapping[int, str] | None = None,
+    impute: bool = False,
 ) -> xr.Dataset:
     """The lazy posterior of every pixel of a stack under a fitted mixture.
 
@@ -1158,6 +1180,9 @@ def posterior(
         the semi-supervised fit. ``log_likelihood`` stays the model density. Without
         labels every pixel shows the model posterior ``p(class | x)``.
     class_names : sequence of str or mapping, optional
+    impute : bool, default False
+        Also return the stack's attributes with their gaps filled (see below), for
+        models that can fill them (an ``impute`` method, as the Gaussian mixtures have).
 
     Returns
     -------
@@ -1177,8 +1202,22 @@ def posterior(
         Pixels with every attribute missing are NaN (``label`` -1) in every output;
         pixels with some missing use the exact marginal over the observed ones. The
         model parameters and provenance are in the attributes.
+
+        With ``impute``, for every attribute ``v`` of the stack:
+
+        * ``v`` float32 -- the attribute with each missing value of a pixel that has
+          some attribute observed replaced by its conditional mean given the observed
+          ones, mixed over the pixel's posterior (:meth:`GaussianMixture.impute`);
+          observed values unchanged; NaN where nothing is observed;
+        * ``v_std`` float32 -- the conditional standard deviation of each filled value;
+          NaN where the value was observed (or nothing is).
     """
     model._check_fitted()
+    if impute and not callable(getattr(model, "impute", None)):
+        raise ValueError(
+            f"a {type(model).__name__} cannot fill missing attributes (it has no impute "
+            "method): posterior maps without impute only"
+        )
     feature_names = getattr(model, "feature_names_in_", None)
     if (
         feature_names is not None
@@ -1222,15 +1261,25 @@ def posterior(
                 f"classes {names}"
             )
         args.append(resolved.map)
+    D = stack.n_features
+    if impute:
+        taken = {"probability", "label", "confidence", "entropy", "log_likelihood", "class"}
+        clash = sorted(taken & {n for v in stack.variables for n in (v, f"{v}_std")})
+        if clash:
+            raise ValueError(
+                f"cannot impute: the stack's variables {clash} clash with the posterior's "
+                "output names; rename them"
+            )
     stacked = da.map_blocks(
         _posterior_block,
         *args,
-        chunks=((C + 2,), *stack.chunks),
+        chunks=((C + 2 + (2 * D if impute else 0),), *stack.chunks),
         dtype=np.float64,
         meta=np.empty((0,) * data.ndim, np.float64),
         params=params,
         n_classes=C,
         rows=max(256, _POSTERIOR_VALUES // max(stack.n_features, params.n_components)),
+        impute=impute,
         name=f"daskem-posterior-{uuid.uuid4().hex[:12]}",
     )
     spatial = stack.chunks
@@ -1291,6 +1340,38 @@ def posterior(
             },
         ),
     }
+    if impute:
+        src = stack.dataset
+        for j, v in enumerate(stack.variables):
+            base = {
+                k: src[v].attrs[k]
+                for k in ("long_name", "units", "standard_name")
+                if v in src.variables and k in src[v].attrs
+            }
+            name = base.get("long_name", v)
+            data_vars[v] = (
+                dims,
+                plane(C + 2 + j),
+                {
+                    **base,
+                    "long_name": f"{name}, gaps filled",
+                    "comment": "missing values replaced by their conditional mean given the "
+                    "pixel's observed attributes under the mixture; see "
+                    f"{v}_std",
+                    **gm_attrs,
+                },
+            )
+            data_vars[f"{v}_std"] = (
+                dims,
+                plane(C + 2 + D + j),
+                {
+                    **{k: base[k] for k in ("units",) if k in base},
+                    "long_name": f"standard deviation of the filled {name}",
+                    "comment": "conditional standard deviation of the filled value; NaN where "
+                    "the value was observed",
+                    **gm_attrs,
+                },
+            )
     coords = dict(stack.spatial_coords())
     # object dtype: stored as variable-length strings (specified in Zarr v2 and v3)
     coords["class"] = xr.Variable("class", np.array(names, dtype=object), {"long_name": "class"})

@@ -59,6 +59,10 @@ _Y0 = 5_100_000.0  # northing of the grid's north edge (m)
 _RES = 10.0  # pixel size (m)
 _EPSG = 32633
 
+# Spawn key of the random stream of the clouds (independent of the main stream,
+# so that ``clouds=0`` leaves every other variable unchanged).
+_CLOUD_STREAM = 0xC10D
+
 
 # ---------------------------------------------------------------------------
 # helpers
@@ -164,14 +168,20 @@ def _class_map(
     return cls.reshape(shape).astype(np.int16)
 
 
-def _hole_mask(rng: np.random.Generator, shape: tuple[int, ...], fraction: float) -> np.ndarray:
-    """Boolean mask of blob-shaped (disk / ball) holes covering ``~fraction``."""
-    mask = np.zeros(shape, dtype=bool)
+def _blobs(rng: np.random.Generator, shape: tuple[int, ...], fraction: float):
+    """Yield random blob-shaped (disk / ball) regions until they cover ``~fraction``.
+
+    Each item is ``(box, inside)``: a tuple of slices into the grid and the
+    boolean disk / ball inside that box.  Blobs are drawn until their union
+    covers at least ``fraction`` of the grid; the radius is chosen so that
+    roughly eight blobs reach the target per 2-D slice.  The caller may draw
+    from ``rng`` between items (the sequence stays deterministic).
+    """
     if fraction <= 0:
-        return mask
-    n_total = mask.size
+        return
+    covered_mask = np.zeros(shape, dtype=bool)
+    n_total = covered_mask.size
     ny, nx = shape[-2:]
-    # Radius chosen so that roughly eight holes reach the target per 2-D slice.
     radius = max(1.5, float(np.sqrt(fraction * ny * nx / (8.0 * np.pi))))
     radii = np.array([max(1.0, min(radius, n / 4.0)) for n in shape[:-2]] + [radius, radius])
     target = fraction * n_total
@@ -186,10 +196,73 @@ def _hole_mask(rng: np.random.Generator, shape: tuple[int, ...], fraction: float
         grids = np.ogrid[tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))]
         dist2 = sum(((g + 0.5 - c0) / r0) ** 2 for g, c0, r0 in zip(grids, centre, r, strict=True))
         box = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
-        before = mask[box].sum()
-        mask[box] |= dist2 <= 1.0
-        covered += int(mask[box].sum() - before)
+        inside = dist2 <= 1.0
+        before = covered_mask[box].sum()
+        covered_mask[box] |= inside
+        covered += int(covered_mask[box].sum() - before)
+        yield box, inside
+
+
+def _hole_mask(rng: np.random.Generator, shape: tuple[int, ...], fraction: float) -> np.ndarray:
+    """Boolean mask of blob-shaped (disk / ball) holes covering ``~fraction``."""
+    mask = np.zeros(shape, dtype=bool)
+    for box, inside in _blobs(rng, shape, fraction):
+        mask[box] |= inside
     return mask
+
+
+def _cloud_mask(
+    rng: np.random.Generator,
+    shape: tuple[int, ...],
+    fraction: float,
+    n_features: int,
+    missing: np.ndarray,
+) -> np.ndarray:
+    """Attributes hidden by clouds: boolean ``(*shape, n_features)``.
+
+    Blobs (:func:`_blobs`) cover ``~fraction`` of the pixels; each blob hides a
+    random non-empty proper subset of the attributes (size uniform in
+    ``1 .. n_features - 1``, then a uniform subset of that size) and
+    overlapping blobs hide the union of their subsets.  ``missing`` (same
+    shape as the result) flags values that are NaN before cloud masking.
+
+    Where the union, together with ``missing``, would leave a pixel without
+    any attribute, one hidden attribute is made visible again: the first, in a
+    random attribute order drawn for the last blob laid over the pixel (that
+    blob's own visible attributes first), among the hidden attributes that
+    have a value (any hidden attribute in an all-NaN pixel).  So a pixel with
+    at least one value keeps one, and no pixel has all attributes hidden.
+    """
+    hidden = np.zeros((*shape, n_features), dtype=bool)
+    top = np.full(shape, -1, dtype=np.int64)  # index of the last blob over each pixel
+    ranks = []  # per blob: rank of each attribute in its "keep visible" order
+    for b, (box, inside) in enumerate(_blobs(rng, shape, fraction)):
+        n_hide = int(rng.integers(1, n_features))
+        subset = np.zeros(n_features, dtype=bool)
+        subset[rng.choice(n_features, size=n_hide, replace=False)] = True
+        perm = rng.permutation(n_features)
+        order = np.concatenate([perm[~subset[perm]], perm[subset[perm]]])
+        rank = np.empty(n_features, dtype=np.int64)
+        rank[order] = np.arange(n_features)
+        ranks.append(rank)
+        hidden_box = hidden[box]
+        hidden_box |= inside[..., None] & subset
+        top[box][inside] = b
+    if not ranks:
+        return hidden
+    flat = hidden.reshape(-1, n_features)
+    flat_missing = missing.reshape(-1, n_features)
+    no_value = flat_missing.all(axis=1)
+    fix = np.flatnonzero(flat.all(axis=1) | ((flat | flat_missing).all(axis=1) & ~no_value))
+    if fix.size:
+        h = flat[fix]
+        # Candidates: hidden attributes with a value; in all-NaN pixels, any hidden one.
+        cand = h & (~flat_missing[fix] | no_value[fix, None])
+        pixel_ranks = np.stack(ranks)[top.reshape(-1)[fix]]
+        keep = np.argmin(np.where(cand, pixel_ranks, n_features), axis=1)
+        h[np.arange(fix.size), keep] = False
+        flat[fix] = h
+    return hidden
 
 
 def _coords(shape: tuple[int, ...], dims: tuple[str, ...]) -> dict[str, xr.Variable]:
@@ -261,6 +334,7 @@ def make_stack(
     dtype: str | np.dtype = "float32",
     seed: int | None = 0,
     modes_per_class: int = 1,
+    clouds: float = 0.0,
 ) -> xr.Dataset:
     """Make a synthetic multi-attribute map with spatially coherent classes.
 
@@ -305,6 +379,25 @@ def make_stack(
         with its own regions, mean and covariance (e.g. "urban" = roofs + roads), so
         a class is multi-modal for ``modes_per_class > 1``. ``1`` gives exactly the
         dataset of earlier versions.
+    clouds : float, default 0.0
+        Approximate fraction of pixels that are *partly* missing under
+        spatially correlated blobs ("clouds"), for testing EM with missing
+        attributes.  Must be in ``[0, 0.9]``; ``> 0`` requires
+        ``n_features >= 2``.  Cloud blobs have the shape and size of the NaN
+        holes (about eight per 2-D slice reach the target) and are drawn from
+        their own random stream, so every other variable is the same as for
+        ``clouds=0`` -- except ``labels``, drawn among the pixels left fully
+        finite.  Each blob hides a random non-empty proper subset of the
+        attributes (``1 .. n_features - 1`` of them, chosen per blob) in the
+        pixels it covers; overlapping blobs hide the union of their subsets.
+        Where that union, together with values already NaN (``nan_fraction``),
+        would leave a pixel without any attribute, one of the hidden
+        attributes stays visible: the first, in a random attribute order drawn
+        for the last blob laid over the pixel (that blob's own visible
+        attributes first), that has a value.  So clouds never make a pixel
+        all-NaN, and at most ``n_features - 1`` attributes of a pixel are
+        hidden by clouds.  ``0`` gives exactly the dataset of earlier
+        versions.
 
     Returns
     -------
@@ -318,6 +411,14 @@ def make_stack(
           ``labels_per_class`` random pixels per class, all chosen among
           pixels where every attribute is finite.  CF attrs ``flag_values``
           and ``flag_meanings``; ``unlabelled_value = -1``;
+        * only when ``clouds > 0``: ``attr_k_true`` (``dtype``) for every
+          attribute ``attr_k`` with cloud-hidden pixels, its values before
+          cloud masking (``attr_k`` as it is with ``clouds=0``: NaN only
+          where ``nan_fraction`` made it NaN), for scoring gap filling; and
+          ``cloud_hidden`` (int16): the number of attributes hidden by clouds
+          in each pixel (``0 .. n_features - 1``; counted also where the value
+          was already NaN).  ``attr_k`` carries CF ``ancillary_variables``
+          naming them;
         * coordinates ``x``, ``y`` (``z``, ``t``) as float64 pixel centres
           (x = 500000 + 10 (i + 0.5) m, y decreasing) and a scalar
           ``spatial_ref`` grid-mapping variable (EPSG:32633).
@@ -325,7 +426,8 @@ def make_stack(
         Dataset attrs hold ``title``, ``source``, the generating parameters,
         ``class_names``, ``true_means`` (``(n_classes * modes_per_class) x
         n_features`` nested list in data units; sub-class ``j`` belongs to class
-        ``j // modes_per_class``) and ``true_covariances``.
+        ``j // modes_per_class``) and ``true_covariances``; ``clouds`` is
+        recorded only when ``> 0`` (so that default datasets are unchanged).
 
     Raises
     ------
@@ -335,6 +437,10 @@ def make_stack(
 
     Notes
     -----
+    The hidden attributes name ``attr_k_true`` and ``cloud_hidden`` in their CF
+    ``ancillary_variables``, so :func:`daskem.io.open_stack` does not take them as
+    attributes (``cloud_hidden``, an integer variable, would not be taken anyway).
+
     The unlabelled value is recorded as ``unlabelled_value`` rather than the
     CF ``missing_value`` / ``_FillValue``: xarray masks those on decoding,
     which would turn ``labels`` into a float variable after a Zarr round trip.
@@ -352,6 +458,14 @@ def make_stack(
         raise ValueError(f"nan_fraction must be in [0, 0.8), got {nan_fraction}")
     if smoothness < 0 or separation < 0:
         raise ValueError("smoothness and separation must be >= 0")
+    clouds = float(clouds)
+    if not 0.0 <= clouds <= 0.9:
+        raise ValueError(f"clouds must be in [0, 0.9], got {clouds}")
+    if clouds > 0 and n_features < 2:
+        raise ValueError(
+            f"clouds > 0 needs n_features >= 2 (clouds hide some attributes of a pixel, "
+            f"never all), got n_features={n_features}"
+        )
     dtype = np.dtype(dtype)
     if dtype.kind != "f":
         raise ValueError(f"dtype must be a floating dtype, got {dtype}")
@@ -388,6 +502,17 @@ def make_stack(
         values[picked, rng.integers(0, n_features, size=n_partial)] = np.nan
     values = values.astype(dtype)
 
+    # Clouds: blobs hiding some attributes, from their own random stream.
+    cloud_hidden = None
+    if clouds > 0:
+        cloud_rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(_CLOUD_STREAM,)))
+        hidden = _cloud_mask(
+            cloud_rng, shape, clouds, n_features, np.isnan(values).reshape(*shape, n_features)
+        ).reshape(n_pixels, n_features)
+        values_true = values
+        values = np.where(hidden, np.array(np.nan, dtype), values_true)
+        cloud_hidden = hidden.sum(axis=1, dtype=np.int16)
+
     # Sparse training labels on fully finite pixels.
     finite = np.isfinite(values).all(axis=1)
     labels = np.full(n_pixels, UNLABELLED, dtype=np.int16)
@@ -416,6 +541,21 @@ def make_stack(
             values[:, k].reshape(shape),
             {"long_name": long_name, "units": units, "grid_mapping": "spatial_ref"},
         )
+    if cloud_hidden is not None:
+        for k, (long_name, units, _, _) in enumerate(meta):
+            if not hidden[:, k].any():
+                continue
+            data_vars[f"attr_{k}"].attrs["ancillary_variables"] = f"attr_{k}_true cloud_hidden"
+            data_vars[f"attr_{k}_true"] = xr.Variable(
+                dims,
+                values_true[:, k].reshape(shape),
+                {
+                    "long_name": f"{long_name}: value before cloud masking",
+                    "units": units,
+                    "comment": "for evaluating gap filling",
+                    "grid_mapping": "spatial_ref",
+                },
+            )
     data_vars["truth"] = xr.Variable(
         dims,
         truth,
@@ -438,6 +578,18 @@ def make_stack(
             "grid_mapping": "spatial_ref",
         },
     )
+    if cloud_hidden is not None:
+        data_vars["cloud_hidden"] = xr.Variable(
+            dims,
+            cloud_hidden.reshape(shape),
+            {
+                "long_name": "number of attributes hidden by clouds",
+                "units": "1",
+                "valid_range": np.array([0, n_features - 1], dtype=np.int16),
+                "comment": "for evaluating gap filling; 0 = clear",
+                "grid_mapping": "spatial_ref",
+            },
+        )
 
     attrs: dict[str, Any] = {
         "title": "daskem synthetic multi-attribute stack",
@@ -456,6 +608,8 @@ def make_stack(
         "true_means": true_means.tolist(),
         "true_covariances": true_covs.tolist(),
     }
+    if clouds > 0:
+        attrs["clouds"] = clouds
     if seed is not None:
         attrs["seed"] = int(seed)
     return xr.Dataset(data_vars, coords=_coords(shape, dims), attrs=attrs)

@@ -312,9 +312,10 @@ def test_nan_pixels(ds, stack, semi):
     assert semi.excluded_counts_ == {
         "all_missing": int(empty.sum()),
         "partially_missing": int(partial.sum()),
-        "total": int(empty.sum() + partial.sum()),
+        "total": int(empty.sum()),  # partly missing pixels are fitted (marginalised)
     }
-    assert semi.n_excluded_ == semi.excluded_counts_["total"]
+    assert semi.nan_policy == "marginalize" and semi.n_partial_ == partial.sum()
+    assert semi.n_excluded_ == semi.excluded_counts_["total"] == semi.n_empty_
     post = posterior(semi, stack).compute()
     for name in ("confidence", "entropy", "log_likelihood"):
         assert np.isnan(post[name].values[empty]).all(), name

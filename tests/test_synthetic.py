@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 
 import numpy as np
@@ -181,3 +182,143 @@ def test_make_samples():
     # more components than a simplex in 2-D can hold
     X3, y3, m3 = make_samples(50, 2, 6, seed=1)
     assert X3.shape == (50, 2) and m3.shape == (6, 2) and set(y3) == set(range(6))
+
+
+# ---------------------------------------------------------------------------
+# clouds: spatially correlated partial missingness
+# ---------------------------------------------------------------------------
+
+# sha256 of the attribute arrays (name, dtype, shape and bytes of attr_0, attr_1, ...)
+# and of (truth, labels) of make_stack outputs, computed with the implementation
+# before ``clouds`` was added (numpy 2.4.6, xarray 2026.9.0).  Exact float bytes:
+# a different NumPy / LAPACK build could in principle change the last bits.
+_BASELINE = [
+    (
+        {},
+        "f6c3e4ebc5607ba52c022a382703cf6875b55a01f2e41864219b6a881bc1d0ce",
+        "fe86f9763c9b57ac565926575c9951b484cbc63864783a446a71921d353f76d2",
+    ),
+    (
+        {"shape": (24, 32, 40), "n_features": 3, "seed": 5},
+        "1f66b3deff709cf58b6e2471e6e0355ac1d17c04340e38388c1ef5385a5d1532",
+        "abc863109d53d80808afcda0902261f1ecb48be07bc2610538a360f38f345301",
+    ),
+    (
+        {"shape": (64, 64), "modes_per_class": 2, "dtype": "float64", "seed": 3},
+        "896a16ebee8a4be99b459a50182f776bff44f8d5e2da699256695cfad75c3a1a",
+        "f3b6c0670237ca6525e311b311ed557641101134dd9ffb33e3fa91e822dd2e8c",
+    ),
+]
+
+
+def _sha256(ds: xr.Dataset, names) -> str:
+    h = hashlib.sha256()
+    for n in names:
+        a = np.ascontiguousarray(ds[n].values)
+        h.update(n.encode())
+        h.update(a.dtype.str.encode())
+        h.update(str(a.shape).encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def cloudy() -> xr.Dataset:
+    return make_stack(shape=(128, 128), n_features=4, smoothness=8.0, seed=1, clouds=0.3)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "attr_sha", "label_sha"), _BASELINE, ids=["default", "3d", "modes-f64"]
+)
+def test_clouds_zero_reproduces_earlier_output(kwargs, attr_sha, label_sha):
+    ds = make_stack(**kwargs)
+    names = [f"attr_{k}" for k in range(ds.attrs["n_features"])]
+    assert _sha256(ds, names) == attr_sha
+    assert _sha256(ds, ["truth", "labels"]) == label_sha
+    assert "clouds" not in ds.attrs and "cloud_hidden" not in ds
+    xr.testing.assert_identical(make_stack(**kwargs, clouds=0.0), ds)
+    assert make_stack(**kwargs, clouds=0.0).attrs.keys() == ds.attrs.keys()
+
+
+def test_clouds_partial_fraction(cloudy):
+    X = _features(cloudy)
+    isnan = np.isnan(X)
+    partial = isnan.any(axis=-1) & ~isnan.all(axis=-1)
+    assert 0.2 <= partial.mean() <= 0.4  # asked for 0.3
+    hidden = cloudy.cloud_hidden.values
+    assert cloudy.cloud_hidden.dtype == np.int16 and cloudy.cloud_hidden.dims == ("y", "x")
+    assert 0.2 <= (hidden > 0).mean() <= 0.4
+    assert cloudy.attrs["clouds"] == 0.3
+    # blobs hide 1, 2 and 3 of the 4 attributes somewhere
+    assert set(np.unique(hidden)) == {0, 1, 2, 3}
+
+
+def test_clouds_never_hide_everything(cloudy):
+    base = make_stack(shape=(128, 128), n_features=4, smoothness=8.0, seed=1)
+    X, B = _features(cloudy), _features(base)
+    hidden = cloudy.cloud_hidden.values
+    assert hidden.min() == 0 and hidden.max() <= 3  # at most n_features - 1
+    # clouds make no pixel all-NaN: all-NaN pixels are the nan_fraction holes
+    np.testing.assert_array_equal(np.isnan(X).all(axis=-1), np.isnan(B).all(axis=-1))
+    # every value hidden by clouds is counted in cloud_hidden
+    newly = np.isnan(X) & ~np.isnan(B)
+    assert (newly.sum(axis=-1) <= hidden).all()
+    assert (newly.any(axis=-1) == (hidden > 0))[~np.isnan(B).any(axis=-1)].all()
+    # labels stay on fully finite pixels; truth is unchanged
+    labelled = cloudy.labels.values != UNLABELLED
+    assert np.isfinite(X[labelled]).all() and labelled.sum() == 4 * 5
+    xr.testing.assert_identical(cloudy.truth, base.truth)
+
+
+def test_clouds_are_spatially_correlated(cloudy):
+    c = cloudy.cloud_hidden.values > 0
+    assert c[:, 1:][c[:, :-1]].mean() > 0.7  # right neighbour of a cloudy pixel
+    assert c[1:][c[:-1]].mean() > 0.7  # lower neighbour
+    # within a blob the hidden attributes are coherent, not per-pixel noise
+    nan = np.isnan(_features(cloudy))
+    both = c[:, 1:] & c[:, :-1]
+    same = (nan[:, 1:] == nan[:, :-1]).all(axis=-1)
+    assert same[both].mean() > 0.8
+
+
+def test_clouds_true_values(cloudy):
+    base = make_stack(shape=(128, 128), n_features=4, smoothness=8.0, seed=1)
+    for k in range(4):
+        attr, true = cloudy[f"attr_{k}"], cloudy[f"attr_{k}_true"]
+        assert true.dims == attr.dims and true.dtype == attr.dtype
+        assert true.attrs["comment"] == "for evaluating gap filling"
+        assert "value before cloud masking" in true.attrs["long_name"]
+        assert attr.attrs["ancillary_variables"] == f"attr_{k}_true cloud_hidden"
+        finite = np.isfinite(attr.values)
+        np.testing.assert_array_equal(true.values[finite], attr.values[finite])
+        # the field before cloud masking is the clouds=0 attribute
+        np.testing.assert_array_equal(true.values, base[f"attr_{k}"].values)
+        assert (np.isnan(attr.values) & np.isfinite(true.values)).any()
+
+
+def test_clouds_3d_and_round_trip(tmp_path):
+    ds = make_stack(
+        shape=(3, 32, 40), n_classes=2, n_features=2, smoothness=4.0, seed=2, clouds=0.4
+    )
+    base = make_stack(shape=(3, 32, 40), n_classes=2, n_features=2, smoothness=4.0, seed=2)
+    X, B = _features(ds), _features(base)
+    assert ds.cloud_hidden.dims == ("z", "y", "x") and ds.cloud_hidden.values.max() == 1
+    assert 0.3 <= (ds.cloud_hidden.values > 0).mean() <= 0.5
+    # with two attributes, clouds hide exactly one; no pixel becomes all-NaN
+    np.testing.assert_array_equal(np.isnan(X).all(axis=-1), np.isnan(B).all(axis=-1))
+    assert np.isnan(X).any(axis=-1)[ds.cloud_hidden.values > 0].all()
+    xr.testing.assert_identical(_open(write_stack(ds, tmp_path / "c.zarr", chunks=16)), ds)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"clouds": -0.1}, "clouds"),
+        ({"clouds": 0.95}, "clouds"),
+        ({"clouds": float("nan")}, "clouds"),
+        ({"clouds": 0.3, "n_features": 1}, "clouds.*n_features"),
+    ],
+)
+def test_clouds_invalid(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        make_stack(shape=(32, 32), **kwargs)

@@ -54,6 +54,7 @@ __all__ = [
     "m_step",
     "marginal_params",
     "n_parameters",
+    "observed_weighted_log_prob",
     "precisions_from_cholesky",
 ]
 
@@ -329,6 +330,33 @@ def marginal_params(params: GMMParams, observed: np.ndarray) -> GMMParams:
     )
 
 
+def observed_weighted_log_prob(X: np.ndarray, params: GMMParams) -> np.ndarray:
+    """``log pi_k + log N(x_o | mu_k,o, Sigma_k,oo)`` over each row's observed features.
+
+    Like :func:`estimate_weighted_log_prob`, but a non-finite value marks a missing
+    attribute: rows with some missing use the exact marginal Gaussian over the observed
+    ones (one marginal per pattern of observed features), rows with none observed are NaN.
+    """
+    X = np.asarray(X)
+    n = X.shape[0]
+    with np.errstate(invalid="ignore", over="ignore"):
+        if n == 0 or np.isfinite(np.sum(X)):
+            return estimate_weighted_log_prob(X, params)
+    wlp = np.full((n, params.n_components), np.nan)
+    obs = np.isfinite(X)
+    complete = obs.all(axis=1)
+    if complete.any():
+        wlp[complete] = estimate_weighted_log_prob(X[complete], params)
+    partial = np.flatnonzero(~complete & obs.any(axis=1))
+    if partial.size:
+        patterns, inverse = np.unique(obs[partial], axis=0, return_inverse=True)
+        for j, pattern in enumerate(patterns):
+            rows = partial[inverse.ravel() == j]
+            sub = marginal_params(params, pattern)
+            wlp[rows] = estimate_weighted_log_prob(X[np.ix_(rows, pattern)], sub)
+    return wlp
+
+
 def class_membership(params: GMMParams, n_classes: int | None = None) -> np.ndarray:
     """One-hot (K, C) matrix of the class owning each component."""
     cc = (
@@ -367,21 +395,7 @@ def class_posterior(
     X = np.asarray(X)
     n = X.shape[0]
     M = class_membership(params, n_classes)
-    wlp = np.full((n, params.n_components), np.nan)
-    obs = np.isfinite(X)
-    complete = obs.all(axis=1)
-    if complete.all():
-        wlp = estimate_weighted_log_prob(X, params)
-    else:
-        if complete.any():
-            wlp[complete] = estimate_weighted_log_prob(X[complete], params)
-        partial = np.flatnonzero(~complete & obs.any(axis=1))
-        if partial.size:
-            patterns, inverse = np.unique(obs[partial], axis=0, return_inverse=True)
-            for j, pattern in enumerate(patterns):
-                rows = partial[inverse.ravel() == j]
-                sub = marginal_params(params, pattern)
-                wlp[rows] = estimate_weighted_log_prob(X[np.ix_(rows, pattern)], sub)
+    wlp = observed_weighted_log_prob(X, params)
     valid = ~np.isnan(wlp[:, 0]) if n else np.zeros(0, dtype=bool)
     log_dens = np.full(n, np.nan)
     proba = np.full((n, M.shape[1]), np.nan)
@@ -418,7 +432,13 @@ class GMMStats:
     count : int
         Number of rows used.
     n_excluded : int
-        Rows left out because some value was not finite.
+        Rows left out because some value was not finite (with missing attributes
+        marginalised: because no value was).
+    n_empty : int
+        Rows with no finite attribute (among the excluded ones).
+    n_partial : int
+        Rows used with some attributes missing (marginalised, see
+        :mod:`daskem.model.missing`).
     worst_score, worst_rows : ndarray (m,), (m, D)
         The ``m`` rows with the lowest ``log p(x)`` -- candidates for re-seeding.
     """
@@ -430,6 +450,8 @@ class GMMStats:
     weight: float = 0.0
     count: int = 0
     n_excluded: int = 0
+    n_empty: int = 0
+    n_partial: int = 0
     worst_score: np.ndarray = field(default_factory=lambda: np.empty(0))
     worst_rows: np.ndarray = field(default_factory=lambda: np.empty((0, 0)))
     n_worst: int = 16
@@ -464,6 +486,8 @@ class GMMStats:
             weight=self.weight + other.weight,
             count=self.count + other.count,
             n_excluded=self.n_excluded + other.n_excluded,
+            n_empty=self.n_empty + other.n_empty,
+            n_partial=self.n_partial + other.n_partial,
             worst_score=ws,
             worst_rows=wr,
             n_worst=size,
@@ -596,6 +620,7 @@ def _block_stats_reference(
     weight = 0.0
     count = 0
     excluded = 0
+    empty = 0
     worst_score = np.empty(0)
     worst_rows = np.empty((0, D))
     for s in range(0, n, block_rows):
@@ -612,6 +637,7 @@ def _block_stats_reference(
         nbad = int(nb - good.sum())
         if nbad:
             excluded += nbad
+            empty += int((~np.isfinite(xb[~good]).any(axis=1)).sum())
             xb[~good] = 0.0
             w[~good] = 0.0
         lb = None if labels is None else np.asarray(labels[s : s + nb])
@@ -653,6 +679,7 @@ def _block_stats_reference(
     out.weight = weight
     out.count = count
     out.n_excluded = excluded
+    out.n_empty = empty
     out.worst_score = worst_score
     out.worst_rows = worst_rows
     return out
@@ -978,7 +1005,7 @@ def _workspace(dtype: np.dtype, K: int, M: int, nb: int) -> _Workspace:
     key = (dtype.str, K, M, nb)
     ws = cache.get(key)
     if ws is None:
-        if len(cache) >= 4:
+        if len(cache) >= 12:  # EM with missing data: one per pattern size and block size
             cache.clear()
         ws = cache[key] = _Workspace(dtype, K, M, nb)
     return ws
@@ -1395,6 +1422,9 @@ class GMMModel:
         if labels is not None and self.label_weight != 1.0:
             lw = np.where(np.asarray(labels) >= 0, self.label_weight, 1.0)
             sample_weight = lw if sample_weight is None else lw * sample_weight
+        return self._block_stats(params, X, sample_weight, labels)
+
+    def _block_stats(self, params, X, sample_weight, labels) -> GMMStats:
         return block_stats(
             X,
             params,

@@ -1,0 +1,608 @@
+"""EM for a Gaussian mixture with missing attributes (Ghahramani & Jordan 1994), pure NumPy.
+
+A row with some attributes missing (not finite) contributes to a Gaussian mixture's EM
+through its observed attributes ``x_o`` only:
+
+* E-step: ``r_k ∝ pi_k N(x_o | mu_k,o, Sigma_k,oo)``, the marginal Gaussian of the
+  observed attributes; the row's term of the objective is ``log p(x_o)``, so the
+  objective is the observed-data log-likelihood, which EM never decreases;
+* statistics: the row counts as the vector ``x̂_k`` whose missing part is the conditional
+  mean ``mu_k,m + A_k (x_o - mu_k,o)`` (:mod:`daskem.model.gaussian`), and the
+  conditional covariance ``C_k`` is added to the missing block of its second moment.
+
+Rows are grouped by their pattern of observed attributes, so a pattern costs one
+marginal Gaussian and one conditional per component. Because ``x̂_k`` is an affine image
+of ``x_o``, the centred moments of the filled rows follow from the responsibility-weighted
+moments of ``x_o`` alone: with ``N``, ``x̄_o``, ``M_oo`` those of a component over a
+pattern's rows,
+
+    mean = [x̄_o, mu_m + A (x̄_o - mu_o)],
+    m2   = [[M_oo, M_oo A^T], [A M_oo, A M_oo A^T + N C]],
+
+so a partly observed row costs about what a complete row costs in the reference kernel.
+The result is a :class:`~daskem.model.gmm.GMMStats` record, merged with the complete
+rows' record by ``+`` and reduced like any other.
+
+:func:`impute` fills missing attributes with their conditional mean mixed over the
+row's posterior, ``E[x_m | x_o] = sum_k r_k x̂_k,m``, and gives the conditional standard
+deviation from ``Var[x_m | x_o] = sum_k r_k (diag C_k + (x̂_k,m - E[x_m | x_o])^2)``.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .gaussian import Conditional, conditional, full_covariances, whitening
+from .gmm import (
+    _F32_MIN_WEIGHT,
+    _LOG_RESP_FLOOR,
+    DEFAULT_BLOCK_ROWS,
+    GMMModel,
+    GMMParams,
+    GMMStats,
+    _allowed_components,
+    _block_stats_fast,
+    _block_stats_reference,
+    _log_weights,
+    _make_plan,
+    _normalise,
+    block_stats,
+    covariances_from_precision_cholesky,
+)
+
+__all__ = [
+    "pattern_code",
+    "pattern_codes",
+    "MissingGMMModel",
+    "impute",
+    "marginal_block_stats",
+    "observed_patterns",
+    "partial_block_stats",
+]
+
+
+_GATHER_BITS = np.uint64(0x0102040810204080)  # low bits of 8 bytes -> top byte
+
+
+def pattern_codes(obs: np.ndarray) -> np.ndarray:
+    """One unsigned integer per row naming its pattern of observed features.
+
+    Parameters
+    ----------
+    obs : ndarray of bool, shape (n, D)
+
+    Returns
+    -------
+    ndarray of uint8 (D <= 8), uint16 (D <= 16) or uint64 (D <= 64), shape (n,)
+        Rows share a code exactly when they share a pattern; every feature observed and
+        none observed have the codes of :func:`pattern_code` of an all-True / all-False
+        row. For ``D > 64`` the codes are pattern ranks (int64).
+
+    Notes
+    -----
+    Eight booleans are the eight bytes of a uint64, and one multiplication gathers their
+    low bits into its top byte: a few passes over ``n * ceil(D / 8)`` words instead of a
+    row-wise reduction, and codes of at most 16 bits sort by radix.
+    """
+    obs = np.ascontiguousarray(obs, dtype=bool)
+    n, D = obs.shape
+    if D > 64:
+        return np.unique(obs, axis=0, return_inverse=True)[1].ravel().astype(np.int64)
+    G = (D + 7) // 8
+    if D == 8 * G:
+        padded = obs
+    else:
+        padded = np.zeros((n, 8 * G), dtype=bool)
+        padded[:, :D] = obs
+    words = padded.view(np.uint64)  # (n, G)
+    with np.errstate(over="ignore"):
+        groups = (words * _GATHER_BITS) >> np.uint64(56)  # (n, G), one byte each
+    if G == 1:
+        return groups[:, 0].astype(np.uint8)
+    dtype = np.uint16 if G == 2 else np.uint64
+    code = np.zeros(n, dtype=dtype)
+    for g in range(G):
+        code |= groups[:, g].astype(dtype) << dtype(8 * g)
+    return code
+
+
+def pattern_code(pattern: np.ndarray) -> int:
+    """The code :func:`pattern_codes` gives a row observed on ``pattern`` (bool (D,))."""
+    return int(pattern_codes(np.asarray(pattern, dtype=bool)[None])[0])
+
+
+def observed_patterns(
+    obs: np.ndarray, codes: np.ndarray | None = None
+) -> list[tuple[np.ndarray, np.ndarray, int]]:
+    """Group rows by their pattern of observed features.
+
+    Parameters
+    ----------
+    obs : ndarray of bool, shape (n, D)
+    codes : ndarray, optional
+        :func:`pattern_codes` of ``obs``, if already computed.
+
+    Returns
+    -------
+    list of (pattern, rows, code)
+        ``pattern`` a bool (D,) mask, ``rows`` the increasing indices of the rows with it,
+        ``code`` its integer code.
+    """
+    n = obs.shape[0]
+    if n == 0:
+        return []
+    code = pattern_codes(obs) if codes is None else codes
+    order = np.argsort(code, kind="stable")
+    sorted_code = code[order]
+    starts = np.flatnonzero(np.r_[True, sorted_code[1:] != sorted_code[:-1]])
+    ends = np.r_[starts[1:], n]
+    return [
+        (obs[order[a]], order[a:b], int(sorted_code[a])) for a, b in zip(starts, ends, strict=True)
+    ]
+
+
+_LOG_2PI = float(np.log(2.0 * np.pi))
+_FORMS_CACHE: dict = {}
+# a pattern with fewer rows than this in a block skips the fast kernel (its plan costs about
+# as much as a few thousand rows of the direct float64 path)
+_PLAN_MIN_ROWS = 2048
+
+
+@dataclass
+class _Forms:
+    """Everything a pattern of observed features needs, for every component at once.
+
+    ``whiten`` (K, o, o) maps ``x_o - mu_k,o`` to independent unit normals (the inverse
+    Cholesky factor of ``Sigma_k,oo``; diagonal for diagonal covariances), ``log_det``
+    (K,) is ``log det`` of ``whiten``; the conditional Gaussians of the missing features,
+    the marginal mixture and the fast kernel's plans for it are made when first needed.
+    """
+
+    params: GMMParams
+    pattern: np.ndarray
+    whiten: np.ndarray
+    log_det: np.ndarray
+    _cond: Conditional | None = None
+    _marginal: GMMParams | None = None
+    _precision: np.ndarray | None = None
+    plans: dict = field(default_factory=dict)
+
+    @property
+    def cond(self) -> Conditional:
+        if self._cond is None:
+            p = self.params
+            self._cond = conditional(
+                _covariances(p), p.covariance_type, self.pattern, len(p.weights)
+            )
+        return self._cond
+
+    @property
+    def marginal(self) -> GMMParams:
+        """The mixture of the observed features (exact marginal of each component)."""
+        if self._marginal is None:
+            p, o = self.params, self.pattern
+            ct = p.covariance_type
+            cov = _covariances(p)
+            if ct == "full":
+                sub = cov[:, o][:, :, o]
+                chol = np.transpose(self.whiten, (0, 2, 1))  # upper: P P^T = Sigma_oo^-1
+            elif ct == "tied":
+                sub = cov[o][:, o]
+                chol = self.whiten[0].T
+            elif ct == "diag":
+                sub = cov[:, o]
+                chol = 1.0 / np.sqrt(sub)
+            else:
+                sub = cov
+                chol = 1.0 / np.sqrt(sub)
+            self._marginal = GMMParams(
+                p.weights, p.means[:, o], np.ascontiguousarray(chol), ct, sub, p.component_class
+            )
+        return self._marginal
+
+    @property
+    def precision(self) -> np.ndarray:
+        """``Sigma_k,oo^-1``, shape (K, o, o)."""
+        if self._precision is None:
+            self._precision = np.matmul(np.transpose(self.whiten, (0, 2, 1)), self.whiten)
+        return self._precision
+
+    def plan(self, f32: bool, single: bool):
+        """The fast kernel's plan for the marginal mixture (None: reference kernel)."""
+        key = (f32, single)
+        if key not in self.plans:
+            self.plans[key] = _make_plan(self.marginal, f32, single)
+        return self.plans[key]
+
+
+def _covariances(params: GMMParams) -> np.ndarray:
+    if params.covariances is not None:
+        return np.asarray(params.covariances, dtype=np.float64)
+    return covariances_from_precision_cholesky(params.precisions_cholesky, params.covariance_type)
+
+
+def _forms(params: GMMParams, pattern: np.ndarray, code: int) -> _Forms:
+    """The pattern's forms, cached for the last parameter object (a pass shares it)."""
+    cached = _FORMS_CACHE.get("forms")
+    if cached is None or cached[0]() is not params:
+        cached = (weakref.ref(params), {})
+        _FORMS_CACHE["forms"] = cached
+    table = cached[1]
+    forms = table.get(code)
+    if forms is None:
+        forms = table[code] = _make_forms(params, pattern)
+    return forms
+
+
+def _make_forms(params: GMMParams, pattern: np.ndarray) -> _Forms:
+    K, D = params.means.shape
+    ct = params.covariance_type
+    cov = _covariances(params)
+    if ct in ("diag", "spherical"):
+        var = cov if ct == "diag" else np.repeat(np.reshape(cov, (K, 1)), D, axis=1)
+        inv_sd = 1.0 / np.sqrt(var[:, pattern])
+        whiten = inv_sd[:, :, None] * np.eye(int(pattern.sum()))[None]
+        return _Forms(params, pattern, whiten, np.log(inv_sd).sum(axis=1))
+    full = full_covariances(cov, ct, K, D)
+    whiten, log_det = whitening(full[:1] if ct == "tied" else full, pattern)
+    if ct == "tied":
+        whiten, log_det = np.repeat(whiten, K, axis=0), np.repeat(log_det, K)
+    return _Forms(params, pattern, whiten, log_det)
+
+
+def _posterior(xo, params, pattern, forms, labels):
+    """Log-norm (n,) and responsibilities (n, K) of rows ``xo`` observed on ``pattern``."""
+    d = xo[None, :, :] - params.means[:, None, pattern]  # (K, n, o)
+    y = np.matmul(d, np.transpose(forms.whiten, (0, 2, 1)))
+    maha = np.einsum("kno,kno->nk", y, y)
+    wlp = -0.5 * (xo.shape[1] * _LOG_2PI + maha) + forms.log_det + _log_weights(params.weights)
+    log_norm, log_r = _normalise(wlp, _allowed_components(labels, params))
+    with np.errstate(under="ignore"):
+        r = np.exp(np.maximum(log_r, _LOG_RESP_FLOOR))
+    r[log_r < _LOG_RESP_FLOOR] = 0.0
+    return log_norm, r
+
+
+def _filled(xo, cond, means, r, pattern) -> np.ndarray:
+    """Rows with missing features replaced by the posterior-mixed conditional mean."""
+    out = np.empty((xo.shape[0], pattern.shape[0]))
+    out[:, pattern] = xo
+    out[:, ~pattern] = np.einsum("nk,knm->nm", r, cond.mean(xo, means))
+    return out
+
+
+def partial_block_stats(
+    X: np.ndarray,
+    params: GMMParams,
+    sample_weight: np.ndarray | None = None,
+    labels: np.ndarray | None = None,
+    *,
+    block_rows: int = DEFAULT_BLOCK_ROWS,
+    n_worst: int = 16,
+    precision: str = "auto",
+) -> GMMStats:
+    """E-step and sufficient statistics of rows with some attributes missing.
+
+    Parameters
+    ----------
+    X : ndarray of shape (n, D)
+        Non-finite values mark missing attributes. Rows with every attribute missing, or a
+        non-finite sample weight, are excluded and counted in ``n_excluded``; rows with
+        every attribute observed are handled like the others (this kernel is exact for them
+        too, but slower than :func:`daskem.model.gmm.block_stats`).
+    params : GMMParams
+    sample_weight : ndarray of shape (n,), optional
+    labels : ndarray of int, shape (n,), optional
+        ``-1`` unlabelled, otherwise the row's class (responsibilities clamped).
+    block_rows, precision
+        As in :func:`daskem.model.gmm.block_stats`.
+    n_worst : int
+        Worst-explained rows kept (filled with their conditional means) for re-seeding.
+
+    Returns
+    -------
+    GMMStats
+        Moments of the filled rows plus the conditional covariances; ``loglik`` is the sum
+        of ``w log p(x_o)``; ``n_partial`` counts the rows used.
+
+    Notes
+    -----
+    Per pattern, the rows' observed features go through the complete-data kernel of
+    :mod:`daskem.model.gmm` under the marginal mixture (its GEMMs, float32 sub-blocks and
+    error bounds), and the moments of the filled rows follow from its statistics in
+    closed form (module docstring). The per-pattern forms (marginal mixture and its
+    kernel plan, conditionals) are computed once per parameter object and reused by every
+    block of a pass.
+    """
+    X = np.asarray(X)
+    n, D = X.shape
+    K = params.n_components
+    ct = params.covariance_type
+    n_worst = max(n_worst, K)
+    out = GMMStats.zeros(K, D, ct, n_worst)
+    w = None if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
+    if w is not None and np.any(w < 0):
+        raise ValueError("sample_weight must be non-negative; got negative weights")
+    obs = np.isfinite(X)
+    codes = pattern_codes(obs)
+    usable = codes != 0
+    if w is not None:
+        usable &= np.isfinite(w)
+    f32 = X.dtype == np.float32
+    if f32 and w is not None and np.any((w > 0) & (w < _F32_MIN_WEIGHT)):
+        f32 = False  # as the fast kernel decides for complete rows
+    single = precision == "single" and f32
+    means = np.asarray(params.means, dtype=np.float64)
+    lab_all = None if labels is None else np.asarray(labels)
+    idx_usable = np.flatnonzero(usable)
+    worst: list = []  # (scores, observed rows, pattern, forms) of each pattern
+    for pattern, rows, code in observed_patterns(obs[usable], codes[usable]):
+        rows = idx_usable[rows]
+        forms = _forms(params, pattern, code)
+        xo = np.take(np.take(X, rows, axis=0), np.flatnonzero(pattern), axis=1)
+        wp = None if w is None else w[rows]
+        lab = None if lab_all is None else lab_all[rows]
+        if rows.size < _PLAN_MIN_ROWS:
+            st = _direct_stats(xo, forms, wp, lab, n_worst)
+        elif (plan := forms.plan(f32, single)) is None:
+            st = _block_stats_reference(
+                xo, forms.marginal, wp, lab, block_rows=block_rows, n_worst=n_worst
+            )
+        else:
+            st = _block_stats_fast(
+                xo, forms.marginal, plan, wp, lab, block_rows=block_rows, n_worst=n_worst
+            )
+        out = out + _fill_stats(st, forms, means, pattern, D)
+        if st.worst_rows.shape[0]:
+            worst.append((st.worst_score, st.worst_rows, pattern, forms))
+    if worst:  # the lowest-scoring rows of all patterns, filled with conditional means
+        scores = np.concatenate([w[0] for w in worst])
+        which = np.repeat(np.arange(len(worst)), [len(w[0]) for w in worst])
+        pos = np.concatenate([np.arange(len(w[0])) for w in worst])
+        keep = np.argsort(scores, kind="stable")[:n_worst]
+        rows_out = np.empty((keep.size, D))
+        for j, i in enumerate(keep):
+            _, xw, pattern, forms = worst[which[i]]
+            x = np.asarray(xw[pos[i] : pos[i] + 1], dtype=np.float64)
+            _, r = _posterior(x, params, pattern, forms, None)
+            rows_out[j] = _filled(x, forms.cond, means, r, pattern)[0]
+        out.worst_score, out.worst_rows = scores[keep], rows_out
+    out.n_excluded = int(n - usable.sum())
+    out.n_empty = int((codes == 0).sum())
+    return out
+
+
+def _direct_stats(xo, forms: _Forms, w, labels, n_worst: int) -> GMMStats:
+    """Statistics over the observed features of a few rows (float64, no plan to build).
+
+    Rows are centred on their mean ``c``; every component's log-density is then one GEMM
+    of the quadratic features ``phi = [1, d, d_i d_j (i <= j)]`` (``d = x_o - c``), and
+    every statistic one more GEMM of the responsibilities with ``phi``. Where that
+    expanded form could lose more than 1e-9 to cancellation (components far from ``c``
+    against their spread), the per-component residual form is used instead.
+    """
+    xo = np.asarray(xo, dtype=np.float64)
+    params = forms.params
+    K, o = forms.whiten.shape[:2]
+    full = params.covariance_type in ("full", "tied")
+    n = xo.shape[0]
+    c = xo.mean(axis=0)
+    d = xo - c
+    P = forms.precision  # (K, o, o)
+    delta = params.means[:, forms.pattern] - c  # (K, o)
+    Pd = np.einsum("kij,kj->ki", P, delta)
+    quad = np.einsum("ki,ki->k", delta, Pd)
+    r2 = float(np.einsum("ij,ij->i", d, d).max()) if n else 0.0
+    p_norm = np.sqrt(np.einsum("kij,kij->k", P, P))
+    bound = (
+        1e-15 * (o + 4) * (np.abs(quad) + np.linalg.norm(Pd, axis=1) * np.sqrt(r2) + p_norm * r2)
+    )
+    if not full:
+        iu = ju = np.arange(o)
+    else:
+        iu, ju = np.triu_indices(o)
+    if np.all(bound < 1e-9):
+        phi = np.empty((n, 1 + o + iu.size))
+        phi[:, 0] = 1.0
+        phi[:, 1 : 1 + o] = d
+        np.multiply(d[:, iu], d[:, ju], out=phi[:, 1 + o :])
+        coef = np.empty((K, phi.shape[1]))
+        coef[:, 0] = -0.5 * (o * _LOG_2PI + quad) + forms.log_det + _log_weights(params.weights)
+        coef[:, 1 : 1 + o] = Pd
+        scale = np.where(iu == ju, -0.5, -1.0)
+        coef[:, 1 + o :] = P[:, iu, ju] * scale
+        wlp = phi @ coef.T
+        log_norm, log_r = _normalise(wlp, _allowed_components(labels, params))
+        with np.errstate(under="ignore"):
+            r = np.exp(np.maximum(log_r, _LOG_RESP_FLOOR))
+        r[log_r < _LOG_RESP_FLOOR] = 0.0
+    else:
+        phi = None
+        log_norm, r = _posterior(xo, params, forms.pattern, forms, labels)
+    wp = np.ones(n) if w is None else w
+    rw = r * wp[:, None]
+    lw = wp * log_norm
+    lw[wp == 0] = 0.0
+    if phi is not None:
+        G = rw.T @ phi  # (K, M): S0, S1, S2 about c
+        S0, S1, S2v = G[:, 0], G[:, 1 : 1 + o], G[:, 1 + o :]
+    else:
+        S0, S1 = rw.sum(axis=0), rw.T @ d
+        S2v = rw.T @ (d[:, iu] * d[:, ju])
+    off = S1 / np.where(S0 > 0, S0, 1.0)[:, None]
+    mean = np.where(S0[:, None] > 0, c + off, params.means[:, forms.pattern])
+    if full:
+        S2 = np.empty((K, o, o))
+        S2[:, iu, ju] = S2v
+        S2[:, ju, iu] = S2v
+        m2 = S2 - S0[:, None, None] * (off[:, :, None] * off[:, None, :])
+    else:
+        m2 = S2v - S0[:, None] * off * off
+    used = np.flatnonzero(wp > 0)
+    take = min(n_worst, used.size)
+    idx = used[np.argpartition(log_norm[used], take - 1)[:take]] if take else used
+    return GMMStats(
+        n=S0,
+        mean=mean,
+        m2=m2,
+        loglik=float(lw.sum()),
+        weight=float(wp.sum()),
+        count=int(used.size),
+        worst_score=log_norm[idx],
+        worst_rows=xo[idx],
+        n_worst=n_worst,
+    )
+
+
+def _fill_stats(st: GMMStats, forms: _Forms, means, pattern, D) -> GMMStats:
+    """Statistics of a pattern's rows over its observed features -> over all features."""
+    K = means.shape[0]
+    cond = forms.cond
+    A = cond.regression
+    mis = ~pattern
+    mean = np.empty((K, D))
+    mean[:, pattern] = st.mean
+    mean[:, mis] = means[:, mis] + np.einsum("kmo,ko->km", A, st.mean - means[:, pattern])
+    S0 = st.n
+    if st.m2.ndim == 3:
+        moo = st.m2
+        mom = np.matmul(A, moo)  # (K, m, o)
+        mmm = np.matmul(mom, np.transpose(A, (0, 2, 1))) + S0[:, None, None] * cond.covariance
+        o_idx, m_idx = np.flatnonzero(pattern), np.flatnonzero(mis)
+        m2 = np.empty((K, D, D))
+        m2[:, o_idx[:, None], o_idx] = moo
+        m2[:, m_idx[:, None], o_idx] = mom
+        m2[:, o_idx[:, None], m_idx] = np.transpose(mom, (0, 2, 1))
+        m2[:, m_idx[:, None], m_idx] = mmm
+    else:
+        m2 = np.empty((K, D))
+        m2[:, pattern] = st.m2
+        m2[:, mis] = S0[:, None] * cond.variances()
+    return GMMStats(
+        n=S0,
+        mean=mean,
+        m2=m2,
+        loglik=st.loglik,
+        weight=st.weight,
+        count=st.count,
+        n_excluded=st.n_excluded,
+        n_partial=st.count,
+        worst_score=np.empty(0),  # filled for the block's worst rows by the caller
+        worst_rows=np.empty((0, D)),
+        n_worst=st.n_worst,
+    )
+
+
+def impute(
+    X: np.ndarray, params: GMMParams, *, return_std: bool = False
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """Fill missing attributes with their conditional mean given the observed ones.
+
+    Parameters
+    ----------
+    X : ndarray of shape (n, D)
+        Non-finite values mark missing attributes.
+    params : GMMParams
+    return_std : bool
+        Also return the conditional standard deviation of each filled value.
+
+    Returns
+    -------
+    filled : ndarray of shape (n, D), float64
+        ``X`` with every missing value of a row with at least one observed attribute
+        replaced by ``E[x_m | x_o]`` under the mixture (rows with nothing observed stay
+        NaN).
+    std : ndarray of shape (n, D), float64
+        Only with ``return_std``: ``sqrt(Var[x_m | x_o])`` where a value was filled, 0 where
+        it was observed, NaN where nothing was observed.
+    """
+    X = np.asarray(X)
+    filled = np.array(X, dtype=np.float64)
+    obs = np.isfinite(X)
+    filled[~obs] = np.nan
+    std = np.where(obs, 0.0, np.nan)
+    partial = np.flatnonzero(obs.any(axis=1) & ~obs.all(axis=1))
+    means = np.asarray(params.means, dtype=np.float64)
+    for pattern, rows, code in observed_patterns(obs[partial]):
+        rows = partial[rows]
+        forms = _forms(params, pattern, code)
+        xo = filled[rows][:, pattern]
+        _, r = _posterior(xo, params, pattern, forms, None)
+        cm = forms.cond.mean(xo, means)  # (K, n, m)
+        mean = np.einsum("nk,knm->nm", r, cm)
+        mis = np.flatnonzero(~pattern)
+        filled[np.ix_(rows, mis)] = mean
+        if return_std:
+            spread = (cm - mean[None]) ** 2 + forms.cond.variances()[:, None, :]
+            std[np.ix_(rows, mis)] = np.sqrt(np.einsum("nk,knm->nm", r, spread))
+    return (filled, std) if return_std else filled
+
+
+def marginal_block_stats(
+    X: np.ndarray,
+    params: GMMParams,
+    sample_weight: np.ndarray | None = None,
+    labels: np.ndarray | None = None,
+    **kwargs,
+) -> GMMStats:
+    """:func:`daskem.model.gmm.block_stats` with missing attributes marginalised.
+
+    Complete rows go through the fast kernel; rows with some attributes missing through
+    :func:`partial_block_stats`; rows with none observed are excluded and counted. A block
+    whose sum is finite has no missing value and costs one extra reduction over the block.
+    """
+    X = np.asarray(X)
+    with np.errstate(invalid="ignore", over="ignore"):
+        clean = X.shape[0] == 0 or bool(np.isfinite(np.sum(X)))
+    if clean:
+        return block_stats(X, params, sample_weight, labels, **kwargs)
+    codes = pattern_codes(np.isfinite(X))
+    complete = codes == pattern_code(np.ones(X.shape[1], dtype=bool))
+    rows, keep = np.flatnonzero(~complete), np.flatnonzero(complete)
+    w = None if sample_weight is None else np.asarray(sample_weight)
+    lab = None if labels is None else np.asarray(labels)
+    # the complete rows alone: the fast kernel sends non-finite rows to its slow path
+    # (np.take: several times faster than boolean or fancy row indexing)
+    base = block_stats(
+        np.take(X, keep, axis=0),
+        params,
+        None if w is None else w[keep],
+        None if lab is None else lab[keep],
+        **kwargs,
+    )
+    part = partial_block_stats(
+        np.take(X, rows, axis=0),
+        params,
+        None if w is None else w[rows],
+        None if lab is None else lab[rows],
+        **kwargs,
+    )
+    out = base + part
+    out.n_excluded = base.n_excluded + part.n_excluded
+    out.n_empty = part.n_empty
+    return out
+
+
+class MissingGMMModel(GMMModel):
+    """The Gaussian mixture with missing attributes marginalised, for the EM engine.
+
+    Same parameters, statistics and M-step as :class:`~daskem.model.gmm.GMMModel`; the
+    E-step uses every row with at least one observed attribute, and the objective is the
+    observed-data log-likelihood per unit of weight.
+    """
+
+    def _block_stats(self, params, X, sample_weight, labels) -> GMMStats:
+        return marginal_block_stats(
+            X,
+            params,
+            sample_weight,
+            labels,
+            block_rows=self.block_rows,
+            precision=self.precision,
+        )
+
+    def check_stats(self, stats: GMMStats) -> None:  # rows with nothing observed may be left out
+        return None
