@@ -129,6 +129,28 @@ def test_nan_policy_unknown_and_omit_with_every_row_partial():
         GaussianMixture(2, nan_policy="marginalize").fit(Xn)
 
 
+@pytest.mark.parametrize("D", [1, 3, 8, 9, 16, 20])
+def test_pattern_codes_name_patterns_in_any_layout(D):
+    from itertools import product
+
+    from daskem.model.missing import observed_patterns, pattern_code, pattern_codes
+
+    rng = np.random.default_rng(D)
+    if D <= 9:
+        obs = np.array(list(product([False, True], repeat=D)))
+    else:
+        obs = rng.random((3000, D)) < 0.7
+    codes = pattern_codes(obs)
+    np.testing.assert_array_equal(pattern_codes(np.asfortranarray(obs)), codes)
+    _, inverse = np.unique(obs, axis=0, return_inverse=True)
+    assert len(np.unique(codes)) == len(np.unique(inverse))  # one code per pattern
+    assert all(pattern_code(obs[i]) == codes[i] for i in range(0, len(obs), 97))
+    groups = observed_patterns(obs)
+    assert sum(len(rows) for _, rows, _ in groups) == len(obs)
+    for pattern, rows, code in groups:
+        assert (obs[rows] == pattern).all() and (codes[rows] == code).all()
+
+
 # ------------------------------------------------------------------- stacks with clouds
 
 

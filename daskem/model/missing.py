@@ -65,6 +65,10 @@ __all__ = [
 
 
 _GATHER_BITS = np.uint64(0x0102040810204080)  # low bits of 8 bytes -> top byte
+# the bit of the gathered byte that byte j's low bit lands on
+_BIT_OF_BYTE = [
+    (((1 << 8 * j) * int(_GATHER_BITS)) % 2**64 >> 56).bit_length() - 1 for j in range(8)
+]
 
 
 def pattern_codes(obs: np.ndarray) -> np.ndarray:
@@ -87,8 +91,19 @@ def pattern_codes(obs: np.ndarray) -> np.ndarray:
     low bits into its top byte: a few passes over ``n * ceil(D / 8)`` words instead of a
     row-wise reduction, and codes of at most 16 bits sort by radix.
     """
-    obs = np.ascontiguousarray(obs, dtype=bool)
+    obs = np.asarray(obs, dtype=bool)
     n, D = obs.shape
+    if D <= 16 and obs.flags.f_contiguous and not obs.flags.c_contiguous:
+        # feature-major (as daskem keeps cached chunks): one pass per contiguous column,
+        # each feature on the bit the row-major path below gives it
+        dtype = np.uint8 if D <= 8 else np.uint16
+        code = np.zeros(n, dtype=dtype)
+        for j in range(D):
+            code |= obs[:, j].view(np.uint8).astype(dtype) << dtype(
+                _BIT_OF_BYTE[j % 8] + 8 * (j // 8)
+            )
+        return code
+    obs = np.ascontiguousarray(obs)
     if D > 64:
         return np.unique(obs, axis=0, return_inverse=True)[1].ravel().astype(np.int64)
     G = (D + 7) // 8
@@ -146,9 +161,23 @@ def observed_patterns(
 
 _LOG_2PI = float(np.log(2.0 * np.pi))
 _FORMS_CACHE: dict = {}
-# a pattern with fewer rows than this in a block skips the fast kernel (its plan costs about
-# as much as a few thousand rows of the direct float64 path)
-_PLAN_MIN_ROWS = 2048
+# a pattern with fewer rows than this in a block takes the direct float64 path: per row
+# about as fast as the complete-data kernel, without its plan (~1.3 ms per pattern and
+# parameter set, measured for K = 8, 6 observed features)
+_PLAN_MIN_ROWS = 32768
+_RESP_FLOOR = float(np.exp(_LOG_RESP_FLOOR))
+_DIRECT_ROWS = 2048  # sub-block of the direct path: phi (M x rows float64) stays in L2
+
+
+def _pairs(o: int, full: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Index pairs (i <= j) of the quadratic features (the diagonal only if not ``full``)."""
+    key = (o, full)
+    if key not in _PAIRS:
+        _PAIRS[key] = np.triu_indices(o) if full else (np.arange(o), np.arange(o))
+    return _PAIRS[key]
+
+
+_PAIRS: dict = {}
 
 
 @dataclass
@@ -342,7 +371,7 @@ def partial_block_stats(
     for pattern, rows, code in observed_patterns(obs[usable], codes[usable]):
         rows = idx_usable[rows]
         forms = _forms(params, pattern, code)
-        xo = np.take(np.take(X, rows, axis=0), np.flatnonzero(pattern), axis=1)
+        xo = np.take(_take_rows(X, rows), np.flatnonzero(pattern), axis=1)
         wp = None if w is None else w[rows]
         lab = None if lab_all is None else lab_all[rows]
         if rows.size < _PLAN_MIN_ROWS:
@@ -376,62 +405,77 @@ def partial_block_stats(
 
 
 def _direct_stats(xo, forms: _Forms, w, labels, n_worst: int) -> GMMStats:
-    """Statistics over the observed features of a few rows (float64, no plan to build).
+    """Statistics over the observed features of rows of one pattern, without a kernel plan.
 
-    Rows are centred on their mean ``c``; every component's log-density is then one GEMM
-    of the quadratic features ``phi = [1, d, d_i d_j (i <= j)]`` (``d = x_o - c``), and
-    every statistic one more GEMM of the responsibilities with ``phi``. Where that
-    expanded form could lose more than 1e-9 to cancellation (components far from ``c``
-    against their spread), the per-component residual form is used instead.
+    Rows are centred on a point ``c`` near them; every component's log-density is then
+    one float64 GEMM of the quadratic features ``phi = [1, d, d_i d_j (i <= j)]``
+    (``d = x_o - c``) and every statistic one more GEMM of the responsibilities with
+    ``phi``, in feature-major sub-blocks of ``_DIRECT_ROWS`` rows that stay in cache.
+    Where that expanded form could lose more than 1e-9 to cancellation (components far
+    from ``c`` against their spread), the per-component residual form is used instead.
     """
-    xo = np.asarray(xo, dtype=np.float64)
     params = forms.params
     K, o = forms.whiten.shape[:2]
     full = params.covariance_type in ("full", "tied")
     n = xo.shape[0]
-    c = xo.mean(axis=0)
-    d = xo - c
+    c = np.asarray(xo[:64], dtype=np.float64).mean(axis=0)  # near the rows is enough
+    iu, ju = _pairs(o, full)
+    M = 1 + o + iu.size
     P = forms.precision  # (K, o, o)
     delta = params.means[:, forms.pattern] - c  # (K, o)
     Pd = np.einsum("kij,kj->ki", P, delta)
     quad = np.einsum("ki,ki->k", delta, Pd)
-    r2 = float(np.einsum("ij,ij->i", d, d).max()) if n else 0.0
+    with np.errstate(invalid="ignore"):
+        r2 = float(np.square(np.asarray(xo, dtype=np.float64) - c).sum(axis=1).max()) if n else 0.0
     p_norm = np.sqrt(np.einsum("kij,kij->k", P, P))
     bound = (
-        1e-15 * (o + 4) * (np.abs(quad) + np.linalg.norm(Pd, axis=1) * np.sqrt(r2) + p_norm * r2)
+        1e-15 * (M + 4) * (np.abs(quad) + np.linalg.norm(Pd, axis=1) * np.sqrt(r2) + p_norm * r2)
     )
-    if not full:
-        iu = ju = np.arange(o)
-    else:
-        iu, ju = np.triu_indices(o)
+    wp = np.ones(n) if w is None else w
+    log_norm = np.empty(n)
     if np.all(bound < 1e-9):
-        phi = np.empty((n, 1 + o + iu.size))
-        phi[:, 0] = 1.0
-        phi[:, 1 : 1 + o] = d
-        np.multiply(d[:, iu], d[:, ju], out=phi[:, 1 + o :])
-        coef = np.empty((K, phi.shape[1]))
+        coef = np.empty((K, M))
         coef[:, 0] = -0.5 * (o * _LOG_2PI + quad) + forms.log_det + _log_weights(params.weights)
         coef[:, 1 : 1 + o] = Pd
-        scale = np.where(iu == ju, -0.5, -1.0)
-        coef[:, 1 + o :] = P[:, iu, ju] * scale
-        wlp = phi @ coef.T
-        log_norm, log_r = _normalise(wlp, _allowed_components(labels, params))
-        with np.errstate(under="ignore"):
-            r = np.exp(np.maximum(log_r, _LOG_RESP_FLOOR))
-        r[log_r < _LOG_RESP_FLOOR] = 0.0
-    else:
-        phi = None
-        log_norm, r = _posterior(xo, params, forms.pattern, forms, labels)
-    wp = np.ones(n) if w is None else w
-    rw = r * wp[:, None]
+        coef[:, 1 + o :] = P[:, iu, ju] * np.where(iu == ju, -0.5, -1.0)
+        G = np.zeros((K, M))
+        nb = min(n, _DIRECT_ROWS)
+        phi_buf = np.empty((M, nb))
+        phi_buf[0] = 1.0
+        e_buf = np.empty((K, nb))
+        for s in range(0, n, nb):
+            m = min(n, s + nb) - s
+            phi, e = phi_buf[:, :m], e_buf[:, :m]
+            dT = phi[1 : 1 + o]
+            np.subtract(xo[s : s + m].T, c[:, None], out=dT)
+            np.multiply(dT[iu], dT[ju], out=phi[1 + o :])
+            np.matmul(coef, phi, out=e)  # (K, m) log-densities
+            if labels is not None:
+                allowed = _allowed_components(labels[s : s + m], params)
+                if allowed is not None:
+                    e[~allowed.T] = -np.inf
+            top = e.max(axis=0)
+            top[~np.isfinite(top)] = 0.0
+            e -= top
+            with np.errstate(under="ignore"):
+                np.exp(e, out=e)
+            total = e.sum(axis=0)
+            with np.errstate(divide="ignore"):
+                log_norm[s : s + m] = np.log(total) + top
+            e /= total  # responsibilities
+            e[e < _RESP_FLOOR] = 0.0
+            if w is not None:
+                e *= w[s : s + m]
+            G += e @ phi.T  # (K, M): S0, S1, S2 about c
+        S0, S1, S2v = G[:, 0], G[:, 1 : 1 + o], G[:, 1 + o :]
+    else:  # the exact residual form (components far from c against their spread)
+        x64 = np.asarray(xo, dtype=np.float64)
+        log_norm, r = _posterior(x64, params, forms.pattern, forms, labels)
+        rw = r * wp[:, None]
+        d = x64 - c
+        S0, S1, S2v = rw.sum(axis=0), rw.T @ d, rw.T @ (d[:, iu] * d[:, ju])
     lw = wp * log_norm
     lw[wp == 0] = 0.0
-    if phi is not None:
-        G = rw.T @ phi  # (K, M): S0, S1, S2 about c
-        S0, S1, S2v = G[:, 0], G[:, 1 : 1 + o], G[:, 1 + o :]
-    else:
-        S0, S1 = rw.sum(axis=0), rw.T @ d
-        S2v = rw.T @ (d[:, iu] * d[:, ju])
     off = S1 / np.where(S0 > 0, S0, 1.0)[:, None]
     mean = np.where(S0[:, None] > 0, c + off, params.means[:, forms.pattern])
     if full:
@@ -452,7 +496,7 @@ def _direct_stats(xo, forms: _Forms, w, labels, n_worst: int) -> GMMStats:
         weight=float(wp.sum()),
         count=int(used.size),
         worst_score=log_norm[idx],
-        worst_rows=xo[idx],
+        worst_rows=np.asarray(xo[idx], dtype=np.float64),
         n_worst=n_worst,
     )
 
@@ -541,6 +585,14 @@ def impute(
     return (filled, std) if return_std else filled
 
 
+def _take_rows(X: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """``X[rows]`` in ``X``'s memory layout (np.take: several times faster than boolean or
+    fancy indexing; along the contiguous axis of a feature-major block)."""
+    if X.flags.f_contiguous and not X.flags.c_contiguous:
+        return np.take(X.T, rows, axis=1).T
+    return np.take(X, rows, axis=0)
+
+
 def marginal_block_stats(
     X: np.ndarray,
     params: GMMParams,
@@ -567,14 +619,14 @@ def marginal_block_stats(
     # the complete rows alone: the fast kernel sends non-finite rows to its slow path
     # (np.take: several times faster than boolean or fancy row indexing)
     base = block_stats(
-        np.take(X, keep, axis=0),
+        _take_rows(X, keep),
         params,
         None if w is None else w[keep],
         None if lab is None else lab[keep],
         **kwargs,
     )
     part = partial_block_stats(
-        np.take(X, rows, axis=0),
+        _take_rows(X, rows),
         params,
         None if w is None else w[rows],
         None if lab is None else lab[rows],
