@@ -121,12 +121,27 @@ def _fill_scores(filled, std, hidden, truth, observed_sd) -> dict[str, float]:
     return out
 
 
-def synthetic_run(seed: int, shape: tuple[int, int], clouds: float, n_classes: int) -> dict:
+def synthetic_run(
+    seed: int, shape: tuple[int, int], clouds: float, n_classes: int, random: bool = False
+) -> dict:
+    """One stack; ``random``: instead of clouds, one random attribute is hidden on a
+    random ``clouds`` fraction of the pixels (missingness independent of the class)."""
     ds = make_stack(
-        shape, n_classes=n_classes, n_features=4, clouds=clouds, nan_fraction=0.02, seed=seed
+        shape,
+        n_classes=n_classes,
+        n_features=4,
+        clouds=0.0 if random else clouds,
+        nan_fraction=0.02,
+        seed=seed,
     )
     names = [f"attr_{k}" for k in range(4)]
-    complete = ds.copy()
+    complete = ds.copy(deep=True)
+    if random:
+        rng = np.random.default_rng(1000 + seed)
+        hide = rng.random(shape) < clouds
+        which = rng.integers(0, len(names), size=shape)
+        for k, v in enumerate(names):
+            ds[v] = ds[v].where(~(hide & (which == k)))
     for v in names:
         if f"{v}_true" in ds:
             complete[v] = ds[f"{v}_true"]
@@ -218,7 +233,14 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="2 seeds, 128 x 128 stacks")
-    ap.add_argument("--clouds", type=float, default=0.3)
+    ap.add_argument("--clouds", type=float, default=0.3, help="fraction of partly missing pixels")
+    ap.add_argument(
+        "--missingness",
+        choices=("clouds", "random"),
+        default="clouds",
+        help="synthetic part: cloud blobs (correlated in space, hence with the classes), or "
+        "one random attribute hidden on random pixels (independent of the class)",
+    )
     ap.add_argument(
         "--datasets",
         default="wine,penguins,vehicle,satimage,nc_landsat",
@@ -233,12 +255,15 @@ def main(argv: list[str] | None = None) -> int:
     with dask.config.set(scheduler="threads"):
         if not args.no_synthetic:
             for s in seeds:
-                result["synthetic"].append(synthetic_run(s, shape, args.clouds, 4))
+                result["synthetic"].append(
+                    synthetic_run(s, shape, args.clouds, 4, args.missingness == "random")
+                )
     runs = result["synthetic"]
     if runs:
         pm = [r["partly_missing"] for r in runs]
         print(
-            f"\nSynthetic cloud stacks {shape[0]} x {shape[1]}, 4 classes, 4 attributes, "
+            f"\nSynthetic stacks ({args.missingness}) {shape[0]} x {shape[1]}, 4 classes, "
+            "4 attributes, "
             f"{len(runs)} seeds, partly missing pixels {_ms(pm)}\n"
         )
         print("| fit | mean error (sd) | covariance error (rel.) | weight error | KL (1e-3 nats) |")

@@ -56,7 +56,14 @@ def data(tmp_path_factory):
     write_stack(make_stack((128, 128), seed=1), stack, chunks=32)
     three = root / "three.zarr"
     write_stack(make_stack((64, 64), n_features=3, seed=2), three, chunks=32)
-    return {"root": root, "stack": stack, "three": three}
+    # every pixel misses one attribute (attr_0 on even columns, attr_1 on odd ones)
+    partial = root / "partial.zarr"
+    ds = make_stack((64, 64), n_features=3, nan_fraction=0.0, seed=3)
+    odd = (np.arange(64) % 2 == 1)[None, :]
+    ds["attr_0"] = ds["attr_0"].where(odd)
+    ds["attr_1"] = ds["attr_1"].where(~odd)
+    write_stack(ds, partial, chunks=32)
+    return {"root": root, "stack": stack, "three": three, "partial": partial}
 
 
 def invoke(*args: str, **kw):
@@ -147,6 +154,33 @@ def test_run_fit_then_predict(data, scheduler, tmp_path):
     assert "log-lik/px" not in r.output  # --quiet
     assert json.loads((tmp_path / "m.json").read_text())["parameters"]["covariance_type"] == "diag"
     assert xr.open_zarr(tmp_path / "p.zarr")["probability"].sizes["class"] == 4
+
+
+def test_run_impute_fits_partial_pixels_and_fills_them(data, scheduler, tmp_path):
+    """Every pixel of ``partial`` misses one attribute: the default policy fits them all
+    through their observed attributes, and --impute writes the attributes with the gaps
+    filled plus their standard deviations, only where a value was missing."""
+    out = tmp_path / "p.zarr"
+    r = invoke(
+        "run", data["partial"], "-k", 3, "--model", tmp_path / "m.json", "--out", out,
+        "--impute", "--scheduler", scheduler, "--quiet",
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    doc = json.loads((tmp_path / "m.json").read_text())
+    assert (
+        doc["parameters"]["nan_policy"]
+        == doc["provenance"]["options"]["nan_policy"]
+        == "marginalize"
+    )
+    post = xr.open_zarr(out).compute()
+    src = xr.open_zarr(data["partial"]).compute()
+    for v in ("attr_0", "attr_1", "attr_2"):
+        gap = np.isnan(src[v].values)
+        assert np.isfinite(post[v].values).all()
+        np.testing.assert_array_equal(post[v].values[~gap], src[v].values[~gap])
+        assert np.isfinite(post[f"{v}_std"].values[gap]).all()
+        assert np.isnan(post[f"{v}_std"].values[~gap]).all()
+    assert np.isfinite(post["probability"].values).all()
 
 
 # ----------------------------------------------------------------------------- bad inputs
@@ -257,6 +291,16 @@ BAD_INPUTS = [
     ),
     ("bad-covariance", "fit {stack} -k 4 --covariance blob --model {tmp}/m.json", "'blob'"),
     ("bad-precision", "fit {stack} -k 4 --precision half --model {tmp}/m.json", "'half'"),
+    (
+        "bad-nan-policy",
+        "fit {stack} -k 4 --nan-policy drop --model {tmp}/m.json",
+        "Invalid value for '--nan-policy': 'drop' is not one of 'marginalize', 'omit'",
+    ),
+    (
+        "omit-every-pixel-partial",
+        "fit {partial} -k 3 --nan-policy omit --model {tmp}/m.json --scheduler {scheduler}",
+        "have every attribute observed, fewer than n_components=3: with nan_policy='omit'",
+    ),
     ("inspect-missing", "inspect {tmp}/nothing", "PATH {tmp}/nothing does not exist"),
     ("plot-not-posterior", "plot {stack} --out {tmp}/plots", "not a daskem posterior"),
 ]
@@ -276,6 +320,7 @@ def test_bad_input_exits_2(fitted, scheduler, tmp_path, args, message):
         "root": fitted["root"],
         "stack": fitted["stack"],
         "three": fitted["three"],
+        "partial": fitted["partial"],
         "model": fitted["model"],
         "posterior": fitted["posterior"],
         "ckpt": fitted["ckpt"],

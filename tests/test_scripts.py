@@ -88,3 +88,17 @@ def test_eval_semisup_runs_on_a_bundled_table(tmp_path):
     res = json.loads(out.read_text())
     accs = [r["accuracy"] for r in res["runs"] if r["method"] == "daskem"]
     assert len(accs) == 2 and all(0.5 < a <= 1 for a in accs)
+
+
+def test_eval_missing_runs(tmp_path):
+    """The missing-data benchmark: synthetic cloud stacks and the bundled wine data."""
+    out = tmp_path / "missing.json"
+    text = _run(SCRIPTS / "eval_missing.py", "--quick", "--datasets", "wine", "--json", out)
+    assert "marginalize" in text and "IterativeImputer" in text
+    res = json.loads(out.read_text())
+    assert len(res["synthetic"]) == 2 and len(res["real"]) == 2
+    for r in res["synthetic"]:
+        assert 0.2 < r["partly_missing"] < 0.4
+        assert r["fill"]["rmse"] < r["mean_fill"]["rmse"]
+    for r in res["real"]:
+        assert r["daskem"]["rmse"] < r["mean"]["rmse"]
