@@ -36,6 +36,7 @@ from typing import Any
 import click
 
 from ._version import __version__
+from .model.gaussian import COVARIANCE_TYPES
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -53,7 +54,6 @@ BAD_INPUT: tuple[type[BaseException], ...] = (
     NotADirectoryError,
 )
 
-COVARIANCE_TYPES = ("full", "tied", "diag", "spherical")
 PRECISIONS = ("auto", "single")
 
 

@@ -30,6 +30,7 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import column_or_1d, validate_data
 
 from . import engine
+from .model.gaussian import covariance_shape
 from .model.gmm import (
     COVARIANCE_TYPES,
     PRECISIONS,
@@ -283,7 +284,7 @@ class _BaseGaussianMixture(BaseEstimator):
                 raise ValueError(f"means_init must have shape ({K}, {D}), got {m.shape}")
         if self.precisions_init is not None:
             p = np.asarray(self.precisions_init, dtype=np.float64)
-            shape = {"full": (K, D, D), "tied": (D, D), "diag": (K, D), "spherical": (K,)}[ct]
+            shape = covariance_shape(ct, K, D)
             if p.shape != shape:
                 raise ValueError(
                     f"precisions_init for covariance_type={ct!r} must have shape {shape}, "

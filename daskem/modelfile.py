@@ -24,6 +24,7 @@ import numpy as np
 from sklearn.base import BaseEstimator, is_classifier
 
 from ._version import __version__
+from .model.gaussian import covariance_shape, precisions_from_cholesky
 
 #: The estimators a model file can hold, by the name written in its ``estimator`` field;
 #: each estimator module registers its classes (:func:`register_estimator`), so this
@@ -155,10 +156,6 @@ def model_to_dict(
     }
 
 
-def _shape_of(ct: str, K: int, D: int) -> tuple[int, ...]:
-    return {"full": (K, D, D), "tied": (D, D), "diag": (K, D), "spherical": (K,)}[ct]
-
-
 def model_from_dict(doc: Any, source: str = "model") -> BaseEstimator:
     """A fitted estimator (:data:`ESTIMATORS`) from a JSON document, validated."""
     if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
@@ -202,8 +199,8 @@ def model_from_dict(doc: Any, source: str = "model") -> BaseEstimator:
     expected = {
         "weights_": (K,),
         "means_": (K, D),
-        "covariances_": _shape_of(ct, K, D),
-        "precisions_cholesky_": _shape_of(ct, K, D),
+        "covariances_": covariance_shape(ct, K, D),
+        "precisions_cholesky_": covariance_shape(ct, K, D),
     }
     for name, arr in arrays.items():
         if arr.shape != expected[name]:
@@ -219,8 +216,6 @@ def model_from_dict(doc: Any, source: str = "model") -> BaseEstimator:
         )
     for name, arr in arrays.items():
         setattr(gm, name, arr)
-    from .model.gmm import precisions_from_cholesky
-
     gm.precisions_ = precisions_from_cholesky(gm.precisions_cholesky_, ct)
     gm.converged_ = bool(fitted.get("converged", False))
     gm.n_iter_ = int(fitted.get("n_iter", 0))

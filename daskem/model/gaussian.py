@@ -1,4 +1,9 @@
-"""Marginal and conditional Gaussians over a subset of the features, as pure NumPy.
+"""Gaussian building blocks shared by every model: covariance layouts, Cholesky factors,
+marginal and conditional Gaussians, as pure NumPy.
+
+Covariances come in scikit-learn's four layouts (:data:`COVARIANCE_TYPES`) and are
+parametrised by the upper-triangular Cholesky factors ``P`` of the precisions
+(``precision = P @ P.T``), as scikit-learn's ``precisions_cholesky_``.
 
 For a Gaussian ``N(mu, Sigma)`` over ``D`` features split into observed ``o`` and
 missing ``m`` ones:
@@ -24,7 +29,130 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Conditional", "conditional", "full_covariances", "whitening"]
+__all__ = [
+    "COVARIANCE_TYPES",
+    "Conditional",
+    "compute_precision_cholesky",
+    "conditional",
+    "covariance_shape",
+    "covariances_from_precision_cholesky",
+    "full_covariances",
+    "log_det_cholesky",
+    "n_covariance_parameters",
+    "precisions_from_cholesky",
+    "whitening",
+]
+
+#: The four covariance layouts of scikit-learn's ``GaussianMixture``.
+COVARIANCE_TYPES = ("full", "tied", "diag", "spherical")
+
+
+def covariance_shape(covariance_type: str, K: int, D: int) -> tuple[int, ...]:
+    """Shape of the covariances (and precision Cholesky factors) of ``K`` components."""
+    shapes = {"full": (K, D, D), "tied": (D, D), "diag": (K, D), "spherical": (K,)}
+    if covariance_type not in shapes:
+        raise ValueError(
+            f"covariance_type must be one of {COVARIANCE_TYPES}, got {covariance_type!r}"
+        )
+    return shapes[covariance_type]
+
+
+def n_covariance_parameters(covariance_type: str, K: int, D: int) -> int:
+    """Free parameters of the covariances, as scikit-learn counts them."""
+    return int(
+        {
+            "full": K * D * (D + 1) / 2.0,
+            "tied": D * (D + 1) / 2.0,
+            "diag": K * D,
+            "spherical": K,
+        }[covariance_type]
+    )
+
+
+def compute_precision_cholesky(
+    covariances: np.ndarray, covariance_type: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Cholesky factors of the precisions from covariances.
+
+    Returns
+    -------
+    precisions_cholesky : ndarray
+        Factors in scikit-learn's layout; rows of failed components are filled
+        with the identity so the array stays finite.
+    ok : ndarray of bool, shape (K,) (shape (1,) for ``tied``)
+        Which components had a positive-definite covariance.
+    """
+    cov = np.asarray(covariances, dtype=np.float64)
+    if covariance_type == "full":
+        K, D, _ = cov.shape
+        out = np.empty_like(cov)
+        ok = np.ones(K, dtype=bool)
+        eye = np.eye(D)
+        for k in range(K):
+            try:
+                c = np.linalg.cholesky(cov[k])
+            except np.linalg.LinAlgError:
+                ok[k] = False
+                out[k] = eye
+                continue
+            # solve L Y = I  ->  Y = L^-1; precision cholesky = (L^-1)^T (upper)
+            out[k] = _solve_lower(c, eye).T
+            if not np.all(np.isfinite(out[k])):
+                ok[k] = False
+                out[k] = eye
+        return out, ok
+    if covariance_type == "tied":
+        D = cov.shape[0]
+        try:
+            c = np.linalg.cholesky(cov)
+        except np.linalg.LinAlgError:
+            return np.eye(D), np.zeros(1, dtype=bool)
+        out = _solve_lower(c, np.eye(D)).T
+        return out, np.array([np.all(np.isfinite(out))])
+    if covariance_type in ("diag", "spherical"):
+        good = np.isfinite(cov) & (cov > 0)
+        out = np.where(good, 1.0 / np.sqrt(np.where(good, cov, 1.0)), 1.0)
+        ok = good if covariance_type == "spherical" else good.all(axis=1)
+        return out, ok
+    raise ValueError(f"covariance_type must be one of {COVARIANCE_TYPES}, got {covariance_type!r}")
+
+
+def _solve_lower(L: np.ndarray, B: np.ndarray) -> np.ndarray:
+    """Solve ``L X = B`` for lower-triangular ``L`` (forward substitution, D is small)."""
+    D = L.shape[0]
+    X = np.zeros_like(B, dtype=np.float64)
+    for i in range(D):
+        X[i] = (B[i] - L[i, :i] @ X[:i]) / L[i, i]
+    return X
+
+
+def precisions_from_cholesky(prec_chol: np.ndarray, covariance_type: str) -> np.ndarray:
+    """Precision matrices (or diagonals) from their Cholesky factors."""
+    if covariance_type == "full":
+        return np.einsum("kij,klj->kil", prec_chol, prec_chol)
+    if covariance_type == "tied":
+        return prec_chol @ prec_chol.T
+    return prec_chol**2
+
+
+def covariances_from_precision_cholesky(prec_chol: np.ndarray, covariance_type: str) -> np.ndarray:
+    """Covariances from precision Cholesky factors (used when only precisions are known)."""
+    if covariance_type == "full":
+        return np.stack([np.linalg.inv(p @ p.T) for p in prec_chol])
+    if covariance_type == "tied":
+        return np.linalg.inv(prec_chol @ prec_chol.T)
+    return 1.0 / prec_chol**2
+
+
+def log_det_cholesky(prec_chol: np.ndarray, cov_type: str, D: int) -> np.ndarray:
+    """``log det`` of the precision Cholesky factors (per component; a scalar for tied)."""
+    if cov_type == "full":
+        return np.log(np.diagonal(prec_chol, axis1=1, axis2=2)).sum(axis=1)
+    if cov_type == "tied":
+        return np.log(np.diag(prec_chol)).sum()
+    if cov_type == "diag":
+        return np.log(prec_chol).sum(axis=1)
+    return D * np.log(prec_chol)
 
 
 def full_covariances(covariances: np.ndarray, covariance_type: str, K: int, D: int) -> np.ndarray:

@@ -36,6 +36,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .gaussian import (
+    COVARIANCE_TYPES,
+    compute_precision_cholesky,
+    covariance_shape,
+    covariances_from_precision_cholesky,
+    n_covariance_parameters,
+    precisions_from_cholesky,
+)
+from .gaussian import log_det_cholesky as _log_det_chol
 from .stats import merge_centred_moments, merge_lowest
 
 __all__ = [
@@ -58,7 +67,6 @@ __all__ = [
     "precisions_from_cholesky",
 ]
 
-COVARIANCE_TYPES = ("full", "tied", "diag", "spherical")
 _LOG_2PI = math.log(2.0 * math.pi)
 _EPS10 = 10.0 * np.finfo(np.float64).eps
 DEFAULT_BLOCK_ROWS = 8192
@@ -109,104 +117,13 @@ def _full_like(cov_type: str, K: int) -> bool:
     return cov_type in ("full", "tied")
 
 
-def compute_precision_cholesky(
-    covariances: np.ndarray, covariance_type: str
-) -> tuple[np.ndarray, np.ndarray]:
-    """Cholesky factors of the precisions from covariances.
-
-    Returns
-    -------
-    precisions_cholesky : ndarray
-        Factors in scikit-learn's layout; rows of failed components are filled
-        with the identity so the array stays finite.
-    ok : ndarray of bool, shape (K,) (shape (1,) for ``tied``)
-        Which components had a positive-definite covariance.
-    """
-    cov = np.asarray(covariances, dtype=np.float64)
-    if covariance_type == "full":
-        K, D, _ = cov.shape
-        out = np.empty_like(cov)
-        ok = np.ones(K, dtype=bool)
-        eye = np.eye(D)
-        for k in range(K):
-            try:
-                c = np.linalg.cholesky(cov[k])
-            except np.linalg.LinAlgError:
-                ok[k] = False
-                out[k] = eye
-                continue
-            # solve L Y = I  ->  Y = L^-1; precision cholesky = (L^-1)^T (upper)
-            out[k] = _solve_lower(c, eye).T
-            if not np.all(np.isfinite(out[k])):
-                ok[k] = False
-                out[k] = eye
-        return out, ok
-    if covariance_type == "tied":
-        D = cov.shape[0]
-        try:
-            c = np.linalg.cholesky(cov)
-        except np.linalg.LinAlgError:
-            return np.eye(D), np.zeros(1, dtype=bool)
-        out = _solve_lower(c, np.eye(D)).T
-        return out, np.array([np.all(np.isfinite(out))])
-    if covariance_type in ("diag", "spherical"):
-        good = np.isfinite(cov) & (cov > 0)
-        out = np.where(good, 1.0 / np.sqrt(np.where(good, cov, 1.0)), 1.0)
-        ok = good if covariance_type == "spherical" else good.all(axis=1)
-        return out, ok
-    raise ValueError(f"covariance_type must be one of {COVARIANCE_TYPES}, got {covariance_type!r}")
-
-
-def _solve_lower(L: np.ndarray, B: np.ndarray) -> np.ndarray:
-    """Solve ``L X = B`` for lower-triangular ``L`` (forward substitution, D is small)."""
-    D = L.shape[0]
-    X = np.zeros_like(B, dtype=np.float64)
-    for i in range(D):
-        X[i] = (B[i] - L[i, :i] @ X[:i]) / L[i, i]
-    return X
-
-
-def precisions_from_cholesky(prec_chol: np.ndarray, covariance_type: str) -> np.ndarray:
-    """Precision matrices (or diagonals) from their Cholesky factors."""
-    if covariance_type == "full":
-        return np.einsum("kij,klj->kil", prec_chol, prec_chol)
-    if covariance_type == "tied":
-        return prec_chol @ prec_chol.T
-    return prec_chol**2
-
-
-def covariances_from_precision_cholesky(prec_chol: np.ndarray, covariance_type: str) -> np.ndarray:
-    """Covariances from precision Cholesky factors (used when only precisions are known)."""
-    if covariance_type == "full":
-        return np.stack([np.linalg.inv(p @ p.T) for p in prec_chol])
-    if covariance_type == "tied":
-        return np.linalg.inv(prec_chol @ prec_chol.T)
-    return 1.0 / prec_chol**2
-
-
 def n_parameters(n_components: int, n_features: int, covariance_type: str) -> int:
     """Number of free parameters (for BIC/AIC), as scikit-learn counts them."""
     K, D = n_components, n_features
-    cov = {
-        "full": K * D * (D + 1) / 2.0,
-        "tied": D * (D + 1) / 2.0,
-        "diag": K * D,
-        "spherical": K,
-    }[covariance_type]
-    return int(cov + K * D + K - 1)
+    return n_covariance_parameters(covariance_type, K, D) + K * D + K - 1
 
 
 # --------------------------------------------------------------------------- E-step
-
-
-def _log_det_chol(prec_chol: np.ndarray, cov_type: str, D: int) -> np.ndarray:
-    if cov_type == "full":
-        return np.log(np.diagonal(prec_chol, axis1=1, axis2=2)).sum(axis=1)
-    if cov_type == "tied":
-        return np.log(np.diag(prec_chol)).sum()
-    if cov_type == "diag":
-        return np.log(prec_chol).sum(axis=1)
-    return D * np.log(prec_chol)
 
 
 def _log_gaussian_block(xb: np.ndarray, params: GMMParams) -> np.ndarray:
@@ -1471,7 +1388,7 @@ class GMMModel:
         K, D = np.shape(like.means)
         ct = like.covariance_type
         weights, means = vector[:K], vector[K : K + K * D].reshape(K, D)
-        shape = {"full": (K, D, D), "tied": (D, D), "diag": (K, D), "spherical": (K,)}[ct]
+        shape = covariance_shape(ct, K, D)
         cov = vector[K + K * D :].reshape(shape)
         if not (np.all(np.isfinite(vector)) and np.all(weights > 0)):
             return None
