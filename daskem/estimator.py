@@ -14,22 +14,18 @@ from __future__ import annotations
 
 import logging
 import numbers
-import os
-import time
 import warnings
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import dask.array as da
 import numpy as np
-from sklearn.base import BaseEstimator, ClassifierMixin, DensityMixin
-from sklearn.exceptions import ConvergenceWarning as _SklearnConvergenceWarning
-from sklearn.exceptions import NotFittedError
+from sklearn.base import ClassifierMixin, DensityMixin
 from sklearn.utils.multiclass import check_classification_targets
-from sklearn.utils.validation import column_or_1d, validate_data
+from sklearn.utils.validation import column_or_1d
 
 from . import engine
+from .base import NAN_POLICIES, ConvergenceWarning, EMEstimator, _check_random_state
 from .model.gaussian import covariance_shape
 from .model.gmm import (
     COVARIANCE_TYPES,
@@ -38,38 +34,16 @@ from .model.gmm import (
     GMMParams,
     class_posterior,
     covariances_from_precision_cholesky,
-    log_responsibilities,
-    n_parameters,
-    observed_weighted_log_prob,
     precisions_from_cholesky,
 )
 from .model.init import INIT_METHODS, initial_responsibilities, labelled_start, params_from_resp
 from .model.missing import MissingGMMModel
 from .model.missing import impute as _impute
-from .modelfile import ModelFileError, load_checkpoint, register_estimator, save_checkpoint
+from .modelfile import register_estimator
 
-__all__ = ["ConvergenceWarning", "GaussianMixture", "GaussianMixtureClassifier"]
+__all__ = ["NAN_POLICIES", "ConvergenceWarning", "GaussianMixture", "GaussianMixtureClassifier"]
 
 logger = logging.getLogger("daskem")
-
-
-class ConvergenceWarning(_SklearnConvergenceWarning):
-    """EM stopped at ``max_iter`` before the change of the lower bound fell below ``tol``."""
-
-
-def _check_random_state(seed: Any) -> np.random.RandomState:
-    if seed is None or isinstance(seed, numbers.Integral):
-        return np.random.RandomState(seed)
-    if isinstance(seed, np.random.RandomState):
-        return seed
-    raise ValueError(f"random_state must be None, an int or a RandomState, got {seed!r}")
-
-
-def _logsumexp_rows(a: np.ndarray) -> np.ndarray:
-    mx = a.max(axis=1, keepdims=True)
-    mx = np.where(np.isfinite(mx), mx, 0.0)
-    with np.errstate(divide="ignore", under="ignore"):
-        return np.log(np.exp(a - mx).sum(axis=1)) + mx[:, 0]
 
 
 def _flip_cholesky_upper(precision: np.ndarray) -> np.ndarray:
@@ -79,126 +53,31 @@ def _flip_cholesky_upper(precision: np.ndarray) -> np.ndarray:
     return L[::-1, ::-1]
 
 
-# ---- row-wise kernels used lazily on Dask blocks (module level so they pickle) ----
+# ---- row-wise kernels used lazily on Dask blocks (module level so they pickle); ----
+# ---- ``state`` is (model, params), see EMEstimator._rows                        ----
 
 
-def _rows_weighted_log_prob(params: GMMParams, X: np.ndarray) -> np.ndarray:
-    return observed_weighted_log_prob(X, params)
-
-
-def _rows_score(params: GMMParams, X: np.ndarray) -> np.ndarray:
-    return _logsumexp_rows(observed_weighted_log_prob(X, params))
-
-
-def _rows_proba(params: GMMParams, X: np.ndarray) -> np.ndarray:
-    wlp = observed_weighted_log_prob(X, params)
-    with np.errstate(under="ignore", invalid="ignore"):
-        return np.exp(wlp - _logsumexp_rows(wlp)[:, None])
-
-
-def _rows_class_posterior(params: GMMParams, X: np.ndarray) -> np.ndarray:
-    proba, logd = class_posterior(params, X)
-    return np.concatenate([proba, logd[:, None]], axis=1)
-
-
-def _rows_predict(params: GMMParams, X: np.ndarray) -> np.ndarray:
-    wlp = observed_weighted_log_prob(X, params)
+def _rows_predict(state, X: np.ndarray) -> np.ndarray:
+    model, params = state
+    wlp = model.weighted_log_prob(params, X)
     return np.where(np.isnan(wlp[:, 0]), -1, wlp.argmax(axis=1)) if len(wlp) else wlp.argmax(1)
 
 
-def _rows_impute(params: GMMParams, X: np.ndarray) -> np.ndarray:
-    filled, std = _impute(X, params, return_std=True)
+def _rows_impute(state, X: np.ndarray) -> np.ndarray:
+    filled, std = _impute(X, state[1], return_std=True)
     return np.concatenate([filled, std], axis=1)
 
 
-def _params_to_json(p: GMMParams) -> dict[str, Any]:
-    return {
-        "weights": p.weights.tolist(),
-        "means": p.means.tolist(),
-        "precisions_cholesky": np.asarray(p.precisions_cholesky).tolist(),
-        "covariances": None if p.covariances is None else np.asarray(p.covariances).tolist(),
-        "component_class": None
-        if p.component_class is None
-        else np.asarray(p.component_class).tolist(),
-    }
+def _rows_class_proba(state, X: np.ndarray) -> np.ndarray:
+    return class_posterior(state[1], X)[0]
 
 
-def _params_from_json(d: dict[str, Any], covariance_type: str) -> GMMParams:
-    def arr(v, dtype=np.float64):
-        return None if v is None else np.asarray(v, dtype=dtype)
-
-    return GMMParams(
-        arr(d["weights"]),
-        arr(d["means"]),
-        arr(d["precisions_cholesky"]),
-        covariance_type,
-        arr(d["covariances"]),
-        arr(d["component_class"], np.int64),
-    )
-
-
-def _n_excluded(result: engine.EMResult) -> int:
-    if result.stats is not None:
-        return int(result.stats.n_excluded)
-    return int(getattr(result, "n_excluded", 0))
-
-
-def _n_partial(result: engine.EMResult) -> int:
-    if result.stats is not None:
-        return int(result.stats.n_partial)
-    return int(getattr(result, "n_partial", 0))
-
-
-def _n_empty(result: engine.EMResult) -> int:
-    if result.stats is not None:
-        return int(result.stats.n_empty)
-    return int(getattr(result, "n_empty", 0))
-
-
-def _result_to_json(r: engine.EMResult) -> dict[str, Any]:
-    return {
-        "params": _params_to_json(r.params),
-        "lower_bound": float(r.lower_bound),
-        "lower_bounds": [float(v) for v in r.lower_bounds],
-        "n_iter": int(r.n_iter),
-        "converged": bool(r.converged),
-        "stopped": bool(r.stopped),
-        "events": [{k: (float(v) if k == "mass" else v) for k, v in e.items()} for e in r.events],
-        "n_excluded": _n_excluded(r),
-        "n_partial": _n_partial(r),
-        "n_empty": _n_empty(r),
-    }
-
-
-def _rows_class_proba(params: GMMParams, X: np.ndarray) -> np.ndarray:
-    return class_posterior(params, X)[0]
-
-
-def _rows_class_index(params: GMMParams, X: np.ndarray) -> np.ndarray:
-    return class_posterior(params, X)[0].argmax(axis=1)
+def _rows_class_index(state, X: np.ndarray) -> np.ndarray:
+    return class_posterior(state[1], X)[0].argmax(axis=1)
 
 
 def _take_classes(idx: np.ndarray, classes: np.ndarray) -> np.ndarray:
     return classes[idx]
-
-
-def _fill_by_class(X: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """``X`` with each missing value replaced by its class's mean of that attribute
-    (the mean over every row where the class has none observed)."""
-    X = np.array(X, dtype=np.float64)
-    missing = ~np.isfinite(X)
-    if not missing.any():
-        return X
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns
-        overall = np.nanmean(np.where(missing, np.nan, X), axis=0)
-        overall = np.where(np.isfinite(overall), overall, 0.0)
-        for c in np.unique(y):
-            rows = y == c
-            fill = np.nanmean(np.where(missing[rows], np.nan, X[rows]), axis=0)
-            fill = np.where(np.isfinite(fill), fill, overall)
-            X[rows] = np.where(missing[rows], fill, X[rows])
-    return X
 
 
 def _store_params(estimator: Any, params: dict[str, Any]) -> None:
@@ -208,28 +87,15 @@ def _store_params(estimator: Any, params: dict[str, Any]) -> None:
             setattr(estimator, name, value)
 
 
-#: How rows with non-finite values are treated when fitting: refused, left out, or used
-#: through their observed attributes (EM with missing data, :mod:`daskem.model.missing`).
-NAN_POLICIES = ("raise", "omit", "marginalize")
-PREFIT_MIN_ROWS = 5_000  # smallest coarse stage of the prefit
-
-
-class _BaseGaussianMixture(BaseEstimator):
+class _BaseGaussianMixture(EMEstimator):
     """EM machinery shared by :class:`GaussianMixture` and :class:`GaussianMixtureClassifier`.
 
     Everything here works on class ids ``0 .. n_classes - 1`` (``-1`` unlabelled) and
     on ``component_class``, the class of each component (None: unsupervised).
     """
 
-    # the layout of the fit in progress (set by ``_fit``): number of components and the
-    # class of each (None: unsupervised, ``n_components`` components)
-    _n_comp: int | None = None
-    _component_class: np.ndarray | None = None
-
-    def __sklearn_tags__(self):
-        tags = super().__sklearn_tags__()
-        tags.input_tags.allow_nan = self.nan_policy != "raise"
-        return tags
+    kind = "gmm"
+    _fitted_marker = "means_"
 
     # ------------------------------------------------------------------ validation
 
@@ -244,28 +110,9 @@ class _BaseGaussianMixture(BaseEstimator):
             )
         if self.init_params not in INIT_METHODS:
             raise ValueError(f"init_params must be one of {INIT_METHODS}, got {self.init_params!r}")
-        for name, lo in (("tol", 0.0), ("reg_covar", 0.0)):
-            v = getattr(self, name)
-            if not isinstance(v, numbers.Real) or v < lo:
-                raise ValueError(f"{name} must be a number >= {lo}, got {v!r}")
-        for name, lo in (
-            ("max_iter", 0),
-            ("n_init", 1),
-            ("split_every", 2),
-            ("init_sample_size", 1),
-        ):
-            v = getattr(self, name)
-            if not isinstance(v, numbers.Integral) or v < lo:
-                raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
-        if self.cache not in ("auto", True, False):
-            raise ValueError(f"cache must be True, False or 'auto', got {self.cache!r}")
-        if self.prefit not in ("auto", True, False):
-            raise ValueError(f"prefit must be True, False or 'auto', got {self.prefit!r}")
-        if self.nan_policy not in NAN_POLICIES:
-            raise ValueError(f"nan_policy must be one of {NAN_POLICIES}, got {self.nan_policy!r}")
-        sa = self.select_after
-        if not (sa is None or sa == "auto" or (isinstance(sa, numbers.Integral) and sa >= 1)):
-            raise ValueError(f"select_after must be an integer >= 1, None or 'auto', got {sa!r}")
+        self._check_common()
+        if not isinstance(self.reg_covar, numbers.Real) or self.reg_covar < 0:
+            raise ValueError(f"reg_covar must be a number >= 0.0, got {self.reg_covar!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be 'auto' or 'single', got {self.precision!r}")
         D = n_features
@@ -305,89 +152,6 @@ class _BaseGaussianMixture(BaseEstimator):
             raise ValueError("precisions_init must be positive")
         return np.sqrt(p)
 
-    def _validate_X(self, X: Any, *, for_fit: bool, allow_missing: bool = False) -> Any:
-        """``X`` checked and converted to a float NumPy or Dask array.
-
-        NumPy-like input goes through scikit-learn's ``validate_data`` (dtype, shape,
-        sparse, finiteness, ``n_features_in_`` and ``feature_names_in_``); Dask input is
-        checked for shape and dtype only, without computing anything.
-        """
-        if not for_fit:
-            self._check_fitted()
-        is_dask = isinstance(X, da.Array)
-        if is_dask:
-            if X.ndim != 2:
-                raise ValueError(
-                    f"Expected a 2-D array of shape (n_samples, n_features), got shape "
-                    f"{X.shape}. Reshape a single feature with X.reshape(-1, 1)."
-                )
-            if X.dtype not in (np.float32, np.float64):
-                if not (np.issubdtype(X.dtype, np.number) or X.dtype == bool):
-                    raise ValueError(f"X must be numeric, got dtype {X.dtype}")
-                X = X.astype(np.float64)
-            validate_data(self, X, reset=for_fit, skip_check_array=True)
-        else:
-            X = validate_data(
-                self,
-                X,
-                reset=for_fit,
-                dtype=[np.float64, np.float32],
-                ensure_all_finite=False,
-                ensure_min_samples=2 if for_fit else 1,
-            )
-            if for_fit and self.nan_policy == "raise" and not np.isfinite(X).all():
-                bad = int((~np.isfinite(X)).any(axis=1).sum())
-                raise ValueError(
-                    f"Input X contains non-finite values (NaN or inf) in {bad} rows. "
-                    "Remove them, use nan_policy='marginalize' to fit them through their "
-                    "observed attributes, or nan_policy='omit' to leave them out."
-                )
-            allow_missing = allow_missing or self.nan_policy == "marginalize"
-            if not for_fit and not allow_missing and not np.isfinite(X).all():
-                raise ValueError(
-                    "Input X contains non-finite values (NaN or inf); use class_posterior() "
-                    "for samples with missing attributes, or fit with "
-                    "nan_policy='marginalize'"
-                )
-        return X
-
-    def _prepare(
-        self, X: Any, sample_weight: Any = None, y: Any = None, *, for_fit: bool
-    ) -> engine.ChunkedData:
-        """Validated ``X``, weights and class ids as row-chunked data."""
-        X = self._validate_X(X, for_fit=for_fit)
-        n = X.shape[0]
-        if sample_weight is not None:
-            sw = (
-                sample_weight
-                if isinstance(sample_weight, da.Array)
-                else np.asarray(sample_weight, dtype=np.float64)
-            )
-            if sw.shape != (n,):
-                raise ValueError(f"sample_weight must have shape ({n},) to match X, got {sw.shape}")
-            if isinstance(sw, np.ndarray) and (not np.isfinite(sw).all() or np.any(sw < 0)):
-                raise ValueError("sample_weight must be finite and non-negative")
-            if isinstance(sw, np.ndarray) and for_fit and n and not np.any(sw > 0):
-                raise ValueError("sample_weight is zero for every sample: nothing to fit")
-            sample_weight = sw
-        if y is not None:
-            yy = y if isinstance(y, da.Array) else np.asarray(y)
-            if yy.shape != (n,):
-                raise ValueError(f"y must have shape ({n},) to match X, got {yy.shape}")
-            if not np.issubdtype(yy.dtype, np.integer):
-                raise ValueError(f"y must hold integer class ids (-1 = unlabelled), got {yy.dtype}")
-            y = yy
-        cs = self.chunk_size
-        if not (cs == "auto" or (isinstance(cs, numbers.Integral) and cs >= 1)):
-            raise ValueError(f"chunk_size must be an integer >= 1 or 'auto', got {cs!r}")
-        return engine.as_chunked(X, sample_weight, y, chunk_size=cs)
-
-    def _check_fitted(self) -> None:
-        if not hasattr(self, "means_"):
-            raise NotFittedError(
-                f"This {type(self).__name__} instance is not fitted yet. Call 'fit' first."
-            )
-
     # ------------------------------------------------------------------ fitting
 
     def _model(self) -> GMMModel:
@@ -399,48 +163,6 @@ class _BaseGaussianMixture(BaseEstimator):
             precision=self.precision,
             label_weight=float(getattr(self, "label_weight", 1.0)),
         )
-
-    def _setup_labels(
-        self, data: engine.ChunkedData
-    ) -> tuple[engine.ChunkedData, tuple[np.ndarray, np.ndarray] | None, np.ndarray | None]:
-        """Data with class ids, the labelled rows and each component's class.
-
-        The unsupervised mixture has none of these; the classifier overrides this.
-        """
-        return data, None, None
-
-    def _fixed_start(self, component_class: np.ndarray | None) -> bool:
-        """Whether every restart would get the same start (so one is enough)."""
-        return False
-
-    def _labelled_rows(self, data: engine.ChunkedData) -> tuple[np.ndarray, np.ndarray]:
-        """Every labelled row (X, y), read from the chunks that hold them, validated."""
-        Xl, yl, ymin, ymax = engine.labelled_rows(data)
-        Xl = np.asarray(Xl, dtype=np.float64)
-        yl = np.asarray(yl)
-        if int(ymin) < -1:
-            raise ValueError(f"y holds {int(ymin)}: use -1 for unlabelled and ids >= 0 for classes")
-        finite = np.isfinite(Xl).all(axis=1)
-        if not finite.all():
-            if self.nan_policy == "raise":
-                raise ValueError(
-                    "Some labelled rows of X contain non-finite values; use "
-                    "nan_policy='marginalize' or 'omit'"
-                )
-            if self.nan_policy == "marginalize":
-                seen = np.isfinite(Xl).any(axis=1)
-                Xl, yl = _fill_by_class(Xl[seen], yl[seen]), yl[seen]
-                if not len(Xl):
-                    raise ValueError("Every labelled row of X has every attribute missing")
-                return Xl, yl
-            lost = sorted(set(yl[~finite].tolist()) - set(yl[finite].tolist()))
-            if lost:
-                raise ValueError(
-                    f"Every label of class(es) {lost} is on a row with missing values "
-                    "(masked pixels): label valid pixels"
-                )
-            Xl, yl = Xl[finite], yl[finite]
-        return Xl, yl
 
     def _initial_params(
         self, data: engine.ChunkedData, seed: int, labelled=None, sample=None
@@ -501,101 +223,7 @@ class _BaseGaussianMixture(BaseEstimator):
             params = self._prefit(params, Xs, ws, labelled)
         return params
 
-    def _start_sample(self, sample, K: int) -> tuple[np.ndarray, np.ndarray | None]:
-        """The sampled rows a start is computed from (float64, positive weights).
-
-        Rows with every attribute observed; under ``nan_policy="marginalize"``, if fewer
-        than ``max(10 K, 100)`` of those were drawn, every row with some attribute
-        observed, its missing values filled with the sample's mean of that attribute
-        (EM then works from the observed values only).
-        """
-        Xs, ws, _ = sample
-        keep = np.ones(len(Xs), dtype=bool) if ws is None else np.isfinite(ws) & (ws > 0)
-        never = ~np.isfinite(Xs[keep]).any(axis=0)
-        if self.nan_policy == "marginalize" and keep.any() and never.any():
-            names = getattr(self, "feature_names_in_", None)
-            which = [str(names[j]) if names is not None else int(j) for j in np.flatnonzero(never)]
-            raise ValueError(
-                f"Attribute(s) (columns of X) {which} are missing in every one of the "
-                f"{int(keep.sum())} rows drawn for initialisation: nothing can be learnt about "
-                "them; leave them out"
-            )
-        finite = np.isfinite(Xs).all(axis=1) & keep
-        if self.nan_policy == "marginalize" and finite.sum() < max(10 * K, 100):
-            seen = np.isfinite(Xs).any(axis=1) & keep
-            Xf = _fill_by_class(np.asarray(Xs[seen], dtype=np.float64), np.zeros(seen.sum(), int))
-            return Xf, None if ws is None else ws[seen]
-        return np.asarray(Xs[finite], dtype=np.float64), None if ws is None else ws[finite]
-
-    def _initialise(self, data, seeds, labelled, sample) -> list[GMMParams]:
-        """First parameters of each restart (one per seed), on the shared sample.
-
-        Restarts are independent (each has its own seed), so they run in a thread per
-        core of this machine (NumPy releases the GIL in its loops) with one BLAS thread
-        each; the result does not depend on the number of threads.
-        """
-        if len(seeds) == 1:
-            return [self._initial_params(data, seeds[0], labelled, sample)]
-        workers = min(len(seeds), os.cpu_count() or 1)
-        with engine.blas_one_thread(), ThreadPoolExecutor(workers) as pool:
-            return list(pool.map(lambda s: self._initial_params(data, s, labelled, sample), seeds))
-
-    def _screen(
-        self, candidates: list[GMMParams], sample, n_total: int = 1, labelled=None
-    ) -> list[bool]:
-        """Which prefitted restarts go on to the full passes.
-
-        Every restart was fitted on the same random sample, so the paired difference of
-        their per-row log-likelihoods there estimates the difference of their mean
-        log-likelihoods on all the data, with standard error ``se``. A restart is left
-        out when, even 4 standard errors in its favour, it could not beat the best
-        restart on the sample by more than ``tol``: it is worse, or equal to within the
-        fit's own tolerance. The best on the sample always goes on.
-
-        With labels, the objective compared is the semi-supervised one: the sample
-        stands for the ``n_total`` rows' ``log p(x)``, and every labelled row adds
-        ``label_weight * log p(x, class)`` exactly (no sampling error).
-        """
-        Xs, ws, _ = sample
-        if self.nan_policy == "marginalize":  # every row with something observed
-            finite = np.isfinite(Xs).any(axis=1)
-        else:
-            finite = np.isfinite(Xs).all(axis=1)
-        if ws is not None:
-            finite &= np.isfinite(ws) & (ws > 0)
-        Xs = np.asarray(Xs[finite], dtype=np.float64)
-        w = np.ones(len(Xs)) if ws is None else np.asarray(ws[finite], dtype=np.float64)
-        w = w / w.sum()
-        ll = np.stack([_logsumexp_rows(observed_weighted_log_prob(Xs, p)) for p in candidates])
-        mean = ll @ w
-        share, lab = 1.0, np.zeros(len(candidates))
-        if labelled is not None and len(labelled[0]):
-            Xl, yl = labelled
-            lw = float(getattr(self, "label_weight", 1.0)) * len(Xl)
-            share = n_total / (n_total + lw)
-            lab = np.array([log_responsibilities(Xl, p, yl)[0].mean() for p in candidates])
-        mean = share * mean + (1.0 - share) * lab
-        best = int(np.argmax(mean))
-        keep = []
-        for i in range(len(candidates)):
-            d = ll[best] - ll[i]
-            diff = float(mean[best] - mean[i])
-            d_mean = float(d @ w)
-            se = share * float(np.sqrt(max(((d - d_mean) ** 2) @ w, 0.0) * (w @ w)))
-            keep.append(i == best or 4.0 * se - diff >= float(self.tol))
-        logger.info(
-            "restarts screened on %d sampled rows: mean log-likelihoods %s, %d go on",
-            len(Xs),
-            np.array2string(mean, precision=6),
-            sum(keep),
-        )
-        return keep
-
-    def _select_after(self, n_samples: int) -> int | None:
-        if self.select_after != "auto":
-            return self.select_after
-        prefitted = self._use_prefit(n_samples) and not self._user_init_complete()
-        return 1 if prefitted and self.n_init > 1 else None
+    # ------------------------------------------------------------------ checkpoints
 
     def _user_init_complete(self) -> bool:
         return (
@@ -604,274 +232,17 @@ class _BaseGaussianMixture(BaseEstimator):
             and self.precisions_init is not None
         )
 
-    def _use_prefit(self, n_samples: int) -> bool:
-        if self.prefit == "auto":
-            return n_samples > 2 * self.init_sample_size
-        return bool(self.prefit)
-
-    def _prefit(self, params: GMMParams, Xs, ws, labelled) -> GMMParams:
-        """EM to convergence on the in-memory sample (no pass over the full data).
-
-        Starting the full passes near the optimum saves most of them; the full passes
-        then run plain EM from there, so the final model is a plain-EM fixed point.
-        """
-        model = self._model()
-        iterations = []
-        # coarse to fine: most iterations on every 16th, then every 4th sampled row, so
-        # the last stage on the whole sample starts close to its optimum
-        for stride in (16, 4, 1):
-            if stride > 1 and len(Xs) // stride < max(PREFIT_MIN_ROWS, 50 * len(params.weights)):
-                continue
-            Xt, wt, yt = Xs[::stride], None if ws is None else ws[::stride], None
-            if labelled is not None and labelled[0].shape[0]:  # every labelled row, always
-                Xl, yl = labelled
-                yt = np.concatenate([np.full(len(Xt), -1), yl])
-                Xt = np.concatenate([Xt, Xl])
-                wt = None if wt is None else np.concatenate([wt, np.ones(len(Xl))])
-            result = engine.fit_em_local(
-                model, Xt, params, wt, yt, tol=0.1 * float(self.tol), max_iter=500, accelerate=True
-            )
-            params = result.params
-            iterations.append(result.n_iter)
-        logger.info(
-            "prefit on %d sampled rows: %s iterations (stages), mean log-likelihood %.6g",
-            len(Xs),
-            "+".join(map(str, iterations)),
-            result.lower_bound,
-        )
-        return params
-
-    def _fit(
-        self,
-        X: Any,
-        y: Any,
-        sample_weight: Any,
-        checkpoint_dir: Any = None,
-        resume: bool = False,
-        callback: Any = None,
-    ) -> engine.ChunkedData:
-        if resume and checkpoint_dir is None:
-            raise ValueError("resume=True needs a checkpoint_dir")
-        data = self._prepare(X, sample_weight, y, for_fit=True)
-        data, labelled, component_class = self._setup_labels(data)
-        K = self.n_components if component_class is None else len(component_class)
-        self._check_parameters(data.n_features, K)
-        if data.n_samples < K:
-            raise ValueError(
-                f"Expected n_samples >= n_components but got n_components = {K}, "
-                f"n_samples = {data.n_samples}"
-            )
-        self._n_comp, self._component_class = K, component_class
-        n_classes = K if component_class is None else int(component_class.max()) + 1
-
-        if self.max_iter > 0:
-            data = engine.cache_data(data, self.cache)
-        do_init = not (self.warm_start and hasattr(self, "converged_"))
-        n_init = self.n_init if do_init else 1
-        if labelled is not None and self._fixed_start(component_class):
-            n_init = 1  # every restart would start from the same labelled start
-        rng = _check_random_state(self.random_state)
-        # one seed per initialisation, drawn up front so a resumed run draws the same ones
-        seeds = [int(rng.randint(np.iinfo(np.int32).max)) for _ in range(n_init)]
-        model = self._model()
-        fingerprint = self._fingerprint(data)
-        ckpt = self._read_checkpoint(checkpoint_dir, fingerprint) if resume else None
-        saved = (ckpt or {}).get("candidates") or [None] * n_init
-        t_fit = time.perf_counter()
-        finished: dict[int, engine.EMResult] = {}
-        starts: dict[int, engine.Start] = {}
-        to_init = []
-        for init in range(n_init):
-            state = saved[init]
-            if state is not None:
-                res = self._result_from_json(state)
-                if res.converged or res.stopped or res.n_iter >= self.max_iter:
-                    finished[init] = res
-                else:
-                    prev = res.lower_bounds[-1] if res.lower_bounds else -np.inf
-                    starts[init] = engine.Start(res.params, prev, res.n_iter, res.lower_bounds)
-            elif do_init:
-                to_init.append(init)
-            else:
-                starts[init] = engine.Start(self._fitted_params(component_class), self.lower_bound_)
-        if to_init:
-            sample = None
-            if not self._user_init_complete():
-                # one chunk-wise sample serves every restart: a single read of the data
-                sample = engine.draw_sample(data, self.init_sample_size, seeds[0])
-            if self.verbose:
-                for init in to_init:
-                    print(f"Initialization {init}")
-            first = self._initialise(data, [seeds[i] for i in to_init], labelled, sample)
-            keep = [True] * len(first)
-            if len(first) > 1 and sample is not None and self._select_after(data.n_samples):
-                keep = self._screen(first, sample, data.n_samples, labelled)
-            for init, params0, kept in zip(to_init, first, keep, strict=True):
-                if kept:
-                    starts[init] = engine.Start(params0)
-                else:  # recorded as stopped, so a resumed fit does not re-run it
-                    finished[init] = engine.EMResult(params0, -np.inf, [], 0, False, [])
-                    finished[init].stopped = True
-                    saved[init] = _result_to_json(finished[init])
-        if self.max_iter == 0:
-            for init, st in starts.items():
-                finished[init] = engine.EMResult(st.params, -np.inf, [], 0, False, [])
-        elif starts:
-            order = sorted(starts)
-            cb = self._iteration_callback(
-                t_fit, checkpoint_dir, fingerprint, order, saved, callback
-            )
-            results = engine.fit_em_many(
-                model,
-                data,
-                [starts[i] for i in order],
-                tol=float(self.tol),
-                max_iter=int(self.max_iter),
-                split_every=int(self.split_every),
-                callback=cb,
-                select_after=self._select_after(data.n_samples),
-            )
-            finished.update(zip(order, results, strict=True))
-        best: engine.EMResult | None = None
-        for init in range(n_init):
-            result = finished[init]
-            if self.verbose:
-                state = "converged" if result.converged else "did not converge"
-                print(f"Initialization {init} {state}. lower bound {result.lower_bound:.5f}")
-            if best is None or result.lower_bound > best.lower_bound:
-                best = result
-        assert best is not None
-        for e in best.events:
-            warnings.warn(
-                f"Component {e['component']} collapsed at iteration {e['iteration']} "
-                f"(responsibility mass {e['mass']:.3g}) and was re-seeded: {e['reason']}. "
-                "Consider fewer components or a larger reg_covar.",
-                UserWarning,
-                stacklevel=3,
-            )
-        self._set_params(best.params)
-        self.converged_ = bool(best.converged)
-        self.n_iter_ = int(best.n_iter)
-        self.lower_bound_ = float(best.lower_bound)
-        self.lower_bounds_ = np.asarray(best.lower_bounds, dtype=np.float64)
-        self.reseeds_ = list(best.events)
-        self.n_features_in_ = data.n_features
-        self.n_excluded_ = _n_excluded(best)
-        self.n_partial_ = _n_partial(best)
-        self.n_empty_ = _n_empty(best)
-        self.component_classes_ = (
-            np.arange(K) if component_class is None else np.asarray(component_class)
-        )
-        self.n_classes_ = n_classes
-        if not self.converged_ and self.max_iter > 0:
-            warnings.warn(
-                "Best performing initialization did not converge. Try different init "
-                "parameters, or increase max_iter, tol, or check for degenerate data.",
-                ConvergenceWarning,
-                stacklevel=3,
-            )
-        return data
-
-    # ------------------------------------------------------------------ checkpoints
-
-    def _fingerprint(self, data: engine.ChunkedData) -> dict[str, Any]:
-        """What must match for a checkpoint to be resumed."""
-        rs = self.random_state
+    def _fingerprint_extra(self) -> dict[str, Any]:
         return {
-            "n_samples": data.n_samples,
-            "n_features": data.n_features,
-            "n_components": int(self._n_comp),
             "covariance_type": self.covariance_type,
-            "tol": float(self.tol),
             "reg_covar": float(self.reg_covar),
-            "max_iter": int(self.max_iter),
-            "n_init": int(self.n_init),
             "init_params": self.init_params,
-            "random_state": int(rs) if isinstance(rs, numbers.Integral) else None,
-            "labelled": data.labels is not None,
-            "weighted": data.sample_weight is not None,
             "precision": self.precision,
-            "select_after": self._select_after(data.n_samples),
-            "component_classes": None
-            if self._component_class is None
-            else [int(c) for c in self._component_class],
             "label_weight": float(getattr(self, "label_weight", 1.0)),
         }
 
-    def _read_checkpoint(self, directory: Any, fingerprint: dict) -> dict | None:
-        ckpt = load_checkpoint(directory)
-        if ckpt is None:
-            return None
-        old = ckpt.get("fingerprint", {})
-        diff = sorted(k for k in fingerprint if old.get(k) != fingerprint[k])
-        if diff:
-            details = ", ".join(f"{k}: {old.get(k)!r} -> {fingerprint[k]!r}" for k in diff)
-            raise ModelFileError(
-                f"checkpoint in {directory} was written for a different fit ({details}); "
-                "use another checkpoint directory or drop --resume"
-            )
-        return ckpt
-
-    def _iteration_callback(self, t_fit, checkpoint_dir, fingerprint, order, saved, user_cb):
-        verbose_cb = self._verbose_callback(t_fit)
-        if checkpoint_dir is None and verbose_cb is None and user_cb is None:
-            return None
-        states = list(saved)
-        events: dict[int, list[dict]] = {i: [] for i in order}
-        for i in order:
-            if states[i] is not None:
-                events[i] = list(states[i]["events"])
-
-        def cb(info: engine.IterationInfo) -> None:
-            init = order[info.candidate]
-            events[init].extend(info.events)
-            if checkpoint_dir is not None:
-                current = engine.EMResult(
-                    info.params,
-                    info.lower_bound,
-                    info.history,
-                    info.iteration,
-                    info.converged,
-                    list(events[init]),
-                    info.stats,
-                    info.stopped,
-                )
-                states[init] = _result_to_json(current)
-                save_checkpoint(checkpoint_dir, {"fingerprint": fingerprint, "candidates": states})
-            if verbose_cb is not None:
-                verbose_cb(info)
-            if user_cb is not None:
-                user_cb(info)
-
-        return cb
-
-    def _result_from_json(self, d: dict) -> engine.EMResult:
-        res = engine.EMResult(
-            _params_from_json(d["params"], self.covariance_type),
-            float(d["lower_bound"]),
-            list(d["lower_bounds"]),
-            int(d["n_iter"]),
-            bool(d["converged"]),
-            list(d["events"]),
-            stopped=bool(d.get("stopped", False)),
-        )
-        res.n_excluded = int(d.get("n_excluded", 0))
-        res.n_partial = int(d.get("n_partial", 0))
-        res.n_empty = int(d.get("n_empty", 0))
-        return res
-
-    def _verbose_callback(self, t_init: float):
-        if self.verbose < 2:
-            return None
-
-        def cb(info: engine.IterationInfo) -> None:
-            if info.iteration % self.verbose_interval == 0:
-                print(
-                    f"  Iteration {info.iteration}\t time lapse "
-                    f"{time.perf_counter() - t_init:.5f}s\t ll change {info.change:.5f}"
-                )
-
-        return cb
+    def _n_components_fitted(self) -> int:
+        return int(self.means_.shape[0])
 
     def _set_params(self, params: GMMParams) -> None:
         ct = self.covariance_type
@@ -901,31 +272,6 @@ class _BaseGaussianMixture(BaseEstimator):
 
     # ------------------------------------------------------------------ prediction
 
-    def _rows(self, func, X: Any, n_out: int | None, dtype, allow_missing: bool = False):
-        data_X = self._validate_X(X, for_fit=False, allow_missing=allow_missing)
-        params = self._fitted_params()
-        if isinstance(data_X, da.Array):
-            return engine.map_rows(func, params, data_X, n_out=n_out, dtype=dtype)
-        return func(params, data_X)
-
-    def class_posterior(self, X: Any):
-        """Class probabilities and log density of each sample, missing values allowed.
-
-        Rows with some non-finite attributes use the exact marginal Gaussian over their
-        observed attributes; rows with none observed give NaN.
-
-        Returns
-        -------
-        proba : array of shape (n_samples, n_classes_)
-        log_density : array of shape (n_samples,)
-            NumPy for NumPy input, lazy Dask arrays for Dask input.
-        """
-        self._check_fitted()
-        both = self._rows(
-            _rows_class_posterior, X, self.n_classes_ + 1, np.float64, allow_missing=True
-        )
-        return both[:, :-1], both[:, -1]
-
     def impute(self, X: Any, return_std: bool = False):
         """Fill missing attributes with their expected value given the observed ones.
 
@@ -953,42 +299,6 @@ class _BaseGaussianMixture(BaseEstimator):
         D = self.means_.shape[1]
         both = self._rows(_rows_impute, X, 2 * D, np.float64, allow_missing=True)
         return (both[:, :D], both[:, D:]) if return_std else both[:, :D]
-
-    def score_samples(self, X: Any):
-        """Log-likelihood ``log p(x)`` of each sample, shape (n_samples,)."""
-        return self._rows(_rows_score, X, None, np.float64)
-
-    def component_proba(self, X: Any):
-        """Posterior probability of each component, shape (n_samples, n_components)."""
-        self._check_fitted()
-        return self._rows(_rows_proba, X, self.means_.shape[0], np.float64)
-
-    def _mean_log_likelihood(self, X: Any, sample_weight: Any = None) -> float:
-        s = self.score_samples(X)
-        if sample_weight is None:
-            out = s.mean()
-        else:
-            w = (
-                sample_weight
-                if isinstance(sample_weight, da.Array)
-                else np.asarray(sample_weight, dtype=np.float64)
-            )
-            out = (s * w).sum() / w.sum()
-        return float(out.compute() if hasattr(out, "compute") else out)
-
-    def _n_parameters(self) -> int:
-        K, D = self.means_.shape
-        return n_parameters(K, D, self.covariance_type)
-
-    def bic(self, X: Any) -> float:
-        """Bayesian information criterion on ``X`` (lower is better)."""
-        n = np.shape(X)[0] if not isinstance(X, da.Array) else X.shape[0]
-        return -2 * self._mean_log_likelihood(X) * n + self._n_parameters() * np.log(n)
-
-    def aic(self, X: Any) -> float:
-        """Akaike information criterion on ``X`` (lower is better)."""
-        n = np.shape(X)[0] if not isinstance(X, da.Array) else X.shape[0]
-        return -2 * self._mean_log_likelihood(X) * n + 2 * self._n_parameters()
 
     def sample(self, n_samples: int = 1) -> tuple[np.ndarray, np.ndarray]:
         """Draw samples from the fitted mixture.

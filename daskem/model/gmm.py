@@ -1371,6 +1371,51 @@ class GMMModel:
     def objective(self, stats: GMMStats) -> float:
         return stats.loglik / stats.weight if stats.weight > 0 else -np.inf
 
+    # ---- rows (daskem.model.base.EMModel) ----------------------------------------
+
+    def weighted_log_prob(self, params: GMMParams, X: np.ndarray) -> np.ndarray:
+        return observed_weighted_log_prob(X, params)
+
+    def log_density(
+        self, params: GMMParams, X: np.ndarray, labels: np.ndarray | None = None
+    ) -> np.ndarray:
+        wlp = observed_weighted_log_prob(X, params)
+        return _normalise(wlp, _allowed_components(labels, params))[0]
+
+    def class_posterior(
+        self, params: GMMParams, X: np.ndarray, n_classes: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        return class_posterior(params, X, n_classes)
+
+    def params_to_dict(self, params: GMMParams) -> dict:
+        def lst(a):
+            return None if a is None else np.asarray(a).tolist()
+
+        return {
+            "weights": lst(params.weights),
+            "means": lst(params.means),
+            "precisions_cholesky": lst(params.precisions_cholesky),
+            "covariances": lst(params.covariances),
+            "component_class": lst(params.component_class),
+        }
+
+    def params_from_dict(self, d: dict) -> GMMParams:
+        def arr(v, dtype=np.float64):
+            return None if v is None else np.asarray(v, dtype=dtype)
+
+        return GMMParams(
+            arr(d["weights"]),
+            arr(d["means"]),
+            arr(d["precisions_cholesky"]),
+            self.covariance_type,
+            arr(d["covariances"]),
+            arr(d["component_class"], np.int64),
+        )
+
+    def n_parameters(self, params: GMMParams) -> int:
+        K, D = np.shape(params.means)
+        return n_parameters(K, D, self.covariance_type)
+
     def to_vector(self, params: GMMParams) -> np.ndarray:
         """Weights, means and covariances as one flat vector (for SQUAREM)."""
         cov = params.covariances
