@@ -244,6 +244,39 @@ class _BaseGaussianMixture(EMEstimator):
     def _n_components_fitted(self) -> int:
         return int(self.means_.shape[0])
 
+    def _fitted_to_dict(self) -> dict[str, Any]:
+        """The fitted mixture parameters for a model file."""
+        return {
+            "covariance_type": self.covariance_type,
+            "weights": self.weights_.tolist(),
+            "means": self.means_.tolist(),
+            "covariances": self.covariances_.tolist(),
+            "precisions_cholesky": self.precisions_cholesky_.tolist(),
+        }
+
+    def _fitted_from_dict(self, fitted: dict[str, Any], K: int, D: int) -> None:
+        """Set the fitted mixture parameters from a model file, checking their shapes."""
+        ct = fitted["covariance_type"]
+        if ct != self.covariance_type:
+            raise ValueError(f"covariance_type {ct!r} does not match the parameters")
+        arrays = {
+            "weights_": (fitted["weights"], (K,)),
+            "means_": (fitted["means"], (K, D)),
+            "covariances_": (fitted["covariances"], covariance_shape(ct, K, D)),
+            "precisions_cholesky_": (fitted["precisions_cholesky"], covariance_shape(ct, K, D)),
+        }
+        for name, (value, shape) in arrays.items():
+            arr = np.asarray(value, dtype=np.float64)
+            if arr.shape != shape:
+                raise ValueError(
+                    f"fitted {name.rstrip('_')} has shape {arr.shape}, expected {shape} for "
+                    f"{K} components and {D} features"
+                )
+            if not np.all(np.isfinite(arr)):
+                raise ValueError(f"fitted {name.rstrip('_')} contains non-finite values")
+            setattr(self, name, arr)
+        self.precisions_ = precisions_from_cholesky(self.precisions_cholesky_, ct)
+
     def _set_params(self, params: GMMParams) -> None:
         ct = self.covariance_type
         self.weights_ = np.asarray(params.weights, dtype=np.float64)

@@ -2,8 +2,11 @@
 
 A model file holds everything needed to predict with a fitted estimator (one of
 :data:`ESTIMATORS`, which estimator modules fill with :func:`register_estimator`):
-constructor parameters, fitted parameters, feature (variable) names, class names,
-convergence history and provenance. This module imports no estimator.
+the model kind, constructor parameters, fitted parameters, feature (variable) names,
+class names, convergence history and provenance. The fields every EM estimator has are
+written here; the model's own fitted parameters come from the estimator
+(``_fitted_to_dict`` / ``_fitted_from_dict``), so a new model needs no change here.
+This module imports no estimator.
 Floats are written with ``repr`` precision, so a save/load round trip is exact.
 
 Every write is atomic: the file is written beside the target under a temporary
@@ -24,7 +27,6 @@ import numpy as np
 from sklearn.base import BaseEstimator, is_classifier
 
 from ._version import __version__
-from .model.gaussian import covariance_shape, precisions_from_cholesky
 
 #: The estimators a model file can hold, by the name written in its ``estimator`` field;
 #: each estimator module registers its classes (:func:`register_estimator`), so this
@@ -53,14 +55,11 @@ __all__ = [
 ]
 
 SCHEMA = "daskem.model"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: schema versions :func:`load_model` reads (1: daskem 0.x, Gaussian mixtures only)
+READABLE_VERSIONS = (1, 2)
 CHECKPOINT_SCHEMA = "daskem.checkpoint"
-_FITTED = (
-    "weights_",
-    "means_",
-    "covariances_",
-    "precisions_cholesky_",
-)
+CHECKPOINT_VERSION = 1
 
 
 class ModelFileError(ValueError):
@@ -115,114 +114,108 @@ def model_to_dict(
     class_names: list[str] | None = None,
     provenance: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The JSON document of a fitted model."""
+    """The JSON document of a fitted model (schema version 2).
+
+    Fields: ``model`` (the model kind, e.g. ``"gmm"``), ``estimator`` (its class),
+    ``parameters`` (constructor arguments), ``features``, ``classes`` (names),
+    ``fitted`` (what every EM estimator has -- convergence, history, counts, class
+    layout -- and the model's own parameters from ``gm._fitted_to_dict()``) and
+    ``provenance``.
+    """
     gm._check_fitted()
     features = feature_names or getattr(gm, "feature_names_in_", None)
     classes = class_names or getattr(gm, "class_names_", None)
     D = int(gm.n_features_in_)
-    n_classes = int(getattr(gm, "n_classes_", gm.means_.shape[0]))
+    n_classes = int(gm.n_classes_)
     prov = {
         "daskem_version": __version__,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
     prov.update(provenance or {})
+    fitted = {
+        **gm._fitted_to_dict(),
+        "component_classes": np.asarray(gm.component_classes_).tolist(),
+        "converged": bool(gm.converged_),
+        "n_iter": int(gm.n_iter_),
+        "lower_bound": float(gm.lower_bound_),
+        "lower_bounds": np.asarray(gm.lower_bounds_).tolist(),
+        "reseeds": _jsonable(list(getattr(gm, "reseeds_", []))),
+        "n_excluded": int(getattr(gm, "n_excluded_", 0)),
+        "n_partial": int(getattr(gm, "n_partial_", 0)),
+        "n_empty": int(getattr(gm, "n_empty_", 0)),
+        "classes": _jsonable(gm.classes_) if hasattr(gm, "classes_") else None,
+    }
     return {
         "schema": SCHEMA,
         "schema_version": SCHEMA_VERSION,
+        "model": gm.kind,
         "estimator": type(gm).__name__,
         "parameters": params_to_dict(gm),
         "features": list(features) if features is not None else [f"x{i}" for i in range(D)],
         "classes": list(classes)
         if classes is not None
         else [f"class_{i}" for i in range(n_classes)],
-        "fitted": {
-            "covariance_type": gm.covariance_type,
-            "weights": gm.weights_.tolist(),
-            "means": gm.means_.tolist(),
-            "covariances": gm.covariances_.tolist(),
-            "precisions_cholesky": gm.precisions_cholesky_.tolist(),
-            "component_classes": np.asarray(
-                getattr(gm, "component_classes_", np.arange(gm.means_.shape[0]))
-            ).tolist(),
-            "converged": bool(gm.converged_),
-            "n_iter": int(gm.n_iter_),
-            "lower_bound": float(gm.lower_bound_),
-            "lower_bounds": np.asarray(gm.lower_bounds_).tolist(),
-            "reseeds": _jsonable(list(getattr(gm, "reseeds_", []))),
-            "n_excluded": int(getattr(gm, "n_excluded_", 0)),
-            "classes": _jsonable(gm.classes_) if hasattr(gm, "classes_") else None,
-        },
+        "fitted": _jsonable(fitted),
         "provenance": _jsonable(prov),
     }
 
 
 def model_from_dict(doc: Any, source: str = "model") -> BaseEstimator:
-    """A fitted estimator (:data:`ESTIMATORS`) from a JSON document, validated."""
+    """A fitted estimator (:data:`ESTIMATORS`) from a JSON document, validated.
+
+    Reads schema versions 1 (daskem 0.x: Gaussian mixtures only, no ``model`` field)
+    and 2.
+    """
     if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
         raise ModelFileError(f"{source}: not a daskem model file (missing schema {SCHEMA!r})")
     version = doc.get("schema_version")
-    if version != SCHEMA_VERSION:
+    if version not in READABLE_VERSIONS:
         raise ModelFileError(
             f"{source}: schema_version {version!r} is not supported (this daskem reads "
-            f"{SCHEMA_VERSION}); re-fit or convert the model"
+            f"{', '.join(map(str, READABLE_VERSIONS))}); re-fit or convert the model"
         )
     try:
         params = dict(doc["parameters"])
-        fitted = doc["fitted"]
+        fitted = dict(doc["fitted"])
         features = [str(f) for f in doc["features"]]
         classes = [str(c) for c in doc["classes"]]
-        kind = doc.get("estimator", "GaussianMixture")
-        if kind not in ESTIMATORS:
-            raise ModelFileError(
-                f"{source}: estimator {kind!r} is not one this daskem reads "
-                f"({', '.join(ESTIMATORS)})"
-            )
-        if kind == "GaussianMixture" and "component_classes" in params:
+        name = doc.get("estimator", "GaussianMixture")
+        kind = doc.get("model", "gmm")  # version 1: Gaussian mixtures only
+        if name == "GaussianMixture" and "component_classes" in params:
             # files of daskem <= 0.x: semi-supervised fits were GaussianMixture too
             if params.pop("component_classes") is not None:
-                kind = "GaussianMixtureClassifier"
-        gm = ESTIMATORS[kind](**params)
-        ct = fitted["covariance_type"]
-        K = len(fitted["weights"])
-        D = len(features)
-        arrays = {
-            "weights_": np.asarray(fitted["weights"], dtype=np.float64),
-            "means_": np.asarray(fitted["means"], dtype=np.float64),
-            "covariances_": np.asarray(fitted["covariances"], dtype=np.float64),
-            "precisions_cholesky_": np.asarray(fitted["precisions_cholesky"], dtype=np.float64),
-        }
+                name = "GaussianMixtureClassifier"
+        if name not in ESTIMATORS or ESTIMATORS[name].kind != kind:
+            known = ", ".join(f"{c.kind}/{n}" for n, c in ESTIMATORS.items())
+            raise ModelFileError(
+                f"{source}: model {kind!r} with estimator {name!r} is not one this daskem "
+                f"reads ({known})"
+            )
+        gm = ESTIMATORS[name](**params)
         cc = np.asarray(fitted["component_classes"], dtype=np.int64)
     except (KeyError, TypeError, ValueError) as e:
+        if isinstance(e, ModelFileError):
+            raise
         raise ModelFileError(f"{source}: malformed model file ({type(e).__name__}: {e})") from e
-    if ct != gm.covariance_type:
-        raise ModelFileError(f"{source}: covariance_type {ct!r} does not match the parameters")
-    expected = {
-        "weights_": (K,),
-        "means_": (K, D),
-        "covariances_": covariance_shape(ct, K, D),
-        "precisions_cholesky_": covariance_shape(ct, K, D),
-    }
-    for name, arr in arrays.items():
-        if arr.shape != expected[name]:
-            raise ModelFileError(
-                f"{source}: fitted {name.rstrip('_')} has shape {arr.shape}, expected "
-                f"{expected[name]} for {K} components and {D} features"
-            )
-        if not np.all(np.isfinite(arr)):
-            raise ModelFileError(f"{source}: fitted {name.rstrip('_')} contains non-finite values")
-    if cc.shape != (K,) or cc.min() < 0 or len(classes) != int(cc.max()) + 1:
+    K, D = int(cc.shape[0]), len(features)
+    try:
+        gm._fitted_from_dict(fitted, K, D)
+    except KeyError as e:
+        raise ModelFileError(f"{source}: malformed model file (fitted {e} missing)") from e
+    except (TypeError, ValueError) as e:
+        raise ModelFileError(f"{source}: {e}") from e
+    if cc.ndim != 1 or cc.min() < 0 or len(classes) != int(cc.max()) + 1:
         raise ModelFileError(
             f"{source}: component_classes {cc.tolist()} do not match the {len(classes)} classes"
         )
-    for name, arr in arrays.items():
-        setattr(gm, name, arr)
-    gm.precisions_ = precisions_from_cholesky(gm.precisions_cholesky_, ct)
     gm.converged_ = bool(fitted.get("converged", False))
     gm.n_iter_ = int(fitted.get("n_iter", 0))
     gm.lower_bound_ = float(fitted.get("lower_bound", float("nan")))
     gm.lower_bounds_ = np.asarray(fitted.get("lower_bounds", []), dtype=np.float64)
     gm.reseeds_ = list(fitted.get("reseeds", []))
     gm.n_excluded_ = int(fitted.get("n_excluded", 0))
+    gm.n_partial_ = int(fitted.get("n_partial", 0))
+    gm.n_empty_ = int(fitted.get("n_empty", 0))
     gm.n_features_in_ = D
     gm.component_classes_ = cc
     gm.n_classes_ = len(classes)
@@ -262,7 +255,7 @@ def load_model(path: str | os.PathLike) -> BaseEstimator:
 
 def save_checkpoint(directory: str | os.PathLike, state: dict[str, Any]) -> Path:
     """Atomically write an EM checkpoint (``checkpoint.json`` in ``directory``)."""
-    doc = {"schema": CHECKPOINT_SCHEMA, "schema_version": SCHEMA_VERSION, **_jsonable(state)}
+    doc = {"schema": CHECKPOINT_SCHEMA, "schema_version": CHECKPOINT_VERSION, **_jsonable(state)}
     return atomic_write_text(Path(directory) / "checkpoint.json", json.dumps(doc) + "\n")
 
 
@@ -275,6 +268,6 @@ def load_checkpoint(directory: str | os.PathLike) -> dict[str, Any] | None:
         doc = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ModelFileError(f"{path}: corrupt checkpoint ({e})") from e
-    if doc.get("schema") != CHECKPOINT_SCHEMA or doc.get("schema_version") != SCHEMA_VERSION:
-        raise ModelFileError(f"{path}: not a daskem checkpoint of schema {SCHEMA_VERSION}")
+    if doc.get("schema") != CHECKPOINT_SCHEMA or doc.get("schema_version") != CHECKPOINT_VERSION:
+        raise ModelFileError(f"{path}: not a daskem checkpoint of schema {CHECKPOINT_VERSION}")
     return doc

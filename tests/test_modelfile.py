@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,7 +25,8 @@ def test_model_round_trip_is_exact(tmp_path, data, ct):
         gm, tmp_path / "m.json", feature_names=["a", "b", "c"], provenance={"input": "x.zarr"}
     )
     doc = json.loads(path.read_text())
-    assert doc["schema"] == "daskem.model" and doc["schema_version"] == 1
+    assert doc["schema"] == "daskem.model" and doc["schema_version"] == 2
+    assert doc["model"] == "gmm" and doc["estimator"] == "GaussianMixture"
     assert doc["provenance"]["input"] == "x.zarr" and "daskem_version" in doc["provenance"]
     back = load_model(path)
     for a in ("weights_", "means_", "covariances_", "precisions_cholesky_", "lower_bounds_"):
@@ -124,3 +126,38 @@ def test_resume_refuses_a_checkpoint_of_another_fit(tmp_path, data):
         )
     with pytest.raises(ValueError, match="checkpoint_dir"):
         GaussianMixture(2).fit(data, resume=True)
+
+
+DATA = Path(__file__).parent / "data"
+
+
+def _v1_data():
+    rng = np.random.default_rng(0)
+    return np.concatenate(
+        [rng.normal(0, 1, (100, 3)), rng.normal(4, 1, (100, 3)), rng.normal((0, 4, 0), 1, (100, 3))]
+    )
+
+
+def test_files_of_the_previous_version_load_and_predict_the_same():
+    """``tests/data/model_v1_*.json`` were written by daskem at commit 8bdc9e0 (schema
+    version 1, before model kinds); the expected predictions are what that version
+    gave."""
+    X = _v1_data()
+    gm = load_model(DATA / "model_v1_mixture.json")
+    assert type(gm).__name__ == "GaussianMixture" and gm.kind == "gmm"
+    np.testing.assert_allclose(
+        gm.predict_proba(X[:5]),
+        [
+            [1.073789106296905e-14, 5.138882075025916e-05, 0.9999486111792388],
+            [2.3107403898188595e-16, 8.299324009308653e-06, 0.9999917006759902],
+            [4.335947672497323e-12, 0.0030987926906345543, 0.9969012073050294],
+            [6.508643499678428e-22, 1.2686115901754355e-05, 0.9999873138840987],
+            [1.8680195874282457e-28, 0.00014780325719028215, 0.9998521967428099],
+        ],
+        rtol=1e-12,
+    )
+    clf = load_model(DATA / "model_v1_classifier.json")
+    assert type(clf).__name__ == "GaussianMixtureClassifier"
+    assert clf.classes_.tolist() == [3, 5, 7]
+    assert clf.class_names_ == ["seven", "three", "five"]
+    assert clf.predict(X[::50]).tolist() == [7, 7, 3, 3, 5, 5]
