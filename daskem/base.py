@@ -162,6 +162,33 @@ class EMEstimator(BaseEstimator):
     def _fitted_params(self, component_class=None) -> Any:
         raise NotImplementedError
 
+    def _set_names(self, feature_names: Any, class_names: Any) -> None:
+        """``feature_names_in_`` and ``class_names_`` from ``fit``'s arguments, checked."""
+        if feature_names is not None:
+            names = np.asarray([str(f) for f in feature_names], dtype=object)
+            if names.shape != (self.n_features_in_,):
+                raise ValueError(
+                    f"feature_names has {len(names)} names for {self.n_features_in_} features"
+                )
+            self.feature_names_in_ = names
+        if class_names is not None:
+            names = [str(c) for c in class_names]
+            if len(names) != self.n_classes_:
+                raise ValueError(
+                    f"the model has {self.n_classes_} classes but {len(names)} class names "
+                    f"were given: {names}"
+                )
+            self.class_names_ = names
+
+    def _summary(self) -> tuple[str, list[str]]:
+        """For ``daskem inspect``: the model's main options in one line, and lines
+        describing its components."""
+        names = list(getattr(self, "class_names_", []))
+        lines = ["components (class):"]
+        for k, c in enumerate(np.asarray(self.component_classes_)):
+            lines.append(f"  {k}: {names[int(c)] if names else int(c)}")
+        return "", lines
+
     def _n_components_fitted(self) -> int:
         return len(self.component_classes_)
 

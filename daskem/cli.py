@@ -939,7 +939,7 @@ def predict(
     _check_output(out_path, "--out", overwrite)
     _check_not_input(out_path, stack)
     model = _load_model(model_path)
-    if impute and not callable(getattr(model, "impute", None)):
+    if impute and getattr(model, "_impute_rows", None) is None:
         raise BadInput(
             f"--impute: the model in {model_path} ({type(model).__name__}) cannot fill "
             "missing attributes; predict without --impute"
@@ -1315,10 +1315,13 @@ def _inspect_posterior(path: str, ds: Any) -> str:
         lines.append(
             f"  {name}: {var.dtype} ({', '.join(var.dims)})  {var.attrs.get('long_name', '')}"
         )
+    params = json.loads(a.get("model_parameters", "{}"))
+    cov = params.get("covariance_type", a.get("model_covariance_type"))
     lines.append(
-        f"model: {a.get('model_type', '?')} {a.get('model_n_components', '?')} components, "
-        f"{a.get('model_covariance_type', '?')} covariance, features "
-        f"{', '.join(json.loads(a.get('model_feature_names', '[]')))}"
+        f"model: {a.get('model_kind', 'gmm')} ({a.get('model_type', '?')}), "
+        f"{a.get('model_n_components', '?')} components"
+        + (f", {cov} covariance" if cov else "")
+        + f", features {', '.join(json.loads(a.get('model_feature_names', '[]')))}"
     )
     state = "converged" if a.get("model_converged") else "did not converge"
     lb = a.get("model_lower_bound", "?")
@@ -1339,25 +1342,20 @@ def _inspect_posterior(path: str, ds: Any) -> str:
 
 
 def _inspect_model(path: str) -> str:
-    import numpy as np
-
     gm = _load_model(path)
     names = list(gm.class_names_)
-    cc = np.asarray(gm.component_classes_)
+    options, components = gm._summary()
     lines = [
         f"model: {path}",
-        f"estimator: {type(gm).__name__}, {len(gm.weights_)} components, "
-        f"{gm.covariance_type} covariance"
-        + (f", label weight {gm.label_weight:g}" if hasattr(gm, "label_weight") else ""),
+        f"kind: {gm.kind} ({type(gm).__name__}), {len(gm.component_classes_)} components"
+        + (f", {options}" if options else ""),
         f"features ({gm.n_features_in_}): {', '.join(str(f) for f in gm.feature_names_in_)}",
         f"classes ({len(names)}): {', '.join(names)}",
         f"fit: {'converged' if gm.converged_ else 'did not converge'} after {gm.n_iter_} "
         f"iterations (tol {gm.tol:g}, max_iter {gm.max_iter}); mean log-likelihood "
         f"{gm.lower_bound_:.6f} per pixel",
-        "components (weight, class):",
+        *components,
     ]
-    for k in range(len(gm.weights_)):
-        lines.append(f"  {k}: {gm.weights_[k]:.4f}  {names[int(cc[k])]}")
     prov = dict(getattr(gm, "provenance_", {}) or {})
     if prov:
         lines.append("provenance:")

@@ -96,6 +96,8 @@ class _BaseGaussianMixture(EMEstimator):
 
     kind = "gmm"
     _fitted_marker = "means_"
+    #: row function for gap-filled maps (:func:`daskem.io.posterior` with ``impute``)
+    _impute_rows = staticmethod(_rows_impute)
 
     # ------------------------------------------------------------------ validation
 
@@ -243,6 +245,18 @@ class _BaseGaussianMixture(EMEstimator):
 
     def _n_components_fitted(self) -> int:
         return int(self.means_.shape[0])
+
+    def _summary(self) -> tuple[str, list[str]]:
+        names = list(getattr(self, "class_names_", []))
+        cc = np.asarray(self.component_classes_)
+        options = f"{self.covariance_type} covariance" + (
+            f", label weight {self.label_weight:g}" if hasattr(self, "label_weight") else ""
+        )
+        lines = ["components (weight, class):"]
+        for k in range(len(self.weights_)):
+            cls = names[int(cc[k])] if names else int(cc[k])
+            lines.append(f"  {k}: {self.weights_[k]:.4f}  {cls}")
+        return options, lines
 
     def _fitted_to_dict(self) -> dict[str, Any]:
         """The fitted mixture parameters for a model file."""
@@ -520,6 +534,8 @@ class GaussianMixture(DensityMixin, _BaseGaussianMixture):
         checkpoint_dir: Any = None,
         resume: bool = False,
         callback: Any = None,
+        feature_names: Any = None,
+        class_names: Any = None,
     ) -> GaussianMixture:
         """Estimate the parameters by EM.
 
@@ -540,12 +556,18 @@ class GaussianMixture(DensityMixin, _BaseGaussianMixture):
             result is exactly the one an uninterrupted fit would have reached.
         callback : callable, optional
             Called with a :class:`daskem.engine.IterationInfo` after every iteration.
+        feature_names : sequence of str, optional
+            Names of the features (e.g. a stack's variables), stored as
+            ``feature_names_in_`` (a DataFrame's columns are used otherwise).
+        class_names : sequence of str, optional
+            A name for each component (class), stored as ``class_names_``.
 
         Returns
         -------
         self
         """
         self._fit(X, None, sample_weight, checkpoint_dir, resume, callback)
+        self._set_names(feature_names, class_names)
         return self
 
     def fit_predict(self, X: Any, y: Any = None, sample_weight: Any = None):
@@ -796,6 +818,8 @@ class GaussianMixtureClassifier(ClassifierMixin, _BaseGaussianMixture):
         checkpoint_dir: Any = None,
         resume: bool = False,
         callback: Any = None,
+        feature_names: Any = None,
+        class_names: Any = None,
     ) -> GaussianMixtureClassifier:
         """Fit the mixture by semi-supervised EM.
 
@@ -806,8 +830,11 @@ class GaussianMixtureClassifier(ClassifierMixin, _BaseGaussianMixture):
             The class of each labelled sample (any integers or strings) and ``-1`` for
             unlabelled samples. A Dask array must hold integers.
         sample_weight : array-like of shape (n_samples,), optional
-        checkpoint_dir, resume, callback
+        checkpoint_dir, resume, callback, feature_names
             As in :meth:`GaussianMixture.fit`.
+        class_names : sequence of str, optional
+            A name for each class (in the order of ``classes_``), stored as
+            ``class_names_``.
 
         Returns
         -------
@@ -820,6 +847,7 @@ class GaussianMixtureClassifier(ClassifierMixin, _BaseGaussianMixture):
             self._fit(X, y, sample_weight, checkpoint_dir, resume, callback)
         finally:
             del self._classes_from_data
+        self._set_names(feature_names, class_names)
         return self
 
     def predict_proba(self, X: Any):

@@ -50,8 +50,7 @@ import xarray as xr
 
 from ._version import __version__
 from .estimator import GaussianMixture, GaussianMixtureClassifier
-from .model.gmm import class_posterior
-from .model.missing import impute as _impute_rows
+from .modelfile import params_to_dict
 
 __all__ = [
     "Stack",
@@ -942,12 +941,14 @@ def fit_stack(
     checkpoint_dir: str | os.PathLike[str] | None = None,
     resume: bool = False,
     callback: Any = None,
+    method: str = "gmm",
     **gm_kwargs: Any,
 ) -> GaussianMixture | GaussianMixtureClassifier:
-    """Fit a mixture on every pixel of a stack.
+    """Fit a model on every pixel of a stack.
 
-    Without labels a :class:`~daskem.GaussianMixture`; with labels a semi-supervised
-    :class:`~daskem.GaussianMixtureClassifier`. Pixels with some attributes missing
+    Without labels the model's unsupervised estimator (:class:`~daskem.GaussianMixture`
+    for ``method="gmm"``); with labels its semi-supervised classifier
+    (:class:`~daskem.GaussianMixtureClassifier`). Pixels with some attributes missing
     are fitted through their observed ones (``nan_policy="marginalize"``, EM with
     missing data); pixels with none observed are left out. Pass
     ``nan_policy="omit"`` to leave out every pixel with a missing attribute.
@@ -972,6 +973,9 @@ def fit_stack(
         :meth:`Stack.rows`.
     checkpoint_dir, resume, callback
         Passed to the estimator's ``fit``.
+    method : str, default "gmm"
+        The model kind (:func:`estimator_class`): ``"gmm"`` for the Gaussian mixtures,
+        or any other kind registered with :func:`daskem.modelfile.register_estimator`.
     **gm_kwargs
         Passed to the estimator (e.g. ``covariance_type``, ``label_weight``).
 
@@ -1001,11 +1005,11 @@ def fit_stack(
                 f"n_components={n_components} is smaller than the number of classes ({C}: "
                 f"{names}); every class needs at least one component"
             )
-        gm = GaussianMixtureClassifier(
-            n_components,
-            components_per_class=_components_per_class_ids(components_per_class, names),
-            **gm_kwargs,
-        )
+        if components_per_class is not None:
+            gm_kwargs["components_per_class"] = _components_per_class_ids(
+                components_per_class, names
+            )
+        gm = estimator_class(method, semi_supervised=True)(n_components, **gm_kwargs)
     else:
         if components_per_class is not None:
             raise ValueError("components_per_class needs labels (a semi-supervised fit)")
@@ -1013,7 +1017,11 @@ def fit_stack(
             raise ValueError("n_components is required for an unsupervised fit")
         if class_names is not None:
             names = _names_from_mapping(class_names)
-        gm = GaussianMixture(n_components, **gm_kwargs)
+            if len(names) != n_components:
+                raise ValueError(
+                    f"the model has {n_components} classes but {len(names)} class names were given"
+                )
+        gm = estimator_class(method, semi_supervised=False)(n_components, **gm_kwargs)
     if sample_weight is not None:
         sample_weight = _weights_as_rows(stack, sample_weight)
     fit_kwargs = {
@@ -1021,19 +1029,13 @@ def fit_stack(
         for k, v in (("checkpoint_dir", checkpoint_dir), ("resume", resume), ("callback", callback))
         if v is not None and v is not False
     }
+    fit_kwargs["feature_names"] = list(stack.variables)
     if y is None:
-        gm.fit(X, sample_weight=sample_weight, **fit_kwargs)
+        if names is None:
+            names = [f"class_{c}" for c in range(n_components)]
+        gm.fit(X, sample_weight=sample_weight, class_names=names, **fit_kwargs)
     else:
-        gm.fit(X, y, sample_weight, **fit_kwargs)
-    n_classes = int(gm.n_classes_)
-    if names is None:
-        names = [f"class_{c}" for c in range(n_classes)]
-    elif len(names) != n_classes:
-        raise ValueError(
-            f"the model has {n_classes} classes but {len(names)} class names were given"
-        )
-    gm.feature_names_in_ = np.asarray(stack.variables, dtype=object)
-    gm.class_names_ = list(names)
+        gm.fit(X, y, sample_weight, class_names=names, **fit_kwargs)
     # from the statistics of the last pass: no pass of its own
     partial = gm.n_partial_ if gm.nan_policy == "marginalize" else gm.n_excluded_ - gm.n_empty_
     gm.excluded_counts_ = {
@@ -1043,6 +1045,25 @@ def fit_stack(
     }
     gm.input_path_ = stack.path
     return gm
+
+
+def estimator_class(method: str = "gmm", *, semi_supervised: bool = False) -> type:
+    """The estimator of model kind ``method`` (as model files and ``--method`` name it):
+    its semi-supervised classifier, or its unsupervised estimator."""
+    from sklearn.base import ClassifierMixin
+
+    from .modelfile import ESTIMATORS
+
+    found = [
+        cls
+        for cls in ESTIMATORS.values()
+        if cls.kind == method and issubclass(cls, ClassifierMixin) == semi_supervised
+    ]
+    if not found:
+        kinds = sorted({cls.kind for cls in ESTIMATORS.values()})
+        what = "semi-supervised" if semi_supervised else "unsupervised"
+        raise ValueError(f"method {method!r} has no {what} estimator; methods: {kinds}")
+    return found[0]
 
 
 def _components_per_class_ids(
@@ -1091,29 +1112,33 @@ def _entropy(p: np.ndarray, axis: int) -> np.ndarray:
         return -(p * np.log(np.where(p > 0, p, 1.0))).sum(axis=axis)
 
 
-def _posterior_block(block, *labels, params, n_classes, rows, impute=False):
+def _posterior_block(block, *labels, state, n_classes, rows, impute=None):
     """(D, *b) attributes (+ (*b) labels) -> (C + 2 [+ 2 D], *b) float64.
 
     Planes ``0..C-1`` are class probabilities, ``C`` the entropy, ``C + 1`` the log
-    density; with ``impute`` then the D attributes with gaps filled and the D conditional
-    standard deviations (NaN where the value was observed). Labelled pixels with any
-    observed attribute are clamped to their class.
+    density; with ``impute`` (a row function ``(state, X) -> (n, 2 D)``) then the D
+    attributes with gaps filled and the D conditional standard deviations (NaN where the
+    value was observed). ``state`` is ``(model, params)``: the model's
+    ``class_posterior`` gives the planes. Labelled pixels with any observed attribute are
+    clamped to their class.
     """
+    model, params = state
     D = block.shape[0]
     spatial = block.shape[1:]
     n = math.prod(spatial)
     X = block.reshape(D, n)
     C = n_classes
-    out = np.empty((C + 2 + (2 * D if impute else 0), n))
+    out = np.empty((C + 2 + (2 * D if impute is not None else 0), n))
     for s in range(0, n, rows):
         e = min(n, s + rows)
         xb = X[:, s:e].T
-        proba, logd = class_posterior(params, xb, C)
+        proba, logd = model.class_posterior(params, xb, C)
         out[:C, s:e] = proba.T
         out[C, s:e] = _entropy(proba, axis=1)
         out[C + 1, s:e] = logd
-        if impute:
-            filled, std = _impute_rows(xb, params, return_std=True)
+        if impute is not None:
+            both = impute(state, xb)
+            filled, std = both[:, :D], both[:, D:]
             std[std == 0.0] = np.nan  # observed
             out[C + 2 : C + 2 + D, s:e] = filled.T
             out[C + 2 + D :, s:e] = std.T
@@ -1213,10 +1238,11 @@ def posterior(
           NaN where the value was observed (or nothing is).
     """
     model._check_fitted()
-    if impute and not callable(getattr(model, "impute", None)):
+    impute_rows = getattr(model, "_impute_rows", None)
+    if impute and impute_rows is None:
         raise ValueError(
-            f"a {type(model).__name__} cannot fill missing attributes (it has no impute "
-            "method): posterior maps without impute only"
+            f"a {type(model).__name__} cannot fill missing attributes (its model has no "
+            "gap filling): posterior maps without impute only"
         )
     feature_names = getattr(model, "feature_names_in_", None)
     if (
@@ -1235,8 +1261,8 @@ def posterior(
             f"the model was fitted on {model.n_features_in_} features but the stack has "
             f"{stack.n_features}"
         )
-    params = model._fitted_params()
-    C = int(getattr(model, "n_classes_", model.means_.shape[0]))
+    state = (model._model(), model._fitted_params())
+    C = int(model.n_classes_)
     names = getattr(model, "class_names_", None)
     if names is None:
         names = (
@@ -1276,10 +1302,10 @@ def posterior(
         chunks=((C + 2 + (2 * D if impute else 0),), *stack.chunks),
         dtype=np.float64,
         meta=np.empty((0,) * data.ndim, np.float64),
-        params=params,
+        state=state,
         n_classes=C,
-        rows=max(256, _POSTERIOR_VALUES // max(stack.n_features, params.n_components)),
-        impute=impute,
+        rows=max(256, _POSTERIOR_VALUES // max(stack.n_features, len(model.component_classes_))),
+        impute=impute_rows if impute else None,
         name=f"daskem-posterior-{uuid.uuid4().hex[:12]}",
     )
     spatial = stack.chunks
@@ -1384,21 +1410,21 @@ def _finite_or_str(x: float) -> float | str:
     return float(x) if math.isfinite(x) else str(x)
 
 
-def _model_attrs(model: GaussianMixture, names: list[str], stack: Stack) -> dict[str, Any]:
+def _model_attrs(model: Any, names: list[str], stack: Stack) -> dict[str, Any]:
+    """Provenance attributes: the model kind, options and fitted parameters, as JSON
+    strings where they are structured (``model_fitted`` holds the model's own fitted
+    parameters, e.g. ``weights``/``means``/``covariances`` of a Gaussian mixture)."""
     attrs: dict[str, Any] = {
         "daskem_version": __version__,
         "daskem_date_created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "model_kind": model.kind,
         "model_type": type(model).__name__,
-        "model_covariance_type": model.covariance_type,
-        "model_n_components": int(model.means_.shape[0]),
+        "model_parameters": json.dumps(params_to_dict(model)),
+        "model_n_components": int(len(model.component_classes_)),
         "model_feature_names": json.dumps(list(stack.variables)),
         "model_class_names": json.dumps(names),
-        "model_component_classes": json.dumps(
-            _jsonable(getattr(model, "component_classes_", np.arange(model.means_.shape[0])))
-        ),
-        "model_weights": json.dumps(_jsonable(model.weights_)),
-        "model_means": json.dumps(_jsonable(model.means_)),
-        "model_covariances": json.dumps(_jsonable(model.covariances_)),
+        "model_component_classes": json.dumps(_jsonable(model.component_classes_)),
+        "model_fitted": json.dumps(model._fitted_to_dict()),
         "model_n_iter": int(getattr(model, "n_iter_", 0)),
         "model_converged": int(bool(getattr(model, "converged_", False))),
         "model_lower_bound": _finite_or_str(float(getattr(model, "lower_bound_", np.nan))),

@@ -196,7 +196,8 @@ def test_posterior_dataset_with_crs_round_trips(tmp_path, ds, stack, semi):
     assert post.label.attrs["flag_meanings"] == "water forest urban"
     np.testing.assert_array_equal(post.label.attrs["flag_values"], [0, 1, 2])
     assert post.spatial_ref.attrs["spatial_ref"] == "EPSG:32633"
-    assert np.asarray(json.loads(post.attrs["model_means"])).shape == (K, 4)
+    assert post.attrs["model_kind"] == "gmm"
+    assert np.asarray(json.loads(post.attrs["model_fitted"])["means"]).shape == (K, 4)
     assert json.loads(post.attrs["model_feature_names"]) == list(stack.variables)
     assert post.attrs["model_converged"] in (0, 1)
     path = write_posterior(post, tmp_path / "post.zarr", zarr_format=2)

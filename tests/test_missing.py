@@ -241,8 +241,8 @@ def test_posterior_impute_refuses_name_clashes_and_models_that_cannot_impute(clo
     finally:
         gm.feature_names_in_ = saved
 
-    class NoImpute(GaussianMixture):
-        impute = None
+    class NoImpute(GaussianMixture):  # a model kind without gap filling
+        _impute_rows = None
 
     plain = NoImpute(4)
     plain.__dict__.update({k: v for k, v in gm.__dict__.items() if k.endswith("_")})
