@@ -93,22 +93,23 @@ def _rows_class_posterior(state, X: np.ndarray) -> np.ndarray:
     return np.concatenate([proba, logd[:, None]], axis=1)
 
 
-def _n_excluded(result: engine.EMResult) -> int:
+def _count(result: engine.EMResult, name: str) -> int:
+    """A row count of the statistics of the last pass (0 if the model keeps none)."""
     if result.stats is not None:
-        return int(result.stats.n_excluded)
-    return int(getattr(result, "n_excluded", 0))
+        return int(getattr(result.stats, name, 0))
+    return int(getattr(result, name, 0))
+
+
+def _n_excluded(result: engine.EMResult) -> int:
+    return _count(result, "n_excluded")
 
 
 def _n_partial(result: engine.EMResult) -> int:
-    if result.stats is not None:
-        return int(result.stats.n_partial)
-    return int(getattr(result, "n_partial", 0))
+    return _count(result, "n_partial")
 
 
 def _n_empty(result: engine.EMResult) -> int:
-    if result.stats is not None:
-        return int(result.stats.n_empty)
-    return int(getattr(result, "n_empty", 0))
+    return _count(result, "n_empty")
 
 
 def _fill_by_class(X: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -136,6 +137,13 @@ NAN_POLICIES = ("raise", "omit", "marginalize")
 PREFIT_MIN_ROWS = 5_000  # smallest coarse stage of the prefit
 
 
+def _store_params(estimator: Any, params: dict[str, Any]) -> None:
+    """Store ``__init__``'s arguments unchanged, as scikit-learn's contract asks."""
+    for name, value in params.items():
+        if name not in ("self", "__class__"):
+            setattr(estimator, name, value)
+
+
 class EMEstimator(BaseEstimator):
     """Fitting and prediction machinery shared by every model (see the module docstring)."""
 
@@ -143,6 +151,9 @@ class EMEstimator(BaseEstimator):
     kind: str = ""
     #: a fitted attribute: present once fitted (or loaded)
     _fitted_marker = "lower_bound_"
+    #: the ``nan_policy`` values the model supports ("marginalize" needs EM with missing
+    #: data in its kernel)
+    nan_policies: tuple[str, ...] = ("raise", "omit")
     # the layout of the fit in progress (set by ``_fit``): number of components and the
     # class of each (None: unsupervised, ``n_components`` components)
     _n_comp: int | None = None
@@ -211,8 +222,11 @@ class EMEstimator(BaseEstimator):
             raise ValueError(f"cache must be True, False or 'auto', got {self.cache!r}")
         if self.prefit not in ("auto", True, False):
             raise ValueError(f"prefit must be True, False or 'auto', got {self.prefit!r}")
-        if self.nan_policy not in NAN_POLICIES:
-            raise ValueError(f"nan_policy must be one of {NAN_POLICIES}, got {self.nan_policy!r}")
+        if self.nan_policy not in self.nan_policies:
+            raise ValueError(
+                f"nan_policy must be one of {self.nan_policies} for a {type(self).__name__}, "
+                f"got {self.nan_policy!r}"
+            )
         sa = self.select_after
         if not (sa is None or sa == "auto" or (isinstance(sa, numbers.Integral) and sa >= 1)):
             raise ValueError(f"select_after must be an integer >= 1, None or 'auto', got {sa!r}")
@@ -785,6 +799,10 @@ class EMEstimator(BaseEstimator):
 
     def _n_parameters(self) -> int:
         return int(self._model().n_parameters(self._fitted_params()))
+
+    def score(self, X: Any, y: Any = None, sample_weight: Any = None) -> float:
+        """Mean (weighted) log-likelihood per sample of ``X``; ``y`` is ignored."""
+        return self._mean_log_likelihood(X, sample_weight)
 
     def bic(self, X: Any) -> float:
         """Bayesian information criterion on ``X`` (lower is better)."""

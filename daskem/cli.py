@@ -235,18 +235,74 @@ def _cluster_options(f: Callable) -> Callable:
     return f
 
 
+class _Opt(click.Option):
+    """An option that belongs to a section of ``--help`` (e.g. one model's options)."""
+
+    def __init__(self, *args: Any, group: str = "", **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.group = group
+
+
+class _Command(click.Command):
+    """``--help`` lists options by section: data, the fit of any method, each method's
+    own options, where it runs, output."""
+
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        sections: dict[str, list] = {g: [] for g in (_DATA, _ANY, _GMM)}
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx) if isinstance(param, click.Option) else None
+            if record is not None:
+                group = getattr(param, "group", "") or "Output, cluster and other options"
+                sections.setdefault(group, []).append(record)
+        for group, records in sections.items():
+            if records:
+                with formatter.section(group):
+                    formatter.write_dl(records)
+
+
+_DATA = "Data and labels"
+_ANY = "Fit (any --method)"
+_GMM = "Options of --method gmm (Gaussian mixtures)"
+#: the options that belong to the Gaussian mixtures, by parameter name
+_GMM_OPTIONS = ("components_per_class", "label_weight", "covariance", "precision")
+
+
 def _fit_options(f: Callable) -> Callable:
     opts = [
+        click.option(
+            "--method",
+            default="gmm",
+            show_default=True,
+            metavar="KIND",
+            cls=_Opt,
+            group=_ANY,
+            help="The model: 'gmm' (Gaussian mixtures), or a kind a plugin registers "
+            "(entry point group 'daskem.models').",
+        ),
+        click.option(
+            "--param",
+            "params",
+            multiple=True,
+            metavar="NAME=VALUE",
+            cls=_Opt,
+            group=_ANY,
+            help="A constructor parameter of the method's estimator (repeatable; VALUE is "
+            "read as JSON when it parses, else as a string), for options without a flag.",
+        ),
         click.option(
             "--vars",
             "variables",
             metavar="A,B,C",
+            cls=_Opt,
+            group=_DATA,
             help="Attribute variables to use, comma-separated (default: every "
             "floating-point variable of the stack).",
         ),
         click.option(
             "--labels",
             metavar="VAR|FILE",
+            cls=_Opt,
+            group=_DATA,
             help="Training labels: a label-map variable of the stack (-1 = unlabelled), or "
             "a CSV file with one column per spatial dim and 'class'. Makes the fit "
             "semi-supervised.",
@@ -257,6 +313,8 @@ def _fit_options(f: Callable) -> Callable:
             "n_components",
             type=click.IntRange(min=1),
             metavar="K",
+            cls=_Opt,
+            group=_ANY,
             help="Number of mixture components. Required without --labels; with --labels "
             "at least the number of classes (default: one per class, or what "
             "--components-per-class asks for).",
@@ -265,6 +323,8 @@ def _fit_options(f: Callable) -> Callable:
             "--components-per-class",
             "components_per_class",
             metavar="N|CLASS=N,...",
+            cls=_Opt,
+            group=_GMM,
             help="With --labels: components of every class (N), or of named classes "
             "(e.g. urban=3,forest=2; others get 1). For classes made of several kinds of "
             "pixels.",
@@ -274,6 +334,8 @@ def _fit_options(f: Callable) -> Callable:
             type=click.FloatRange(min=0, min_open=True),
             default=1.0,
             show_default=True,
+            cls=_Opt,
+            group=_GMM,
             help="With --labels: how many unlabelled pixels a labelled pixel counts for in "
             "the fit (> 0).",
         ),
@@ -282,22 +344,27 @@ def _fit_options(f: Callable) -> Callable:
             type=click.Choice(COVARIANCE_TYPES),
             default="full",
             show_default=True,
+            cls=_Opt,
+            group=_GMM,
             help="Covariance type of the components.",
         ),
         click.option(
             "--nan-policy",
             type=click.Choice(("marginalize", "omit")),
-            default="marginalize",
-            show_default=True,
+            default=None,
+            cls=_Opt,
+            group=_ANY,
             help="Pixels with some attributes missing: fit them through their observed "
-            "attributes (EM with missing data), or leave them out. Pixels with none "
-            "observed are always left out.",
+            "attributes (EM with missing data; the default where the method can), or leave "
+            "them out. Pixels with none observed are always left out.",
         ),
         click.option(
             "--tol",
             type=click.FloatRange(min=0),
             default=1e-3,
             show_default=True,
+            cls=_Opt,
+            group=_ANY,
             help="Stop when the mean log-likelihood per pixel changes by less than this.",
         ),
         click.option(
@@ -305,6 +372,8 @@ def _fit_options(f: Callable) -> Callable:
             type=click.IntRange(min=0),
             default=100,
             show_default=True,
+            cls=_Opt,
+            group=_ANY,
             help="EM iterations at most.",
         ),
         click.option(
@@ -312,14 +381,26 @@ def _fit_options(f: Callable) -> Callable:
             type=click.IntRange(min=1),
             default=1,
             show_default=True,
+            cls=_Opt,
+            group=_ANY,
             help="Initialisations to try.",
         ),
-        click.option("--seed", type=int, default=0, show_default=True, help="Random seed."),
+        click.option(
+            "--seed",
+            type=int,
+            default=0,
+            show_default=True,
+            cls=_Opt,
+            group=_ANY,
+            help="Random seed.",
+        ),
         click.option(
             "--precision",
             type=click.Choice(PRECISIONS),
             default="auto",
             show_default=True,
+            cls=_Opt,
+            group=_GMM,
             help="E-step arithmetic for float32 stacks: 'auto' matches a float64 fit to "
             "~1e-9; 'single' is a plain float32 kernel, up to ~1.7x faster, parameters within "
             "~1e-4.",
@@ -327,11 +408,15 @@ def _fit_options(f: Callable) -> Callable:
         click.option(
             "--checkpoint",
             type=click.Path(file_okay=False),
+            cls=_Opt,
+            group=_ANY,
             help="Save the EM state to DIR after every iteration (atomically).",
         ),
         click.option(
             "--resume",
             is_flag=True,
+            cls=_Opt,
+            group=_ANY,
             help="Continue from the checkpoint in --checkpoint DIR (same data and options); "
             "the result equals an uninterrupted fit.",
         ),
@@ -515,8 +600,27 @@ def _check_fit_options(
     rep: Reporter, opts: dict[str, Any], overwrite: bool, labels: str | None
 ) -> None:
     """Model and checkpoint options, checked before any work."""
+    from . import io
     from .modelfile import load_checkpoint
 
+    method = opts.get("method", "gmm")
+    try:
+        io.estimator_class(method, semi_supervised=labels is not None)
+    except ValueError as e:
+        raise BadInput(f"--method {method}: {e}") from e
+    _parse_params(opts.get("params", ()))
+    if method != "gmm":
+        ctx = click.get_current_context(silent=True)
+        given = [
+            name
+            for name in _GMM_OPTIONS
+            if ctx is not None
+            and name in ctx.params
+            and ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE
+        ]
+        if given:
+            flags = ", ".join("--" + g.replace("_", "-") for g in given)
+            raise BadInput(f"{flags}: options of --method gmm, not of --method {method}")
     if labels is None and opts["n_components"] is None:
         raise BadInput("-k/--n-components is required without --labels")
     if labels is None and opts.get("components_per_class") is not None:
@@ -573,35 +677,42 @@ def _fit(rep: Reporter, stack: Any, *, labels: str | None, opts: dict[str, Any])
     from . import io
 
     how = f"semi-supervised from --labels {labels}" if labels else "unsupervised"
+    how += "" if opts.get("method", "gmm") == "gmm" else f", --method {opts['method']}"
     k, cpc = opts["n_components"], opts.get("components_per_class")
     if k is not None:
         what = f"{k} components"
     else:
         what = f"components per class: {cpc}" if cpc else "one component per class"
-    rep.progress(f"fitting {what} ({opts['covariance']} covariance), {how}")
+    if opts.get("method", "gmm") == "gmm":
+        what += f" ({opts['covariance']} covariance)"
+    rep.progress(f"fitting {what}, {how}")
     t = time.perf_counter()
-    extra: dict[str, Any] = {}
-    if labels is not None:
-        extra["components_per_class"] = _parse_components_per_class(
-            opts.get("components_per_class")
-        )
-        extra["label_weight"] = opts.get("label_weight", 1.0)
+    method = opts.get("method", "gmm")
+    extra: dict[str, Any] = {
+        "tol": opts["tol"],
+        "max_iter": opts["max_iter"],
+        "n_init": opts["n_init"],
+        "random_state": opts["seed"],
+        "nan_policy": opts.get("nan_policy"),
+    }
+    if method == "gmm":
+        extra.update(covariance_type=opts["covariance"], precision=opts["precision"])
+        if labels is not None:
+            extra["components_per_class"] = _parse_components_per_class(
+                opts.get("components_per_class")
+            )
+            extra["label_weight"] = opts.get("label_weight", 1.0)
+    extra.update(_parse_params(opts.get("params", ())))  # --param NAME=VALUE wins
     try:
         gm = io.fit_stack(
             stack,
             opts["n_components"],
             labels,
-            **extra,
-            covariance_type=opts["covariance"],
-            tol=opts["tol"],
-            max_iter=opts["max_iter"],
-            n_init=opts["n_init"],
-            random_state=opts["seed"],
-            precision=opts["precision"],
-            nan_policy=opts.get("nan_policy", "marginalize"),
+            method=method,
             checkpoint_dir=opts["checkpoint"],
             resume=opts["resume"],
             callback=rep.iteration,
+            **extra,
         )
     except (*BAD_INPUT, KeyError) as e:
         if labels is not None and _raised_in(e, "_resolve_labels"):
@@ -619,6 +730,20 @@ def _fit(rep: Reporter, stack: Any, *, labels: str | None, opts: dict[str, Any])
     )
     gm.fit_seconds_ = seconds
     return gm
+
+
+def _parse_params(items: Any) -> list[tuple[str, Any]]:
+    """``--param NAME=VALUE`` pairs, values read as JSON when they parse."""
+    out = []
+    for item in items or ():
+        name, sep, value = str(item).partition("=")
+        if not sep or not name.isidentifier():
+            raise BadInput(f"--param {item}: expected NAME=VALUE with NAME a parameter name")
+        try:
+            out.append((name, json.loads(value)))
+        except json.JSONDecodeError:
+            out.append((name, value))
+    return out
 
 
 def _parse_components_per_class(text: str | None) -> int | dict[str, int] | None:
@@ -667,6 +792,8 @@ def _save_model(rep: Reporter, gm: Any, path: Path, stack: Any, labels, opts) ->
         "variables": list(stack.variables),
         "labels": labels,
         "options": {
+            "method": opts.get("method", "gmm"),
+            "params": dict(_parse_params(opts.get("params", ()))),
             "n_components": opts["n_components"],
             "components_per_class": opts.get("components_per_class"),
             "label_weight": opts.get("label_weight", 1.0),
@@ -676,7 +803,7 @@ def _save_model(rep: Reporter, gm: Any, path: Path, stack: Any, labels, opts) ->
             "n_init": opts["n_init"],
             "seed": opts["seed"],
             "precision": opts["precision"],
-            "nan_policy": opts.get("nan_policy", "marginalize"),
+            "nan_policy": gm.nan_policy,
             "checkpoint": opts["checkpoint"],
             "resume": opts["resume"],
         },
@@ -836,7 +963,7 @@ def cli() -> None:
     """
 
 
-@cli.command()
+@cli.command(cls=_Command)
 @click.argument("stack", metavar="STACK")
 @_fit_options
 @click.option(
@@ -855,7 +982,7 @@ def cli() -> None:
 @_common_options
 @_command("fit")
 def fit(rep: Reporter, stack, model_path, overwrite, labels, variables, **kw) -> None:
-    """Fit a mixture on every pixel of STACK; write --model.
+    """Fit a model (--method; default a Gaussian mixture) on every pixel of STACK; write --model.
 
     STACK is a Zarr store of attribute maps on one grid.
     """
@@ -957,7 +1084,7 @@ def _check_not_input(out: Path, stack: str) -> None:
             raise BadInput(f"--out {out} is the input STACK; choose another path")
 
 
-@cli.command()
+@cli.command(cls=_Command)
 @click.argument("stack", metavar="STACK")
 @_fit_options
 @click.option(

@@ -25,7 +25,7 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import column_or_1d
 
 from . import engine
-from .base import NAN_POLICIES, ConvergenceWarning, EMEstimator, _check_random_state
+from .base import NAN_POLICIES, ConvergenceWarning, EMEstimator, _check_random_state, _store_params
 from .model.gaussian import covariance_shape
 from .model.gmm import (
     COVARIANCE_TYPES,
@@ -80,13 +80,6 @@ def _take_classes(idx: np.ndarray, classes: np.ndarray) -> np.ndarray:
     return classes[idx]
 
 
-def _store_params(estimator: Any, params: dict[str, Any]) -> None:
-    """Store ``__init__``'s arguments unchanged, as scikit-learn's contract asks."""
-    for name, value in params.items():
-        if name not in ("self", "__class__"):
-            setattr(estimator, name, value)
-
-
 class _BaseGaussianMixture(EMEstimator):
     """EM machinery shared by :class:`GaussianMixture` and :class:`GaussianMixtureClassifier`.
 
@@ -96,6 +89,7 @@ class _BaseGaussianMixture(EMEstimator):
 
     kind = "gmm"
     _fitted_marker = "means_"
+    nan_policies = NAN_POLICIES
     #: row function for gap-filled maps (:func:`daskem.io.posterior` with ``impute``)
     _impute_rows = staticmethod(_rows_impute)
 
@@ -570,6 +564,11 @@ class GaussianMixture(DensityMixin, _BaseGaussianMixture):
         self._set_names(feature_names, class_names)
         return self
 
+    def score(self, X: Any, y: Any = None, sample_weight: Any = None) -> float:
+        """Mean log-likelihood per sample (weighted by ``sample_weight`` if given)."""
+        # explicit: DensityMixin (first in the MRO) has a placeholder score
+        return EMEstimator.score(self, X, y, sample_weight)
+
     def fit_predict(self, X: Any, y: Any = None, sample_weight: Any = None):
         """Fit, then return the most likely component of each sample."""
         return self.fit(X, y, sample_weight).predict(X)
@@ -581,10 +580,6 @@ class GaussianMixture(DensityMixin, _BaseGaussianMixture):
     def predict(self, X: Any):
         """Most likely component of each sample, shape (n_samples,)."""
         return self._rows(_rows_predict, X, None, np.int64)
-
-    def score(self, X: Any, y: Any = None, sample_weight: Any = None) -> float:
-        """Mean log-likelihood per sample (weighted by ``sample_weight`` if given)."""
-        return self._mean_log_likelihood(X, sample_weight)
 
 
 @register_estimator

@@ -996,7 +996,9 @@ def fit_stack(
     X = stack.rows()
     y = None
     names: list[str] | None = None
-    gm_kwargs.setdefault("nan_policy", "marginalize")
+    if gm_kwargs.get("nan_policy") is None:  # fit through observed attributes if it can
+        policies = estimator_class(method, semi_supervised=labels is not None).nan_policies
+        gm_kwargs["nan_policy"] = "marginalize" if "marginalize" in policies else "omit"
     if labels is not None:
         y, names = labels_for_stack(stack, labels, class_names=class_names)
         C = len(names)
@@ -1052,8 +1054,9 @@ def estimator_class(method: str = "gmm", *, semi_supervised: bool = False) -> ty
     its semi-supervised classifier, or its unsupervised estimator."""
     from sklearn.base import ClassifierMixin
 
-    from .modelfile import ESTIMATORS
+    from .modelfile import ESTIMATORS, load_plugins
 
+    load_plugins()
     found = [
         cls
         for cls in ESTIMATORS.values()

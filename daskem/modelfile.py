@@ -35,9 +35,33 @@ ESTIMATORS: dict[str, type[BaseEstimator]] = {}
 
 
 def register_estimator(cls: type[BaseEstimator]) -> type[BaseEstimator]:
-    """Class decorator: model files may hold fitted ``cls`` instances."""
+    """Class decorator: model files may hold fitted ``cls`` instances, and
+    :func:`daskem.io.fit_stack` / ``daskem fit --method`` fit them by their ``kind``."""
     ESTIMATORS[cls.__name__] = cls
     return cls
+
+
+_PLUGINS_LOADED = False
+
+
+def load_plugins() -> None:
+    """Import the modules named by entry points of group ``daskem.models`` (once).
+
+    A package providing a model declares, e.g. in its ``pyproject.toml``::
+
+        [project.entry-points."daskem.models"]
+        poisson = "mypackage.poisson"
+
+    and that module registers its estimators with :func:`register_estimator`.
+    """
+    global _PLUGINS_LOADED
+    if _PLUGINS_LOADED:
+        return
+    _PLUGINS_LOADED = True
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group="daskem.models"):
+        ep.load()
 
 
 __all__ = [
@@ -48,6 +72,8 @@ __all__ = [
     "atomic_write_text",
     "load_checkpoint",
     "load_model",
+    "load_plugins",
+    "register_estimator",
     "model_to_dict",
     "model_from_dict",
     "save_checkpoint",
@@ -168,6 +194,7 @@ def model_from_dict(doc: Any, source: str = "model") -> BaseEstimator:
     """
     if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
         raise ModelFileError(f"{source}: not a daskem model file (missing schema {SCHEMA!r})")
+    load_plugins()
     version = doc.get("schema_version")
     if version not in READABLE_VERSIONS:
         raise ModelFileError(
