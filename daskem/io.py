@@ -586,6 +586,7 @@ def labels_for_stack(
     labels: str | os.PathLike[str] | xr.DataArray | Mapping | Sequence[Mapping],
     *,
     class_names: Sequence[str] | Mapping[int, str] | None = None,
+    nan_policy: str = "marginalize",
 ) -> tuple[da.Array, list[str]]:
     """Training labels aligned with :meth:`Stack.rows`.
 
@@ -606,6 +607,9 @@ def labels_for_stack(
     class_names : sequence of str or mapping of int to str, optional
         Class names by id. Default: from CF ``flag_values`` / ``flag_meanings``,
         else ``class_0``, ``class_1`` ... up to the largest id found.
+    nan_policy : {"marginalize", "omit", "raise"}, default "marginalize"
+        The fit's policy: a labelled pixel counts if some attribute is observed
+        (``"marginalize"``) or only if every one is.
 
     Returns
     -------
@@ -618,14 +622,15 @@ def labels_for_stack(
     ValueError
         If the label map is on a different grid, a point lies outside the grid,
         class ids are out of range, a class has no label, or a class has labels
-        only on masked (all-NaN or partly NaN) pixels.
+        only on pixels the fit cannot use (nothing observed; under ``"omit"`` or
+        ``"raise"``, any attribute missing).
 
     Notes
     -----
     Validation computes the labelled pixels once (a pass over the label map only)
     and then reads the attribute values of the chunks that hold labels.
     """
-    resolved = _resolve_labels(stack, labels, class_names)
+    resolved = _resolve_labels(stack, labels, class_names, nan_policy=nan_policy)
     return _spatial_to_rows(resolved.map), resolved.class_names
 
 
@@ -636,6 +641,7 @@ def _resolve_labels(
     *,
     n_classes: int | None = None,
     require_every_class: bool = True,
+    nan_policy: str = "marginalize",
 ) -> _Labels:
     what = "labels"
     if isinstance(labels, str) and labels in stack.dataset.data_vars:
@@ -698,18 +704,22 @@ def _resolve_labels(
         return _Labels(lab_map, list(names), counts, 0)
     # the attribute values of the labelled pixels (only chunks holding labels are read)
     Xl = np.asarray(stack.rows()[idx].compute())
-    usable = np.isfinite(Xl).all(axis=1)
+    marginalize = nan_policy == "marginalize"
+    finite = np.isfinite(Xl)
+    usable = finite.any(axis=1) if marginalize else finite.all(axis=1)
     good = np.bincount(values[usable], minlength=C)
     lost = [f"{names[c]!r} (id {c})" for c in range(C) if counts[c] > 0 and good[c] == 0]
     if lost:
+        valid = "some attribute is observed" if marginalize else "every attribute is valid"
         raise ValueError(
             f"class {', '.join(lost)} has labels only on masked (NaN) pixels in {what}; "
-            "label pixels where every attribute is valid"
+            f"label pixels where {valid}"
         )
     n_masked = int((~usable).sum())
     if n_masked:
+        why = "no attribute" if marginalize else "missing attributes (NaN)"
         warnings.warn(
-            f"{n_masked} labelled pixels have missing attributes (NaN) and are left out of the fit",
+            f"{n_masked} labelled pixels have {why} and are left out of the fit",
             UserWarning,
             stacklevel=3,
         )
@@ -1000,7 +1010,9 @@ def fit_stack(
         policies = estimator_class(method, semi_supervised=labels is not None).nan_policies
         gm_kwargs["nan_policy"] = "marginalize" if "marginalize" in policies else "omit"
     if labels is not None:
-        y, names = labels_for_stack(stack, labels, class_names=class_names)
+        y, names = labels_for_stack(
+            stack, labels, class_names=class_names, nan_policy=gm_kwargs["nan_policy"]
+        )
         C = len(names)
         if n_components is not None and n_components < C:
             raise ValueError(

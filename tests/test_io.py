@@ -424,9 +424,19 @@ def test_error_labels_only_on_masked_pixels(ds, stack):
     # a few labels on masked pixels besides valid ones: left out with a warning
     v = ds.labels.values.copy()
     v[iy[:2], ix[:2]] = 1
-    with pytest.warns(UserWarning, match="2 labelled pixels have missing attributes"):
+    with pytest.warns(UserWarning, match="2 labelled pixels have no attribute and are left"):
         y, _ = labels_for_stack(stack, _with_labels(ds, v))
     assert (y.compute() >= 0).sum() == 3 * 5 + 2
+    # a class labelled only on partly observed pixels: usable when they are marginalised
+    partial = np.isnan(values).any(axis=0) & np.isfinite(values).any(axis=0)
+    py, px = np.nonzero(partial)
+    v = ds.labels.values.copy()
+    v[v == 0] = -1
+    v[py[:3], px[:3]] = 0
+    y, _ = labels_for_stack(stack, _with_labels(ds, v))
+    assert (y.compute() == 0).sum() == 3
+    with pytest.raises(ValueError, match="label pixels where every attribute is valid"):
+        labels_for_stack(stack, _with_labels(ds, v), nan_policy="omit")
 
 
 def test_error_points_outside_the_grid(stack, ds):
