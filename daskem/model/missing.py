@@ -312,6 +312,8 @@ def partial_block_stats(
     block_rows: int = DEFAULT_BLOCK_ROWS,
     n_worst: int = 16,
     precision: str = "auto",
+    rows: np.ndarray | None = None,
+    codes: np.ndarray | None = None,
 ) -> GMMStats:
     """E-step and sufficient statistics of rows with some attributes missing.
 
@@ -328,6 +330,11 @@ def partial_block_stats(
         ``-1`` unlabelled, otherwise the row's class (responsibilities clamped).
     block_rows, precision
         As in :func:`daskem.model.gmm.block_stats`.
+    rows : ndarray of int, optional
+        Only these rows of ``X`` (default: all); ``sample_weight`` and ``labels`` are
+        then still indexed like ``X``.
+    codes : ndarray, optional
+        :func:`pattern_codes` of ``X``'s rows, if already computed.
     n_worst : int
         Worst-explained rows kept (filled with their conditional means) for re-seeding.
 
@@ -355,27 +362,40 @@ def partial_block_stats(
     w = None if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
     if w is not None and np.any(w < 0):
         raise ValueError("sample_weight must be non-negative; got negative weights")
-    obs = np.isfinite(X)
-    codes = pattern_codes(obs)
-    usable = codes != 0
+    if codes is None:
+        codes = pattern_codes(np.isfinite(X))
+    if rows is None:
+        rows = np.arange(n)
+    sub = codes[rows]
+    usable = sub != 0
     if w is not None:
-        usable &= np.isfinite(w)
+        usable &= np.isfinite(w[rows])
     f32 = X.dtype == np.float32
     if f32 and w is not None and np.any((w > 0) & (w < _F32_MIN_WEIGHT)):
         f32 = False  # as the fast kernel decides for complete rows
     single = precision == "single" and f32
     means = np.asarray(params.means, dtype=np.float64)
     lab_all = None if labels is None else np.asarray(labels)
-    idx_usable = np.flatnonzero(usable)
+    # one gather of the usable rows, sorted by pattern: each pattern's rows are a slice
+    use, use_codes = rows[usable], sub[usable]
+    order = np.argsort(use_codes, kind="stable")
+    use, use_codes = use[order], use_codes[order]
+    starts = np.flatnonzero(np.r_[True, use_codes[1:] != use_codes[:-1]]) if use.size else []
+    ends = np.r_[starts[1:], use.size] if use.size else []
+    Xs = _take_rows(X, use)
+    with np.errstate(invalid="ignore"):  # feature ranges, NaN ignored
+        lo, hi = np.fmin.reduce(Xs, axis=0), np.fmax.reduce(Xs, axis=0)
     worst: list = []  # (scores, observed rows, pattern, forms) of each pattern
-    for pattern, rows, code in observed_patterns(obs[usable], codes[usable]):
-        rows = idx_usable[rows]
-        forms = _forms(params, pattern, code)
-        xo = np.take(_take_rows(X, rows), np.flatnonzero(pattern), axis=1)
-        wp = None if w is None else w[rows]
-        lab = None if lab_all is None else lab_all[rows]
-        if rows.size < _PLAN_MIN_ROWS:
-            st = _direct_stats(xo, forms, wp, lab, n_worst)
+    for a, b in zip(starts, ends, strict=True):
+        pattern = np.isfinite(Xs[a])
+        forms = _forms(params, pattern, int(use_codes[a]))
+        xo = np.take(Xs[a:b], np.flatnonzero(pattern), axis=1)
+        group = use[a:b]
+        wp = None if w is None else w[group]
+        lab = None if lab_all is None else lab_all[group]
+        if b - a < _PLAN_MIN_ROWS:
+            cols = np.flatnonzero(pattern)
+            st = _direct_stats(xo, forms, wp, lab, n_worst, (lo[cols], hi[cols]))
         elif (plan := forms.plan(f32, single)) is None:
             st = _block_stats_reference(
                 xo, forms.marginal, wp, lab, block_rows=block_rows, n_worst=n_worst
@@ -399,12 +419,12 @@ def partial_block_stats(
             _, r = _posterior(x, params, pattern, forms, None)
             rows_out[j] = _filled(x, forms.cond, means, r, pattern)[0]
         out.worst_score, out.worst_rows = scores[keep], rows_out
-    out.n_excluded = int(n - usable.sum())
-    out.n_empty = int((codes == 0).sum())
+    out.n_excluded = int(rows.size - usable.sum())
+    out.n_empty = int((sub == 0).sum())
     return out
 
 
-def _direct_stats(xo, forms: _Forms, w, labels, n_worst: int) -> GMMStats:
+def _direct_stats(xo, forms: _Forms, w, labels, n_worst: int, ranges) -> GMMStats:
     """Statistics over the observed features of rows of one pattern, without a kernel plan.
 
     Rows are centred on a point ``c`` near them; every component's log-density is then
@@ -412,7 +432,9 @@ def _direct_stats(xo, forms: _Forms, w, labels, n_worst: int) -> GMMStats:
     (``d = x_o - c``) and every statistic one more GEMM of the responsibilities with
     ``phi``, in feature-major sub-blocks of ``_DIRECT_ROWS`` rows that stay in cache.
     Where that expanded form could lose more than 1e-9 to cancellation (components far
-    from ``c`` against their spread), the per-component residual form is used instead.
+    from ``c`` against their spread), the per-component residual form is used instead;
+    ``ranges`` (lowest, highest value of each observed feature, over these rows or more)
+    bound the rows' distance from ``c``.
     """
     params = forms.params
     K, o = forms.whiten.shape[:2]
@@ -425,8 +447,9 @@ def _direct_stats(xo, forms: _Forms, w, labels, n_worst: int) -> GMMStats:
     delta = params.means[:, forms.pattern] - c  # (K, o)
     Pd = np.einsum("kij,kj->ki", P, delta)
     quad = np.einsum("ki,ki->k", delta, Pd)
-    with np.errstate(invalid="ignore"):
-        r2 = float(np.square(np.asarray(xo, dtype=np.float64) - c).sum(axis=1).max()) if n else 0.0
+    # a bound on max |x - c|^2 from the feature ranges of the block
+    lo, hi = ranges
+    r2 = float(np.square(np.maximum(hi - c, c - lo)).sum()) if n else 0.0
     p_norm = np.sqrt(np.einsum("kij,kij->k", P, P))
     bound = (
         1e-15 * (M + 4) * (np.abs(quad) + np.linalg.norm(Pd, axis=1) * np.sqrt(r2) + p_norm * r2)
@@ -443,6 +466,9 @@ def _direct_stats(xo, forms: _Forms, w, labels, n_worst: int) -> GMMStats:
         phi_buf = np.empty((M, nb))
         phi_buf[0] = 1.0
         e_buf = np.empty((K, nb))
+        # float32 input: exponentiate in float32 (SIMD; float64 exp is scalar on AVX2),
+        # each responsibility to ~1e-7 relative, as the complete-data kernel does
+        e32_buf = np.empty((K, nb), dtype=np.float32) if xo.dtype == np.float32 else None
         for s in range(0, n, nb):
             m = min(n, s + nb) - s
             phi, e = phi_buf[:, :m], e_buf[:, :m]
@@ -458,7 +484,13 @@ def _direct_stats(xo, forms: _Forms, w, labels, n_worst: int) -> GMMStats:
             top[~np.isfinite(top)] = 0.0
             e -= top
             with np.errstate(under="ignore"):
-                np.exp(e, out=e)
+                if e32_buf is None:
+                    np.exp(e, out=e)
+                else:
+                    e32 = e32_buf[:, :m]
+                    np.copyto(e32, np.maximum(e, _LOG_RESP_FLOOR), casting="same_kind")
+                    np.exp(e32, out=e32)
+                    np.copyto(e, e32)
             total = e.sum(axis=0)
             with np.errstate(divide="ignore"):
                 log_norm[s : s + m] = np.log(total) + top
@@ -604,15 +636,15 @@ def marginal_block_stats(
 
     Complete rows go through the fast kernel; rows with some attributes missing through
     :func:`partial_block_stats`; rows with none observed are excluded and counted. A block
-    whose sum is finite has no missing value and costs one extra reduction over the block.
+    with no missing value costs one extra pass over it (its pattern codes).
     """
     X = np.asarray(X)
-    with np.errstate(invalid="ignore", over="ignore"):
-        clean = X.shape[0] == 0 or bool(np.isfinite(np.sum(X)))
-    if clean:
+    if X.shape[0] == 0:
         return block_stats(X, params, sample_weight, labels, **kwargs)
-    codes = pattern_codes(np.isfinite(X))
+    codes = pattern_codes(np.isfinite(X))  # about the cost of one sum over the block
     complete = codes == pattern_code(np.ones(X.shape[1], dtype=bool))
+    if complete.all():
+        return block_stats(X, params, sample_weight, labels, **kwargs)
     rows, keep = np.flatnonzero(~complete), np.flatnonzero(complete)
     w = None if sample_weight is None else np.asarray(sample_weight)
     lab = None if labels is None else np.asarray(labels)
@@ -625,13 +657,7 @@ def marginal_block_stats(
         None if lab is None else lab[keep],
         **kwargs,
     )
-    part = partial_block_stats(
-        _take_rows(X, rows),
-        params,
-        None if w is None else w[rows],
-        None if lab is None else lab[rows],
-        **kwargs,
-    )
+    part = partial_block_stats(X, params, w, lab, rows=rows, codes=codes, **kwargs)
     out = base + part
     out.n_excluded = base.n_excluded + part.n_excluded
     out.n_empty = part.n_empty
