@@ -16,6 +16,9 @@ a fixed number of iterations (``tol=0``), and is reported in pixel-iterations pe
   roofline proxy for what a NumPy kernel can reach;
 * a read-only pass over the Zarr store (read + zstd decode, two threads);
 * daskem's block kernel alone on one core at the fitted parameters (both precisions);
+* EM with missing attributes (``nan_policy="marginalize"``, threads): the same pixels
+  with 30 % of them missing 1-3 attributes (cloud-like blobs, or random patterns: see
+  :func:`with_missing`) against the complete pixels under the same policy, back to back;
 * Spark MLlib ``GaussianMixture`` (full covariance, ``local[2]``, ``--spark-n`` pixels)
   if pyspark and pyarrow are installed (``pip install ".[spark]"``; needs Java 17+).
 
