@@ -248,3 +248,21 @@ def test_posterior_impute_refuses_name_clashes_and_models_that_cannot_impute(clo
     plain.__dict__.update({k: v for k, v in gm.__dict__.items() if k.endswith("_")})
     with pytest.raises(ValueError, match="cannot fill missing attributes"):
         posterior(plain, stack, impute=True)
+
+
+def test_blocks_with_no_usable_partial_row():
+    """A block whose only incomplete rows have nothing observed (or are empty)."""
+    from daskem.model.gmm import GMMModel
+    from daskem.model.missing import MissingGMMModel
+
+    X = _blobs(400)
+    gm = GaussianMixture(3, random_state=0).fit(X)
+    params = gm._fitted_params()
+    Xe = X.copy()
+    Xe[:5] = np.nan
+    full = GMMModel(gm.covariance_type).block_stats(params, X[5:])
+    st = MissingGMMModel(gm.covariance_type).block_stats(params, Xe)
+    assert st.n_empty == st.n_excluded == 5 and st.n_partial == 0
+    np.testing.assert_allclose(st.mean, full.mean, rtol=1e-12)
+    empty = MissingGMMModel(gm.covariance_type).block_stats(params, X[:0])
+    assert empty.count == 0

@@ -384,7 +384,8 @@ def partial_block_stats(
     ends = np.r_[starts[1:], use.size] if use.size else []
     Xs = _take_rows(X, use)
     with np.errstate(invalid="ignore"):  # feature ranges, NaN ignored
-        lo, hi = np.fmin.reduce(Xs, axis=0), np.fmax.reduce(Xs, axis=0)
+        lo = np.fmin.reduce(Xs, axis=0, initial=np.inf)
+        hi = np.fmax.reduce(Xs, axis=0, initial=-np.inf)
     worst: list = []  # (scores, observed rows, pattern, forms) of each pattern
     for a, b in zip(starts, ends, strict=True):
         pattern = np.isfinite(Xs[a])
