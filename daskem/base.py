@@ -173,6 +173,25 @@ class EMEstimator(BaseEstimator):
     def _fitted_params(self, component_class=None) -> Any:
         raise NotImplementedError
 
+    @property
+    def excluded_counts_(self) -> dict[str, int]:
+        """Rows by what was missing, from the statistics of the last pass.
+
+        ``all_missing``: nothing observed (always left out); ``partially_missing``: some
+        attribute missing (fitted through the observed ones under ``"marginalize"``,
+        left out under ``"omit"``); ``total``: rows left out of the fit.
+        """
+        partial = (
+            self.n_partial_
+            if self.nan_policy == "marginalize"
+            else (self.n_excluded_ - self.n_empty_)
+        )
+        return {
+            "all_missing": int(self.n_empty_),
+            "partially_missing": int(partial),
+            "total": int(self.n_excluded_),
+        }
+
     def _set_names(self, feature_names: Any, class_names: Any) -> None:
         """``feature_names_in_`` and ``class_names_`` from ``fit``'s arguments, checked."""
         if feature_names is not None:

@@ -992,9 +992,10 @@ def fit_stack(
     Returns
     -------
     GaussianMixture or GaussianMixtureClassifier
-        Fitted, with in addition ``feature_names_in_`` (the stack's variables),
-        ``class_names_``, ``excluded_counts_`` (``{"all_missing", "partially_missing",
-        "total"}`` pixel counts) and ``input_path_``.
+        Fitted, with ``feature_names_in_`` (the stack's variables) and ``class_names_``
+        (given to ``fit``), ``excluded_counts_`` (pixel counts ``{"all_missing",
+        "partially_missing", "total"}``, as every estimator has them) and in addition
+        ``input_path_`` (the stack's path, for provenance).
 
     Notes
     -----
@@ -1050,13 +1051,6 @@ def fit_stack(
         gm.fit(X, sample_weight=sample_weight, class_names=names, **fit_kwargs)
     else:
         gm.fit(X, y, sample_weight, class_names=names, **fit_kwargs)
-    # from the statistics of the last pass: no pass of its own
-    partial = gm.n_partial_ if gm.nan_policy == "marginalize" else gm.n_excluded_ - gm.n_empty_
-    gm.excluded_counts_ = {
-        "all_missing": int(gm.n_empty_),
-        "partially_missing": int(partial),
-        "total": int(gm.n_excluded_),
-    }
     gm.input_path_ = stack.path
     return gm
 
