@@ -201,6 +201,7 @@ class EMEstimator(BaseEstimator):
                     f"feature_names has {len(names)} names for {self.n_features_in_} features"
                 )
             self.feature_names_in_ = names
+            self._names_declared = True
         if class_names is not None:
             names = [str(c) for c in class_names]
             if len(names) != self.n_classes_:
@@ -280,6 +281,18 @@ class EMEstimator(BaseEstimator):
         """
         if not for_fit:
             self._check_fitted()
+        # names declared by fit(feature_names=...) (a stack's variables) or a model file
+        # name the attributes, not DataFrame columns: arrays without names are fine
+        hidden = None
+        if not for_fit and getattr(self, "_names_declared", False) and not hasattr(X, "columns"):
+            hidden = self.__dict__.pop("feature_names_in_", None)
+        try:
+            return self._validate_X_inner(X, for_fit=for_fit, allow_missing=allow_missing)
+        finally:
+            if hidden is not None:
+                self.feature_names_in_ = hidden
+
+    def _validate_X_inner(self, X: Any, *, for_fit: bool, allow_missing: bool) -> Any:
         is_dask = isinstance(X, da.Array)
         if is_dask:
             if X.ndim != 2:

@@ -246,8 +246,7 @@ def model_from_dict(doc: Any, source: str = "model") -> BaseEstimator:
     gm.n_features_in_ = D
     gm.component_classes_ = cc
     gm.n_classes_ = len(classes)
-    gm.feature_names_in_ = np.asarray(features, dtype=object)
-    gm.class_names_ = classes
+    gm._set_names(features, classes)
     if is_classifier(gm):
         saved = fitted.get("classes")
         gm.classes_ = np.asarray(saved if saved is not None else np.arange(len(classes)))
