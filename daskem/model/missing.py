@@ -52,6 +52,7 @@ from .gmm import (
     block_stats,
     covariances_from_precision_cholesky,
 )
+from .stats import merge_lowest
 
 __all__ = [
     "pattern_code",
@@ -375,6 +376,11 @@ def partial_block_stats(
         f32 = False  # as the fast kernel decides for complete rows
     single = precision == "single" and f32
     means = np.asarray(params.means, dtype=np.float64)
+    if ct in ("diag", "spherical"):  # features independent given k: no patterns needed
+        out = _separable_stats(X, rows[usable], params, w, labels, n_worst, D)
+        out.n_excluded = int(rows.size - usable.sum())
+        out.n_empty = int((sub == 0).sum())
+        return out
     lab_all = None if labels is None else np.asarray(labels)
     # one gather of the usable rows, sorted by pattern: each pattern's rows are a slice
     use, use_codes = rows[usable], sub[usable]
@@ -423,6 +429,114 @@ def partial_block_stats(
     out.n_excluded = int(rows.size - usable.sum())
     out.n_empty = int((sub == 0).sum())
     return out
+
+
+def _separable_stats(X, rows, params: GMMParams, w, labels, n_worst: int, D: int) -> GMMStats:
+    """Statistics of partly observed rows under diagonal or spherical covariances.
+
+    Features are independent given the component, so a row's log-density is a sum of
+    per-feature terms over its observed features, and a missing feature's conditional
+    moments are the component's own (``mu_kj``, ``mu_kj^2 + sigma_kj^2``). With the
+    observation indicators ``o``, every component's log-density of every row is one GEMM
+    of ``[o, o d, o d^2]`` (``d = x - c``, ``c`` the weighted centre of the means), and
+    every statistic one more, whatever the rows' patterns (no grouping); float64, in
+    sub-blocks of ``_DIRECT_ROWS`` rows.
+    """
+    K = params.n_components
+    means = np.asarray(params.means, dtype=np.float64)
+    var = _covariances(params)
+    var = var if params.covariance_type == "diag" else np.repeat(var.reshape(K, 1), D, axis=1)
+    prec = 1.0 / var
+    weights = np.asarray(params.weights, dtype=np.float64)
+    live = weights > 0
+    c = (weights[live, None] * means[live]).sum(axis=0) / weights[live].sum()
+    delta = means - c
+    coef = np.concatenate(
+        [
+            -0.5 * prec * delta**2 + 0.5 * np.log(prec) - 0.5 * _LOG_2PI,  # x 1[observed]
+            prec * delta,  # x d
+            -0.5 * prec,  # x d^2
+        ],
+        axis=1,
+    )  # (K, 3D)
+    logw = _log_weights(weights)[:, None]
+    n = rows.size
+    G = np.zeros((K, 3 * D))
+    S0 = np.zeros(K)
+    loglik = weight = 0.0
+    count = 0
+    worst_score, worst_rows = np.empty(0), np.empty((0, D))
+    nb = max(1, min(n, _DIRECT_ROWS))
+    phi = np.empty((3 * D, nb))
+    lab_all = None if labels is None else np.asarray(labels)
+    for s in range(0, n, nb):
+        idx = rows[s : s + nb]
+        m = idx.size
+        xb = _take_rows(X, idx)
+        ph = phi[:, :m]
+        obs, d, d2 = ph[:D], ph[D : 2 * D], ph[2 * D :]
+        np.subtract(xb.T, c[:, None], out=d)
+        fin = np.isfinite(d)
+        obs[...] = fin
+        d[~fin] = 0.0
+        np.multiply(d, d, out=d2)
+        e = coef @ ph + logw  # (K, m) log-densities
+        if lab_all is not None:
+            allowed = _allowed_components(lab_all[idx], params)
+            if allowed is not None:
+                e[~allowed.T] = -np.inf
+        top = e.max(axis=0)
+        top[~np.isfinite(top)] = 0.0
+        e -= top
+        with np.errstate(under="ignore"):
+            np.exp(e, out=e)
+        total = e.sum(axis=0)
+        with np.errstate(divide="ignore"):
+            log_norm = np.log(total) + top
+        e /= total  # responsibilities (K, m)
+        e[e < _RESP_FLOOR] = 0.0
+        wb = np.ones(m) if w is None else w[idx]
+        if w is not None:
+            r_low = e.copy()
+            e *= wb
+        else:
+            r_low = e
+        S0 += e.sum(axis=1)
+        G += e @ ph.T
+        lw = wb * log_norm
+        lw[wb == 0] = 0.0
+        loglik += float(lw.sum())
+        weight += float(wb.sum())
+        used = np.flatnonzero(wb > 0)
+        count += used.size
+        if used.size:
+            take = min(n_worst, used.size)
+            low = used[np.argpartition(log_norm[used], take - 1)[:take]]
+            expected = r_low[:, low].T @ means  # missing values: their conditional mean
+            filled = np.where(fin[:, low].T, np.asarray(xb[low], dtype=np.float64), expected)
+            worst_score, worst_rows = merge_lowest(
+                worst_score, worst_rows, log_norm[low], filled, n_worst
+            )
+    N, S1, S2 = G[:, :D], G[:, D : 2 * D], G[:, 2 * D :]
+    gone = S0[:, None] - N  # responsibility mass of the rows missing feature j
+    S1 = S1 + gone * delta
+    S2 = S2 + gone * (delta**2 + var)
+    safe = np.where(S0 > 0, S0, 1.0)[:, None]
+    off = S1 / safe
+    mean = np.where(S0[:, None] > 0, c + off, means)
+    m2 = S2 - S0[:, None] * off * off
+    return GMMStats(
+        n=S0,
+        mean=mean,
+        m2=m2,
+        loglik=loglik,
+        weight=weight,
+        count=count,
+        n_partial=count,
+        worst_score=worst_score,
+        worst_rows=worst_rows,
+        n_worst=max(n_worst, K),
+    )
 
 
 def _direct_stats(xo, forms: _Forms, w, labels, n_worst: int, ranges) -> GMMStats:
