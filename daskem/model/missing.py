@@ -469,6 +469,7 @@ def _separable_stats(X, rows, params: GMMParams, w, labels, n_worst: int, D: int
     nb = max(1, min(n, _DIRECT_ROWS))
     phi = np.empty((3 * D, nb))
     lab_all = None if labels is None else np.asarray(labels)
+    f32 = X.dtype == np.float32
     for s in range(0, n, nb):
         idx = rows[s : s + nb]
         m = idx.size
@@ -478,7 +479,7 @@ def _separable_stats(X, rows, params: GMMParams, w, labels, n_worst: int, D: int
         np.subtract(xb.T, c[:, None], out=d)
         fin = np.isfinite(d)
         obs[...] = fin
-        d[~fin] = 0.0
+        np.copyto(d, 0.0, where=~fin)
         np.multiply(d, d, out=d2)
         e = coef @ ph + logw  # (K, m) log-densities
         if lab_all is not None:
@@ -489,12 +490,17 @@ def _separable_stats(X, rows, params: GMMParams, w, labels, n_worst: int, D: int
         top[~np.isfinite(top)] = 0.0
         e -= top
         with np.errstate(under="ignore"):
-            np.exp(e, out=e)
+            if f32:  # float32 exp (SIMD), as the complete-data kernel does for float32
+                e32 = np.maximum(e, _LOG_RESP_FLOOR).astype(np.float32)
+                np.exp(e32, out=e32)
+                np.copyto(e, e32)
+            else:
+                np.exp(e, out=e)
         total = e.sum(axis=0)
         with np.errstate(divide="ignore"):
             log_norm = np.log(total) + top
         e /= total  # responsibilities (K, m)
-        e[e < _RESP_FLOOR] = 0.0
+        np.copyto(e, 0.0, where=e < _RESP_FLOOR)
         wb = np.ones(m) if w is None else w[idx]
         if w is not None:
             r_low = e.copy()
