@@ -19,9 +19,14 @@ pattern's rows,
     mean = [x̄_o, mu_m + A (x̄_o - mu_o)],
     m2   = [[M_oo, M_oo A^T], [A M_oo, A M_oo A^T + N C]],
 
-so a partly observed row costs about what a complete row costs in the reference kernel.
-The result is a :class:`~daskem.model.gmm.GMMStats` record, merged with the complete
-rows' record by ``+`` and reduced like any other.
+so a partly observed row costs about what a complete row costs (one GEMM for every
+component's log-density over the observed features, one for every statistic: the
+complete-data fast kernel for large pattern groups, :func:`_direct_stats` for small
+ones). Diagonal and spherical covariances need no grouping: features are independent
+given the component, so :func:`_separable_stats` treats all partly observed rows at once
+with the observation indicators as features. The result is a
+:class:`~daskem.model.gmm.GMMStats` record, merged with the complete rows' record by
+``+`` and reduced like any other.
 
 :func:`impute` fills missing attributes with their conditional mean mixed over the
 row's posterior, ``E[x_m | x_o] = sum_k r_k x̂_k,m``, and gives the conditional standard
