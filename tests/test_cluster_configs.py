@@ -147,3 +147,32 @@ def test_kubernetes_commands_exist_in_todays_dask():
         r = subprocess.run([exe, *sub, "--help"], capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, (argv, r.stderr[-500:])
         assert "Usage" in r.stdout
+
+
+def test_local_start_checks_python_first_and_prints_the_dashboard(tmp_path):
+    import os
+    import sys
+
+    start, stop = CLUSTER / "local" / "start.sh", CLUSTER / "local" / "stop.sh"
+    bad = subprocess.run(
+        ["bash", str(start), "1", str(tmp_path / "bad")],
+        env={**os.environ, "PYTHON": "false"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert bad.returncode == 2 and "PYTHON=false cannot import daskem" in bad.stderr
+    assert not (tmp_path / "bad").exists()
+    run = tmp_path / "run"
+    ok = subprocess.run(
+        ["bash", str(start), "1", str(run)],
+        env={**os.environ, "PYTHON": sys.executable},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    try:
+        assert ok.returncode == 0, ok.stderr
+        assert "dashboard: http://127.0.0.1:" in ok.stdout
+    finally:
+        subprocess.run(["bash", str(stop), str(run)], capture_output=True, timeout=60)

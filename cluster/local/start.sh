@@ -13,6 +13,8 @@
 #   DASKEM_HOST           interface to listen on (default 127.0.0.1)
 #   DASKEM_TLS_DIR        if set, use tls:// with ca.pem, node.pem, node-key.pem from
 #                         that directory (see cluster/tls/make-certs.sh)
+#   PYTHON                the Python that has daskem installed (default: `python`,
+#                         i.e. the active environment's); checked before anything starts
 set -euo pipefail
 
 N="${1:-2}"
@@ -21,6 +23,12 @@ HOST="${DASKEM_HOST:-127.0.0.1}"
 THREADS="${DASKEM_THREADS:-1}"
 MEMORY="${DASKEM_MEMORY_LIMIT:-auto}"
 PYTHON="${PYTHON:-python}"
+
+if ! "$PYTHON" -c "import daskem, distributed" 2>/dev/null; then
+  echo "PYTHON=$PYTHON cannot import daskem and distributed: activate the environment" \
+    "where daskem is installed, or set PYTHON=/path/to/that/python" >&2
+  exit 2
+fi
 
 mkdir -p "$DIR"
 DIR="$(cd "$DIR" && pwd)"
@@ -79,3 +87,12 @@ with Client(scheduler_file="$SF", timeout="30s", **kw) as c:
     print(f"scheduler {c.scheduler.address} with {len(c.scheduler_info()['workers'])} workers")
 PY
 echo "scheduler file: $SF"
+"$PYTHON" - <<PY
+import json
+info = json.load(open("$SF"))
+port = info.get("services", {}).get("dashboard")
+host = info["address"].split("://")[-1].rsplit(":", 1)[0]
+if port:
+    print(f"dashboard: http://{host}:{port}/status (plain HTTP: reach it through an SSH tunnel "
+          "or port-forward, not over an open network)")
+PY
