@@ -176,3 +176,66 @@ def test_local_start_checks_python_first_and_prints_the_dashboard(tmp_path):
         assert "dashboard: http://127.0.0.1:" in ok.stdout
     finally:
         subprocess.run(["bash", str(stop), str(run)], capture_output=True, timeout=60)
+
+
+@pytest.mark.parametrize("memory", ["SLURM_MEM_PER_NODE", "SLURM_MEM_PER_CPU"])
+def test_slurm_batch_script_runs_with_a_stub_srun_and_survives_a_requeue(tmp_path, memory):
+    """cluster/slurm/daskem-batch.sbatch run as SLURM would (its SLURM_* variables set,
+    --mem or --mem-per-cpu) with a stub `srun` that starts the task's command once on this
+    machine: it fits and predicts; run again (a requeue), it keeps both outputs."""
+    import os
+    import sys
+
+    from daskem.synthetic import make_stack, write_stack
+
+    stack = tmp_path / "s.zarr"
+    write_stack(make_stack((48, 48), seed=0), stack, chunks=24)
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    srun = bindir / "srun"
+    srun.write_text('#!/bin/bash\nwhile [[ "$1" == --* ]]; do shift; done\nexec "$@"\n')
+    srun.chmod(0o755)
+    env = {
+        **os.environ,
+        "PATH": f"{bindir}:{Path(sys.executable).parent}:{os.environ['PATH']}",
+        "SLURM_JOB_ID": "42",
+        "SLURM_NTASKS": "1",
+        "SLURM_NTASKS_PER_NODE": "1",
+        memory: "2000",
+        "TMPDIR": str(tmp_path),
+    }
+    out = tmp_path / "out"
+    script = CLUSTER / "slurm" / "daskem-batch.sbatch"
+    args = ["bash", str(script), str(stack), "4", "labels", str(out)]
+    first = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+    model = (out / "model.json").read_text()
+    assert (out / "posterior.zarr").is_dir()
+    again = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert (out / "model.json").read_text() == model  # a requeue keeps the finished fit
+
+
+@pytest.mark.parametrize(
+    "flag, expected", [([], {}), (["--no-host-key-check"], {"known_hosts": None})]
+)
+def test_ssh_example_checks_host_keys_unless_told_not_to(monkeypatch, flag, expected):
+    import sys
+
+    import distributed
+
+    seen = {}
+
+    class Captured(Exception):
+        pass
+
+    def fake_cluster(hosts, **kwargs):
+        seen.update(kwargs)
+        raise Captured
+
+    monkeypatch.setattr(distributed, "SSHCluster", fake_cluster)
+    mod = _load(CLUSTER / "ssh" / "ssh_cluster.py")
+    monkeypatch.setattr(sys, "argv", ["ssh_cluster.py", "h1", "--scheduler-file", "s.json", *flag])
+    with pytest.raises(Captured):
+        mod.main()
+    assert seen["connect_options"] == expected

@@ -24,13 +24,20 @@ def main() -> None:
     p.add_argument("--procs-per-host", type=int, default=4)
     p.add_argument("--memory-limit", default="auto")
     p.add_argument("--python", default=None, help="remote python executable")
+    p.add_argument(
+        "--no-host-key-check",
+        action="store_true",
+        help="do not check the hosts' SSH keys against ~/.ssh/known_hosts (unsafe: only "
+        "on a trusted network, e.g. fresh cloud nodes whose keys are not known yet)",
+    )
     args = p.parse_args()
 
     from distributed import Client, SSHCluster
 
     cluster = SSHCluster(
         [args.hosts[0], *args.hosts],
-        connect_options={"known_hosts": None},
+        # host keys are checked against ~/.ssh/known_hosts unless told not to
+        connect_options={"known_hosts": None} if args.no_host_key_check else {},
         worker_options={
             "n_workers": args.procs_per_host,
             "nthreads": 1,
