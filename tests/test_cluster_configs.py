@@ -214,6 +214,11 @@ def test_slurm_batch_script_runs_with_a_stub_srun_and_survives_a_requeue(tmp_pat
     again = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-2000:]
     assert (out / "model.json").read_text() == model  # a requeue keeps the finished fit
+    # the job stopped its cluster: no process of this job's scheduler file is left
+    left = subprocess.run(
+        ["pgrep", "-f", f"scheduler-file {out}/scheduler-42.json"], capture_output=True
+    )
+    assert left.stdout == b"", left.stdout
 
 
 @pytest.mark.parametrize(
