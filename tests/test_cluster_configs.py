@@ -178,11 +178,12 @@ def test_local_start_checks_python_first_and_prints_the_dashboard(tmp_path):
         subprocess.run(["bash", str(stop), str(run)], capture_output=True, timeout=60)
 
 
-@pytest.mark.parametrize("memory", ["SLURM_MEM_PER_NODE", "SLURM_MEM_PER_CPU"])
-def test_slurm_batch_script_runs_with_a_stub_srun_and_survives_a_requeue(tmp_path, memory):
+def test_slurm_batch_script_runs_with_a_stub_srun_and_survives_a_requeue(tmp_path):
     """cluster/slurm/daskem-batch.sbatch run as SLURM would (its SLURM_* variables set,
-    --mem or --mem-per-cpu) with a stub `srun` that starts the task's command once on this
-    machine: it fits and predicts; run again (a requeue), it keeps both outputs."""
+    --mem-per-cpu: the case that used to abort under `set -u`) with a stub `srun` that
+    starts the task's command once on this machine: it fits and predicts; run again (a
+    requeue), it keeps both outputs; it leaves no process behind."""
+    memory = "SLURM_MEM_PER_CPU"
     import os
     import sys
 
