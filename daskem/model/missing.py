@@ -436,6 +436,33 @@ def partial_block_stats(
     return out
 
 
+def _responsibilities_inplace(e: np.ndarray, labels, params: GMMParams, f32: bool) -> np.ndarray:
+    """Log-densities ``e`` (K, m) -> responsibilities in place (labelled rows clamped,
+    below e^-80 set to 0); returns ``log p(x)`` (m,). ``f32``: exponentiate in float32
+    (SIMD; float64 exp is scalar on AVX2), each responsibility to ~1e-7 relative, as the
+    complete-data kernel does for float32 input."""
+    if labels is not None:
+        allowed = _allowed_components(labels, params)
+        if allowed is not None:
+            e[~allowed.T] = -np.inf
+    top = e.max(axis=0)
+    top[~np.isfinite(top)] = 0.0
+    e -= top
+    with np.errstate(under="ignore"):
+        if f32:
+            e32 = np.maximum(e, _LOG_RESP_FLOOR).astype(np.float32)
+            np.exp(e32, out=e32)
+            np.copyto(e, e32)
+        else:
+            np.exp(e, out=e)
+    total = e.sum(axis=0)
+    with np.errstate(divide="ignore"):
+        log_norm = np.log(total) + top
+    e /= total
+    np.copyto(e, 0.0, where=e < _RESP_FLOOR)
+    return log_norm
+
+
 def _separable_stats(X, rows, params: GMMParams, w, labels, n_worst: int, D: int) -> GMMStats:
     """Statistics of partly observed rows under diagonal or spherical covariances.
 
@@ -487,25 +514,8 @@ def _separable_stats(X, rows, params: GMMParams, w, labels, n_worst: int, D: int
         np.copyto(d, 0.0, where=~fin)
         np.multiply(d, d, out=d2)
         e = coef @ ph + logw  # (K, m) log-densities
-        if lab_all is not None:
-            allowed = _allowed_components(lab_all[idx], params)
-            if allowed is not None:
-                e[~allowed.T] = -np.inf
-        top = e.max(axis=0)
-        top[~np.isfinite(top)] = 0.0
-        e -= top
-        with np.errstate(under="ignore"):
-            if f32:  # float32 exp (SIMD), as the complete-data kernel does for float32
-                e32 = np.maximum(e, _LOG_RESP_FLOOR).astype(np.float32)
-                np.exp(e32, out=e32)
-                np.copyto(e, e32)
-            else:
-                np.exp(e, out=e)
-        total = e.sum(axis=0)
-        with np.errstate(divide="ignore"):
-            log_norm = np.log(total) + top
-        e /= total  # responsibilities (K, m)
-        np.copyto(e, 0.0, where=e < _RESP_FLOOR)
+        lab = None if lab_all is None else lab_all[idx]
+        log_norm = _responsibilities_inplace(e, lab, params, f32)
         wb = np.ones(m) if w is None else w[idx]
         if w is not None:
             r_low = e.copy()
@@ -592,9 +602,7 @@ def _direct_stats(xo, forms: _Forms, w, labels, n_worst: int, ranges) -> GMMStat
         phi_buf = np.empty((M, nb))
         phi_buf[0] = 1.0
         e_buf = np.empty((K, nb))
-        # float32 input: exponentiate in float32 (SIMD; float64 exp is scalar on AVX2),
-        # each responsibility to ~1e-7 relative, as the complete-data kernel does
-        e32_buf = np.empty((K, nb), dtype=np.float32) if xo.dtype == np.float32 else None
+        f32 = xo.dtype == np.float32
         for s in range(0, n, nb):
             m = min(n, s + nb) - s
             phi, e = phi_buf[:, :m], e_buf[:, :m]
@@ -602,26 +610,8 @@ def _direct_stats(xo, forms: _Forms, w, labels, n_worst: int, ranges) -> GMMStat
             np.subtract(xo[s : s + m].T, c[:, None], out=dT)
             np.multiply(dT[iu], dT[ju], out=phi[1 + o :])
             np.matmul(coef, phi, out=e)  # (K, m) log-densities
-            if labels is not None:
-                allowed = _allowed_components(labels[s : s + m], params)
-                if allowed is not None:
-                    e[~allowed.T] = -np.inf
-            top = e.max(axis=0)
-            top[~np.isfinite(top)] = 0.0
-            e -= top
-            with np.errstate(under="ignore"):
-                if e32_buf is None:
-                    np.exp(e, out=e)
-                else:
-                    e32 = e32_buf[:, :m]
-                    np.copyto(e32, np.maximum(e, _LOG_RESP_FLOOR), casting="same_kind")
-                    np.exp(e32, out=e32)
-                    np.copyto(e, e32)
-            total = e.sum(axis=0)
-            with np.errstate(divide="ignore"):
-                log_norm[s : s + m] = np.log(total) + top
-            e /= total  # responsibilities
-            e[e < _RESP_FLOOR] = 0.0
+            lab = None if labels is None else labels[s : s + m]
+            log_norm[s : s + m] = _responsibilities_inplace(e, lab, params, f32)
             if w is not None:
                 e *= w[s : s + m]
             G += e @ phi.T  # (K, M): S0, S1, S2 about c
