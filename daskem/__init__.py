@@ -2,10 +2,13 @@
 
 from ._version import __version__
 from .estimator import ConvergenceWarning, GaussianMixture, GaussianMixtureClassifier
+from .hmrf import SpatialGaussianMixture, SpatialGaussianMixtureClassifier
 
 __all__ = [
     "ConvergenceWarning",
     "GaussianMixture",
     "GaussianMixtureClassifier",
+    "SpatialGaussianMixture",
+    "SpatialGaussianMixtureClassifier",
     "__version__",
 ]

@@ -164,6 +164,11 @@ class EMEstimator(BaseEstimator):
     def _model(self) -> Any:
         raise NotImplementedError
 
+    def _row_model(self) -> Any:
+        """The model fitted on rows of an in-memory sample (prefit); a model whose pixels
+        see their neighbours gives its pixel-wise version."""
+        return self._model()
+
     def _initial_params(self, data, seed: int, labelled=None, sample=None) -> Any:
         raise NotImplementedError
 
@@ -519,7 +524,7 @@ class EMEstimator(BaseEstimator):
         Starting the full passes near the optimum saves most of them; the full passes
         then run plain EM from there, so the final model is a plain-EM fixed point.
         """
-        model = self._model()
+        model = self._row_model()
         iterations = []
         # coarse to fine: most iterations on every 16th, then every 4th sampled row, so
         # the last stage on the whole sample starts close to its optimum

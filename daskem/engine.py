@@ -97,6 +97,85 @@ class EMModel(Protocol):
 # --------------------------------------------------------------------------- data
 
 
+@dataclass(frozen=True)
+class GridLayout:
+    """How row chunks tile a grid, for models whose blocks see their neighbours.
+
+    Row chunk ``b`` holds the pixels of spatial block ``b`` (blocks in C order, pixels in
+    C order within a block), as :meth:`daskem.io.Stack.rows` makes them. Each pass block
+    is the spatial block extended by ``depth`` pixels on every side (less at the grid's
+    edges).
+    """
+
+    shape: tuple[int, ...]
+    chunks: tuple[tuple[int, ...], ...]
+    depth: int
+
+    @property
+    def row_chunks(self) -> tuple[int, ...]:
+        sizes = np.ones(1, dtype=np.int64)
+        for c in self.chunks:
+            sizes = np.outer(sizes, np.asarray(c, dtype=np.int64)).ravel()
+        return tuple(int(n) for n in sizes)
+
+
+def _spatial_block(data, core, origin):
+    from .model.spatial import SpatialBlock
+
+    return SpatialBlock(np.asarray(data), core, origin)
+
+
+def grid_blocks(layout: GridLayout, *grids: da.Array | None) -> list[tuple]:
+    """Per spatial block: ``(core, origin, *extended blocks)`` of each grid (or None).
+
+    ``grids`` have the layout's spatial dims first (and any trailing dims in one chunk).
+    Each extended block is one ``Delayed`` (a slice across up to ``3 ** ndim`` chunks).
+    """
+    bounds = [np.cumsum((0,) + c) for c in layout.chunks]
+    h = int(layout.depth)
+    out = []
+    for index in np.ndindex(*[len(c) for c in layout.chunks]):
+        lo = [int(b[i]) for b, i in zip(bounds, index, strict=True)]
+        hi = [int(b[i + 1]) for b, i in zip(bounds, index, strict=True)]
+        elo = [max(0, a - h) for a in lo]
+        ehi = [min(n, b + h) for b, n in zip(hi, layout.shape, strict=True)]
+        ext = tuple(slice(a, b) for a, b in zip(elo, ehi, strict=True))
+        core = tuple(slice(a - e, b - e) for a, b, e in zip(lo, hi, elo, strict=True))
+        blocks = []
+        for g in grids:
+            if g is None:
+                blocks.append(None)
+                continue
+            piece = g[ext]
+            piece = piece.rechunk(piece.shape)
+            blocks.append(piece.to_delayed(optimize_graph=False).ravel()[0])
+        out.append((core, tuple(elo), *blocks))
+    return out
+
+
+def rows_to_grid(a: da.Array, layout: GridLayout) -> da.Array:
+    """Row-chunked ``(n, ...)`` -> ``(*shape, ...)`` per block (the inverse of the row view)."""
+    if a.chunks[0] != layout.row_chunks:
+        a = a.rechunk({0: layout.row_chunks})
+    trailing = a.shape[1:]
+    if trailing:
+        a = a.rechunk({i: -1 for i in range(1, a.ndim)})
+    return da.reshape_blockwise(
+        a, (*layout.shape, *trailing), chunks=(*layout.chunks, *((n,) for n in trailing))
+    )
+
+
+def grid_to_rows(g: da.Array, ndim: int) -> da.Array:
+    """``(*spatial, ...)`` with ``ndim`` spatial dims -> row chunks, one per spatial block."""
+    n = math.prod(g.shape[:ndim])
+    trailing = g.shape[ndim:]
+    if any(len(c) != 1 for c in g.chunks[ndim:]):
+        g = g.rechunk({i: -1 for i in range(ndim, g.ndim)})
+    if ndim == 1 and not trailing:
+        return g
+    return da.reshape_blockwise(g, (n, *trailing))
+
+
 @dataclass
 class ChunkedData:
     """Row-aligned Dask arrays prepared for repeated passes.
@@ -108,12 +187,18 @@ class ChunkedData:
     ----------
     X : dask.array.Array of shape (n, D), one chunk along the feature axis
     sample_weight, labels : dask.array.Array of shape (n,) or None
+    layout : GridLayout or None
+        For models with neighbours (:mod:`daskem.model.spatial`): the passes then hand
+        the model :class:`~daskem.model.spatial.SpatialBlock` s (grid blocks with a halo)
+        and grid-shaped weights and labels instead of row chunks.
     """
 
     X: da.Array
     sample_weight: da.Array | None = None
     labels: da.Array | None = None
+    layout: GridLayout | None = None
     _blocks: list[tuple] = field(default_factory=list, repr=False)
+    _pass_blocks: list[tuple] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
         X = self.X
@@ -145,6 +230,19 @@ class ChunkedData:
             else [None] * len(xs)
         )
         self._blocks = list(zip(xs, ws, ys, strict=True))
+        self._pass_blocks = self._blocks
+        if self.layout is not None:
+            lay = self.layout
+            if self.X.chunks[0] != lay.row_chunks:
+                raise ValueError("the row chunks do not match the grid layout")
+            grids = [
+                None if a is None else rows_to_grid(a, lay)
+                for a in (self.X, self.sample_weight, self.labels)
+            ]
+            self._pass_blocks = [
+                (delayed(_spatial_block, pure=True)(x, core, origin), w, y)
+                for core, origin, x, w, y in grid_blocks(lay, *grids)
+            ]
 
     @property
     def n_samples(self) -> int:
@@ -257,7 +355,7 @@ def cache_data(data: ChunkedData, cache: bool | str = "auto", fraction: float = 
         ).persist()
         for i, a in enumerate((data.X, data.sample_weight, data.labels))
     )
-    return ChunkedData(X, w, y)
+    return ChunkedData(X, w, y, data.layout)
 
 
 def _feature_major(block):
@@ -338,7 +436,7 @@ def pass_graph(model: EMModel, data: ChunkedData, candidates: Sequence[Any], spl
     m = delayed(model, traverse=False, name=f"{name}-model")
     leaves = [
         delayed(_block_task, pure=True)(m, p, x, w, y, dask_key_name=(f"{name}-stats", i))
-        for i, (x, w, y) in enumerate(data._blocks)
+        for i, (x, w, y) in enumerate(data._pass_blocks)
     ]
     return _tree(leaves, split_every, name)
 
@@ -781,7 +879,7 @@ def relabel(data: ChunkedData, classes: np.ndarray) -> ChunkedData:
     labels = data.labels.map_blocks(
         _relabel_block, np.asarray(classes), dtype=np.int64, meta=np.empty(0, np.int64)
     )
-    return ChunkedData(data.X, data.sample_weight, labels)
+    return ChunkedData(data.X, data.sample_weight, labels, data.layout)
 
 
 def draw_sample(
@@ -865,6 +963,40 @@ def map_rows(
 
 def _apply_rows(func, params, block, *extra):
     return func(params, block, *extra)
+
+
+def _apply_grid(func, params, core, origin, *blocks):
+    return func(params, core, origin, *blocks)
+
+
+def map_grid(
+    func: Callable[..., np.ndarray],
+    params: Any,
+    layout: GridLayout,
+    *grids: da.Array | None,
+    n_out: int,
+    dtype: Any = np.float64,
+) -> da.Array:
+    """Lazily apply ``func(params, core, origin, *extended_blocks)`` to every spatial block
+    with its halo (:func:`grid_blocks`); ``func`` returns ``(n_out, *core_shape)``.
+
+    The result has shape ``(n_out, *layout.shape)`` and the layout's chunks.
+    """
+    p = delayed(params, traverse=False, name=_params_name())
+    name = f"daskem-grid-{uuid.uuid4().hex[:12]}"
+    pieces = []
+    for i, (core, origin, *blocks) in enumerate(grid_blocks(layout, *grids)):
+        shape = tuple(s.stop - s.start for s in core)
+        task = delayed(_apply_grid, pure=True)(
+            func, p, core, origin, *blocks, dask_key_name=(name, i)
+        )
+        pieces.append(da.from_delayed(task, (n_out, *shape), dtype=dtype))
+    counts = [len(c) for c in layout.chunks]
+    nested = np.empty(counts, dtype=object)
+    for idx, piece in zip(np.ndindex(*counts), pieces, strict=True):
+        nested[idx] = piece
+    # nested lists of depth 1 + ndim: the output axis is a single block
+    return da.block([nested.tolist()])
 
 
 def _params_name() -> str:

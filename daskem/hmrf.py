@@ -1,0 +1,446 @@
+"""Estimators of the Gaussian mixture with a spatial (Potts) prior, on images.
+
+:class:`SpatialGaussianMixture` (unsupervised) and
+:class:`SpatialGaussianMixtureClassifier` (semi-supervised) are the Gaussian mixture
+estimators with the hidden Markov random field prior of :mod:`daskem.model.spatial`:
+their ``X`` is an image of shape ``(*spatial, n_features)`` (2 or 3 spatial dims, NumPy
+or Dask), ``y`` and ``sample_weight`` have the spatial shape, and ``predict`` /
+``predict_proba`` return maps. Everything else -- restarts, screening, prefit on a
+sample (pixel-wise), checkpoints, model files -- is the mixture's.
+
+This module builds no Dask graph itself (it calls :mod:`daskem.engine`).
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+import dask.array as da
+import numpy as np
+
+from . import engine
+from .base import _store_params
+from .estimator import GaussianMixture, GaussianMixtureClassifier, _take_classes
+from .model.spatial import (
+    SpatialBlock,
+    SpatialGMMModel,
+    SpatialParams,
+    check_neighbourhood,
+    halo_depth,
+)
+from .modelfile import register_estimator
+
+__all__ = ["SpatialGaussianMixture", "SpatialGaussianMixtureClassifier"]
+
+# pixels of a tile cut from an in-memory image (about 4 M: tiles of 2048 x 2048)
+_TILE_PIXELS = 2**22
+
+
+def _grid_posterior(state, core, origin, x, y=None):
+    model, params, n_classes = state
+    block = SpatialBlock(np.asarray(x), core, origin)
+    return model.grid_posterior(params, block, None if y is None else np.asarray(y), n_classes)
+
+
+class _SpatialMixin:
+    """Image input, the spatial model and its parameters, on top of a mixture estimator."""
+
+    kind = "hmrf"
+    #: fit/predict take images (*spatial, n_features); io.fit_stack passes them so
+    spatial_input = True
+
+    # ------------------------------------------------------------------ options
+
+    def _beta(self) -> float | None:
+        """The fixed ``spatial_beta`` or None for ``"auto"`` (validated)."""
+        b = self.spatial_beta
+        if isinstance(b, str):
+            if b != "auto":
+                raise ValueError(f"spatial_beta must be a number >= 0 or 'auto', got {b!r}")
+            return None
+        if isinstance(b, bool) or not isinstance(b, numbers.Real) or not np.isfinite(b) or b < 0:
+            raise ValueError(f"spatial_beta must be a number >= 0 or 'auto', got {b!r}")
+        return float(b)
+
+    def _check_spatial(self, ndim: int) -> None:
+        self._beta()
+        check_neighbourhood(ndim, self.neighbourhood)
+        s = self.mean_field_sweeps
+        if isinstance(s, bool) or not isinstance(s, numbers.Integral) or s < 1:
+            raise ValueError(f"mean_field_sweeps must be an integer >= 1, got {s!r}")
+
+    def _depth(self, ndim: int) -> int:
+        if self._beta() == 0.0:
+            return 0
+        return halo_depth(ndim, self.neighbourhood, self.mean_field_sweeps)
+
+    # ------------------------------------------------------------------ images
+
+    def _image(self, X: Any) -> da.Array:
+        """``X`` as a Dask image ``(*spatial, D)`` with spatial chunks and one feature chunk."""
+        if not isinstance(X, da.Array):
+            X = np.asarray(X)
+            if X.ndim < 3:
+                raise ValueError(
+                    f"{type(self).__name__} needs an image of shape (*spatial, n_features) "
+                    f"with 2 or 3 spatial dims, got shape {X.shape}"
+                )
+            side = max(16, int(round(_TILE_PIXELS ** (1.0 / (X.ndim - 1)))))
+            cs = self.chunk_size
+            if isinstance(cs, numbers.Integral) and not isinstance(cs, bool):
+                side = max(1, int(round(int(cs) ** (1.0 / (X.ndim - 1)))))
+            X = da.from_array(X, chunks=(side,) * (X.ndim - 1) + (-1,))
+        if X.ndim < 3:
+            raise ValueError(
+                f"{type(self).__name__} needs an image of shape (*spatial, n_features) with "
+                f"2 or 3 spatial dims, got shape {X.shape}"
+            )
+        self._check_spatial(X.ndim - 1)
+        if len(X.chunks[-1]) != 1:
+            X = X.rechunk({X.ndim - 1: -1})
+        return X
+
+    def _map_like(self, a: Any, image: da.Array, name: str) -> da.Array | None:
+        if a is None:
+            return None
+        spatial = image.shape[:-1]
+        if not isinstance(a, da.Array):
+            a = np.asarray(a)
+        if tuple(a.shape) != tuple(spatial):
+            raise ValueError(f"{name} must have the image's spatial shape {spatial}, got {a.shape}")
+        if isinstance(a, da.Array):
+            return a.rechunk(image.chunks[:-1])
+        return da.from_array(a, chunks=image.chunks[:-1])
+
+    def _image_layout(self, image: da.Array) -> engine.GridLayout:
+        ndim = image.ndim - 1
+        return engine.GridLayout(
+            tuple(int(n) for n in image.shape[:-1]), image.chunks[:-1], self._depth(ndim)
+        )
+
+    def _prepare(self, X, sample_weight=None, y=None, *, for_fit):
+        data = super()._prepare(X, sample_weight, y, for_fit=for_fit)
+        layout = getattr(self, "_grid_layout", None)
+        if for_fit and layout is not None:
+            data = engine.ChunkedData(data.X, data.sample_weight, data.labels, layout)
+        return data
+
+    def _fit_image(self, X, y, sample_weight, kwargs) -> None:
+        image = self._image(X)
+        ndim = image.ndim - 1
+        w = self._map_like(sample_weight, image, "sample_weight")
+        self._grid_layout = self._image_layout(image)
+        try:
+            rows = engine.grid_to_rows(image, ndim)
+            w_rows = None if w is None else engine.grid_to_rows(w, ndim)
+            y_rows = None if y is None else engine.grid_to_rows(y, ndim)
+            self._fit(rows, y_rows, w_rows, **kwargs)
+        finally:
+            del self._grid_layout
+        self.spatial_shape_ = tuple(int(n) for n in image.shape[:-1])
+
+    # ------------------------------------------------------------------ the model
+
+    def _model(self) -> SpatialGMMModel:
+        return SpatialGMMModel(
+            super()._model(),
+            neighbourhood=int(self.neighbourhood),
+            sweeps=int(self.mean_field_sweeps),
+            estimate_beta=self._beta() is None,
+        )
+
+    def _row_model(self):
+        """The pixel-wise mixture: prefit on a sample (which has no neighbours)."""
+        return super()._model()
+
+    def _initial_params(self, data, seed: int, labelled=None, sample=None) -> SpatialParams:
+        gmm = super()._initial_params(data, seed, labelled, sample)
+        if isinstance(gmm, SpatialParams):
+            return gmm
+        alpha = np.log(gmm.weights) - np.log(gmm.weights).mean()
+        beta = self._beta()
+        return SpatialParams(gmm, alpha, 0.0 if beta is None else beta)
+
+    def _set_params(self, params: SpatialParams) -> None:
+        super()._set_params(params.gmm)
+        self.spatial_alpha_ = np.asarray(params.alpha, dtype=np.float64)
+        self.spatial_beta_ = float(params.beta)
+
+    def _fitted_params(self, component_class=None) -> SpatialParams:
+        gmm = super()._fitted_params(component_class)
+        return SpatialParams(gmm, self.spatial_alpha_, self.spatial_beta_)
+
+    def _fingerprint_extra(self) -> dict[str, Any]:
+        return {
+            **super()._fingerprint_extra(),
+            "spatial_beta": self.spatial_beta,
+            "neighbourhood": int(self.neighbourhood),
+            "mean_field_sweeps": int(self.mean_field_sweeps),
+        }
+
+    def _summary(self) -> tuple[str, list[str]]:
+        options, lines = super()._summary()
+        how = "estimated" if self._beta() is None else "fixed"
+        options += (
+            f", spatial prior: beta {self.spatial_beta_:.4g} ({how}), "
+            f"{self.neighbourhood}-neighbourhood, {self.mean_field_sweeps} mean-field sweeps"
+        )
+        return options, lines
+
+    def _fitted_to_dict(self) -> dict[str, Any]:
+        return {
+            **super()._fitted_to_dict(),
+            "spatial_alpha": self.spatial_alpha_.tolist(),
+            "spatial_beta": float(self.spatial_beta_),
+        }
+
+    def _fitted_from_dict(self, fitted: dict[str, Any], K: int, D: int) -> None:
+        super()._fitted_from_dict(fitted, K, D)
+        alpha = np.asarray(fitted["spatial_alpha"], dtype=np.float64)
+        if alpha.shape != (K,) or not np.all(np.isfinite(alpha)):
+            raise ValueError(f"fitted spatial_alpha must be {K} finite numbers")
+        beta = float(fitted["spatial_beta"])
+        if not (np.isfinite(beta) and beta >= 0):
+            raise ValueError(f"fitted spatial_beta must be a number >= 0, got {beta}")
+        self.spatial_alpha_, self.spatial_beta_ = alpha, beta
+
+    # ------------------------------------------------------------------ maps
+
+    def posterior_map(self, X: Any, y: Any = None, n_classes: int | None = None) -> Any:
+        """Class probabilities, entropy and log density of every pixel of an image.
+
+        Returns ``(C + 2, *spatial)`` float64 (NumPy for NumPy input, else lazy Dask):
+        planes ``0 .. C-1`` the mean-field class probabilities at the fitted parameters
+        (``C`` = ``n_classes``, default the model's classes), ``C`` their entropy, ``C +
+        1`` the pixel-wise ``log p(x_observed)``. Labelled pixels of ``y`` (class ids,
+        -1 unlabelled) keep their class.
+        """
+        self._check_fitted()
+        C = int(self.n_classes_ if n_classes is None else n_classes)
+        state = (self._model(), self._fitted_params(), C)
+        if not isinstance(X, da.Array):
+            Xn = np.asarray(X)
+            if Xn.ndim >= 3:
+                self._check_spatial(Xn.ndim - 1)
+                self._check_features(Xn.shape[-1])
+                core = tuple(slice(0, n) for n in Xn.shape[:-1])
+                yn = None if y is None else np.asarray(y)
+                return _grid_posterior(state, core, (0,) * (Xn.ndim - 1), Xn, yn)
+        image = self._image(X)
+        self._check_features(image.shape[-1])
+        yg = self._map_like(y, image, "y")
+        return engine.map_grid(
+            _grid_posterior, state, self._image_layout(image), image, yg, n_out=C + 2
+        )
+
+    def _check_features(self, D: int) -> None:
+        if D != self.n_features_in_:
+            raise ValueError(
+                f"X has {D} features (last axis), but {type(self).__name__} is expecting "
+                f"{self.n_features_in_} features as input"
+            )
+
+    def _proba_map(self, X: Any, C: int) -> Any:
+        post = self.posterior_map(X, n_classes=C)
+        if isinstance(post, da.Array):
+            return da.moveaxis(post[:C], 0, -1)
+        return np.moveaxis(post[:C], 0, -1)
+
+
+@register_estimator
+class SpatialGaussianMixture(_SpatialMixin, GaussianMixture):
+    """Gaussian mixture with a Potts prior between neighbouring pixels (hidden Markov
+    random field), fitted on every pixel of an image by mean-field EM.
+
+    The model, its E-step and M-step and their guarantees are described in
+    :mod:`daskem.model.spatial`. Each EM pass maps the mean-field sweeps over the image's
+    chunks, each extended by a halo of ``mean_field_sweeps * n_colours`` pixels, so the
+    result does not depend on the chunking and no per-pixel state is kept.
+
+    Parameters
+    ----------
+    n_components : int, default=1
+    spatial_beta : float >= 0 or "auto", default="auto"
+        Interaction strength of the prior between neighbouring pixels' classes. ``0``
+        gives the pixel-wise Gaussian mixture; ``"auto"`` estimates it (pseudo-likelihood
+        with a field drawn from the mean-field posterior, Celeux, Forbes & Peyrard
+        2003), starting from 0.
+    neighbourhood : int, default=8
+        4 or 8 on 2-D images, 6 or 26 on 3-D volumes.
+    mean_field_sweeps : int, default=3
+        Colour sweeps of the mean-field E-step per iteration.
+
+    The other parameters are :class:`~daskem.GaussianMixture`'s (``chunk_size``: pixels
+    per tile of an in-memory image).
+
+    Attributes
+    ----------
+    spatial_beta_ : float
+        The fitted (or given) interaction strength.
+    spatial_alpha_ : ndarray (n_components,)
+        The prior's per-component field (centred).
+    spatial_shape_ : tuple of int
+        Spatial shape of the image fitted.
+
+    The others are :class:`~daskem.GaussianMixture`'s; ``weights_`` are the
+    components' shares of the map (mean responsibilities), ``lower_bound_`` the
+    mean-field free energy per pixel.
+    """
+
+    def __init__(
+        self,
+        n_components: int = 1,
+        *,
+        spatial_beta: float | str = "auto",
+        neighbourhood: int = 8,
+        mean_field_sweeps: int = 3,
+        covariance_type: str = "full",
+        tol: float = 1e-3,
+        reg_covar: float = 1e-6,
+        max_iter: int = 100,
+        n_init: int = 1,
+        init_params: str = "kmeans",
+        weights_init: Any = None,
+        means_init: Any = None,
+        precisions_init: Any = None,
+        random_state: Any = None,
+        warm_start: bool = False,
+        verbose: int = 0,
+        verbose_interval: int = 10,
+        chunk_size: int | str = "auto",
+        split_every: int = 16,
+        init_sample_size: int = 100_000,
+        nan_policy: str = "marginalize",
+        prefit: bool | str = "auto",
+        cache: bool | str = "auto",
+        precision: str = "auto",
+        select_after: int | None | str = "auto",
+    ) -> None:
+        _store_params(self, locals())
+
+    def fit(
+        self,
+        X: Any,
+        y: Any = None,
+        sample_weight: Any = None,
+        *,
+        checkpoint_dir: Any = None,
+        resume: bool = False,
+        callback: Any = None,
+        feature_names: Any = None,
+        class_names: Any = None,
+    ) -> SpatialGaussianMixture:
+        """Fit on an image ``X`` of shape ``(*spatial, n_features)``; ``y`` is ignored;
+        ``sample_weight`` has the spatial shape. The rest as in
+        :meth:`GaussianMixture.fit`."""
+        kwargs = {"checkpoint_dir": checkpoint_dir, "resume": resume, "callback": callback}
+        self._fit_image(X, None, sample_weight, kwargs)
+        self._set_names(feature_names, class_names)
+        return self
+
+    def predict_proba(self, X: Any):
+        """Mean-field posterior of each component, shape ``(*spatial, n_components)``."""
+        return self._proba_map(X, self.n_classes_)
+
+    def predict(self, X: Any):
+        """Most probable component of each pixel, shape ``(*spatial,)``."""
+        return self.predict_proba(X).argmax(axis=-1)
+
+    def fit_predict(self, X: Any, y: Any = None, sample_weight: Any = None):
+        return self.fit(X, y, sample_weight).predict(X)
+
+
+@register_estimator
+class SpatialGaussianMixtureClassifier(_SpatialMixin, GaussianMixtureClassifier):
+    """Semi-supervised Gaussian mixture classifier with a spatial (Potts) prior, on images.
+
+    :class:`~daskem.GaussianMixtureClassifier` with the prior of
+    :class:`SpatialGaussianMixture`: ``y`` is a label map of the image's spatial shape
+    (``-1`` unlabelled); labelled pixels keep their class and pass it to their
+    neighbours through the prior.
+
+    Parameters
+    ----------
+    spatial_beta, neighbourhood, mean_field_sweeps
+        As in :class:`SpatialGaussianMixture`.
+
+    The others are :class:`~daskem.GaussianMixtureClassifier`'s.
+    """
+
+    def __init__(
+        self,
+        n_components: int | None = None,
+        *,
+        spatial_beta: float | str = "auto",
+        neighbourhood: int = 8,
+        mean_field_sweeps: int = 3,
+        components_per_class: Any = None,
+        label_weight: float = 1.0,
+        covariance_type: str = "full",
+        tol: float = 1e-3,
+        reg_covar: float = 1e-6,
+        max_iter: int = 100,
+        n_init: int = 1,
+        init_params: str = "kmeans",
+        weights_init: Any = None,
+        means_init: Any = None,
+        precisions_init: Any = None,
+        random_state: Any = None,
+        warm_start: bool = False,
+        verbose: int = 0,
+        verbose_interval: int = 10,
+        chunk_size: int | str = "auto",
+        split_every: int = 16,
+        init_sample_size: int = 100_000,
+        nan_policy: str = "marginalize",
+        prefit: bool | str = "auto",
+        cache: bool | str = "auto",
+        precision: str = "auto",
+        select_after: int | None | str = "auto",
+    ) -> None:
+        _store_params(self, locals())
+
+    def fit(
+        self,
+        X: Any,
+        y: Any,
+        sample_weight: Any = None,
+        *,
+        checkpoint_dir: Any = None,
+        resume: bool = False,
+        callback: Any = None,
+        feature_names: Any = None,
+        class_names: Any = None,
+    ) -> SpatialGaussianMixtureClassifier:
+        """Fit on an image ``X`` (*spatial, n_features) with a label map ``y`` (*spatial)
+        (any labels, ``-1`` unlabelled; a Dask ``y`` must hold integers)."""
+        self._check_classifier_options()
+        if y is None:
+            self._encode_y(None)  # raises the classifier's error
+        if isinstance(y, da.Array):
+            self._classes_from_data = True
+        else:
+            yn = np.asarray(y)
+            self._classes_from_data = False
+            y = self._encode_y(yn.reshape(-1)).reshape(yn.shape)
+        kwargs = {"checkpoint_dir": checkpoint_dir, "resume": resume, "callback": callback}
+        try:
+            image = self._image(X)
+            yg = self._map_like(y, image, "y")
+            self._fit_image(image, yg, sample_weight, kwargs)
+        finally:
+            del self._classes_from_data
+        self._set_names(feature_names, class_names)
+        return self
+
+    def predict_proba(self, X: Any):
+        """Mean-field class probabilities, shape ``(*spatial, n_classes)``."""
+        return self._proba_map(X, self.n_classes_)
+
+    def predict(self, X: Any):
+        """The most probable class of each pixel (a label of ``classes_``), ``(*spatial,)``."""
+        idx = self.predict_proba(X).argmax(axis=-1)
+        if isinstance(idx, da.Array):
+            return idx.map_blocks(_take_classes, self.classes_, dtype=self.classes_.dtype)
+        return self.classes_[idx]
