@@ -27,7 +27,8 @@ their class from the prior.
 
 Each E-step starts from the pixel-wise posterior ``q_ik ∝ p(x_i | k) exp(alpha_k)`` at
 the current parameters and runs ``sweeps`` full sweeps. A pixel's result then depends on
-the pixels within ``sweeps * n_colours`` steps only (:func:`halo_depth`), so a chunk
+the pixels within ``sweeps * n_colours`` steps only, and its statistics on one step more
+(:func:`halo_depth`), so a chunk
 extended by that halo gives exactly the whole-image result for its core pixels: the fit
 keeps no per-pixel state between iterations (the memory bound of the pixel-wise fit
 holds) and does not depend on the chunking.
@@ -123,8 +124,10 @@ def n_colours(ndim: int, neighbourhood: int) -> int:
 
 
 def halo_depth(ndim: int, neighbourhood: int, sweeps: int) -> int:
-    """Pixels around a chunk that its core's mean-field result depends on."""
-    return int(sweeps) * n_colours(ndim, neighbourhood)
+    """Pixels around a chunk that its core's statistics depend on: ``q`` after the sweeps
+    depends on pixels ``sweeps * n_colours`` steps away, and the core's statistics use
+    the neighbours' final ``q`` (one step more)."""
+    return int(sweeps) * n_colours(ndim, neighbourhood) + 1
 
 
 def colour_map(shape: tuple[int, ...], origin: tuple[int, ...], neighbourhood: int) -> np.ndarray:

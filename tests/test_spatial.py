@@ -1,0 +1,338 @@
+"""The Gaussian mixture with a Potts prior (hidden Markov random field, mean-field EM).
+
+The reference below is an independent whole-image NumPy/SciPy implementation of the
+iteration documented in :mod:`daskem.model.spatial` at a fixed ``beta`` (it does not use
+``daskem.model``): pixel-wise start, colour sweeps, the mixture's M-step on ``q`` and one
+Newton step of the pseudo-likelihood in ``alpha``.
+"""
+
+from __future__ import annotations
+
+import dask
+import dask.array as da
+import numpy as np
+import pytest
+from scipy.optimize import linear_sum_assignment
+from scipy.special import logsumexp
+from scipy.stats import multivariate_normal
+
+import daskem
+from daskem import GaussianMixture, SpatialGaussianMixture, SpatialGaussianMixtureClassifier
+from daskem.model.gmm import GMMModel
+from daskem.model.spatial import (
+    SpatialBlock,
+    SpatialGMMModel,
+    SpatialParams,
+    colour_map,
+    free_energy,
+    mean_field,
+    neighbour_offsets,
+    neighbour_sum,
+    pixel_uniforms,
+)
+from daskem.modelfile import model_from_dict, model_to_dict
+from daskem.synthetic import make_stack
+
+pytestmark = pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    with dask.config.set(scheduler="threads"):
+        yield
+
+
+# --------------------------------------------------------------------------- reference
+
+
+def ref_neighbours(P, nb):
+    """Sum of the neighbours' values, zero outside the image (padding + shifted views)."""
+    H, W, C = P.shape
+    pad = np.zeros((H + 2, W + 2, C))
+    pad[1:-1, 1:-1] = P
+    out = np.zeros_like(P)
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            if (dy, dx) == (0, 0) or (nb == 4 and dy and dx):
+                continue
+            out += pad[1 + dy : 1 + dy + H, 1 + dx : 1 + dx + W]
+    return out
+
+
+def ref_iteration(X, w, mu, cov, alpha, beta, nb, sweeps, reg=1e-6):
+    """One iteration on a complete 2-D image (K = C, one component per class)."""
+    H, W, D = X.shape
+    K = len(w)
+    E = np.stack(
+        [multivariate_normal(mu[k], cov[k]).logpdf(X.reshape(-1, D)) for k in range(K)], -1
+    ).reshape(H, W, K)
+    lg = E + alpha
+    q = np.exp(lg - logsumexp(lg, axis=-1, keepdims=True))
+    yy, xx = np.indices((H, W))
+    colours = (yy % 2) + 2 * (xx % 2) if nb == 8 else (yy + xx) % 2
+    for _ in range(sweeps):
+        for c in range(4 if nb == 8 else 2):
+            s = colours == c
+            lg2 = lg + beta * ref_neighbours(q, nb)
+            new = np.exp(lg2 - logsumexp(lg2, axis=-1, keepdims=True))
+            q[s] = new[s]
+    N = ref_neighbours(q, nb)
+    ent = np.where(q > 0, q * np.log(np.where(q > 0, q, 1)), 0)
+    F = (q * (E + alpha + 0.5 * beta * N) - ent).sum() / (H * W)
+    r = q.reshape(-1, K)
+    x = X.reshape(-1, D)
+    nk = r.sum(0) + 10 * np.finfo(float).eps
+    mu2 = r.T @ x / nk[:, None]
+    cov2 = np.stack(
+        [((x - mu2[k]) * r[:, [k]]).T @ (x - mu2[k]) / nk[k] + reg * np.eye(D) for k in range(K)]
+    )
+    w2 = nk / nk.sum()
+    # pseudo-likelihood Newton step in alpha (minimum-norm, capped at 1, centred), with the
+    # neighbours of a field drawn from q by the pixels' fixed uniforms
+    u = pixel_uniforms((H, W), (0, 0))
+    z = (np.cumsum(q, axis=-1) < u[..., None]).sum(-1)
+    n = ref_neighbours(np.eye(K)[np.minimum(z, K - 1)], nb).reshape(-1, K)
+    p = np.exp(alpha + beta * n - logsumexp(alpha + beta * n, axis=1, keepdims=True))
+    g = (r - p).sum(0)
+    Hs = sum(np.diag(pi) - np.outer(pi, pi) for pi in p)
+    step = np.linalg.lstsq(Hs, g, rcond=1e-10)[0]
+    if np.abs(step).max() > 1:
+        step /= np.abs(step).max()
+    a2 = alpha + step
+    return w2, mu2, cov2, a2 - a2.mean(), F, q
+
+
+def _image(seed=0, shape=(40, 52), sep=2.0):
+    ds = make_stack(shape, n_classes=3, n_features=3, seed=seed, separation=sep, nan_fraction=0)
+    X = np.stack([ds[f"attr_{k}"].values for k in range(3)], -1).astype(np.float64)
+    return X, ds
+
+
+def _start(X, K=3, seed=0):
+    gm = GaussianMixture(K, random_state=seed, max_iter=3).fit(X.reshape(-1, X.shape[-1]))
+    return gm.weights_, gm.means_, gm.covariances_
+
+
+# --------------------------------------------------------------------------- the math
+
+
+@pytest.mark.parametrize("nb", [4, 8])
+def test_matches_whole_image_reference(nb):
+    X, _ = _image()
+    w, mu, cov = _start(X)
+    beta, n_iter = 0.8, 4
+    sg = SpatialGaussianMixture(
+        3,
+        spatial_beta=beta,
+        neighbourhood=nb,
+        mean_field_sweeps=2,
+        weights_init=w,
+        means_init=mu,
+        precisions_init=np.linalg.inv(cov),
+        max_iter=n_iter,
+        tol=0,
+        chunk_size=13 * 17,
+    ).fit(X)
+    alpha = np.log(w) - np.log(w).mean()
+    history = []
+    for _ in range(n_iter):
+        w, mu, cov, alpha, F, _ = ref_iteration(X, w, mu, cov, alpha, beta, nb, 2)
+        history.append(F)
+    np.testing.assert_allclose(sg.lower_bounds_, history, rtol=1e-10)
+    np.testing.assert_allclose(sg.weights_, w, rtol=1e-9)
+    np.testing.assert_allclose(sg.means_, mu, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(sg.covariances_, cov, rtol=1e-8)
+    np.testing.assert_allclose(sg.spatial_alpha_, alpha, atol=1e-9)
+    # the posterior: sweeps at the fitted parameters
+    _, _, _, _, _, q = ref_iteration(
+        X, sg.weights_, sg.means_, sg.covariances_, sg.spatial_alpha_, beta, nb, 2
+    )
+    np.testing.assert_allclose(sg.predict_proba(X), q, atol=1e-10)
+
+
+def test_free_energy_never_decreases_through_sweeps_and_m_step():
+    rng = np.random.default_rng(1)
+    X, _ = _image(seed=2)
+    w, mu, cov = _start(X)
+    gm = GaussianMixture(3, random_state=0, max_iter=2).fit(X.reshape(-1, 3))
+    model = SpatialGMMModel(GMMModel("full", 1e-6), neighbourhood=8, sweeps=1)
+    from daskem.model.gmm import class_membership
+    from daskem.model.spatial import log_emission
+
+    params = gm._fitted_params()
+    E = log_emission(params, X.reshape(-1, 3)).reshape(*X.shape[:2], 3)
+    M = class_membership(params)
+    for beta in (0.3, 1.5, 4.0):
+        alpha = rng.normal(size=3)
+        Fs = [
+            free_energy(
+                mean_field(
+                    E, alpha, beta, M, allowed=None, neighbourhood=8, origin=(0, 0), sweeps=s
+                ),
+                E,
+                alpha,
+                beta,
+                M,
+                8,
+            )
+            for s in range(6)
+        ]
+        assert np.all(np.diff(Fs) >= -1e-9 * abs(Fs[0])), Fs
+    # the emission M-step at fixed q (and alpha, beta) does not lower F
+    sp = SpatialParams(params, np.zeros(3), 1.0)
+    blk = SpatialBlock(X, (slice(None), slice(None)), (0, 0))
+    stats = model.block_stats(sp, blk)
+    new, _ = model.m_step(stats, sp)
+    q, _ = model.responsibilities(sp, blk)
+    E2 = log_emission(new.gmm, X.reshape(-1, 3)).reshape(E.shape)
+    assert free_energy(q, E2, sp.alpha, 1.0, M, 8) >= free_energy(q, E, sp.alpha, 1.0, M, 8)
+
+
+def test_colouring_separates_neighbours():
+    for nb in (4, 8):
+        col = colour_map((9, 11), (3, 4), nb)
+        for o in neighbour_offsets(2, nb):
+            P = (col[..., None] == np.arange(col.max() + 1)).astype(float)
+            N = neighbour_sum(P, [o])
+            assert not np.any(N[np.arange(9)[:, None], np.arange(11)[None], col] > 0)
+    col3 = colour_map((4, 5, 6), (1, 0, 2), 26)
+    assert col3.max() == 7
+
+
+def test_beta_zero_is_the_pixelwise_mixture():
+    X, _ = _image(seed=4)
+    w, mu, cov = _start(X)
+    kw = dict(weights_init=w, means_init=mu, precisions_init=np.linalg.inv(cov), max_iter=20)
+    sg = SpatialGaussianMixture(3, spatial_beta=0, tol=1e-6, **kw).fit(X)
+    gm = GaussianMixture(3, nan_policy="marginalize", tol=1e-6, **kw).fit(X.reshape(-1, 3))
+    assert sg.n_iter_ == gm.n_iter_
+    np.testing.assert_allclose(sg.means_, gm.means_, rtol=1e-9)
+    np.testing.assert_allclose(sg.covariances_, gm.covariances_, rtol=1e-8)
+    np.testing.assert_allclose(sg.weights_, gm.weights_, rtol=1e-9)
+    np.testing.assert_allclose(
+        sg.predict_proba(X).reshape(-1, 3), gm.predict_proba(X.reshape(-1, 3)), atol=1e-9
+    )
+
+
+# --------------------------------------------------------------------------- chunking
+
+
+def test_same_fit_and_posterior_for_any_chunking():
+    X, ds = _image(shape=(33, 28))
+    X[3:9, 5:12] = np.nan  # a hole: classes from the prior
+    X[20:30, 10:20, 1] = np.nan  # a band missing over a patch
+    y = ds["labels"].values.astype(int).copy()
+    y[4, 6] = 0  # a label in the hole
+    fits = []
+    for chunks in [(33, 28), (16, 16), (7, 30), (5, 4)]:  # (5, 4): chunks below the halo
+        img = da.from_array(X, chunks=(*chunks, 3))
+        fits.append(
+            SpatialGaussianMixtureClassifier(
+                spatial_beta="auto", random_state=0, max_iter=5, tol=0, neighbourhood=8
+            ).fit(img, da.from_array(y, chunks=chunks))
+        )
+    ref = fits[0]
+    proba = np.asarray(ref.predict_proba(X))
+    for other in fits[1:]:
+        np.testing.assert_allclose(other.means_, ref.means_, rtol=1e-10, atol=1e-10)
+        np.testing.assert_allclose(other.covariances_, ref.covariances_, rtol=1e-10)
+        assert other.spatial_beta_ == pytest.approx(ref.spatial_beta_, rel=1e-10)
+        p = other.predict_proba(da.from_array(X, chunks=(11, 9, 3))).compute()
+        np.testing.assert_allclose(p, proba, atol=1e-10)
+    # the hole gets classes from the prior
+    assert np.isfinite(proba[3:9, 5:12]).all()
+
+
+# --------------------------------------------------------------------------- quality
+
+
+def _accuracy(pred, truth, match):
+    if not match:
+        return float((pred == truth).mean())
+    K = int(max(pred.max(), truth.max())) + 1
+    C = np.zeros((K, K))
+    np.add.at(C, (pred.ravel(), truth.ravel()), 1)
+    r, c = linear_sum_assignment(-C)
+    return C[r, c].sum() / C.sum()
+
+
+def test_prior_beats_pixelwise_on_synthetic_maps():
+    ds = make_stack((128, 128), n_classes=4, n_features=4, seed=3, separation=2.0, nan_fraction=0)
+    X = np.stack([ds[f"attr_{k}"].values for k in range(4)], -1).astype(np.float64)
+    t, y = ds["truth"].values, ds["labels"].values.astype(int)
+    gm = daskem.GaussianMixtureClassifier(random_state=0).fit(X.reshape(-1, 4), y.ravel())
+    sg = SpatialGaussianMixtureClassifier(random_state=0).fit(X, y)
+    pw = gm.predict_proba(X.reshape(-1, 4)).reshape(*t.shape, 4)
+    sp = sg.predict_proba(X)
+    acc_pw, acc_sp = _accuracy(pw.argmax(-1), t, False), _accuracy(sp.argmax(-1), t, False)
+    assert acc_sp > acc_pw + 0.1, (acc_pw, acc_sp)
+    # isolated wrong pixels (at most 2 of 8 neighbours share their label) all but vanish,
+    # and the few left are less confident than the pixel-wise map's
+    iso = {}
+    for name, P in (("pw", pw), ("sp", sp)):
+        lab = P.argmax(-1)
+        same = (neighbour_sum(np.eye(4)[lab], neighbour_offsets(2, 8)) * np.eye(4)[lab]).sum(-1)
+        sel = (lab != t) & (same <= 2)
+        iso[name] = (int(sel.sum()), float(P.max(-1)[sel].mean()) if sel.any() else 0.0)
+    assert iso["sp"][0] < 0.05 * iso["pw"][0], iso
+    assert iso["sp"][1] < iso["pw"][1], iso
+    # unsupervised too
+    u_pw = GaussianMixture(4, random_state=0).fit(X.reshape(-1, 4)).predict(X.reshape(-1, 4))
+    u_sp = SpatialGaussianMixture(4, random_state=0).fit(X).predict(X)
+    assert _accuracy(u_sp, t, True) > _accuracy(u_pw.reshape(t.shape), t, True) + 0.1
+
+
+def _potts(shape, K, beta, nb, rng, sweeps=200):
+    """A Gibbs sample of the Potts field (colour sweeps)."""
+    z = rng.integers(0, K, size=shape)
+    col = colour_map(shape, (0, 0), nb)
+    for _ in range(sweeps):
+        for c in range(int(col.max()) + 1):
+            s = col == c
+            N = ref_neighbours(np.eye(K)[z], nb)[s]
+            p = np.exp(beta * N - logsumexp(beta * N, axis=1, keepdims=True))
+            z[s] = (p.cumsum(1) < rng.random(s.sum())[:, None]).sum(1)
+    return z
+
+
+@pytest.mark.parametrize(("nb", "beta"), [(4, 0.4), (4, 0.8), (8, 0.3)])
+def test_auto_beta_recovers_the_true_beta(nb, beta):
+    rng = np.random.default_rng(0)
+    z = _potts((120, 120), 3, beta, nb, rng)
+    means = np.array([[0.0, 0.0], [3.5, 0.0], [0.0, 3.5]])
+    X = means[z] + rng.standard_normal((*z.shape, 2))
+    sg = SpatialGaussianMixture(3, neighbourhood=nb, random_state=0, tol=1e-6).fit(X)
+    assert sg.spatial_beta_ == pytest.approx(beta, abs=0.06)
+
+
+# --------------------------------------------------------------------------- API
+
+
+def test_model_file_round_trip_and_summary():
+    X, ds = _image()
+    y = ds["labels"].values.astype(int)
+    sg = SpatialGaussianMixtureClassifier(random_state=0, max_iter=5).fit(X, y)
+    doc = model_to_dict(sg)
+    assert doc["model"] == "hmrf"
+    back = model_from_dict(doc)
+    assert type(back) is SpatialGaussianMixtureClassifier
+    assert back.spatial_beta_ == sg.spatial_beta_
+    np.testing.assert_array_equal(back.predict_proba(X), sg.predict_proba(X))
+    assert "spatial prior: beta" in sg._summary()[0]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "shape", "match"),
+    [
+        ({"spatial_beta": -1.0}, (10, 10, 2), "spatial_beta"),
+        ({"spatial_beta": "big"}, (10, 10, 2), "spatial_beta"),
+        ({"neighbourhood": 6}, (10, 10, 2), "neighbourhood"),
+        ({"neighbourhood": 8}, (4, 10, 10, 2), "neighbourhood"),
+        ({"mean_field_sweeps": 0}, (10, 10, 2), "mean_field_sweeps"),
+        ({}, (100, 2), "spatial dims"),
+    ],
+)
+def test_bad_input(kwargs, shape, match):
+    X = np.random.default_rng(0).normal(size=shape)
+    with pytest.raises(ValueError, match=match):
+        SpatialGaussianMixture(2, **kwargs).fit(X)
