@@ -1007,6 +1007,12 @@ def fit_stack(
     X = stack.rows()
     y = None
     names: list[str] | None = None
+    for key in ("spatial_beta", "neighbourhood", "mean_field_sweeps"):
+        if gm_kwargs.get(key) is None:
+            gm_kwargs.pop(key, None)
+    if method == "gmm" and "spatial_beta" in gm_kwargs:
+        method = "hmrf"  # a spatial prior was asked for
+    spatial = getattr(estimator_class(method), "spatial_input", False)
     if gm_kwargs.get("nan_policy") is None:  # fit through observed attributes if it can
         policies = estimator_class(method, semi_supervised=labels is not None).nan_policies
         gm_kwargs["nan_policy"] = "marginalize" if "marginalize" in policies else "omit"
@@ -1045,6 +1051,11 @@ def fit_stack(
         if v is not None and v is not False
     }
     fit_kwargs["feature_names"] = list(stack.variables)
+    if spatial:  # an image (*spatial, D) and maps, in the stack's chunks
+        X = da.moveaxis(stack.data, 0, -1)
+        y = None if y is None else stack.to_map(y)
+        if sample_weight is not None:
+            sample_weight = stack.to_map(sample_weight)
     if y is None:
         if names is None:
             names = [f"class_{c}" for c in range(n_components)]
@@ -1305,18 +1316,32 @@ def posterior(
                 f"cannot impute: the stack's variables {clash} clash with the posterior's "
                 "output names; rename them"
             )
-    stacked = da.map_blocks(
-        _posterior_block,
-        *args,
-        chunks=((C + 2 + (2 * D if impute else 0),), *stack.chunks),
-        dtype=np.float64,
-        meta=np.empty((0,) * data.ndim, np.float64),
-        state=state,
-        n_classes=C,
-        rows=max(256, _POSTERIOR_VALUES // max(stack.n_features, len(model.component_classes_))),
-        impute=impute_rows if impute else None,
-        name=f"daskem-posterior-{uuid.uuid4().hex[:12]}",
-    )
+    posterior_map = getattr(model, "posterior_map", None)
+    if posterior_map is not None:  # pixels see their neighbours: mean-field maps
+        if impute:
+            raise ValueError(
+                f"a {type(model).__name__} does not fill missing attributes: posterior maps "
+                "without impute only"
+            )
+        planes = posterior_map(
+            da.moveaxis(data, 0, -1), args[1] if len(args) > 1 else None, n_classes=C
+        )
+        stacked = planes.rechunk(((C + 2,), *stack.chunks))
+    else:
+        stacked = da.map_blocks(
+            _posterior_block,
+            *args,
+            chunks=((C + 2 + (2 * D if impute else 0),), *stack.chunks),
+            dtype=np.float64,
+            meta=np.empty((0,) * data.ndim, np.float64),
+            state=state,
+            n_classes=C,
+            rows=max(
+                256, _POSTERIOR_VALUES // max(stack.n_features, len(model.component_classes_))
+            ),
+            impute=impute_rows if impute else None,
+            name=f"daskem-posterior-{uuid.uuid4().hex[:12]}",
+        )
     spatial = stack.chunks
     probability = stacked.map_blocks(
         _planes, 0, C, np.float32, chunks=((C,), *spatial), dtype=np.float32

@@ -78,7 +78,8 @@ def ref_iteration(X, w, mu, cov, alpha, beta, nb, sweeps, reg=1e-6):
             q[s] = new[s]
     N = ref_neighbours(q, nb)
     ent = np.where(q > 0, q * np.log(np.where(q > 0, q, 1)), 0)
-    F = (q * (E + alpha + 0.5 * beta * N) - ent).sum() / (H * W)
+    log_prior = alpha + beta * N - logsumexp(alpha + beta * N, axis=-1, keepdims=True)
+    F = (q * (E + log_prior) - ent).sum() / (H * W)
     r = q.reshape(-1, K)
     x = X.reshape(-1, D)
     nk = r.sum(0) + 10 * np.finfo(float).eps
