@@ -248,7 +248,7 @@ class _Command(click.Command):
     own options, where it runs, output."""
 
     def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        sections: dict[str, list] = {g: [] for g in (_DATA, _ANY, _GMM)}
+        sections: dict[str, list] = {g: [] for g in (_DATA, _ANY, _GMM, _HMRF)}
         for param in self.get_params(ctx):
             record = param.get_help_record(ctx) if isinstance(param, click.Option) else None
             if record is not None:
@@ -263,6 +263,7 @@ class _Command(click.Command):
 _DATA = "Data and labels"
 _ANY = "Fit (any --method)"
 _GMM = "Options of --method gmm (Gaussian mixtures)"
+_HMRF = "Spatial prior (--method hmrf: a Gaussian mixture whose neighbouring pixels share classes)"
 #: the options that belong to the Gaussian mixtures, by parameter name
 _GMM_OPTIONS = ("components_per_class", "label_weight", "covariance", "precision")
 
@@ -347,6 +348,24 @@ def _fit_options(f: Callable) -> Callable:
             cls=_Opt,
             group=_GMM,
             help="Covariance type of the components.",
+        ),
+        click.option(
+            "--spatial-beta",
+            "spatial_beta",
+            metavar="auto|B",
+            cls=_Opt,
+            group=_HMRF,
+            help="Strength of the prior that neighbouring pixels share a class: a number "
+            ">= 0, or 'auto' to estimate it from the data. Selects --method hmrf (mean-field "
+            "EM; the gmm options apply too).",
+        ),
+        click.option(
+            "--neighbourhood",
+            type=click.Choice(("4", "8", "6", "26")),
+            default=None,
+            cls=_Opt,
+            group=_HMRF,
+            help="Neighbours of a pixel: 4 or 8 on 2-D maps (default 8), 6 or 26 on 3-D volumes.",
         ),
         click.option(
             "--nan-policy",
@@ -603,13 +622,14 @@ def _check_fit_options(
     from . import io
     from .modelfile import load_checkpoint
 
-    method = opts.get("method", "gmm")
+    method = _method(opts)
     try:
         io.estimator_class(method, semi_supervised=labels is not None)
     except ValueError as e:
         raise BadInput(f"--method {method}: {e}") from e
     _parse_params(opts.get("params", ()))
-    if method != "gmm":
+    _spatial_options(opts)
+    if method not in ("gmm", "hmrf"):
         ctx = click.get_current_context(silent=True)
         given = [
             name
@@ -646,6 +666,37 @@ def _check_fit_options(
         )
 
 
+def _method(opts: dict[str, Any]) -> str:
+    """--method, or hmrf when --spatial-beta / --neighbourhood ask for a spatial prior."""
+    method = opts.get("method", "gmm")
+    spatial = opts.get("spatial_beta") is not None or opts.get("neighbourhood") is not None
+    if spatial and method == "gmm":
+        return "hmrf"
+    if spatial and method != "hmrf":
+        raise BadInput(f"--spatial-beta/--neighbourhood: options of --method hmrf, not {method}")
+    return method
+
+
+def _spatial_options(opts: dict[str, Any]) -> dict[str, Any]:
+    """The spatial prior's estimator parameters from --spatial-beta / --neighbourhood."""
+    out: dict[str, Any] = {}
+    beta = opts.get("spatial_beta")
+    if beta is not None:
+        if beta == "auto":
+            out["spatial_beta"] = "auto"
+        else:
+            try:
+                value = float(beta)
+            except ValueError:
+                value = float("nan")
+            if not (value >= 0 and value < float("inf")):
+                raise BadInput(f"--spatial-beta {beta}: expected 'auto' or a number >= 0")
+            out["spatial_beta"] = value
+    if opts.get("neighbourhood") is not None:
+        out["neighbourhood"] = int(opts["neighbourhood"])
+    return out
+
+
 def _check_output(path: Path, option: str, overwrite: bool) -> None:
     if (path.exists() or path.is_symlink()) and not overwrite:
         raise BadInput(f"{option} {path} exists; add --overwrite to replace it")
@@ -677,17 +728,17 @@ def _fit(rep: Reporter, stack: Any, *, labels: str | None, opts: dict[str, Any])
     from . import io
 
     how = f"semi-supervised from --labels {labels}" if labels else "unsupervised"
-    how += "" if opts.get("method", "gmm") == "gmm" else f", --method {opts['method']}"
+    method = _method(opts)
+    how += "" if method == "gmm" else f", --method {method}"
     k, cpc = opts["n_components"], opts.get("components_per_class")
     if k is not None:
         what = f"{k} components"
     else:
         what = f"components per class: {cpc}" if cpc else "one component per class"
-    if opts.get("method", "gmm") == "gmm":
+    if method in ("gmm", "hmrf"):
         what += f" ({opts['covariance']} covariance)"
     rep.progress(f"fitting {what}, {how}")
     t = time.perf_counter()
-    method = opts.get("method", "gmm")
     extra: dict[str, Any] = {
         "tol": opts["tol"],
         "max_iter": opts["max_iter"],
@@ -695,13 +746,15 @@ def _fit(rep: Reporter, stack: Any, *, labels: str | None, opts: dict[str, Any])
         "random_state": opts["seed"],
         "nan_policy": opts.get("nan_policy"),
     }
-    if method == "gmm":
+    if method in ("gmm", "hmrf"):
         extra.update(covariance_type=opts["covariance"], precision=opts["precision"])
         if labels is not None:
             extra["components_per_class"] = _parse_components_per_class(
                 opts.get("components_per_class")
             )
             extra["label_weight"] = opts.get("label_weight", 1.0)
+    if method == "hmrf":
+        extra.update(_spatial_options(opts))
     extra.update(_parse_params(opts.get("params", ())))  # --param NAME=VALUE wins
     try:
         gm = io.fit_stack(
@@ -792,7 +845,7 @@ def _save_model(rep: Reporter, gm: Any, path: Path, stack: Any, labels, opts) ->
         "variables": list(stack.variables),
         "labels": labels,
         "options": {
-            "method": opts.get("method", "gmm"),
+            "method": _method(opts),
             "params": dict(_parse_params(opts.get("params", ()))),
             "n_components": opts["n_components"],
             "components_per_class": opts.get("components_per_class"),

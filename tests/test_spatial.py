@@ -337,3 +337,82 @@ def test_bad_input(kwargs, shape, match):
     X = np.random.default_rng(0).normal(size=shape)
     with pytest.raises(ValueError, match=match):
         SpatialGaussianMixture(2, **kwargs).fit(X)
+
+
+# --------------------------------------------------------------------------- stacks, CLI
+
+
+def test_fit_stack_posterior_and_cli(tmp_path):
+    import xarray as xr
+    from click.testing import CliRunner
+
+    from daskem import cli
+    from daskem.io import fit_stack, open_stack, posterior
+    from daskem.synthetic import write_stack
+
+    ds = make_stack((96, 80), n_classes=3, n_features=3, seed=7, separation=2.0)
+    store = tmp_path / "s.zarr"
+    write_stack(ds, store, chunks=32)
+    stack = open_stack(store)
+    gm = fit_stack(stack, labels="labels", spatial_beta="auto", neighbourhood=4, random_state=0)
+    assert isinstance(gm, SpatialGaussianMixtureClassifier) and gm.neighbourhood == 4
+    post = posterior(gm, stack, labels="labels").compute()
+    truth = ds["truth"].values
+    pixelwise = fit_stack(stack, labels="labels", random_state=0)
+    post0 = posterior(pixelwise, stack).compute()
+    assert (post.label.values == truth).mean() > (post0.label.values == truth).mean() + 0.1
+    # pixels with nothing observed get their class from the prior (pixel-wise: -1)
+    hole = np.isnan(ds["attr_0"].values) & np.isnan(ds["attr_1"].values)
+    assert hole.any() and (post.label.values[hole] >= 0).all()
+    assert np.isnan(post.log_likelihood.values[hole]).all()
+    assert post.attrs["model_kind"] == "hmrf"
+
+    def invoke(*args):
+        return CliRunner().invoke(cli.cli, [str(a) for a in args], catch_exceptions=False)
+
+    from distributed import LocalCluster
+
+    with LocalCluster(
+        n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None
+    ) as cluster:
+        address = cluster.scheduler_address
+        r = invoke(
+            "run",
+            store,
+            "--labels",
+            "labels",
+            "--spatial-beta",
+            "1.5",
+            "--neighbourhood",
+            "8",
+            "--model",
+            tmp_path / "m.json",
+            "--out",
+            tmp_path / "p.zarr",
+            "--scheduler",
+            address,
+        )
+        assert r.exit_code == 0, r.output
+        r = invoke("inspect", tmp_path / "m.json")
+        assert "spatial prior: beta 1.5 (fixed), 8-neighbourhood" in r.output
+        p = xr.open_zarr(tmp_path / "p.zarr")
+        assert float((p.label.values == truth).mean()) > 0.9
+        for bad, msg in (
+            (["--spatial-beta", "-2"], "--spatial-beta -2"),
+            (["--spatial-beta", "x"], "--spatial-beta x"),
+            (["--neighbourhood", "26"], "neighbourhood"),
+            (["--spatial-beta", "1", "--method", "other"], "--spatial-beta"),
+        ):
+            r = invoke(
+                "fit",
+                store,
+                "--labels",
+                "labels",
+                *bad,
+                "--model",
+                tmp_path / "bad.json",
+                "--scheduler",
+                address,
+            )
+            assert r.exit_code == 2 and msg in r.output, r.output
+            assert not (tmp_path / "bad.json").exists()
