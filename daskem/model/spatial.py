@@ -184,11 +184,14 @@ def pixel_uniforms(shape: tuple[int, ...], origin: tuple[int, ...]) -> np.ndarra
 
 
 def _softmax_rows(a: np.ndarray) -> np.ndarray:
+    """Softmax over the last axis, computed in place in ``a`` (which is returned)."""
     m = a.max(axis=-1, keepdims=True)
-    m = np.where(np.isfinite(m), m, 0.0)
+    m[~np.isfinite(m)] = 0.0
+    a -= m
     with np.errstate(under="ignore"):
-        e = np.exp(a - m)
-    return e / e.sum(axis=-1, keepdims=True)
+        np.exp(a, out=a)
+    a /= a.sum(axis=-1, keepdims=True)
+    return a
 
 
 def mean_field(
@@ -228,26 +231,61 @@ def mean_field(
     logits = log_emission + alpha
     if allowed is not None:
         logits = np.where(allowed, logits, -np.inf)
-    q = _softmax_rows(logits)
+    q = _softmax_rows(logits.copy())
     if active is not None:
         q[~active] = 0.0
     if beta == 0.0 or sweeps == 0:
         return q
-    Q = q @ membership
-    offsets = neighbour_offsets(len(grid), neighbourhood)
-    colours = colour_map(grid, origin, neighbourhood)
-    if active is not None:
-        colours = np.where(active, colours, -1)
-    sel = [colours == c for c in range(n_colours(len(grid), neighbourhood))]
+    ndim = len(grid)
+    identity = membership.shape[0] == membership.shape[1] and np.array_equal(
+        membership, np.eye(membership.shape[0])
+    )
+    C = membership.shape[1]
+    # Q (class probabilities) inside a zero border, so every neighbour is a strided view
+    Qp = np.zeros(tuple(n + 2 for n in grid) + (C,))
+    inner = tuple(slice(1, n + 1) for n in grid)
+    Qp[inner] = q if identity else q @ membership
+    offsets = neighbour_offsets(ndim, neighbourhood)
     for _ in range(sweeps):
-        for s in sel:
-            if not s.any():
-                continue
-            N = neighbour_sum(Q, offsets)[s]  # (n_c, C)
-            qc = _softmax_rows(logits[s] + beta * (N @ membership.T))
-            q[s] = qc
-            Q[s] = qc @ membership
+        for lattices in _colour_lattices(grid, origin, neighbourhood):
+            for start in lattices:  # parity sub-lattices of one colour: no two are neighbours
+                sub = tuple(slice(a, None, 2) for a in start)
+                shape = logits[sub].shape[:-1]
+                if not all(shape):
+                    continue
+                N = np.zeros((*shape, C))
+                for o in offsets:
+                    view = tuple(
+                        slice(1 + a + d, 1 + a + d + 2 * (n - 1) + 1, 2)
+                        for a, d, n in zip(start, o, shape, strict=True)
+                    )
+                    N += Qp[view]
+                lg = logits[sub] + beta * (N if identity else N @ membership.T)
+                qc = _softmax_rows(lg)
+                if active is not None:
+                    qc[~active[sub]] = 0.0
+                q[sub] = qc
+                Qp[tuple(slice(1 + a, None, 2) for a in start)][
+                    tuple(slice(0, n) for n in shape)
+                ] = qc if identity else qc @ membership
     return q
+
+
+def _colour_lattices(
+    grid: tuple[int, ...], origin: tuple[int, ...], neighbourhood: int
+) -> list[list[tuple[int, ...]]]:
+    """Per colour of :func:`colour_map`, in colour order, the local starts of its parity
+    sub-lattices (``[a::2, b::2, ...]``)."""
+    ndim = len(grid)
+    out: list[list[tuple[int, ...]]] = [[] for _ in range(n_colours(ndim, neighbourhood))]
+    for par in itertools.product((0, 1), repeat=ndim):
+        start = tuple((p - int(o)) % 2 for p, o in zip(par, origin, strict=True))
+        if _full(ndim, neighbourhood):
+            colour = sum(p << d for d, p in enumerate(par))
+        else:
+            colour = sum(par) % 2
+        out[colour].append(start)
+    return out
 
 
 def free_energy(
