@@ -148,7 +148,9 @@ def grid_blocks(layout: GridLayout, *grids: da.Array | None) -> list[tuple]:
                 continue
             piece = g[ext]
             piece = piece.rechunk(piece.shape)
-            blocks.append(piece.to_delayed(optimize_graph=False).ravel()[0])
+            # optimised: the block's own tasks read what it needs, so no chunk is held
+            # for the other blocks that share it (bounded memory, halo chunks read again)
+            blocks.append(piece.to_delayed(optimize_graph=True).ravel()[0])
         out.append((core, tuple(elo), *blocks))
     return out
 
