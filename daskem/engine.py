@@ -113,10 +113,16 @@ class GridLayout:
 
     @property
     def row_chunks(self) -> tuple[int, ...]:
-        sizes = np.ones(1, dtype=np.int64)
-        for c in self.chunks:
-            sizes = np.outer(sizes, np.asarray(c, dtype=np.int64)).ravel()
-        return tuple(int(n) for n in sizes)
+        return block_rows(self.chunks)
+
+
+def block_rows(chunks: Sequence[Sequence[int]]) -> tuple[int, ...]:
+    """Pixels of every block of a grid chunked as ``chunks``, blocks in C order (the row
+    chunks of its row view)."""
+    sizes = np.ones(1, dtype=np.int64)
+    for c in chunks:
+        sizes = np.outer(sizes, np.asarray(c, dtype=np.int64)).ravel()
+    return tuple(int(n) for n in sizes)
 
 
 def _spatial_block(data, core, origin):
@@ -903,6 +909,11 @@ def draw_sample(
     else:
         idx = np.sort(rng.choice(n, size=size, replace=False))
     bounds = np.cumsum((0,) + tuple(data.row_chunks))
+    order = None
+    if data.layout is not None:
+        # ``idx`` are pixels of the grid in C order: the sample (and its order) does not
+        # depend on the chunking
+        idx, order = _grid_rows(data.layout, idx)
     parts = []
     for i, (x, w, y) in enumerate(data._blocks):
         lo, hi = bounds[i], bounds[i + 1]
@@ -922,7 +933,35 @@ def draw_sample(
     X = np.concatenate([c[0] for c in computed])
     w = None if data.sample_weight is None else np.concatenate([c[1] for c in computed])
     y = None if data.labels is None else np.concatenate([c[2] for c in computed])
+    if order is not None:  # back to the grid's C order
+        X = X[order]
+        w = None if w is None else w[order]
+        y = None if y is None else y[order]
     return X, w, y
+
+
+def _grid_rows(layout: GridLayout, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows (sorted) of the row view holding grid pixels ``pixels`` (C-order indices), and
+    the permutation that puts rows taken in that sorted order back in ``pixels``' order."""
+    coords = np.unravel_index(pixels, layout.shape)
+    nblocks = [len(c) for c in layout.chunks]
+    blk, local, shape = [], [], []
+    for d, c in enumerate(layout.chunks):
+        starts = np.cumsum((0,) + tuple(c))
+        b = np.searchsorted(starts, coords[d], side="right") - 1
+        blk.append(b)
+        local.append(coords[d] - starts[b])
+        shape.append(np.asarray(c)[b])
+    block_id = np.ravel_multi_index(blk, nblocks)
+    flat_local = np.zeros(len(pixels), dtype=np.int64)
+    for d in range(len(layout.shape)):
+        flat_local = flat_local * shape[d] + local[d]
+    offsets = np.cumsum((0,) + layout.row_chunks)
+    rows = offsets[block_id] + flat_local
+    sort = np.argsort(rows, kind="stable")
+    order = np.empty_like(sort)
+    order[sort] = np.arange(len(sort))
+    return rows[sort], order
 
 
 # --------------------------------------------------------------------------- lazy maps

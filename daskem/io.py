@@ -48,6 +48,7 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 
+from . import engine
 from ._version import __version__
 from .estimator import GaussianMixture, GaussianMixtureClassifier
 from .modelfile import params_to_dict
@@ -139,10 +140,7 @@ class Stack:
     @property
     def row_chunks(self) -> tuple[int, ...]:
         """Rows per chunk of :meth:`rows`: one chunk per spatial block, in C order."""
-        sizes = np.ones(1, dtype=np.int64)
-        for c in self.chunks:
-            sizes = np.outer(sizes, np.asarray(c, dtype=np.int64)).ravel()
-        return tuple(int(n) for n in sizes)
+        return engine.block_rows(self.chunks)
 
     def rows(self) -> da.Array:
         """The pixels as rows, shape (n_pixels, n_features), made block by block.

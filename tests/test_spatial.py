@@ -416,3 +416,21 @@ def test_fit_stack_posterior_and_cli(tmp_path):
             )
             assert r.exit_code == 2 and msg in r.output, r.output
             assert not (tmp_path / "bad.json").exists()
+
+
+def test_volume_fit_is_chunking_invariant():
+    """3-D volumes (6- and 26-neighbourhoods): the same fit for two chunkings."""
+    rng = np.random.default_rng(3)
+    z = (np.indices((12, 14, 16)).sum(0) // 9) % 2
+    X = np.stack([z * 2.5, z * -1.5], -1) + rng.standard_normal((12, 14, 16, 2))
+    for nb in (6, 26):
+        fits = [
+            SpatialGaussianMixture(
+                2, neighbourhood=nb, mean_field_sweeps=1, random_state=0, max_iter=4, tol=0
+            ).fit(da.from_array(X, chunks=(*c, 2)))
+            for c in ((12, 14, 16), (5, 7, 9))
+        ]
+        np.testing.assert_allclose(fits[1].means_, fits[0].means_, rtol=1e-10, atol=1e-10)
+        assert fits[1].spatial_beta_ == pytest.approx(fits[0].spatial_beta_, rel=1e-10)
+        acc = (fits[0].predict(X) == z).mean()
+        assert max(acc, 1 - acc) > 0.95
