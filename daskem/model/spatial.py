@@ -54,6 +54,7 @@ guaranteed to increase.
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -88,6 +89,8 @@ __all__ = [
 NEIGHBOURHOODS = {2: (4, 8), 3: (6, 26)}
 # largest step of the pseudo-likelihood Newton update, per coordinate
 _MAX_STEP = 1.0
+# pixels per slab of a block's core in the statistics (bounds the temporaries)
+_SLAB_PIXELS = 65536
 
 
 def check_neighbourhood(ndim: int, neighbourhood: int) -> None:
@@ -205,6 +208,7 @@ def mean_field(
     origin: tuple[int, ...],
     sweeps: int,
     active: np.ndarray | None = None,
+    overwrite: bool = False,
 ) -> np.ndarray:
     """Mean-field responsibilities of a grid block, shape ``(*grid, K)``.
 
@@ -226,11 +230,18 @@ def mean_field(
     active : bool ndarray (*grid) or None
         Pixels of the field; others (e.g. zero sample weight) have ``q = 0`` and are not
         neighbours of anyone.
+    overwrite : bool, default False
+        Turn ``log_emission`` into the logits ``log_emission + alpha`` (``-inf`` where
+        not allowed) in place, saving a copy.
     """
     grid = log_emission.shape[:-1]
-    logits = log_emission + alpha
+    if overwrite:  # the logits take the place of the log emissions
+        logits = log_emission
+        logits += alpha
+    else:
+        logits = log_emission + alpha
     if allowed is not None:
-        logits = np.where(allowed, logits, -np.inf)
+        logits[~allowed] = -np.inf
     q = _softmax_rows(logits.copy())
     if active is not None:
         q[~active] = 0.0
@@ -426,10 +437,11 @@ class SpatialStats:
 
 def log_emission(gmm: GMMParams, X: np.ndarray) -> np.ndarray:
     """``log p(x_o | k)`` of rows (marginal over observed attributes), 0 where none is."""
-    wlp = observed_weighted_log_prob(X, gmm)
+    out = observed_weighted_log_prob(X, gmm)
+    empty = np.isnan(out[:, 0])
     with np.errstate(divide="ignore"):
-        out = wlp - np.log(gmm.weights)
-    out[np.isnan(wlp[:, 0])] = 0.0
+        out -= np.log(gmm.weights)
+    out[empty] = 0.0
     return out
 
 
@@ -451,12 +463,14 @@ def resp_stats(
 ) -> GMMStats:
     """Mixture statistics of rows with given responsibilities ``q``, missing attributes
     through their conditional expectations (mean and covariance) per component."""
-    X = np.asarray(X, dtype=np.float64)
+    X = np.asarray(X)
     n, D = X.shape
     K = gmm.n_components
     w = np.ones(n) if w is None else np.asarray(w, dtype=np.float64)
     obs = np.isfinite(X)
     complete = obs.all(axis=1)
+    if complete.all():
+        return _block_stats_reference(X, gmm, w, resp=q, n_worst=n_worst)
     out = _block_stats_reference(X[complete], gmm, w[complete], resp=q[complete], n_worst=n_worst)
     partial = np.flatnonzero(~complete & obs.any(axis=1))
     out.n_excluded = int(n - complete.sum() - partial.size)
@@ -569,7 +583,8 @@ class SpatialGMMModel:
         labels: np.ndarray | None = None,
         active: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Mean-field ``q`` (*ext, K) and the log emissions (*ext, K) of a block."""
+        """Mean-field ``q`` (*ext, K) and the pixel-wise logits ``log p(x | k) + alpha_k``
+        (*ext, K; ``-inf`` for components a labelled pixel may not take) of a block."""
         data = np.asarray(block.data)
         grid = data.shape[:-1]
         X = data.reshape(-1, data.shape[-1])
@@ -587,6 +602,7 @@ class SpatialGMMModel:
             origin=block.origin,
             sweeps=self.sweeps,
             active=active,
+            overwrite=True,
         )
         return q, E.reshape(*grid, K)
 
@@ -599,51 +615,60 @@ class SpatialGMMModel:
     ) -> SpatialStats:
         data = np.asarray(block.data)
         grid = data.shape[:-1]
-        K = params.n_components
         w = np.ones(grid) if sample_weight is None else np.asarray(sample_weight, np.float64)
         active = np.isfinite(w) & (w > 0)
         w = np.where(active, w, 0.0)
         if labels is not None and self.emission.label_weight != 1.0:
             w = np.where(np.asarray(labels) >= 0, w * self.emission.label_weight, w)
-        q, E = self.responsibilities(params, block, labels, active)
+        q, logits = self.responsibilities(params, block, labels, active)
         M = class_membership(params.gmm)
-        core = block.core
         offsets = neighbour_offsets(len(grid), self.neighbourhood)
-        Q = q @ M
-        Qn = neighbour_sum(Q, offsets) @ M.T
-        # one draw of the class field from q (fixed per pixel), for the pseudo-likelihood
-        u = pixel_uniforms(grid, block.origin)
-        z = (np.cumsum(Q, axis=-1) < u[..., None]).sum(axis=-1)
-        Z = np.zeros_like(Q)
-        np.put_along_axis(Z, np.minimum(z, Q.shape[-1] - 1)[..., None], 1.0, axis=-1)
-        Z[~active] = 0.0
-        Ns = neighbour_sum(Z, offsets) @ M.T
-        energy = local_free_energy(q, E, params.alpha, params.beta, Qn, w, core)
-        qc = q[core].reshape(-1, K)
-        wc = w[core].reshape(-1)
-        Xc = data[core].reshape(-1, data.shape[-1])
-        act = active[core].reshape(-1)
-        seen = np.isfinite(Xc).any(axis=1)
-        emission = resp_stats(Xc[act], qc[act], params.gmm, wc[act])
-        g, H = _pl_terms(
-            qc[act],
-            Qn[core].reshape(-1, K)[act],
-            params.alpha,
-            float(params.beta),
-            wc[act],
-            self.estimate_beta,
-            Ns[core].reshape(-1, K)[act],
-        )
-        return SpatialStats(
-            emission,
-            energy,
-            float(wc.sum()),
-            g,
-            H,
-            n_excluded=int((~(act & seen)).sum()),
-            n_empty=int((~seen).sum()),
-            n_partial=emission.n_partial,
-        )
+        D = data.shape[-1]
+        alpha, beta = params.alpha, float(params.beta)
+        core = tuple(slice(*c.indices(n)[:2]) for c, n in zip(block.core, grid, strict=True))
+        c0, c1 = core[0].start, core[0].stop
+        rest = core[1:]
+        stats: SpatialStats | None = None
+        # the core in slabs along the first axis, so the per-pixel temporaries stay small
+        step = max(1, _SLAB_PIXELS // max(1, math.prod(s.stop - s.start for s in rest)))
+        for a in range(c0, c1, step):
+            b = min(c1, a + step)
+            lo, hi = max(0, a - 1), min(grid[0], b + 1)  # one ring for the neighbour sums
+            inner = (slice(a - lo, b - lo), *rest)
+            qs = q[lo:hi]
+            Qs = qs @ M
+            Qn = (neighbour_sum(Qs, offsets) @ M.T)[inner].reshape(-1, q.shape[-1])
+            # one draw of the class field from q (fixed per pixel), for the pseudo-likelihood
+            u = pixel_uniforms(Qs.shape[:-1], (block.origin[0] + lo, *block.origin[1:]))
+            z = np.minimum((np.cumsum(Qs, axis=-1) < u[..., None]).sum(axis=-1), M.shape[1] - 1)
+            Z = np.zeros_like(Qs)
+            np.put_along_axis(Z, z[..., None], 1.0, axis=-1)
+            Z[~active[lo:hi]] = 0.0
+            Ns = (neighbour_sum(Z, offsets) @ M.T)[inner].reshape(-1, q.shape[-1])
+            qc = qs[inner].reshape(-1, q.shape[-1])
+            wc = w[lo:hi][inner].reshape(-1)
+            act = active[lo:hi][inner].reshape(-1)
+            Xc = data[lo:hi][inner].reshape(-1, D)
+            Ec = logits[lo:hi][inner].reshape(-1, q.shape[-1]) - alpha
+            seen = np.isfinite(Xc).any(axis=1)
+            energy = local_free_energy(qc, Ec, alpha, beta, Qn, wc, (slice(None),))
+            every = bool(act.all())
+            sel = slice(None) if every else act
+            emission = resp_stats(Xc[sel], qc[sel], params.gmm, wc[sel])
+            g, H = _pl_terms(qc[sel], Qn[sel], alpha, beta, wc[sel], self.estimate_beta, Ns[sel])
+            part = SpatialStats(
+                emission,
+                energy,
+                float(wc.sum()),
+                g,
+                H,
+                n_excluded=int((~(act & seen)).sum()),
+                n_empty=int((~seen).sum()),
+                n_partial=emission.n_partial,
+            )
+            stats = part if stats is None else stats + part
+        assert stats is not None
+        return stats
 
     def m_step(self, stats: SpatialStats, params: SpatialParams) -> tuple[SpatialParams, list]:
         gmm, events = gmm_m_step(
