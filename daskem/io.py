@@ -1182,6 +1182,10 @@ def _max_plane(block, n_classes):
     return block[:n_classes].max(axis=0).astype(np.float32)
 
 
+def _nothing_observed_plane(block, i):
+    return np.isnan(block[i]).astype(np.int8)
+
+
 def _label_plane(block, n_classes):
     p = block[:n_classes]
     out = p.argmax(axis=0).astype(np.int16)
@@ -1242,7 +1246,13 @@ def posterior(
         * ``log_likelihood`` float32 -- ``log p(x_observed)`` under the mixture (an
           outlier score; marginal over the observed attributes for partial pixels).
 
-        Pixels with every attribute missing are NaN (``label`` -1) in every output;
+        For models whose pixels see their neighbours (the spatial prior,
+        :class:`~daskem.SpatialGaussianMixture`), the class outputs are the mean-field
+        ones at the fitted parameters, computed with halos across chunk borders; pixels
+        with every attribute missing then take their class from their neighbours and are
+        flagged by ``from_prior`` (int8, 1 = no attribute observed).
+
+        Otherwise pixels with every attribute missing are NaN (``label`` -1) in every output;
         pixels with some missing use the exact marginal over the observed ones. The
         model parameters and provenance are in the attributes.
 
@@ -1374,7 +1384,10 @@ def posterior(
                 "flag_values": np.arange(C, dtype=np.int16),
                 "flag_meanings": flag_names,
                 "unlabelled_value": -1,
-                "comment": "-1 where every attribute is missing",
+                "comment": "-1 where every attribute is missing"
+                if posterior_map is None
+                else "pixels with every attribute missing take the class their neighbours "
+                "give them through the spatial prior (flagged by from_prior)",
                 **gm_attrs,
             },
         ),
@@ -1398,6 +1411,17 @@ def posterior(
             },
         ),
     }
+    if posterior_map is not None:
+        data_vars["from_prior"] = (
+            dims,
+            stacked.map_blocks(_nothing_observed_plane, C + 1, drop_axis=0, dtype=np.int8),
+            {
+                "long_name": "class from the spatial prior only (no attribute observed)",
+                "flag_values": np.array([0, 1], dtype=np.int8),
+                "flag_meanings": "observed from_prior",
+                **gm_attrs,
+            },
+        )
     if impute:
         src = stack.dataset
         for j, v in enumerate(stack.variables):

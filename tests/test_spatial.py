@@ -365,6 +365,10 @@ def test_fit_stack_posterior_and_cli(tmp_path):
     hole = np.isnan(ds["attr_0"].values) & np.isnan(ds["attr_1"].values)
     assert hole.any() and (post.label.values[hole] >= 0).all()
     assert np.isnan(post.log_likelihood.values[hole]).all()
+    np.testing.assert_array_equal(
+        post.from_prior.values,
+        np.isnan(ds[["attr_0", "attr_1", "attr_2"]].to_array().values).all(0),
+    )
     assert post.attrs["model_kind"] == "hmrf"
 
     def invoke(*args):
