@@ -589,16 +589,31 @@ def _cluster(
         raise BadInput(f"--scheduler-file: {scheduler_file} does not exist")
     if not scheduler and not scheduler_file and not given:
         scheduler = dask.config.get("scheduler-address", None)
-    with connect(
-        scheduler,
-        scheduler_file=scheduler_file,
-        n_workers=workers,
-        threads_per_worker=threads_per_worker,
-        memory_limit=memory_limit if memory_limit is not None else "auto",
-        tls_ca_file=tls_ca_file,
-        tls_cert=tls_cert,
-        tls_key=tls_key,
-    ) as client:
+    _check_tls(scheduler, scheduler_file, tls_ca_file is not None)
+    with contextlib.ExitStack() as stack:
+        try:
+            client = stack.enter_context(
+                connect(
+                    scheduler,
+                    scheduler_file=scheduler_file,
+                    n_workers=workers,
+                    threads_per_worker=threads_per_worker,
+                    memory_limit=memory_limit if memory_limit is not None else "auto",
+                    tls_ca_file=tls_ca_file,
+                    tls_cert=tls_cert,
+                    tls_key=tls_key,
+                )
+            )
+        except Exception as e:
+            reason = _tls_failure(e)
+            if reason is None:
+                raise
+            where = scheduler or f"--scheduler-file {scheduler_file}"
+            raise BadInput(
+                f"TLS with the scheduler at {where} failed: {reason}. Give --tls-ca-file the "
+                "CA that signed the scheduler's certificate, and --tls-cert / --tls-key a "
+                "certificate signed by the CA the scheduler trusts (the files its workers use)"
+            ) from e
         info = client.scheduler_info()
         n = len(info.get("workers", {}))
         threads = sum(w.get("nthreads", 0) for w in info.get("workers", {}).values())
@@ -610,6 +625,54 @@ def _cluster(
         rep.progress(f"dask: {kind}, {n} workers, {threads} threads")
         rep.progress(f"dask dashboard: {client.dashboard_link}")
         yield client
+
+
+def _scheduler_address(scheduler: str | None, scheduler_file: str | None) -> str | None:
+    if scheduler:
+        return str(scheduler)
+    if scheduler_file:
+        try:
+            return str(json.loads(Path(scheduler_file).read_text())["address"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None  # connect() reports an unreadable file
+    return None
+
+
+def _check_tls(scheduler: str | None, scheduler_file: str | None, certificates: bool) -> None:
+    """A tls:// scheduler needs certificates; certificates need a tls:// scheduler."""
+    import dask
+
+    address = _scheduler_address(scheduler, scheduler_file)
+    if address is None:
+        return
+    where = f"--scheduler {address}" if scheduler else f"--scheduler-file {scheduler_file}"
+    tls_address = address.startswith("tls://")
+    configured = dask.config.get("distributed.comm.tls.ca-file", None) is not None
+    if tls_address and not certificates and not configured:
+        raise BadInput(
+            f"{where}: the scheduler speaks TLS; give --tls-ca-file, --tls-cert and "
+            "--tls-key (the files its workers use), or set Dask's distributed.comm.tls "
+            "configuration"
+        )
+    if certificates and not tls_address:
+        raise BadInput(
+            f"--tls-* options need a tls:// scheduler, but the scheduler is {address}: give "
+            "its tls:// address, or drop the --tls-* options"
+        )
+
+
+def _tls_failure(e: BaseException) -> str | None:
+    """The reason of a failed TLS handshake in ``e``'s chain, or None if it is not one."""
+    import ssl
+
+    seen: BaseException | None = e
+    while seen is not None:
+        if isinstance(seen, ssl.SSLError):
+            return getattr(seen, "verify_message", None) or seen.reason or str(seen)
+        if "TLS certificate does not match" in str(seen):
+            return "the certificates do not match"
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 # ----------------------------------------------------------------------------- steps

@@ -161,9 +161,27 @@ def test_tls_fit_with_certificates_and_refused_without(stack, embedded, tmp_path
             "fit", str(stack), *FIT, "--model", str(tmp_path / "x.json"),
             "--scheduler", procs.address, check=False, timeout=120,
         )  # fmt: skip
+        # certificates of another CA, and certificates against a tcp:// address
+        other = tmp_path / "other-certs"
+        subprocess.run(["bash", str(MAKE_CERTS), str(other)], check=True, capture_output=True)
+        wrong = [a.replace(str(certs), str(other)) for a in tls]
+        wrong_ca = _run(
+            "fit", str(stack), *FIT, "--model", str(tmp_path / "x.json"),
+            "--scheduler", procs.address, *wrong, check=False, timeout=120,
+        )  # fmt: skip
+        tcp = _run(
+            "fit", str(stack), *FIT, "--model", str(tmp_path / "x.json"),
+            "--scheduler", procs.address.replace("tls://", "tcp://"), *tls, check=False,
+            timeout=120,
+        )  # fmt: skip
     finally:
         procs.stop()
     _same_model(model, embedded[0])
-    assert refused.returncode != 0
-    assert "TLS" in refused.stderr or "tls" in refused.stderr
+    assert refused.returncode == 2, refused.stderr
+    assert "the scheduler speaks TLS; give --tls-ca-file" in refused.stderr
+    assert wrong_ca.returncode == 2, wrong_ca.stderr
+    assert "TLS with the scheduler at tls://" in wrong_ca.stderr
+    assert "--tls-ca-file the CA that signed" in wrong_ca.stderr
+    assert tcp.returncode == 2, tcp.stderr
+    assert "--tls-* options need a tls:// scheduler" in tcp.stderr
     assert not (tmp_path / "x.json").exists()
