@@ -623,7 +623,10 @@ def _cluster(
             else "embedded cluster"
         )
         rep.progress(f"dask: {kind}, {n} workers, {threads} threads")
-        rep.progress(f"dask dashboard: {client.dashboard_link}")
+        link = client.dashboard_link
+        if str(client.scheduler.address).startswith("tls://"):
+            link += " (plain HTTP, outside TLS: reach it through an SSH tunnel or port-forward)"
+        rep.progress(f"dask dashboard: {link}")
         yield client
 
 

@@ -156,7 +156,10 @@ def test_tls_fit_with_certificates_and_refused_without(stack, embedded, tmp_path
         model = tmp_path / "m.json"
         tls = ["--tls-ca-file", str(certs / "ca.pem"), "--tls-cert", str(certs / "node.pem"),
                "--tls-key", str(certs / "node-key.pem")]  # fmt: skip
-        _run("fit", str(stack), *FIT, "--model", str(model), "--scheduler", procs.address, *tls)
+        ok = _run(
+            "fit", str(stack), *FIT, "--model", str(model), "--scheduler", procs.address, *tls
+        )
+        assert "plain HTTP" in ok.stderr + ok.stdout
         refused = _run(
             "fit", str(stack), *FIT, "--model", str(tmp_path / "x.json"),
             "--scheduler", procs.address, check=False, timeout=120,
