@@ -438,3 +438,27 @@ def test_volume_fit_is_chunking_invariant():
         assert fits[1].spatial_beta_ == pytest.approx(fits[0].spatial_beta_, rel=1e-10)
         acc = (fits[0].predict(X) == z).mean()
         assert max(acc, 1 - acc) > 0.95
+
+
+def test_checkpoint_resume_gives_the_uninterrupted_fit(tmp_path):
+    X, ds = _image(seed=5)
+    y = ds["labels"].values.astype(int)
+    kw = dict(spatial_beta="auto", random_state=0, max_iter=6, tol=0)
+    full = SpatialGaussianMixtureClassifier(**kw).fit(X, y)
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_3(info):
+        if info.iteration == 3:
+            raise Stop
+
+    with pytest.raises(Stop):
+        SpatialGaussianMixtureClassifier(**kw).fit(
+            X, y, checkpoint_dir=tmp_path, callback=stop_after_3
+        )
+    resumed = SpatialGaussianMixtureClassifier(**kw).fit(X, y, checkpoint_dir=tmp_path, resume=True)
+    assert resumed.n_iter_ == full.n_iter_ == 6
+    np.testing.assert_allclose(resumed.means_, full.means_, rtol=1e-12)
+    assert resumed.spatial_beta_ == pytest.approx(full.spatial_beta_, rel=1e-12)
+    np.testing.assert_allclose(resumed.lower_bounds_, full.lower_bounds_, rtol=1e-12)
