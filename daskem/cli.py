@@ -215,6 +215,14 @@ def _cluster_options(f: Callable) -> Callable:
             help="Embedded cluster: memory limit per worker, e.g. 4GiB (default: auto).",
         ),
         click.option(
+            "--worker-timeout",
+            type=click.FloatRange(min=0, min_open=True),
+            metavar="SECONDS",
+            help="Give up (exit 1) when no Dask worker has been connected for this long "
+            "during a pass (default: wait, saying so, until workers come back or Ctrl-C), "
+            "or every worker has been paused at its memory limit this long (default 60 s).",
+        ),
+        click.option(
             "--tls-ca-file",
             type=click.Path(dir_okay=False),
             help="CA certificate (PEM) of a tls:// scheduler (or Dask's TLS config).",
@@ -556,11 +564,15 @@ def _cluster(
     tls_ca_file: str | None = None,
     tls_cert: str | None = None,
     tls_key: str | None = None,
+    worker_timeout: float | None = None,
 ) -> Iterator[Any]:
-    """The Dask client of a command (see :func:`daskem.cluster.connect`)."""
+    """The Dask client of a command (see :func:`daskem.cluster.connect`), its passes
+    watched (:func:`daskem.engine.watch_cluster`): lost workers, waiting for workers and
+    workers paused at their memory limit are reported on stderr."""
     import dask
 
     from .cluster import connect
+    from .engine import watch_cluster
 
     if scheduler and scheduler_file:
         raise BadInput("give either --scheduler or --scheduler-file, not both")
@@ -627,7 +639,20 @@ def _cluster(
         if str(client.scheduler.address).startswith("tls://"):
             link += " (plain HTTP, outside TLS: reach it through an SSH tunnel or port-forward)"
         rep.progress(f"dask dashboard: {link}")
-        yield client
+        hint = (
+            "a fit run with --checkpoint DIR continues from its last completed iteration "
+            "with --resume"
+        )
+
+        def report(message: str) -> None:
+            rep.progress(message)
+            rep.record({"event": "cluster", "message": message})
+
+        paused = 60.0 if worker_timeout is None else worker_timeout
+        with watch_cluster(
+            report, worker_timeout=worker_timeout, paused_timeout=paused, resume_hint=hint
+        ):
+            yield client
 
 
 def _scheduler_address(scheduler: str | None, scheduler_file: str | None) -> str | None:
@@ -1133,6 +1158,7 @@ _CLUSTER_KEYS = (
     "tls_ca_file",
     "tls_cert",
     "tls_key",
+    "worker_timeout",
 )
 
 

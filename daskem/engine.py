@@ -42,6 +42,7 @@ every block, lazily, with the parameters shipped once).
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import math
 import os
@@ -458,7 +459,7 @@ def em_pass(
     """
     graph = pass_graph(model, data, candidates, split_every)
     try:
-        (stats,) = dask.compute(graph)
+        stats = _compute(graph)
     except Exception as e:
         if type(e).__name__ == "KilledWorker":
             raise WorkerMemoryError(
@@ -470,6 +471,151 @@ def em_pass(
             ) from e
         raise
     return stats
+
+
+# --------------------------------------------------------------------------- cluster health
+
+
+class ClusterUnavailable(RuntimeError):
+    """No Dask worker was connected for longer than the allowed time."""
+
+
+class WorkersPaused(WorkerMemoryError):
+    """Every worker stayed paused at its memory limit for longer than the allowed time."""
+
+
+@dataclass
+class HealthWatch:
+    """What :func:`watch_cluster` reports and when it gives up.
+
+    ``report(message)`` receives one line per event: a worker lost, no worker connected
+    (once per wait), every worker paused at its memory limit (once per episode).
+    """
+
+    report: Callable[[str], None]
+    worker_timeout: float | None = None
+    paused_timeout: float = 60.0
+    poll: float = 2.0
+    resume_hint: str = ""
+    watcher: Any = field(default=None, repr=False)  # kept across passes
+
+
+_WATCH: contextvars.ContextVar[HealthWatch | None] = contextvars.ContextVar(
+    "daskem_watch", default=None
+)
+
+
+@contextlib.contextmanager
+def watch_cluster(
+    report: Callable[[str], None],
+    *,
+    worker_timeout: float | None = None,
+    paused_timeout: float = 60.0,
+    poll: float = 2.0,
+    resume_hint: str = "",
+):
+    """Within this context, passes on a ``distributed`` cluster watch its workers.
+
+    A pass polls the scheduler every ``poll`` seconds while it runs: lost workers are
+    reported; with no worker connected the pass waits (reported once) and, after
+    ``worker_timeout`` seconds (None: forever), raises :class:`ClusterUnavailable`; with
+    every worker paused at its memory limit for ``paused_timeout`` seconds it raises
+    :class:`WorkersPaused`. The pass's tasks are cancelled on the way out.
+    """
+    token = _WATCH.set(HealthWatch(report, worker_timeout, paused_timeout, poll, resume_hint))
+    try:
+        yield
+    finally:
+        _WATCH.reset(token)
+
+
+class _Watcher:
+    def __init__(self, client, settings: HealthWatch) -> None:
+        self.client, self.s = client, settings
+        self.known: set[str] | None = None
+        self.empty_since: float | None = None
+        self.paused_since: float | None = None
+
+    def check(self) -> None:
+        workers = self.client.scheduler_info(n_workers=-1).get("workers", {})
+        now = time.monotonic()
+        current = set(workers)
+        if self.known is not None:
+            for addr in sorted(self.known - current):
+                self.s.report(f"worker {addr} left the cluster ({len(current)} connected)")
+        self.known = current
+        if not workers:
+            if self.empty_since is None:
+                self.empty_since = now
+                limit = self.s.worker_timeout
+                self.s.report(
+                    "waiting for workers (0 connected) -- Ctrl-C to stop"
+                    + (f", giving up after {limit:g} s" if limit is not None else "")
+                    + (f"; {self.s.resume_hint}" if self.s.resume_hint else "")
+                )
+            if self.s.worker_timeout is not None and now - self.empty_since > self.s.worker_timeout:
+                raise ClusterUnavailable(
+                    f"no Dask worker connected for {self.s.worker_timeout:g} s: start workers "
+                    "(or check why they died: their logs)"
+                    + (f"; {self.s.resume_hint}" if self.s.resume_hint else "")
+                )
+            return
+        if self.empty_since is not None:
+            self.s.report(f"{len(workers)} worker(s) connected again")
+        self.empty_since = None
+        paused = [w for w in workers.values() if w.get("status") == "paused"]
+        if len(paused) < len(workers):
+            self.paused_since = None
+            return
+        if self.paused_since is None:
+            self.paused_since = now
+            self.s.report(_paused_message(paused, "paused"))
+        elif now - self.paused_since > self.s.paused_timeout:
+            raise WorkersPaused(_paused_message(paused, "stopped: workers stayed paused"))
+
+
+def _paused_message(paused: list[dict], what: str) -> str:
+    limits = sorted({int(w.get("memory_limit") or 0) for w in paused})
+    shown = ", ".join(f"{n / 2**20:.0f} MiB" for n in limits if n) or "unknown"
+    return (
+        f"{what}: every worker is at its memory limit ({shown} per worker), so no task "
+        "runs. Give workers more memory (--memory-limit, or the memory of the workers you "
+        "start) or use smaller chunks (rechunk the stack, chunk_size)"
+    )
+
+
+def compute(*collections):
+    """``dask.compute(*collections)``; under :func:`watch_cluster` on a ``distributed``
+    cluster, through watched futures (same results)."""
+    settings = _WATCH.get()
+    client = _distributed_client() if settings is not None else None
+    if client is None:
+        return dask.compute(*collections)
+    from distributed import wait
+
+    if settings.watcher is None or settings.watcher.client is not client:
+        settings.watcher = _Watcher(client, settings)
+    watcher = settings.watcher
+    watcher.check()  # workers lost since the last compute
+    # nested lists of Delayed (as dask.compute takes them) become one Delayed each
+    items = [c if dask.is_dask_collection(c) else delayed(c) for c in collections]
+    futures = client.compute(items)
+    try:
+        while True:
+            try:
+                wait(futures, timeout=settings.poll)
+                break
+            except TimeoutError:
+                watcher.check()
+        return tuple(client.gather(futures))
+    except BaseException:
+        client.cancel(futures)
+        raise
+
+
+def _compute(graph):
+    (out,) = compute(graph)
+    return out
 
 
 @dataclass
@@ -851,7 +997,7 @@ def labelled_rows(data: ChunkedData) -> tuple[np.ndarray, np.ndarray, int, int]:
     """
     if data.labels is None:
         raise ValueError("the data has no labels")
-    (summaries,) = dask.compute([delayed(_label_summary, pure=True)(y) for _, _, y in data._blocks])
+    (summaries,) = compute([delayed(_label_summary, pure=True)(y) for _, _, y in data._blocks])
     extremes = [(lo, hi) for _, lo, hi in summaries if lo is not None]
     y_min = int(min(lo for lo, _ in extremes)) if extremes else -1
     y_max = int(max(hi for _, hi in extremes)) if extremes else -1
@@ -860,7 +1006,7 @@ def labelled_rows(data: ChunkedData) -> tuple[np.ndarray, np.ndarray, int, int]:
         for (x, _, y), (idx, _, _) in zip(data._blocks, summaries, strict=True)
         if idx.size
     ]
-    (taken,) = dask.compute(parts)
+    (taken,) = compute(parts)
     if not taken:
         return np.empty((0, data.n_features)), np.empty(0, dtype=np.int64), y_min, y_max
     X = np.concatenate([t[0] for t in taken])
@@ -927,7 +1073,7 @@ def draw_sample(
                 delayed(_take_rows, pure=True)(y, sel),
             )
         )
-    (computed,) = dask.compute(parts)
+    (computed,) = compute(parts)
     if not computed:
         return np.empty((0, data.n_features)), None, None
     X = np.concatenate([c[0] for c in computed])

@@ -673,7 +673,7 @@ def _resolve_labels(
     row_idx = da.arange(stack.n_pixels, chunks=lab_rows.chunks, dtype=np.int64)
     sel = lab_rows != -1
     raw_rows = _spatial_to_rows(raw_map)
-    idx, values, raw = da.compute(row_idx[sel], lab_rows[sel], raw_rows[sel])
+    idx, values, raw = engine.compute(row_idx[sel], lab_rows[sel], raw_rows[sel])
     idx = np.asarray(idx)
     values = np.asarray(values)
     if idx.size == 0:
@@ -701,7 +701,8 @@ def _resolve_labels(
     if not require_every_class:  # posterior clamping: nothing more to check
         return _Labels(lab_map, list(names), counts, 0)
     # the attribute values of the labelled pixels (only chunks holding labels are read)
-    Xl = np.asarray(stack.rows()[idx].compute())
+    (Xl,) = engine.compute(stack.rows()[idx])
+    Xl = np.asarray(Xl)
     marginalize = nan_policy == "marginalize"
     finite = np.isfinite(Xl)
     usable = finite.any(axis=1) if marginalize else finite.all(axis=1)

@@ -113,9 +113,50 @@ def test_fit_survives_a_worker_killed_mid_fit(stack, embedded, tmp_path):
         assert not _alive(procs.pids["worker-1"])
         events = [json.loads(x) for x in log.read_text().splitlines()]
         assert sum(e.get("event") == "iteration" for e in events) > seen  # killed mid-fit
+        # the lost worker is said, on stderr and in --log-json
+        assert "left the cluster (1 connected)" in err
+        assert any("left the cluster" in e.get("message", "") for e in events)
     finally:
         procs.stop()
     _same_model(model, embedded[0])
+
+
+def test_all_workers_lost_waits_then_gives_up_with_worker_timeout(stack, tmp_path):
+    procs = LocalProcesses(tmp_path / "run", 2)
+    try:
+        log = tmp_path / "log.jsonl"
+        proc = subprocess.Popen(
+            [*DASKEM, "fit", str(stack), *FIT, "--max-iter", "500", "--model",
+             str(tmp_path / "m.json"), "--scheduler", procs.address, "--log-json", str(log),
+             "--worker-timeout", "6"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        _wait_for_iterations(log, 2, proc)
+        for name in ("worker-1", "worker-2"):
+            os.kill(procs.pids[name], signal.SIGKILL)
+        _, err = proc.communicate(timeout=120)  # fails instead of hanging
+    finally:
+        procs.stop()
+    assert proc.returncode == 1, err
+    assert "waiting for workers (0 connected)" in err
+    assert "no Dask worker connected for 6 s" in err and "--resume" in err
+    assert not (tmp_path / "m.json").exists()
+
+
+def test_workers_paused_at_their_memory_limit_stop_with_the_settings(stack, tmp_path):
+    # a limit below what a worker needs to import daskem: it pauses at once
+    procs = LocalProcesses(tmp_path / "run", 1, env={"DASKEM_MEMORY_LIMIT": "120MiB"})
+    try:
+        out = _run(
+            "fit", str(stack), *FIT, "--model", str(tmp_path / "m.json"),
+            "--scheduler", procs.address, "--worker-timeout", "5", check=False, timeout=180,
+        )  # fmt: skip
+    finally:
+        procs.stop()
+    assert out.returncode == 1, out.stderr
+    assert "every worker is at its memory limit (120 MiB per worker)" in out.stderr
+    assert "--memory-limit" in out.stderr
+    assert not (tmp_path / "m.json").exists()
 
 
 def test_lost_scheduler_stops_with_advice_and_resume_finishes(stack, embedded, tmp_path):
