@@ -1553,7 +1553,8 @@ def atomic_to_zarr(
             # Consolidated metadata lets ``xr.open_zarr`` open the store without
             # warnings; zarr 3 warns that it is not (yet) in the v3 spec.
             warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
-            ds.to_zarr(tmp, **kwargs)
+            # the chunks are written by one watched compute (engine.compute)
+            engine.compute(ds.to_zarr(tmp, compute=False, **kwargs))
         if path.exists() or path.is_symlink():
             if not overwrite:
                 raise FileExistsError(errno.EEXIST, "Zarr store already exists", str(path))
