@@ -116,23 +116,25 @@ class Reporter:
     def iteration(self, info: Any) -> None:
         """Fit callback: one line and one JSON record per EM iteration."""
         change = "-" if not math.isfinite(info.change) else f"{info.change:+.3e}"
+        beta = getattr(info.params, "beta", None)  # a spatial prior's interaction strength
         self.progress(
             f"iter {info.iteration:3d}  log-lik/px {info.lower_bound:12.6f}  "
             f"change {change:>10}  {info.seconds:6.2f} s/pass  "
-            f"{info.samples_per_second:,.0f} px/s"
+            f"{info.samples_per_second:,.0f} px/s" + ("" if beta is None else f"  beta {beta:.4f}")
         )
-        self.record(
-            {
-                "event": "iteration",
-                "iteration": info.iteration,
-                "lower_bound": info.lower_bound,
-                "change": info.change,
-                "seconds": info.seconds,
-                "n_samples": info.n_samples,
-                "samples_per_second": info.samples_per_second,
-                "converged": info.converged,
-            }
-        )
+        record = {
+            "event": "iteration",
+            "iteration": info.iteration,
+            "lower_bound": info.lower_bound,
+            "change": info.change,
+            "seconds": info.seconds,
+            "n_samples": info.n_samples,
+            "samples_per_second": info.samples_per_second,
+            "converged": info.converged,
+        }
+        if beta is not None:
+            record["spatial_beta"] = float(beta)
+        self.record(record)
 
     def summary(self, **fields: Any) -> None:
         self.record(

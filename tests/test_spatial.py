@@ -397,6 +397,7 @@ def test_fit_stack_posterior_and_cli(tmp_path):
             address,
         )
         assert r.exit_code == 0, r.output
+        assert "beta 1.5000" in r.output  # reported per iteration
         r = invoke("inspect", tmp_path / "m.json")
         assert "spatial prior: beta 1.5 (fixed), 8-neighbourhood" in r.output
         p = xr.open_zarr(tmp_path / "p.zarr")
