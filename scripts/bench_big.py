@@ -2,6 +2,7 @@
 
     python scripts/make_big_stack.py /tmp/big.zarr --gb 36      # bigger than this machine's RAM
     python scripts/bench_big.py /tmp/big.zarr -k 6 --json big.json
+    python scripts/bench_big.py /tmp/big.zarr -k 4 --spatial-beta auto   # with the spatial prior
 
 Runs on an embedded ``LocalCluster`` (2 single-threaded workers with a memory limit) so
 that peak memory is bounded by construction and measured per process: the client (this
@@ -30,7 +31,15 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--memory-limit", default="1.5GiB")
     p.add_argument("--json", type=Path)
+    p.add_argument(
+        "--spatial-beta", help="fit with the spatial prior: 'auto' or a number (default: none)"
+    )
+    p.add_argument("--neighbourhood", type=int, default=8)
     args = p.parse_args()
+    spatial = {}
+    if args.spatial_beta is not None:
+        beta = args.spatial_beta if args.spatial_beta == "auto" else float(args.spatial_beta)
+        spatial = {"spatial_beta": beta, "neighbourhood": args.neighbourhood}
 
     passes: list[dict] = []
 
@@ -55,7 +64,7 @@ def main() -> None:
         t_fit = time.perf_counter()
         gm = io.fit_stack(
             stack, args.k, covariance_type=args.covariance, tol=args.tol,
-            max_iter=args.max_iter, random_state=0, callback=on_iteration,
+            max_iter=args.max_iter, random_state=0, callback=on_iteration, **spatial,
         )  # fmt: skip
         fit_s = time.perf_counter() - t_fit
         workers = client.run(peak_rss)
@@ -80,6 +89,7 @@ def main() -> None:
         "peak_rss_bytes": peaks,
         "peak_rss_total_gb": sum(peaks.values()) / 1e9,
         "memory_limit_per_worker": args.memory_limit,
+        "spatial": {**spatial, "fitted_beta": getattr(gm, "spatial_beta_", None)} or None,
     }
     median = out["seconds_per_pass_median"]
     print(f"fit {fit_s:.0f} s ({gm.n_iter_} passes, converged={gm.converged_}), "
