@@ -54,6 +54,7 @@ from .gmm import (
     _log_weights,
     _make_plan,
     _normalise,
+    _stats_from_shifted_sums,
     block_stats,
     covariances_from_precision_cholesky,
 )
@@ -542,10 +543,7 @@ def _separable_stats(X, rows, params: GMMParams, w, labels, n_worst: int, D: int
     gone = S0[:, None] - N  # responsibility mass of the rows missing feature j
     S1 = S1 + gone * delta
     S2 = S2 + gone * (delta**2 + var)
-    safe = np.where(S0 > 0, S0, 1.0)[:, None]
-    off = S1 / safe
-    mean = np.where(S0[:, None] > 0, c + off, means)
-    m2 = S2 - S0[:, None] * off * off
+    mean, m2 = _stats_from_shifted_sums(S0, S1, S2, c, means)
     return GMMStats(
         n=S0,
         mean=mean,
