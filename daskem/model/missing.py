@@ -68,6 +68,7 @@ __all__ = [
     "marginal_block_stats",
     "observed_patterns",
     "partial_block_stats",
+    "resp_stats",
 ]
 
 
@@ -798,3 +799,61 @@ class MissingGMMModel(GMMModel):
 
     def check_stats(self, stats: GMMStats) -> None:  # rows with nothing observed may be left out
         return None
+
+
+def resp_stats(
+    X: np.ndarray, q: np.ndarray, gmm: GMMParams, w: np.ndarray | None, n_worst: int = 16
+) -> GMMStats:
+    """Mixture statistics of rows with given responsibilities ``q``, missing attributes
+    through their conditional expectations (mean and covariance) per component."""
+    X = np.asarray(X)
+    n, D = X.shape
+    K = gmm.n_components
+    w = np.ones(n) if w is None else np.asarray(w, dtype=np.float64)
+    obs = np.isfinite(X)
+    complete = obs.all(axis=1)
+    if complete.all():
+        return _block_stats_reference(X, gmm, w, resp=q, n_worst=n_worst)
+    out = _block_stats_reference(X[complete], gmm, w[complete], resp=q[complete], n_worst=n_worst)
+    partial = np.flatnonzero(~complete & obs.any(axis=1))
+    out.n_excluded = int(n - complete.sum() - partial.size)
+    out.n_empty = out.n_excluded
+    if not partial.size:
+        return out
+    ct = gmm.covariance_type
+    full_like = out.m2.ndim == 3
+    patterns, inverse = np.unique(obs[partial], axis=0, return_inverse=True)
+    inverse = inverse.ravel()
+    for j, pattern in enumerate(patterns):
+        rows = partial[inverse == j]
+        mis = ~pattern
+        cond = conditional(gmm.covariances, ct, pattern, K)
+        xo = X[np.ix_(rows, pattern)]
+        S0 = np.zeros(K)
+        mean = np.zeros((K, D))
+        m2 = np.zeros((K, D, D)) if full_like else np.zeros((K, D))
+        for k in range(K):
+            r = w[rows] * q[rows, k]
+            s0 = r.sum()
+            if s0 <= 0:
+                mean[k] = gmm.means[k]
+                continue
+            xk = np.empty((rows.size, D))
+            xk[:, pattern] = xo
+            xk[:, mis] = gmm.means[k, mis] + (xo - gmm.means[k, pattern]) @ cond.regression[k].T
+            mk = r @ xk / s0
+            d = xk - mk
+            Ck = np.zeros((D, D))
+            Ck[np.ix_(mis, mis)] = cond.covariance[k]
+            S0[k], mean[k] = s0, mk
+            if full_like:
+                m2[k] = (d * r[:, None]).T @ d + s0 * Ck
+            else:
+                m2[k] = r @ (d * d) + s0 * np.diag(Ck)
+        part = GMMStats(n=S0, mean=mean, m2=m2, n_worst=out.n_worst)
+        part.worst_rows = np.empty((0, D))
+        part.weight = float(w[rows].sum())
+        part.count = int(rows.size)
+        part.n_partial = int(rows.size)
+        out = out + part
+    return out
