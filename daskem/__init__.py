@@ -2,10 +2,12 @@
 
 from ._version import __version__
 from .estimator import ConvergenceWarning, GaussianMixture, GaussianMixtureClassifier
+from .hmm import GaussianHMM
 from .hmrf import SpatialGaussianMixture, SpatialGaussianMixtureClassifier
 
 __all__ = [
     "ConvergenceWarning",
+    "GaussianHMM",
     "GaussianMixture",
     "GaussianMixtureClassifier",
     "SpatialGaussianMixture",

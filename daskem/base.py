@@ -157,6 +157,8 @@ class EMEstimator(BaseEstimator):
     # the layout of the fit in progress (set by ``_fit``): number of components and the
     # class of each (None: unsupervised, ``n_components`` components)
     _n_comp: int | None = None
+    #: rows ``fit`` needs at least (a model whose rows are sequences needs one)
+    _min_fit_rows = 2
     _component_class: np.ndarray | None = None
 
     # ------------------------------------------------------------------ hooks
@@ -317,7 +319,7 @@ class EMEstimator(BaseEstimator):
                 reset=for_fit,
                 dtype=[np.float64, np.float32],
                 ensure_all_finite=False,
-                ensure_min_samples=2 if for_fit else 1,
+                ensure_min_samples=self._min_fit_rows if for_fit else 1,
             )
             if for_fit and self.nan_policy == "raise" and not np.isfinite(X).all():
                 bad = int((~np.isfinite(X)).any(axis=1).sum())
@@ -518,6 +520,18 @@ class EMEstimator(BaseEstimator):
             return n_samples > 2 * self.init_sample_size
         return bool(self.prefit)
 
+    def _prefit_tol(self, n_rows: int) -> float:
+        """The prefit's tolerance on a sample of ``n_rows`` rows (the objective is a mean
+        per row: a tenth of ``tol``)."""
+        return 0.1 * float(self.tol)
+
+    def _check_n_samples(self, n: int, K: int) -> None:
+        """Refuse data with too few rows for ``K`` components."""
+        if n < K:
+            raise ValueError(
+                f"Expected n_samples >= n_components but got n_components = {K}, n_samples = {n}"
+            )
+
     def _prefit(self, params: Any, Xs, ws, labelled) -> Any:
         """EM to convergence on the in-memory sample (no pass over the full data).
 
@@ -538,7 +552,14 @@ class EMEstimator(BaseEstimator):
                 Xt = np.concatenate([Xt, Xl])
                 wt = None if wt is None else np.concatenate([wt, np.ones(len(Xl))])
             result = engine.fit_em_local(
-                model, Xt, params, wt, yt, tol=0.1 * float(self.tol), max_iter=500, accelerate=True
+                model,
+                Xt,
+                params,
+                wt,
+                yt,
+                tol=self._prefit_tol(len(Xt)),
+                max_iter=500,
+                accelerate=True,
             )
             params = result.params
             iterations.append(result.n_iter)
@@ -565,11 +586,7 @@ class EMEstimator(BaseEstimator):
         data, labelled, component_class = self._setup_labels(data)
         K = self.n_components if component_class is None else len(component_class)
         self._check_parameters(data.n_features, K)
-        if data.n_samples < K:
-            raise ValueError(
-                f"Expected n_samples >= n_components but got n_components = {K}, "
-                f"n_samples = {data.n_samples}"
-            )
+        self._check_n_samples(data.n_samples, K)
         self._n_comp, self._component_class = K, component_class
         n_classes = K if component_class is None else int(component_class.max()) + 1
 

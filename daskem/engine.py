@@ -811,7 +811,7 @@ def fit_em_many(
                 events[i].extend(new_events)
                 hist[i].append(lower[i])
                 changes[i] = (lower[i] - prev, new_events)
-                converged[i] = abs(changes[i][0]) < tol and not new_events
+                converged[i] = _converged(model, changes[i][0], tol) and not new_events
                 last_stats[i] = stats
                 done[i] = converged[i] or n_iter[i] >= max_iter
             _select(select_after, n_iter, lower, done, stopped)
@@ -855,6 +855,15 @@ def fit_em_many(
         )
         for i in range(len(starts))
     ]
+
+
+def _converged(model: EMModel, change: float, tol: float) -> bool:
+    """Whether a change of the objective ends EM: ``|change| < tol``, or for models with
+    priors whose objective is the likelihood alone (``stop_on_decrease``, hmmlearn's
+    rule) ``change < tol``."""
+    if getattr(model, "stop_on_decrease", False):
+        return change < tol
+    return abs(change) < tol
 
 
 def _select(select_after, n_iter, lower, done, stopped) -> None:
@@ -904,7 +913,7 @@ def fit_em_local(
             params, new = model.m_step(stats, params)
             events.extend(dict(e, iteration=n_iter) for e in new)
             history.append(lower)
-            converged = abs(lower - prev) < tol and not new
+            converged = _converged(model, lower - prev, tol) and not new
             if converged:
                 break
     return EMResult(params, lower, history, n_iter, converged, events, stats)
@@ -944,7 +953,7 @@ def _fit_em_local_squarem(model, X, params, w, labels, tol, max_iter) -> EMResul
         new, lower, ev = em(p)
         history.append(lower)
         events.extend(ev)
-        converged = abs(lower - prev) < tol and not ev
+        converged = _converged(model, lower - prev, tol) and not ev
         params, prev = new, lower
         return new, lower, bool(ev), converged or n_e >= max_iter
 

@@ -360,6 +360,10 @@ class HMMModel:
         (transmat), ``"m"`` (means), ``"c"`` (covars).
     """
 
+    #: the objective is the likelihood without the priors, which MAP-EM may lower: EM
+    #: stops at the first change below ``tol``, negative ones included (hmmlearn's rule)
+    stop_on_decrease = True
+
     def __init__(
         self,
         n_times: int,
