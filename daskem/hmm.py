@@ -373,6 +373,7 @@ class GaussianHMM(EMEstimator):
         resume: bool = False,
         callback: Any = None,
         feature_names: Any = None,
+        class_names: Any = None,
     ) -> GaussianHMM:
         """Estimate the parameters by EM (one pass over the sequences per iteration).
 
@@ -387,6 +388,8 @@ class GaussianHMM(EMEstimator):
             ``n_samples``. None: one sequence.
         checkpoint_dir, resume, callback, feature_names
             As in :meth:`daskem.GaussianMixture.fit`.
+        class_names : sequence of str, optional
+            A name for every state (``class_names_``; posterior maps use them).
 
         Returns
         -------
@@ -404,7 +407,7 @@ class GaussianHMM(EMEstimator):
         monitor.history.extend(float(v) for v in self.lower_bounds_)
         monitor.iter = int(self.n_iter_)
         self.monitor_ = monitor
-        self._set_names(feature_names, None)
+        self._set_names(feature_names, class_names)
         return self
 
     def _check_user_params(self, D: int) -> None:

@@ -118,6 +118,8 @@ class Stack:
     data: da.Array
     path: str | None = None
     var_attrs: dict | None = None
+    #: the time dimension of a time stack (one of ``dims``, one chunk), or None
+    time_dim: str | None = None
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -185,6 +187,66 @@ class Stack:
         order = [self.variables.index(v) for v in variables]
         return replace(self, variables=tuple(variables), data=self.data[order])
 
+    # ---- time stacks: every pixel one sequence of dates --------------------------
+
+    def _time_axis(self) -> int:
+        if self.time_dim is None:
+            raise ValueError(
+                "this is not a time stack: open it with time_dim=... (the CLI's --time-dim)"
+            )
+        return self.dims.index(self.time_dim)
+
+    @property
+    def pixel_dims(self) -> tuple[str, ...]:
+        """The spatial dims without the time dim (all of ``dims`` for other stacks)."""
+        return tuple(d for d in self.dims if d != self.time_dim)
+
+    @property
+    def pixel_shape(self) -> tuple[int, ...]:
+        return tuple(n for d, n in zip(self.dims, self.shape, strict=True) if d != self.time_dim)
+
+    @property
+    def pixel_chunks(self) -> tuple[tuple[int, ...], ...]:
+        return tuple(c for d, c in zip(self.dims, self.chunks, strict=True) if d != self.time_dim)
+
+    @property
+    def n_times(self) -> int:
+        return int(self.shape[self._time_axis()])
+
+    @property
+    def n_sequences(self) -> int:
+        """Pixels of a time stack (one sequence each)."""
+        return math.prod(self.pixel_shape)
+
+    def sequences(self) -> da.Array:
+        """The pixels' time series, shape (n_sequences, n_times, n_features).
+
+        One row chunk per pixel block (pixels in C order within the block, blocks in C
+        order of the block grid), made by a per-block transpose: the rows of
+        :meth:`pixels_to_map` and of labels on the pixel grid are in the same order.
+        """
+        t = self._time_axis()
+        data = self.data
+        if len(data.chunks[1 + t]) != 1:
+            data = data.rechunk({1 + t: -1})
+        pix = [1 + i for i in range(len(self.dims)) if i != t]
+        seq = data.transpose(*pix, 1 + t, 0)
+        return da.reshape_blockwise(seq, (self.n_sequences, self.n_times, self.n_features))
+
+    def pixels_to_map(self, rows: da.Array) -> da.Array:
+        """Per-sequence results (n_sequences,) or (n_sequences, C) as maps on the pixel
+        grid, (*pixel) or (C, *pixel) (inverse of the row order of :meth:`sequences`)."""
+        shape, chunks = self.pixel_shape, self.pixel_chunks
+        row_chunks = engine.block_rows(chunks)
+        if rows.chunks[0] != row_chunks:
+            rows = rows.rechunk({0: row_chunks})
+        if rows.ndim == 1:
+            return da.reshape_blockwise(rows, shape, chunks=chunks)
+        C = int(rows.shape[1])
+        rows = rows.rechunk({1: -1})
+        out = da.reshape_blockwise(rows, (*shape, C), chunks=(*chunks, (C,)))
+        return out.transpose(len(shape), *range(len(shape)))
+
     def spatial_coords(self) -> dict[str, xr.Variable]:
         """Coordinates of the source that live on the spatial dims (incl. scalar ones)."""
         return {
@@ -226,6 +288,7 @@ def open_stack(
     mask: str | xr.DataArray | None = None,
     nodata: float | Mapping[str, float] | None = None,
     chunks: int | Mapping[str, int] | None = None,
+    time_dim: str | None = None,
 ) -> Stack:
     """Open a multi-attribute stack lazily.
 
@@ -258,6 +321,12 @@ def open_stack(
     chunks : int or mapping of str to int, optional
         Spatial chunks (per dim name; an int for all). Default: the source's Dask
         chunks, or Dask's automatic chunking for in-memory data.
+    time_dim : str, optional
+        Open a time stack: the attributes live on ``(time_dim, *pixel dims)`` and every
+        pixel's dates are one sequence (for :class:`~daskem.GaussianHMM`). The time
+        axis is made one chunk (a warning says what that costs when the source is
+        chunked along it), and the pixel chunks are shrunk if a block of all dates
+        would exceed about 64 MiB. At least 2 dates are needed.
 
     Returns
     -------
@@ -271,6 +340,60 @@ def open_stack(
         If the path is not a Zarr store, a variable is unknown or not numeric, no
         variable is selected, or the variables are not on the same spatial grid.
     """
+    stack = _open_stack(source, variables, feature_dim, mask, nodata, chunks)
+    if time_dim is not None:
+        stack = _as_time_stack(stack, time_dim)
+    return stack
+
+
+#: bytes of one block of a time stack (all dates, every attribute) at most
+_TIME_BLOCK_BYTES = 64 * 2**20
+
+
+def _as_time_stack(stack: Stack, time_dim: str) -> Stack:
+    """``stack`` as a time stack: the time axis one chunk, blocks of bounded size."""
+    if time_dim not in stack.dims:
+        raise ValueError(
+            f"the stack has no dimension {time_dim!r} to use as time (its dims: {list(stack.dims)})"
+        )
+    if len(stack.dims) < 2:
+        raise ValueError(f"a time stack needs pixel dims besides {time_dim!r}, got {stack.dims}")
+    t = stack.dims.index(time_dim)
+    T = stack.shape[t]
+    if T < 2:
+        raise ValueError(
+            f"a time stack needs at least 2 dates along {time_dim!r}, got {T}: a hidden "
+            "Markov model over one date is a mixture (use --method gmm)"
+        )
+    data = stack.data
+    n_time_chunks = len(data.chunks[1 + t])
+    chunks = {1 + t: -1}
+    pix_axes = [i for i in range(len(stack.dims)) if i != t]
+    sizes = {i: max(data.chunks[1 + i]) for i in pix_axes}
+    while (
+        stack.n_features * T * math.prod(sizes.values()) * data.dtype.itemsize > _TIME_BLOCK_BYTES
+        and max(sizes.values()) > 1
+    ):
+        big = max(sizes, key=lambda i: sizes[i])
+        sizes[big] = (sizes[big] + 1) // 2
+    for i in pix_axes:
+        if sizes[i] != max(data.chunks[1 + i]):
+            chunks[1 + i] = sizes[i]
+    if n_time_chunks > 1:
+        warnings.warn(
+            f"the stack is stored in {n_time_chunks} chunks along {time_dim!r}; every pixel's "
+            "dates are one sequence, so each pass reads all time chunks of a block together "
+            "and rechunks them in memory (extra memory and data movement on every pass). "
+            f"Store it with {time_dim!r} in one chunk to avoid this, e.g. "
+            f"ds.chunk({{{time_dim!r}: -1}}).to_zarr(...)",
+            UserWarning,
+            stacklevel=3,
+        )
+    data = data.rechunk(chunks)
+    return replace(stack, data=data, time_dim=time_dim)
+
+
+def _open_stack(source, variables, feature_dim, mask, nodata, chunks) -> Stack:
     path = None
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
@@ -296,7 +419,7 @@ def open_stack(
             f"its chunk grid {grid}, which costs extra data movement and memory "
             "(store all attributes with the same chunks to avoid it)",
             UserWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
         arrays = [a if a.chunks == grid else a.rechunk(grid) for a in arrays]
     nodata_values = [_nodata_value(n, ds[n].attrs, nodata) for n in names]
@@ -1012,6 +1135,20 @@ def fit_stack(
     if method == "gmm" and "spatial_beta" in gm_kwargs:
         method = "hmrf"  # a spatial prior was asked for
     spatial = getattr(estimator_class(method), "spatial_input", False)
+    if getattr(estimator_class(method), "sequence_input", False):
+        return _fit_sequences(
+            stack,
+            n_components,
+            labels,
+            method=method,
+            class_names=class_names,
+            checkpoint_dir=checkpoint_dir,
+            resume=resume,
+            callback=callback,
+            sample_weight=sample_weight,
+            components_per_class=components_per_class,
+            **gm_kwargs,
+        )
     if gm_kwargs.get("nan_policy") is None:  # fit through observed attributes if it can
         policies = estimator_class(method, semi_supervised=labels is not None).nan_policies
         gm_kwargs["nan_policy"] = "marginalize" if "marginalize" in policies else "omit"
@@ -1061,6 +1198,53 @@ def fit_stack(
         gm.fit(X, sample_weight=sample_weight, class_names=names, **fit_kwargs)
     else:
         gm.fit(X, y, sample_weight, class_names=names, **fit_kwargs)
+    gm.input_path_ = stack.path
+    return gm
+
+
+def _fit_sequences(
+    stack: Stack,
+    n_components: int | None,
+    labels: Any,
+    *,
+    method: str,
+    class_names,
+    checkpoint_dir,
+    resume,
+    callback,
+    sample_weight,
+    components_per_class,
+    **kwargs: Any,
+):
+    """:func:`fit_stack` for models of every pixel's time series (a time stack)."""
+    if stack.time_dim is None:
+        raise ValueError(
+            f"method {method!r} models every pixel's time series: open the stack with "
+            "time_dim=... (the CLI's --time-dim)"
+        )
+    if labels is not None:
+        raise ValueError(f"method {method!r} does not take labels yet")
+    if sample_weight is not None or components_per_class is not None:
+        raise ValueError(f"method {method!r} takes no sample_weight or components_per_class")
+    if n_components is None:
+        raise ValueError("n_components is required for an unsupervised fit")
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    if "max_iter" in kwargs:  # daskem's name for hmmlearn's n_iter
+        kwargs["n_iter"] = kwargs.pop("max_iter")
+    names = None
+    if class_names is not None:
+        names = _names_from_mapping(class_names)
+        if len(names) != n_components:
+            raise ValueError(
+                f"the model has {n_components} states but {len(names)} class names were given"
+            )
+    gm = estimator_class(method)(n_components, **kwargs)
+    fit_kwargs = {
+        k: v
+        for k, v in (("checkpoint_dir", checkpoint_dir), ("resume", resume), ("callback", callback))
+        if v is not None and v is not False
+    }
+    gm.fit(stack.sequences(), feature_names=list(stack.variables), class_names=names, **fit_kwargs)
     gm.input_path_ = stack.path
     return gm
 
@@ -1267,6 +1451,10 @@ def posterior(
           NaN where the value was observed (or nothing is).
     """
     model._check_fitted()
+    if getattr(model, "sequence_input", False):
+        if labels is not None or impute:
+            raise ValueError(f"a {type(model).__name__} posterior takes no labels or impute")
+        return _sequence_posterior(model, stack, class_names)
     impute_rows = getattr(model, "_impute_rows", None)
     if impute and impute_rows is None:
         raise ValueError(
@@ -1458,6 +1646,227 @@ def posterior(
     coords = dict(stack.spatial_coords())
     # object dtype: stored as variable-length strings (specified in Zarr v2 and v3)
     coords["class"] = xr.Variable("class", np.array(names, dtype=object), {"long_name": "class"})
+    attrs = dict(stack.dataset.attrs)
+    attrs.update(_model_attrs(model, names, stack))
+    return xr.Dataset(data_vars, coords=coords, attrs=attrs)
+
+
+def _check_features(model: Any, stack: Stack) -> Stack:
+    """``stack`` with the model's features in the model's order, or a clear error."""
+    feature_names = getattr(model, "feature_names_in_", None)
+    if (
+        feature_names is not None
+        and list(feature_names) != list(stack.variables)
+        and sorted(feature_names) == sorted(stack.variables)
+    ):
+        stack = stack.select(list(feature_names))
+    if feature_names is not None and list(feature_names) != list(stack.variables):
+        raise ValueError(
+            f"the model was fitted on features {list(feature_names)} but the stack has "
+            f"{list(stack.variables)}"
+        )
+    if model.n_features_in_ != stack.n_features:
+        raise ValueError(
+            f"the model was fitted on {model.n_features_in_} features but the stack has "
+            f"{stack.n_features}"
+        )
+    return stack
+
+
+def _sequence_block(block, *, state, t_axis, K):
+    """Posterior planes of one block of a time stack: per date the state probabilities
+    (K * T, state-major) and the decoded state (T), per pixel the log-likelihood, the
+    number of changes and the index of the first change (-1: none)."""
+    model, params = state
+    D = block.shape[0]
+    T = block.shape[1 + t_axis]
+    pix = [1 + i for i in range(block.ndim - 1) if i != t_axis]
+    sp = tuple(block.shape[i] for i in pix)
+    n = math.prod(sp)
+    rows = np.ascontiguousarray(block.transpose(*pix, 1 + t_axis, 0)).reshape(n, T * D)
+    out = np.full((K * T + T + 3, n), np.nan)
+    if n:
+        gamma, ll = model.posterior(params, rows)
+        path, _ = model.decode(params, rows)
+        seen = np.isfinite(ll)
+        out[: K * T] = gamma.transpose(2, 1, 0).reshape(K * T, n)
+        out[K * T : K * T + T] = np.where(seen[None, :], path.T, -1)
+        out[K * T + T] = ll
+        change = path[:, 1:] != path[:, :-1]
+        out[K * T + T + 1] = np.where(seen, change.sum(axis=1), np.nan)
+        first = np.where(change.any(axis=1), change.argmax(axis=1) + 1, -1)
+        out[K * T + T + 2] = np.where(seen, first, np.nan)
+    return out.reshape(K * T + T + 3, *sp)
+
+
+def _state_probability(block, K, T):
+    return block[: K * T].reshape(K, T, *block.shape[1:]).astype(np.float32)
+
+
+def _date_planes(block, start, T, dtype):
+    p = block[start : start + T]
+    if np.issubdtype(dtype, np.integer):
+        return np.where(np.isnan(p), -1, p).astype(dtype)
+    return p.astype(dtype)
+
+
+def _date_confidence(block, K, T):
+    g = block[: K * T].reshape(K, T, *block.shape[1:])
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmax(g, axis=0).astype(np.float32) if K else g[0]
+
+
+def _first_change(block, i, times):
+    idx = block[i]
+    ok = np.isfinite(idx) & (idx >= 0)
+    j = np.where(ok, idx, 0).astype(np.int64)
+    if np.issubdtype(times.dtype, np.datetime64):
+        return np.where(ok, times[j], np.datetime64("NaT"))
+    if np.issubdtype(times.dtype, np.number):
+        return np.where(ok, times[j].astype(np.float64), np.nan)
+    return np.where(ok, j, -1).astype(np.int32)
+
+
+def _sequence_posterior(model: Any, stack: Stack, class_names: Any = None) -> xr.Dataset:
+    """:func:`posterior` of a model of every pixel's time series (a time stack)."""
+    if stack.time_dim is None:
+        raise ValueError(
+            f"a {type(model).__name__} models every pixel's time series: open the stack with "
+            "time_dim=... (the CLI's --time-dim)"
+        )
+    stack = _check_features(model, stack)
+    K = int(len(model.means_))
+    T = stack.n_times
+    t = stack.dims.index(stack.time_dim)
+    params = model._fitted_params()
+    seq_model = model._model(n_times=T, variable_length=False)
+    names = getattr(model, "class_names_", None)
+    if names is None:
+        names = (
+            _names_from_mapping(class_names)
+            if class_names is not None
+            else [f"state_{k}" for k in range(K)]
+        )
+    names = [str(n) for n in names]
+    if len(names) != K:
+        raise ValueError(f"the model has {K} states but {len(names)} names were given")
+    data = stack.data
+    if len(data.chunks[1 + t]) != 1:
+        data = data.rechunk({1 + t: -1})
+    pchunks = stack.pixel_chunks
+    P = K * T + T + 3
+    stacked = da.map_blocks(
+        _sequence_block,
+        data,
+        chunks=((P,), *pchunks),
+        drop_axis=1 + t,
+        dtype=np.float64,
+        meta=np.empty((0,) * (data.ndim - 1), np.float64),
+        state=(seq_model, params),
+        t_axis=t,
+        K=K,
+        name=f"daskem-hmm-posterior-{uuid.uuid4().hex[:12]}",
+    )
+    tdim, pdims = stack.time_dim, stack.pixel_dims
+    state_probability = stacked.map_blocks(
+        _state_probability,
+        K,
+        T,
+        chunks=((K,), (T,), *pchunks),
+        new_axis=1,
+        dtype=np.float32,
+    )
+    state = stacked.map_blocks(
+        _date_planes, K * T, T, np.int16, chunks=((T,), *pchunks), dtype=np.int16
+    )
+    confidence = stacked.map_blocks(
+        _date_confidence, K, T, chunks=((T,), *pchunks), dtype=np.float32
+    )
+
+    def plane(i: int, dtype) -> da.Array:
+        return stacked.map_blocks(_plane, i, dtype, chunks=pchunks, drop_axis=0, dtype=dtype)
+
+    times = np.asarray(stack.dataset[tdim].values) if tdim in stack.dataset.coords else np.arange(T)
+    fc_dtype = (
+        times.dtype
+        if np.issubdtype(times.dtype, np.datetime64)
+        else np.float64
+        if np.issubdtype(times.dtype, np.number)
+        else np.int32
+    )
+    first_change = stacked.map_blocks(
+        _first_change, K * T + T + 2, times, chunks=pchunks, drop_axis=0, dtype=fc_dtype
+    )
+    gm_attrs = (
+        {"grid_mapping": stack.var_attrs["grid_mapping"]}
+        if stack.var_attrs and ("grid_mapping" in stack.var_attrs)
+        else {}
+    )
+    flag_names = " ".join(n.replace(" ", "_") for n in names)
+    n_changes = stacked.map_blocks(
+        _date_planes, K * T + T + 1, 1, np.int16, chunks=((1,), *pchunks), dtype=np.int16
+    )[0]
+    data_vars = {
+        "state_probability": (
+            ("states", tdim, *pdims),
+            state_probability,
+            {"long_name": "posterior state probability at each date", "units": "1", **gm_attrs},
+        ),
+        "state": (
+            (tdim, *pdims),
+            state,
+            {
+                "long_name": "most likely state sequence (Viterbi)",
+                "flag_values": np.arange(K, dtype=np.int16),
+                "flag_meanings": flag_names,
+                "unlabelled_value": -1,
+                "comment": "-1 where the pixel has nothing observed on any date",
+                **gm_attrs,
+            },
+        ),
+        "confidence": (
+            (tdim, *pdims),
+            confidence,
+            {
+                "long_name": "largest posterior state probability at each date",
+                "units": "1",
+                **gm_attrs,
+            },
+        ),
+        "n_changes": (
+            pdims,
+            n_changes,
+            {
+                "long_name": "number of state changes along the Viterbi path",
+                "comment": "-1 where the pixel has nothing observed",
+                **gm_attrs,
+            },
+        ),
+        "first_change": (
+            pdims,
+            first_change,
+            {
+                "long_name": f"first {tdim} at which the Viterbi state differs from the one before",
+                "comment": "missing (NaT/NaN, or -1 for an index) where the state never changes",
+                **gm_attrs,
+            },
+        ),
+        "log_likelihood": (
+            pdims,
+            plane(K * T + T, np.float32),
+            {
+                "long_name": "log-likelihood of the pixel's observed time series under the model",
+                "comment": "low values flag unusual series",
+                **gm_attrs,
+            },
+        ),
+    }
+    coords = dict(stack.spatial_coords())
+    # the dim is "states": "state" is the decoded state sequence
+    coords["states"] = xr.Variable(
+        "states", np.array(names, dtype=object), {"long_name": "hidden state"}
+    )
     attrs = dict(stack.dataset.attrs)
     attrs.update(_model_attrs(model, names, stack))
     return xr.Dataset(data_vars, coords=coords, attrs=attrs)

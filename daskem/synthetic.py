@@ -25,7 +25,14 @@ import xarray as xr
 
 from .io import atomic_to_zarr
 
-__all__ = ["make_stack", "write_stack", "make_samples", "UNLABELLED", "CLASS_NAMES"]
+__all__ = [
+    "make_stack",
+    "make_time_stack",
+    "write_stack",
+    "make_samples",
+    "UNLABELLED",
+    "CLASS_NAMES",
+]
 
 #: Value of the ``labels`` variable for pixels without a training label.
 UNLABELLED = -1
@@ -631,6 +638,133 @@ def _chunk_encoding(ds: xr.Dataset, chunks: int | Mapping[str, int | None] | Non
         c = spec.get(dim)
         out[dim] = size if c is None or c == -1 else max(1, min(int(c), size))
     return out
+
+
+def make_time_stack(
+    shape: Sequence[int] = (128, 128),
+    n_dates: int = 12,
+    n_classes: int = 4,
+    n_features: int = 3,
+    *,
+    change_fraction: float = 0.3,
+    separation: float = 4.0,
+    smoothness: float = 8.0,
+    cloud_fraction: float = 0.1,
+    labels_per_class: int = 3,
+    start_date: str = "2024-01-01",
+    days_between: int = 16,
+    seed: int = 0,
+) -> xr.Dataset:
+    """A synthetic time stack: spatially coherent classes that change at known dates.
+
+    Every pixel follows a class path over ``n_dates`` dates: a smooth class map at the
+    first date; then blob-shaped patches covering about ``change_fraction`` of the grid
+    each switch to another class at a date of their own (1 .. ``n_dates - 1``; later
+    patches laid over earlier ones win, so a few pixels change twice). Each date's
+    attributes are drawn from the Gaussian of the pixel's class at that date (classes'
+    means about ``separation`` standard deviations apart), and blob-shaped clouds
+    covering about ``cloud_fraction`` of every date hide all attributes (NaN).
+
+    Parameters
+    ----------
+    shape : (ny, nx)
+    n_dates, n_classes, n_features : int
+    change_fraction, cloud_fraction : float
+    separation, smoothness : float
+    labels_per_class : int
+        Pixels per class whose class is given at 2 random dates (``labels``).
+    start_date : str
+        Date of the first acquisition; the others follow every ``days_between`` days.
+    seed : int
+
+    Returns
+    -------
+    xarray.Dataset
+        ``attr_0`` ... on ``(time, y, x)`` (float32, NaN under clouds, CF
+        ``grid_mapping="spatial_ref"``), ``true_class`` (time, y, x) int16,
+        ``true_change`` (y, x) int16 -- the index of the first date whose class
+        differs from the date before (-1: never), ``labels`` (time, y, x) int16
+        (sparse, -1 elsewhere), coordinates ``time`` (datetime64), ``y``, ``x`` and
+        ``spatial_ref``; the class means, covariances and names in the attributes.
+    """
+    if len(shape) != 2:
+        raise ValueError(f"shape must be (ny, nx), got {tuple(shape)}")
+    if n_dates < 2:
+        raise ValueError(f"n_dates must be >= 2, got {n_dates}")
+    if n_classes < 2:
+        raise ValueError(f"n_classes must be >= 2, got {n_classes}")
+    rng = np.random.default_rng(seed)
+    shape = tuple(int(n) for n in shape)
+    T, K, D = int(n_dates), int(n_classes), int(n_features)
+    means = _class_means(rng, K, D, separation)
+    covs = _class_covariances(rng, K, D)
+    base = _class_map(rng, shape, K, smoothness)
+    truth = np.repeat(base[None], T, axis=0)
+    for box, inside in _blobs(rng, shape, change_fraction):
+        date = int(rng.integers(1, T))
+        old = truth[date - 1][box][inside]
+        new = (old + rng.integers(1, K, size=old.shape)).astype(np.int16) % K
+        # one new class per patch: the most common draw, kept different from each old one
+        target = np.int16(np.bincount(new, minlength=K).argmax())
+        new = np.where(old == target, (target + 1) % K, target).astype(np.int16)
+        for t in range(date, T):
+            sub = truth[t][box]
+            sub[inside] = new
+    change = truth[1:] != truth[:-1]
+    true_change = np.where(change.any(axis=0), change.argmax(axis=0) + 1, -1).astype(np.int16)
+    values = _draw(rng, truth.reshape(-1), means, covs).reshape(T, *shape, D)
+    for t in range(T):
+        cloud = _hole_mask(rng, shape, cloud_fraction)
+        values[t][cloud] = np.nan
+    labels = np.full((T, *shape), UNLABELLED, dtype=np.int16)
+    for c in range(K):
+        where = np.flatnonzero(truth.reshape(T, -1)[0] == c)
+        pix = rng.choice(where, size=min(labels_per_class, where.size), replace=False)
+        for p in pix:
+            for t in rng.choice(T, size=min(2, T), replace=False):
+                if truth.reshape(T, -1)[t, p] == c:
+                    labels.reshape(T, -1)[t, p] = c
+    coords = _coords(shape, ("y", "x"))
+    coords["time"] = xr.Variable(
+        "time",
+        np.datetime64(start_date, "ns") + np.arange(T) * np.timedelta64(days_between, "D"),
+        {"long_name": "acquisition date"},
+    )
+    names = list(CLASS_NAMES[:K]) if K <= len(CLASS_NAMES) else [f"class_{c}" for c in range(K)]
+    flag = {"flag_values": np.arange(K, dtype=np.int16), "flag_meanings": " ".join(names)}
+    dims = ("time", "y", "x")
+    data_vars = {
+        f"attr_{j}": xr.Variable(
+            dims,
+            values[..., j].astype(np.float32),
+            {"long_name": f"synthetic attribute {j}", "units": "1", "grid_mapping": "spatial_ref"},
+        )
+        for j in range(D)
+    }
+    data_vars["true_class"] = xr.Variable(
+        dims, truth, {"long_name": "true class at each date", **flag}
+    )
+    data_vars["true_change"] = xr.Variable(
+        ("y", "x"),
+        true_change,
+        {"long_name": "index of the first date whose class changed", "missing_value": -1},
+    )
+    data_vars["labels"] = xr.Variable(
+        dims,
+        labels,
+        {"long_name": "training labels", "unlabelled_value": UNLABELLED, **flag},
+    )
+    return xr.Dataset(
+        data_vars,
+        coords=coords,
+        attrs={
+            "title": "daskem synthetic time stack",
+            "class_names": names,
+            "class_means": means.ravel().tolist(),
+            "n_features": D,
+            "seed": seed,
+        },
+    )
 
 
 def write_stack(
