@@ -1238,6 +1238,8 @@ def _fit_sequences(
             raise ValueError(
                 f"the model has {n_components} states but {len(names)} class names were given"
             )
+    if names is None:
+        names = [f"state_{k}" for k in range(n_components)]
     gm = estimator_class(method)(n_components, **kwargs)
     fit_kwargs = {
         k: v

@@ -40,6 +40,8 @@ __all__ = [
     "plot_lower_bounds",
     "plot_probabilities",
     "quicklooks",
+    "is_time_posterior",
+    "time_quicklooks",
 ]
 
 #: Colour of pixels without data (every attribute missing).
@@ -402,6 +404,170 @@ def quicklooks(
         "confidence": plot_confidence(small, out / "confidence.png"),
         "probabilities": plot_probabilities(small, out / "probabilities.png"),
     }
+    if lower_bounds is not None and len(lower_bounds):
+        written["loglik"] = plot_lower_bounds(lower_bounds, out / "loglik.png", tol=tol)
+    return written
+
+
+# --------------------------------------------------------------------------- time stacks
+
+
+def is_time_posterior(ds: Any) -> bool:
+    """Whether ``ds`` is the posterior of a time stack (a hidden Markov model)."""
+    return all(v in ds.data_vars for v in ("state_probability", "state", "first_change"))
+
+
+def _stride_pick(da_: Any, max_size: int) -> Any:
+    """Every ``f``-th pixel along the last two dims (categorical maps are not averaged)."""
+    ydim, xdim = da_.dims[-2:]
+    sel = {}
+    for d in (ydim, xdim):
+        chunk = da_.chunks[da_.dims.index(d)][0] if da_.chunks else None
+        f = coarsen_factor(int(da_.sizes[d]), chunk, max_size)
+        sel[d] = slice(None, None, f)
+    return da_.isel(sel)
+
+
+def _date_index(ds: Any, date: Any) -> int:
+    """Index along time of ``date``: an int index, a date string (nearest), None = last."""
+    tdim = ds["state"].dims[0]
+    n = int(ds.sizes[tdim])
+    if date is None:
+        return n - 1
+    if isinstance(date, (int, np.integer)) or (
+        isinstance(date, str) and date.lstrip("-").isdigit()
+    ):
+        i = int(date)
+        if not -n <= i < n:
+            raise ValueError(f"date index {i} is outside the {n} dates")
+        return i % n
+    times = ds[tdim].values
+    if np.issubdtype(times.dtype, np.datetime64):
+        try:
+            target = np.datetime64(str(date), "ns")
+        except ValueError as e:
+            raise ValueError(f"date {date!r} is neither an index nor a date ({e})") from None
+        return int(np.argmin(np.abs(times.astype("datetime64[ns]") - target)))
+    raise ValueError(f"date {date!r}: give an index 0..{n - 1}")
+
+
+def time_quicklooks(
+    ds: Any,
+    out_dir: str | os.PathLike,
+    *,
+    date: Any = None,
+    transmat: Any = None,
+    lower_bounds: Sequence[float] | None = None,
+    tol: float | None = None,
+    max_size: int = 1000,
+) -> dict[str, Path]:
+    """PNGs of a time stack's posterior: the state map at ``date``, the map of the date
+    of the first change, the transition matrix and (with ``lower_bounds``) EM's curve.
+
+    Maps are subsampled (every ``f``-th pixel, so states stay states) to at most
+    ``max_size`` pixels per side before anything is computed. ``transmat`` defaults to
+    the one in the posterior's ``model_fitted`` attribute.
+    """
+    import json
+
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
+
+    out = Path(out_dir)
+    tdim = ds["state"].dims[0]
+    i = _date_index(ds, date)
+    names = [str(n) for n in ds["states"].values]
+    K = len(names)
+    state = np.asarray(_stride_pick(ds["state"].isel({tdim: i}), max_size).values)
+    first = _stride_pick(ds["first_change"], max_size)
+    ydim, xdim = first.dims[-2:]
+    small = first.to_dataset(name="first_change")
+    small.attrs["coarsen_factors"] = {
+        d: max(1, int(round(ds.sizes[d] / max(small.sizes[d], 1)))) for d in (ydim, xdim)
+    }
+    extent, xl, yl = _extent(small, ydim, xdim)
+    written: dict[str, Path] = {}
+
+    # the state map at the chosen date
+    colors = _class_colors(K)
+    fig = _figure(9.0, 6.0)
+    ax = fig.add_subplot()
+    ax.imshow(
+        state + 1,
+        cmap=ListedColormap([NODATA_COLOR, *colors]),
+        vmin=-0.5,
+        vmax=K + 0.5,
+        interpolation="nearest",
+        extent=extent,
+    )
+    when = np.asarray(ds[tdim].values)[i] if tdim in ds.coords else i
+    when = str(when)[:10] if np.issubdtype(np.asarray(when).dtype, np.datetime64) else when
+    counts = np.bincount(state[state >= 0].ravel(), minlength=K)
+    total = max(int(counts.sum()), 1)
+    handles = [
+        Patch(color=c, label=f"{n} ({100 * k / total:.0f}%)")
+        for n, c, k in zip(names, colors, counts, strict=True)
+    ]
+    fig.legend(handles=handles, loc="outside right upper", title="state")
+    ax.set(title=f"most likely state (Viterbi) at {tdim} = {when}", xlabel=xl, ylabel=yl)
+    _plain_ticks(ax)
+    written["state_map"] = _save(fig, out / "state_map.png")
+
+    # the date of the first change
+    fc = np.asarray(first.values)
+    fig = _figure(9.0, 6.0)
+    ax = fig.add_subplot()
+    if np.issubdtype(fc.dtype, np.datetime64):
+        missing = np.isnat(fc)
+        days = (
+            (fc - fc[~missing].min()).astype("timedelta64[D]").astype(float)
+            if (~missing).any()
+            else np.zeros(fc.shape)
+        )
+        values = np.where(missing, np.nan, days)
+        origin = str(fc[~missing].min())[:10] if (~missing).any() else ""
+        label = f"days after {origin}"
+    else:
+        values = np.where(np.asarray(fc, dtype=float) < 0, np.nan, np.asarray(fc, dtype=float))
+        label = tdim
+    ax.set_facecolor(NODATA_COLOR)
+    im = ax.imshow(values, cmap="viridis", interpolation="nearest", extent=extent)
+    fig.colorbar(im, ax=ax, label=label)
+    share = float(np.isfinite(values).mean()) if values.size else 0.0
+    ax.set(
+        title=f"first change of state ({100 * share:.0f}% of pixels change; grey: never)",
+        xlabel=xl,
+        ylabel=yl,
+    )
+    _plain_ticks(ax)
+    written["change_date"] = _save(fig, out / "change_date.png")
+
+    # the transition matrix
+    if transmat is None:
+        fitted = ds.attrs.get("model_fitted")
+        if fitted is not None:
+            transmat = json.loads(fitted).get("transmat")
+    if transmat is not None:
+        A = np.asarray(transmat, dtype=np.float64)
+        fig = _figure(5.5, 4.8)
+        ax = fig.add_subplot()
+        im = ax.imshow(A, cmap="Blues", vmin=0, vmax=1)
+        for a in range(A.shape[0]):
+            for b in range(A.shape[1]):
+                ax.text(
+                    b,
+                    a,
+                    f"{A[a, b]:.2f}",
+                    ha="center",
+                    va="center",
+                    color="white" if A[a, b] > 0.6 else "black",
+                    fontsize=8,
+                )
+        ax.set_xticks(range(K), names, rotation=45, ha="right")
+        ax.set_yticks(range(K), names)
+        ax.set(title="transition matrix p(to | from)", xlabel="to", ylabel="from")
+        fig.colorbar(im, ax=ax)
+        written["transmat"] = _save(fig, out / "transmat.png")
     if lower_bounds is not None and len(lower_bounds):
         written["loglik"] = plot_lower_bounds(lower_bounds, out / "loglik.png", tol=tol)
     return written
