@@ -104,7 +104,7 @@ def test_log_likelihood_never_decreases(ct):
 def _brute_force(params: HMMParams, x: np.ndarray):
     """``log p(x)`` and ``p(z_t | x)`` by enumerating every state path (tiny T)."""
     T = x.shape[0]
-    logB = log_emissions(params, x[None])[0]
+    logB = log_emissions(params, x[None])[:, 0]  # time-major (T, n, K)
     paths = list(itertools.product(range(params.n_components), repeat=T))
     logp = []
     for z in paths:
@@ -130,9 +130,9 @@ def test_missing_dates_and_attributes_are_marginalised_exactly():
     total, gamma = _brute_force(params, x)
     g, ll, _ = forward_backward(params, log_emissions(params, x[None]))
     np.testing.assert_allclose(ll[0], total, rtol=1e-12)
-    np.testing.assert_allclose(g[0], gamma, atol=1e-12)
+    np.testing.assert_allclose(g[:, 0], gamma, atol=1e-12)
     # the marginal Gaussian: the partly observed date's term is N(x_1 | mu_1, S_11)
-    lb = log_emissions(params, x[None])[0]
+    lb = log_emissions(params, x[None])[:, 0]
     for k in range(K):
         s = cov[k, 1, 1]
         want = -0.5 * (np.log(2 * np.pi * s) + (x[3, 1] - MEANS[k, 1]) ** 2 / s)

@@ -35,7 +35,13 @@ from typing import Any
 import numpy as np
 
 from .gaussian import compute_precision_cholesky
-from .gmm import GMMParams, GMMStats, observed_weighted_log_prob
+from .gmm import (
+    _LOG_2PI,
+    GMMParams,
+    GMMStats,
+    _stats_from_shifted_sums,
+    observed_weighted_log_prob,
+)
 from .missing import resp_stats
 
 __all__ = [
@@ -200,25 +206,57 @@ class _Sequences:
     lengths: np.ndarray | None = field(default=None)
 
 
-def log_emissions(params: HMMParams, X: np.ndarray) -> np.ndarray:
-    """``log N(x_t | state k)`` over each date's observed attributes, shape (n, T, K).
+def _log_gaussian_rows(X: np.ndarray, params: HMMParams, gmm: GMMParams) -> np.ndarray:
+    """``log N(x | state k)`` of complete rows (m, D), shape (m, K).
 
-    Dates with nothing observed (missing, or padding) get 0 (no emission term).
+    Diagonal and spherical states: the expanded quadratic form about the rows' mean (two
+    GEMMs; float64, so its rounding stays ~1e-16 (|x - c|^2 / var) nats); full and tied:
+    the per-state Cholesky residuals of the mixture kernel.
+    """
+    if params.covariance_type not in ("diag", "spherical"):
+        return observed_weighted_log_prob(X, gmm)
+    K, D = params.n_components, params.n_features
+    var = np.asarray(gmm.covariances, dtype=np.float64)
+    var = np.broadcast_to(var[:, None] if var.ndim == 1 else var, (K, D))
+    prec = 1.0 / var
+    c = X.mean(axis=0) if X.shape[0] else np.zeros(D)
+    xc = X - c
+    m = params.means - c  # (K, D)
+    const = -0.5 * (D * _LOG_2PI + np.log(var).sum(axis=1) + (m * m * prec).sum(axis=1))
+    out = (xc * xc) @ (-0.5 * prec.T)
+    out += xc @ (m * prec).T
+    out += const
+    return out
+
+
+def log_emissions(params: HMMParams, X: np.ndarray, gmm: GMMParams | None = None) -> np.ndarray:
+    """``log N(x_t | state k)`` over each date's observed attributes, time-major (T, n, K).
+
+    ``X`` is (n, T, D). Dates with nothing observed (missing, or padding) get 0 (no
+    emission term); partly observed dates the marginal Gaussian of what is observed.
     """
     n, T, D = X.shape
     K = params.n_components
-    flat = X.reshape(n * T, D)
-    seen = np.isfinite(flat).any(axis=1)
-    out = np.zeros((n * T, K))
-    if seen.all():
-        out[:] = observed_weighted_log_prob(flat, params.emission())
-    elif seen.any():
-        out[seen] = observed_weighted_log_prob(flat[seen], params.emission())
-    return out.reshape(n, T, K)
+    gmm = params.emission() if gmm is None else gmm
+    flat = np.ascontiguousarray(X.transpose(1, 0, 2)).reshape(T * n, D)
+    obs = np.isfinite(flat)
+    complete = obs.all(axis=1)
+    out = np.zeros((T * n, K))
+    if complete.all():
+        out[:] = _log_gaussian_rows(flat, params, gmm)
+    else:
+        if complete.any():
+            out[complete] = _log_gaussian_rows(flat[complete], params, gmm)
+        partial = ~complete & obs.any(axis=1)
+        if partial.any():
+            out[partial] = observed_weighted_log_prob(flat[partial], gmm)
+    return out.reshape(T, n, K)
 
 
 def _clamp(logB: np.ndarray, labels: np.ndarray | None, params: HMMParams) -> np.ndarray:
-    """Labelled dates: states of other classes get probability 0 (``-inf`` emission)."""
+    """Labelled dates: states of other classes get probability 0 (``-inf`` emission).
+
+    ``labels`` is (n, T) (class id or -1), ``logB`` time-major (T, n, K)."""
     if labels is None:
         return logB
     lab = np.asarray(labels)
@@ -226,17 +264,25 @@ def _clamp(logB: np.ndarray, labels: np.ndarray | None, params: HMMParams) -> np
         return logB
     K = params.n_components
     sc = np.arange(K) if params.state_class is None else np.asarray(params.state_class)
+    lab = lab.T  # (T, n)
     bad = (lab[:, :, None] >= 0) & (sc[None, None, :] != lab[:, :, None])
     return np.where(bad, -np.inf, logB)
 
 
 def _scaled(logB: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Emission likelihoods scaled per date by their best state (``B``, ``offset``)."""
-    off = logB.max(axis=2)
-    off = np.where(np.isfinite(off), off, 0.0)
+    # maxima over the short state axis, one state at a time (a reduction over a short
+    # last axis is slow: docs/performance.md trap 5)
+    off = logB[..., 0].copy()
+    for k in range(1, logB.shape[2]):
+        np.maximum(off, logB[..., k], out=off)
+    off[~np.isfinite(off)] = 0.0
+    B = logB - off[:, :, None]
+    np.maximum(B, -_FLOOR, out=B)
     with np.errstate(under="ignore", invalid="ignore"):
-        B = np.exp(np.maximum(logB - off[:, :, None], -_FLOOR))
-    B[~np.isfinite(logB)] = 0.0  # clamped states stay impossible
+        np.exp(B, out=B)
+    if not np.isfinite(logB).all():
+        B[~np.isfinite(logB)] = 0.0  # clamped states stay impossible
     return B, off
 
 
@@ -247,13 +293,13 @@ def forward_backward(
     w: np.ndarray | None = None,
     need_trans: bool = True,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """Scaled forward-backward of every sequence of a block at once.
+    """Scaled forward-backward of every sequence of a block at once (time-major).
 
     Parameters
     ----------
-    logB : ndarray (n, T, K)
+    logB : ndarray (T, n, K)
         Log emission terms (0 where a date has no observation; ``-inf`` for states a
-        label rules out).
+        label rules out), time-major so every date's (n, K) slab is contiguous.
     valid : ndarray (n, T) of bool, optional
         Dates that belong to their sequence (padding after a sequence's end is False,
         and must come after all its valid dates).
@@ -262,7 +308,7 @@ def forward_backward(
 
     Returns
     -------
-    gamma : ndarray (n, T, K)
+    gamma : ndarray (T, n, K)
         ``p(z_t = k | x)``.
     loglik : ndarray (n,)
         ``log p(x)`` of every sequence.
@@ -270,39 +316,48 @@ def forward_backward(
         ``sum_s w_s sum_t p(z_t = i, z_{t+1} = j | x_s)`` (transitions into padding left
         out), if ``need_trans``.
     """
-    n, T, K = logB.shape
+    T, n, K = logB.shape
     A = np.asarray(params.transmat, dtype=np.float64)
+    AT = np.ascontiguousarray(A.T)
+    ones = np.ones(K)
     B, off = _scaled(logB)
-    alpha = np.empty((n, T, K))
-    c = np.empty((n, T))
-    a = np.asarray(params.startprob, dtype=np.float64)[None, :] * B[:, 0]
-    c[:, 0] = a.sum(axis=1)
-    alpha[:, 0] = a / _safe(c[:, 0])[:, None]
-    for t in range(1, T):
-        a = (alpha[:, t - 1] @ A) * B[:, t]
-        c[:, t] = a.sum(axis=1)
-        alpha[:, t] = a / _safe(c[:, t])[:, None]
+    alpha = np.empty((T, n, K))
+    c = np.empty((T, n))
+    np.multiply(np.asarray(params.startprob, dtype=np.float64)[None, :], B[0], out=alpha[0])
+    for t in range(T):
+        if t:
+            np.matmul(alpha[t - 1], A, out=alpha[t])
+            alpha[t] *= B[t]
+        at = alpha[t]
+        np.matmul(at, ones, out=c[t])  # sums over the short state axis by GEMV
+        ct = c[t]
+        ct[ct <= 0] = 1.0  # a sequence no state can explain (all ruled out): stays 0
+        at /= ct[:, None]
     with np.errstate(divide="ignore"):
-        loglik = np.log(c).sum(axis=1) + off.sum(axis=1)
-    beta = np.empty((n, T, K))
-    beta[:, T - 1] = 1.0
+        loglik = np.log(c).sum(axis=0) + off.sum(axis=0)
+    # the backward pass overwrites B[t + 1] with B[t + 1] * beta[t + 1] / c[t + 1] and
+    # ends with gamma in alpha (beta is never stored whole)
     trans = np.zeros((K, K)) if need_trans else None
     ww = np.ones(n) if w is None else np.asarray(w, dtype=np.float64)
+    beta = np.ones((n, K))
     for t in range(T - 2, -1, -1):
-        b = B[:, t + 1] * beta[:, t + 1] / _safe(c[:, t + 1])[:, None]  # (n, K)
-        beta[:, t] = b @ A.T
+        b = B[t + 1]
+        b *= beta
+        b /= c[t + 1][:, None]
+        alpha[t + 1] *= beta  # gamma of date t + 1
+        beta = b @ AT
         if need_trans:
             wt = ww if valid is None else ww * valid[:, t + 1]
-            trans += (alpha[:, t] * wt[:, None]).T @ b
+            at = alpha[t] * wt[:, None]
+            trans += at.T @ b
+    alpha[0] *= beta
     if need_trans:
         trans *= A
-    gamma = alpha * beta
-    gamma /= _safe(gamma.sum(axis=2))[:, :, None]
+    gamma = alpha
+    norm = gamma @ ones
+    norm[norm <= 0] = 1.0
+    gamma /= norm[:, :, None]
     return gamma, loglik, trans
-
-
-def _safe(a: np.ndarray) -> np.ndarray:
-    return np.where(a > 0, a, 1.0)
 
 
 def viterbi(
@@ -310,31 +365,78 @@ def viterbi(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Most likely state path of every sequence (log space), vectorised over sequences.
 
-    Returns the paths (n, T) (int) and their log probabilities ``log p(x, z*)`` (n,).
-    Padding dates (``t >= lengths``) repeat the last state of the sequence.
+    ``logB`` is time-major (T, n, K). Returns the paths (n, T) (int) and their log
+    probabilities ``log p(x, z*)`` (n,). Padding dates (``t >= lengths``) repeat the
+    last state of the sequence.
     """
-    n, T, K = logB.shape
+    T, n, K = logB.shape
     with np.errstate(divide="ignore"):
         logA = np.log(np.asarray(params.transmat, dtype=np.float64))
         logpi = np.log(np.asarray(params.startprob, dtype=np.float64))
-    delta = logpi[None, :] + logB[:, 0]
-    back = np.empty((n, T, K), dtype=np.int16 if K < 32_000 else np.int32)
+    delta = logpi[None, :] + logB[0]
+    back = np.empty((T, n, K), dtype=np.int16 if K < 32_000 else np.int32)
     for t in range(1, T):
         cand = delta[:, :, None] + logA[None, :, :]  # (n, i, j)
         arg = cand.argmax(axis=1)
-        back[:, t] = arg
-        new = np.take_along_axis(cand, arg[:, None, :], axis=1)[:, 0] + logB[:, t]
+        back[t] = arg
+        new = np.take_along_axis(cand, arg[:, None, :], axis=1)[:, 0] + logB[t]
         if lengths is not None:  # past a sequence's end its score stays as it was
             past = (t >= lengths)[:, None]
             new = np.where(past, delta, new)
-            back[:, t] = np.where(past, np.arange(K)[None, :], arg)
+            back[t] = np.where(past, np.arange(K)[None, :], arg)
         delta = new
     path = np.empty((n, T), dtype=np.int64)
     path[:, T - 1] = delta.argmax(axis=1)
     logp = delta.max(axis=1)
     for t in range(T - 1, 0, -1):
-        path[:, t - 1] = np.take_along_axis(back[:, t], path[:, t : t + 1], axis=1)[:, 0]
+        path[:, t - 1] = np.take_along_axis(back[t], path[:, t : t + 1], axis=1)[:, 0]
     return path, logp
+
+
+def emission_stats(flat: np.ndarray, G: np.ndarray, params: HMMParams, gmm: GMMParams) -> GMMStats:
+    """State-weighted centred moments of date rows ``flat`` (m, D) with weights ``G``
+    (m, K) (posterior times sequence weight); missing attributes through their
+    conditional expectations (:func:`daskem.model.missing.resp_stats`).
+
+    Complete rows are summed about their mean ``c`` with one GEMM per moment (full and
+    tied: one per state), then centred (float64; the shift keeps the rounding small).
+    """
+    K, D = params.n_components, params.n_features
+    obs = np.isfinite(flat)
+    complete = obs.all(axis=1)
+    full = params.covariance_type in ("full", "tied")
+    if not complete.all():
+        rest = ~complete & obs.any(axis=1)
+        out = emission_stats(flat[complete], G[complete], params, gmm)
+        if rest.any():
+            w = G[rest].sum(axis=1)
+            q = G[rest] / np.where(w > 0, w, 1.0)[:, None]
+            part = resp_stats(flat[rest], q, gmm, w, n_worst=0)
+            part.worst_score, part.worst_rows = np.empty(0), np.empty((0, D))
+            out = out + part
+        return out
+    X = flat
+    S0 = G.sum(axis=0)
+    c = X.mean(axis=0) if X.shape[0] else np.zeros(D)
+    xc = X - c
+    S1 = G.T @ xc
+    if full:
+        S2 = np.empty((K, D, D))
+        for k in range(K):
+            S2[k] = (xc * G[:, k : k + 1]).T @ xc
+    else:
+        S2 = G.T @ (xc * xc)
+    mean, m2 = _stats_from_shifted_sums(S0, S1, S2, c, params.means)
+    return GMMStats(
+        n=S0,
+        mean=mean,
+        m2=m2,
+        weight=float(G.sum()),
+        count=int(X.shape[0]),
+        worst_score=np.empty(0),
+        worst_rows=np.empty((0, D)),
+        n_worst=0,
+    )
 
 
 # --------------------------------------------------------------------------- the model
@@ -443,25 +545,20 @@ class HMMModel:
             empty = ~seen_date.any(axis=1)
             w = np.where(empty | ~np.isfinite(w), 0.0, w)
             lab = None if labels is None else self._labels(labels, sl, m)
-            logB = _clamp(log_emissions(params, S), lab, params)
+            logB = _clamp(log_emissions(params, S, gmm), lab, params)
             valid = None if seqs.valid is None else seqs.valid[sl]
             gamma, ll, trans = forward_backward(params, logB, valid, w, need_trans)
             used = w > 0
-            emis = resp_stats(
-                S.reshape(m * T, D),
-                gamma.reshape(m * T, K),
-                gmm,
-                np.repeat(w, T),
-                n_worst=0,
-            )
-            emis.worst_score = np.empty(0)
-            emis.worst_rows = np.empty((0, D))
+            # date rows in the time-major order of gamma
+            flat = np.ascontiguousarray(S.transpose(1, 0, 2)).reshape(T * m, D)
+            gamma *= w[None, :, None]
+            emis = emission_stats(flat, gamma.reshape(T * m, K), params, gmm)
             partial = used & ~np.isfinite(S).all(axis=(1, 2))
             if seqs.valid is not None:  # padding is not missing data
                 n_obs = np.isfinite(S).all(axis=2).sum(axis=1)
                 partial = used & (n_obs < seqs.lengths[sl])
             out = out + HMMStats(
-                start=(w[:, None] * gamma[:, 0]).sum(axis=0),
+                start=gamma[0].sum(axis=0),
                 trans=trans if trans is not None else np.zeros((K, K)),
                 emission=emis,
                 loglik=float(w[used] @ ll[used]),
@@ -566,7 +663,7 @@ class HMMModel:
             logB = _clamp(log_emissions(params, S), lab, params)
             g, lk, _ = forward_backward(params, logB, need_trans=False)
             seen = np.isfinite(S).any(axis=(1, 2))
-            gamma[sl][seen], ll[sl][seen] = g[seen], lk[seen]
+            gamma[sl][seen], ll[sl][seen] = g.transpose(1, 0, 2)[seen], lk[seen]
         return gamma, ll
 
     def decode(self, params: HMMParams, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
