@@ -24,7 +24,10 @@ a fixed number of iterations (``tol=0``), and is reported in pixel-iterations pe
   ``GaussianMixture`` on the same pixels as a square image in a Zarr store (1024 x 1024
   chunks, read every pass), threads, back to back;
 * Spark MLlib ``GaussianMixture`` (full covariance, ``local[2]``, ``--spark-n`` pixels)
-  if pyspark and pyarrow are installed (``pip install ".[spark]"``; needs Java 17+).
+  if pyspark and pyarrow are installed (``pip install ".[spark]"``; needs Java 17+);
+* the hidden Markov model (section ``hmm``, :mod:`bench_hmm`): ``GaussianHMM`` on
+  sequences of 24 dates x 6 attributes, K = 5 (1 M of them; 250,000 with ``--quick``)
+  on 2 workers against hmmlearn, and its kernel against a minimal NumPy forward-backward.
 
 It prints the table, the ratios daskem / scikit-learn, daskem / (NumPy pass x 2 cores) and
 daskem-on-Zarr / read-only, and the peak RSS of every process, and saves them as JSON::
@@ -687,7 +690,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--skip",
         default="",
-        help="comma-separated: threads,cluster,malloc,zarr,sklearn,spark,proxy,missing,spatial",
+        help="comma-separated: threads,cluster,malloc,zarr,sklearn,spark,proxy,missing,spatial,hmm",
     )
     parser.add_argument("--workdir", type=Path, help="where to write the Zarr store (temp)")
     parser.add_argument(
@@ -859,6 +862,10 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     run["spark"] = r
                     print(f"[full] Spark MLlib local[2] {r['rate'] / 1e6:.3f} M", flush=True)
+        if "hmm" not in skip:
+            import bench_hmm
+
+            results["hmm"] = bench_hmm.run(250_000 if args.quick else 1_000_000, 24, 6, 5, 4, 5_000)
         results["cpu_scaling_end"] = cpu_scaling()
         results["peak_rss_main"] = peak_rss()
         results["total_seconds"] = time.perf_counter() - t_start
@@ -990,6 +997,10 @@ def report(results: dict) -> None:
         run["ratios"] = ratios(results, run)
         for k, v in run["ratios"].items():
             print(f"  {k:72s} {v:>7.2f}" if isinstance(v, float) else f"  {k:72s} {v:>7s}")
+    if results.get("hmm"):
+        import bench_hmm
+
+        bench_hmm.report(results["hmm"])
     print(
         "\n2-process CPU scaling of this host (2.0 = two free cores), start / end: "
         f"{results['cpu_scaling_start']:.2f} / {results['cpu_scaling_end']:.2f}"

@@ -26,7 +26,7 @@ def test_bench_runs_and_reports_the_ratios(tmp_path):
     out = tmp_path / "bench.json"
     text = _run(
         SCRIPTS / "bench.py", "--n", 40_000, "--d", 3, "--k", 3, "--iters", 2,
-        "--cov", "full", "--sklearn-n", 20_000, "--skip", "malloc,spark",
+        "--cov", "full", "--sklearn-n", 20_000, "--skip", "malloc,spark,hmm",
         "--zarr-rows", 8192, "--json", out,
     )  # fmt: skip
     res = json.loads(out.read_text())
@@ -43,6 +43,27 @@ def test_bench_runs_and_reports_the_ratios(tmp_path):
     assert run["cluster_default"]["read_only"]["rate"] > 0
     key = "daskem_cluster_zarr_default pass / (read-only + daskem_cluster_numpy_default) pass"
     assert ratios[key] > 0
+
+
+@pytest.mark.slow
+def test_bench_hmm_runs_and_reports_the_ratios(tmp_path):
+    pytest.importorskip("hmmlearn")
+    out = tmp_path / "hmm.json"
+    text = _run(
+        SCRIPTS / "bench_hmm.py", "--n", 6000, "--t", 8, "--d", 3, "--k", 3, "--iters", 2,
+        "--hmmlearn-n", 300, "--json", out,
+    )  # fmt: skip
+    res = json.loads(out.read_text())
+    for cov in ("diag", "full"):
+        run = res["runs"][cov]
+        assert run["kernels_1core"]["same_loglik"], run["kernels_1core"]
+        ratios = run["ratios"]
+        assert ratios["daskem (2 workers) / hmmlearn (1 process), EM iterations per second"] > 0
+        assert ratios["daskem kernel / minimal NumPy forward-backward, 1 core"] > 0
+        # no covariance prior: EM's log-likelihood never goes down
+        h = run["daskem_cluster"]["history"]
+        assert all(b >= a - 1e-6 * abs(a) for a, b in zip(h, h[1:], strict=False))
+    assert "minimal NumPy" in text
 
 
 @pytest.mark.slow
