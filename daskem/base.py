@@ -34,6 +34,7 @@ import numbers
 import os
 import time
 import warnings
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -42,12 +43,13 @@ import numpy as np
 from sklearn.base import BaseEstimator
 from sklearn.exceptions import ConvergenceWarning as _SklearnConvergenceWarning
 from sklearn.exceptions import NotFittedError
-from sklearn.utils.validation import validate_data
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import column_or_1d, validate_data
 
 from . import engine
 from .modelfile import ModelFileError, load_checkpoint, save_checkpoint
 
-__all__ = ["NAN_POLICIES", "ConvergenceWarning", "EMEstimator"]
+__all__ = ["NAN_POLICIES", "ClassLabelsMixin", "ConvergenceWarning", "EMEstimator"]
 
 logger = logging.getLogger("daskem")
 
@@ -159,6 +161,9 @@ class EMEstimator(BaseEstimator):
     _n_comp: int | None = None
     #: rows ``fit`` needs at least (a model whose rows are sequences needs one)
     _min_fit_rows = 2
+    #: the shape of a row's labels (``()``: one class id per row; a sequence model's
+    #: rows have one per date)
+    _label_tail: tuple[int, ...] = ()
     _component_class: np.ndarray | None = None
 
     # ------------------------------------------------------------------ hooks
@@ -358,8 +363,9 @@ class EMEstimator(BaseEstimator):
             sample_weight = sw
         if y is not None:
             yy = y if isinstance(y, da.Array) else np.asarray(y)
-            if yy.shape != (n,):
-                raise ValueError(f"y must have shape ({n},) to match X, got {yy.shape}")
+            want = (n, *self._label_tail)
+            if yy.shape != want:
+                raise ValueError(f"y must have shape {want} to match X, got {yy.shape}")
             if not np.issubdtype(yy.dtype, np.integer):
                 raise ValueError(f"y must hold integer class ids (-1 = unlabelled), got {yy.dtype}")
             y = yy
@@ -548,7 +554,7 @@ class EMEstimator(BaseEstimator):
             Xt, wt, yt = Xs[::stride], None if ws is None else ws[::stride], None
             if labelled is not None and labelled[0].shape[0]:  # every labelled row, always
                 Xl, yl = labelled
-                yt = np.concatenate([np.full(len(Xt), -1), yl])
+                yt = np.concatenate([np.full((len(Xt), *np.shape(yl)[1:]), -1), yl])
                 Xt = np.concatenate([Xt, Xl])
                 wt = None if wt is None else np.concatenate([wt, np.ones(len(Xl))])
             result = engine.fit_em_local(
@@ -867,3 +873,100 @@ class EMEstimator(BaseEstimator):
         """Akaike information criterion on ``X`` (lower is better)."""
         n = np.shape(X)[0] if not isinstance(X, da.Array) else X.shape[0]
         return -2 * self._mean_log_likelihood(X) * n + 2 * self._n_parameters()
+
+
+class ClassLabelsMixin:
+    """Class ids from ``y`` and the class of every component, for semi-supervised
+    estimators (``classes_``; the options ``n_components`` and ``components_per_class``).
+    """
+
+    def _encode_y(self, y: Any) -> Any:
+        """Class indices (``-1`` unlabelled) for NumPy-like ``y``; sets ``classes_``."""
+        if y is None:
+            raise ValueError(
+                f"{type(self).__name__} requires y to be passed, but the target y is None: "
+                "give -1 for unlabelled samples, or use GaussianMixture for an "
+                "unsupervised fit"
+            )
+        if isinstance(y, da.Array):
+            return y  # classes are read from the labelled rows during the fit
+        y = column_or_1d(y, warn=True)
+        if y.dtype.kind in "iuf":
+            unlabelled = y == -1
+        elif y.dtype.kind == "O":
+            unlabelled = np.array(
+                [isinstance(v, numbers.Number) and not isinstance(v, bool) and v == -1 for v in y],
+                dtype=bool,
+            )
+        else:
+            unlabelled = np.zeros(len(y), dtype=bool)
+        labelled = y[~unlabelled]
+        if labelled.size:
+            check_classification_targets(labelled)
+        classes, idx = np.unique(labelled, return_inverse=True)
+        self._check_classes(classes)
+        out = np.full(len(y), -1, dtype=np.int64)
+        out[~unlabelled] = idx
+        self.classes_ = classes
+        return out
+
+    def _check_classes(self, classes: np.ndarray) -> None:
+        if len(classes) == 0:
+            raise ValueError(
+                "y labels no sample (every entry is -1): a classifier needs some labelled "
+                "samples; use daskem.GaussianMixture for an unsupervised fit"
+            )
+        if len(classes) < 2:
+            raise ValueError(
+                f"y labels only one class ({classes[0]!r}): a classifier needs labelled "
+                "samples of at least 2 classes"
+            )
+
+    def _layout(self, classes: np.ndarray) -> np.ndarray:
+        """The class index of each component, from n_components and components_per_class."""
+        C = len(classes)
+        cpc = self.components_per_class
+        if cpc is None:
+            counts = np.ones(C, dtype=np.int64)
+        elif isinstance(cpc, Mapping):
+            counts = np.ones(C, dtype=np.int64)
+            known = {c.item() if isinstance(c, np.generic) else c: i for i, c in enumerate(classes)}
+            for c, n in cpc.items():
+                key = c.item() if isinstance(c, np.generic) else c
+                if key not in known:
+                    raise ValueError(
+                        f"components_per_class names class {c!r}, which is not among the "
+                        f"labelled classes {list(known)}"
+                    )
+                if not isinstance(n, numbers.Integral) or n < 1:
+                    raise ValueError(
+                        f"components_per_class[{c!r}] must be an integer >= 1, got {n!r}"
+                    )
+                counts[known[key]] = int(n)
+        elif isinstance(cpc, numbers.Integral) and not isinstance(cpc, bool) and cpc >= 1:
+            counts = np.full(C, int(cpc), dtype=np.int64)
+        else:
+            raise ValueError(
+                "components_per_class must be an integer >= 1 or a mapping from class to "
+                f"an integer >= 1, got {cpc!r}"
+            )
+        total = int(counts.sum())
+        K = total if self.n_components is None else int(self.n_components)
+        if K < C:
+            warnings.warn(
+                f"n_components={K} is smaller than the number of classes ({C}): fitting "
+                f"{max(C, total)} components, at least one per class",
+                UserWarning,
+                stacklevel=4,
+            )
+            K = max(C, total)
+        if K < total:
+            raise ValueError(
+                f"components_per_class asks for {total} components but n_components={K}"
+            )
+        # one per class first, then each class's further components, then the rest in turn
+        layout = list(range(C))
+        for c in range(C):
+            layout += [c] * (int(counts[c]) - 1)
+        layout += [i % C for i in range(K - total)]
+        return np.asarray(layout, dtype=np.int64)

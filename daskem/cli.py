@@ -742,7 +742,7 @@ def _check_fit_options(
         raise BadInput(f"--time-dim: only for --method hmm (time stacks), not --method {method}")
     if method not in ("gmm", "hmrf"):
         ctx = click.get_current_context(silent=True)
-        allowed = ("covariance",) if sequences else ()
+        allowed = ("covariance", "components_per_class") if sequences else ()
         given = [
             name
             for name in _GMM_OPTIONS
@@ -895,6 +895,10 @@ def _fit(rep: Reporter, stack: Any, *, labels: str | None, opts: dict[str, Any])
         per_pixel = float(stack.n_sequences)
         extra.update(covariance_type=opts["covariance"], tol=opts["tol"] * per_pixel)
         extra["n_iter"] = extra.pop("max_iter")
+        if labels is not None:
+            extra["components_per_class"] = _parse_components_per_class(
+                opts.get("components_per_class")
+            )
 
         def callback(info: Any) -> None:
             rep.iteration(

@@ -217,14 +217,16 @@ class ChunkedData:
             X = X.rechunk({1: -1})
         row_chunks = X.chunks[0]
         arrays = [X]
-        for a in (self.sample_weight, self.labels):
+        for name, a in (("sample_weight", self.sample_weight), ("labels", self.labels)):
             if a is not None:
-                if a.shape != (X.shape[0],):
+                # labels may be (n, L): one per date of a sequence row (daskem.model.hmm)
+                two_d = name == "labels" and a.ndim == 2 and self.layout is None
+                if a.shape[0] != X.shape[0] or (a.ndim != 1 and not two_d):
                     raise ValueError(
                         f"expected an array of shape ({X.shape[0]},) aligned with X, got {a.shape}"
                     )
-                if a.chunks[0] != row_chunks:
-                    a = a.rechunk({0: row_chunks})
+                if a.chunks[0] != row_chunks or (two_d and len(a.chunks[1]) != 1):
+                    a = a.rechunk({0: row_chunks, **({1: -1} if two_d else {})})
             arrays.append(a)
         self.X, self.sample_weight, self.labels = arrays
         xs = self.X.to_delayed(optimize_graph=True).ravel()
@@ -295,7 +297,7 @@ def as_chunked(
         if isinstance(a, da.Array):
             return a
         a = np.asarray(a)
-        chunks = (chunk_size,) + (-1,) * (ndim - 1)
+        chunks = (chunk_size,) + (-1,) * (max(ndim, a.ndim) - 1)  # labels may be (n, T)
         arr = da.from_array(a, chunks=chunks)
         return arr.persist() if client is not None else arr
 
@@ -989,7 +991,9 @@ def _label_summary(y):
     y = np.asarray(y)
     if y.size == 0:
         return np.empty(0, dtype=np.int64), None, None
-    return np.flatnonzero(y >= 0), y.min(), y.max()
+    lab = y >= 0
+    rows = lab if y.ndim == 1 else lab.any(axis=tuple(range(1, y.ndim)))
+    return np.flatnonzero(rows), y.min(), y.max()
 
 
 def labelled_rows(data: ChunkedData) -> tuple[np.ndarray, np.ndarray, int, int]:
@@ -1000,7 +1004,8 @@ def labelled_rows(data: ChunkedData) -> tuple[np.ndarray, np.ndarray, int, int]:
 
     Returns
     -------
-    X, labels : ndarrays of the labelled rows, in row order
+    X, labels : ndarrays of the labelled rows, in row order (labels of shape (n, L): the
+        rows with any label, and all their labels)
     y_min, y_max : int
         Smallest and largest label value anywhere (for validation).
     """
@@ -1040,7 +1045,10 @@ def relabel(data: ChunkedData, classes: np.ndarray) -> ChunkedData:
     if data.labels is None:
         raise ValueError("the data has no labels")
     labels = data.labels.map_blocks(
-        _relabel_block, np.asarray(classes), dtype=np.int64, meta=np.empty(0, np.int64)
+        _relabel_block,
+        np.asarray(classes),
+        dtype=np.int64,
+        meta=np.empty((0,) * data.labels.ndim, np.int64),
     )
     return ChunkedData(data.X, data.sample_weight, labels, data.layout)
 

@@ -14,18 +14,21 @@ from __future__ import annotations
 
 import logging
 import numbers
-import warnings
-from collections.abc import Mapping
 from typing import Any
 
 import dask.array as da
 import numpy as np
 from sklearn.base import ClassifierMixin, DensityMixin
-from sklearn.utils.multiclass import check_classification_targets
-from sklearn.utils.validation import column_or_1d
 
 from . import engine
-from .base import NAN_POLICIES, ConvergenceWarning, EMEstimator, _check_random_state, _store_params
+from .base import (
+    NAN_POLICIES,
+    ClassLabelsMixin,
+    ConvergenceWarning,
+    EMEstimator,
+    _check_random_state,
+    _store_params,
+)
 from .model.gaussian import covariance_shape
 from .model.gmm import (
     COVARIANCE_TYPES,
@@ -583,7 +586,7 @@ class GaussianMixture(DensityMixin, _BaseGaussianMixture):
 
 
 @register_estimator
-class GaussianMixtureClassifier(ClassifierMixin, _BaseGaussianMixture):
+class GaussianMixtureClassifier(ClassifierMixin, ClassLabelsMixin, _BaseGaussianMixture):
     """Semi-supervised Gaussian mixture classifier fitted by EM over all samples.
 
     The classifier of the mixture family, as scikit-learn's semi-supervised
@@ -696,97 +699,6 @@ class GaussianMixtureClassifier(ClassifierMixin, _BaseGaussianMixture):
         K = self.n_components
         if K is not None and (not isinstance(K, numbers.Integral) or K < 1):
             raise ValueError(f"n_components must be None or an integer >= 1, got {K!r}")
-
-    def _encode_y(self, y: Any) -> Any:
-        """Class indices (``-1`` unlabelled) for NumPy-like ``y``; sets ``classes_``."""
-        if y is None:
-            raise ValueError(
-                f"{type(self).__name__} requires y to be passed, but the target y is None: "
-                "give -1 for unlabelled samples, or use GaussianMixture for an "
-                "unsupervised fit"
-            )
-        if isinstance(y, da.Array):
-            return y  # classes are read from the labelled rows during the fit
-        y = column_or_1d(y, warn=True)
-        if y.dtype.kind in "iuf":
-            unlabelled = y == -1
-        elif y.dtype.kind == "O":
-            unlabelled = np.array(
-                [isinstance(v, numbers.Number) and not isinstance(v, bool) and v == -1 for v in y],
-                dtype=bool,
-            )
-        else:
-            unlabelled = np.zeros(len(y), dtype=bool)
-        labelled = y[~unlabelled]
-        if labelled.size:
-            check_classification_targets(labelled)
-        classes, idx = np.unique(labelled, return_inverse=True)
-        self._check_classes(classes)
-        out = np.full(len(y), -1, dtype=np.int64)
-        out[~unlabelled] = idx
-        self.classes_ = classes
-        return out
-
-    def _check_classes(self, classes: np.ndarray) -> None:
-        if len(classes) == 0:
-            raise ValueError(
-                "y labels no sample (every entry is -1): a classifier needs some labelled "
-                "samples; use daskem.GaussianMixture for an unsupervised fit"
-            )
-        if len(classes) < 2:
-            raise ValueError(
-                f"y labels only one class ({classes[0]!r}): a classifier needs labelled "
-                "samples of at least 2 classes"
-            )
-
-    def _layout(self, classes: np.ndarray) -> np.ndarray:
-        """The class index of each component, from n_components and components_per_class."""
-        C = len(classes)
-        cpc = self.components_per_class
-        if cpc is None:
-            counts = np.ones(C, dtype=np.int64)
-        elif isinstance(cpc, Mapping):
-            counts = np.ones(C, dtype=np.int64)
-            known = {c.item() if isinstance(c, np.generic) else c: i for i, c in enumerate(classes)}
-            for c, n in cpc.items():
-                key = c.item() if isinstance(c, np.generic) else c
-                if key not in known:
-                    raise ValueError(
-                        f"components_per_class names class {c!r}, which is not among the "
-                        f"labelled classes {list(known)}"
-                    )
-                if not isinstance(n, numbers.Integral) or n < 1:
-                    raise ValueError(
-                        f"components_per_class[{c!r}] must be an integer >= 1, got {n!r}"
-                    )
-                counts[known[key]] = int(n)
-        elif isinstance(cpc, numbers.Integral) and not isinstance(cpc, bool) and cpc >= 1:
-            counts = np.full(C, int(cpc), dtype=np.int64)
-        else:
-            raise ValueError(
-                "components_per_class must be an integer >= 1 or a mapping from class to "
-                f"an integer >= 1, got {cpc!r}"
-            )
-        total = int(counts.sum())
-        K = total if self.n_components is None else int(self.n_components)
-        if K < C:
-            warnings.warn(
-                f"n_components={K} is smaller than the number of classes ({C}): fitting "
-                f"{max(C, total)} components, at least one per class",
-                UserWarning,
-                stacklevel=4,
-            )
-            K = max(C, total)
-        if K < total:
-            raise ValueError(
-                f"components_per_class asks for {total} components but n_components={K}"
-            )
-        # one per class first, then each class's further components, then the rest in turn
-        layout = list(range(C))
-        for c in range(C):
-            layout += [c] * (int(counts[c]) - 1)
-        layout += [i % C for i in range(K - total)]
-        return np.asarray(layout, dtype=np.int64)
 
     def _setup_labels(self, data):
         self._check_classifier_options()

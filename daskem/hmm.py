@@ -34,15 +34,16 @@ from typing import Any
 
 import dask.array as da
 import numpy as np
+from sklearn.base import ClassifierMixin
 
 from . import engine
-from .base import EMEstimator, _check_random_state, _store_params
+from .base import ClassLabelsMixin, EMEstimator, _check_random_state, _store_params
 from .model.hmm import COVARIANCE_TYPES, HMMModel, HMMParams
 from .model.hmm import n_parameters as hmm_n_parameters
-from .model.init import kmeans
+from .model.init import _sq_dist, kmeans, kmeans_plusplus
 from .modelfile import register_estimator
 
-__all__ = ["ConvergenceMonitor", "GaussianHMM"]
+__all__ = ["ConvergenceMonitor", "GaussianHMM", "GaussianHMMClassifier"]
 
 _ATTRS = {"s": "startprob_", "t": "transmat_", "m": "means_", "c": "_covars_"}
 
@@ -715,3 +716,255 @@ class GaussianHMM(EMEstimator):
     def aic(self, X: Any, lengths: Any = None) -> float:
         """Akaike information criterion (lower is better)."""
         return -2 * self.score(X, lengths) + 2 * self._n_parameters()
+
+
+def _class_of_states(state_class: np.ndarray) -> np.ndarray:
+    """One-hot (K, C) matrix: the class owning each state."""
+    sc = np.asarray(state_class)
+    M = np.zeros((len(sc), int(sc.max()) + 1))
+    M[np.arange(len(sc)), sc] = 1.0
+    return M
+
+
+@register_estimator
+class GaussianHMMClassifier(ClassifierMixin, ClassLabelsMixin, GaussianHMM):
+    """Semi-supervised hidden Markov model: labelled dates pin their state's class.
+
+    :class:`GaussianHMM` whose states belong to classes (one per class by default; more
+    with ``n_components`` / ``components_per_class``, given to the classes in turn, as
+    the mixture classifier does). A labelled date's state is restricted to its class's
+    states in every E-step (the posterior of the other states is 0 there), so the states
+    keep the meaning the labels give them; everything else is EM over all sequences.
+
+    Parameters
+    ----------
+    n_components : int or None
+        Number of states (default: one per class).
+    components_per_class : int or mapping, optional
+        States of every class, or per class label.
+    **kwargs
+        As :class:`GaussianHMM` (except ``init_params``: the start comes from the labels:
+        each class's first state starts at the mean of its labelled dates).
+
+    Attributes
+    ----------
+    classes_ : ndarray
+        The class labels (``y`` values other than -1).
+    component_classes_ : ndarray (n_components,)
+        The class index of every state.
+    """
+
+    def __init__(
+        self,
+        n_components: int | None = None,
+        covariance_type: str = "diag",
+        min_covar: float = 1e-3,
+        startprob_prior: Any = 1.0,
+        transmat_prior: Any = 1.0,
+        means_prior: Any = 0,
+        means_weight: Any = 0,
+        covars_prior: Any = 1e-2,
+        covars_weight: Any = 1,
+        algorithm: str = "viterbi",
+        random_state: Any = None,
+        n_iter: int = 10,
+        tol: float = 1e-2,
+        verbose: bool = False,
+        params: str = "stmc",
+        init_params: str = "stmc",
+        implementation: str = "log",
+        *,
+        components_per_class: Any = None,
+        n_init: int = 1,
+        chunk_size: int | str = "auto",
+        split_every: int = 16,
+        init_sample_size: int = 20_000,
+        cache: bool | str = "auto",
+        prefit: bool | str = "auto",
+        select_after: int | str | None = "auto",
+        nan_policy: str = "marginalize",
+    ) -> None:
+        _store_params(self, locals())
+
+    def _labels_for(self, y: Any, rows: Any, T: int, lengths: Any) -> Any:
+        """``y`` as class ids per date of each row, (n_sequences, T), -1 unlabelled."""
+        n = rows.shape[0]
+        if y is None:
+            raise ValueError(
+                "GaussianHMMClassifier requires y (the class of labelled dates, -1 for "
+                "unlabelled); use GaussianHMM for an unsupervised fit"
+            )
+        if isinstance(y, da.Array):
+            if not np.issubdtype(y.dtype, np.integer):
+                raise ValueError(f"a Dask y must hold integer class ids, got {y.dtype}")
+            if y.shape == (n,):
+                y = da.repeat(y[:, None], T, axis=1)
+            if y.shape != (n, T):
+                raise ValueError(
+                    f"y must have shape ({n}, {T}) (a class per date) or ({n},) (every date), "
+                    f"got {y.shape}: labels on dates the sequences do not have?"
+                )
+            self._classes_from_data = True
+            return y
+        y = np.asarray(y)
+        if lengths is not None or (y.ndim == 1 and self._tabular_fit):
+            total = int(np.sum(lengths)) if lengths is not None else T
+            if y.shape != (total,):
+                raise ValueError(
+                    f"y must have one entry per sample of X ({total}), got shape {y.shape}"
+                )
+            flat = self._encode_y(y)
+            out = np.full((n, T), -1, dtype=np.int64)
+            lens = [T] if lengths is None else list(lengths)
+            s = 0
+            for i, L in enumerate(lens):
+                out[i, :L] = flat[s : s + L]
+                s += L
+            return out
+        if y.shape == (n,):
+            y = np.repeat(y[:, None], T, axis=1)
+        if y.shape != (n, T):
+            raise ValueError(
+                f"y must have shape ({n}, {T}) (a class per date) or ({n},) (every date), got "
+                f"{y.shape}: labels on dates the sequences do not have?"
+            )
+        return self._encode_y(y.ravel()).reshape(n, T)
+
+    def fit(
+        self,
+        X: Any,
+        y: Any = None,
+        lengths: Any = None,
+        *,
+        checkpoint_dir: Any = None,
+        resume: bool = False,
+        callback: Any = None,
+        feature_names: Any = None,
+        class_names: Any = None,
+    ) -> GaussianHMMClassifier:
+        """Fit by semi-supervised EM.
+
+        Parameters
+        ----------
+        X : array-like (n_samples, n_features) with ``lengths``, or (n_sequences,
+            n_times, n_features) (NumPy or Dask)
+        y : array-like
+            The class of labelled dates, ``-1`` elsewhere: (n_samples,) for 2-D ``X``;
+            (n_sequences, n_times) or (n_sequences,) (every date) for 3-D ``X``.
+        lengths, checkpoint_dir, resume, callback, feature_names
+            As in :meth:`GaussianHMM.fit`.
+        class_names : sequence of str, optional
+            A name for each class (in the order of ``classes_``).
+        """
+        rows, T, D, var = self._sequence_rows(X, lengths, for_fit=True)
+        self._tabular_fit = self._tabular(X)
+        self._classes_from_data = False
+        try:
+            labels = self._labels_for(y, rows, T, lengths)
+            self._seq_layout = (T, D, var)
+            self._label_tail = (T,)
+            self._check_parameters(D)
+            self._fit(rows, labels, None, checkpoint_dir, resume, callback)
+        finally:
+            for name in ("_tabular_fit", "_classes_from_data", "_label_tail"):
+                self.__dict__.pop(name, None)
+        self.n_features_in_ = D
+        self.n_features = D
+        self.__dict__.pop("feature_names_in_", None)
+        monitor = ConvergenceMonitor(self.tol, self.n_iter, self.verbose)
+        monitor.history.extend(float(v) for v in self.lower_bounds_)
+        monitor.iter = int(self.n_iter_)
+        self.monitor_ = monitor
+        self._set_names(feature_names, class_names)
+        return self
+
+    def _check_parameters(self, n_features: int, K: int | None = None) -> None:
+        K = self.n_components if K is None else K
+        if K is not None and (isinstance(K, bool) or not isinstance(K, numbers.Integral)):
+            raise ValueError(f"n_components must be None or an integer >= 1, got {K!r}")
+        super()._check_parameters(n_features, K if K is not None else 1)
+
+    def _setup_labels(self, data: engine.ChunkedData):
+        Xl, yl, ymin, _ = engine.labelled_rows(data)
+        if int(ymin) < -1:
+            raise ValueError(f"y holds {int(ymin)}: use -1 for unlabelled and ids >= 0 for classes")
+        if self._classes_from_data:
+            classes = np.unique(yl[yl >= 0])
+            self._check_classes(classes)
+            if not np.array_equal(classes, np.arange(len(classes))):
+                data = engine.relabel(data, classes)
+                yl = np.where(yl >= 0, np.searchsorted(classes, yl), -1)
+            self.classes_ = classes
+        return data, (np.asarray(Xl, dtype=np.float64), np.asarray(yl)), self._layout(self.classes_)
+
+    def _fixed_start(self, component_class: np.ndarray) -> bool:
+        return len(component_class) == len(np.unique(component_class))
+
+    def _user_init_complete(self) -> bool:
+        return False
+
+    def _initial_params(self, data: engine.ChunkedData, seed: int, labelled=None, sample=None):
+        K, ct = self._n_comp, self.covariance_type
+        cc = np.asarray(self._component_class)
+        C = int(cc.max()) + 1
+        T, D, _ = self._seq_layout
+        model = self._model()
+        Xl, yl = labelled
+        lab = model.sequences(Xl).X.reshape(-1, D)
+        ylf = np.asarray(yl).reshape(-1)
+        ok = np.isfinite(lab).all(axis=1)
+        centres = np.empty((C, D))
+        for c in range(C):
+            rows = ok & (ylf == c)
+            if not rows.any():
+                raise ValueError(
+                    f"class {self.classes_[c]!r} has no labelled date with every attribute "
+                    "observed: label dates with data"
+                )
+            centres[c] = lab[rows].mean(axis=0)
+        if sample is None:
+            sample = engine.draw_sample(data, self.init_sample_size, seed)
+        rows_s, ws, _ = sample
+        dates = model.sequences(rows_s).X.reshape(-1, D)
+        complete = np.isfinite(dates).all(axis=1)
+        pool = np.concatenate([dates[complete], lab[ok]])
+        gen = np.random.default_rng(seed)
+        means = np.empty((K, D))
+        means[:C] = centres
+        if K > C:  # further states: k-means++ seeds against the class means
+            extra = kmeans_plusplus(pool, K - C, gen, initial_centers=centres)
+            means[C:] = pool[extra]
+        # (the layout's first C states are the classes 0 .. C-1, the further ones follow)
+        # counts of nearest-state labels of the sampled sequences for startprob/transmat,
+        # restricted to each labelled date's class
+        d = _sq_dist(dates, means)
+        d[~complete] = np.inf
+        near = np.where(complete, d.argmin(axis=1), -1).reshape(-1, T)
+        start = np.bincount(near[:, 0][near[:, 0] >= 0], minlength=K) + 1.0
+        a, b = near[:, :-1].ravel(), near[:, 1:].ravel()
+        okt = (a >= 0) & (b >= 0)
+        counts = np.ones((K, K)) + np.bincount(a[okt] * K + b[okt], minlength=K * K).reshape(K, K)
+        cv = np.atleast_2d(np.cov(pool.T)) + self.min_covar * np.eye(D)
+        params = HMMParams(
+            start / start.sum(),
+            counts / counts.sum(axis=1, keepdims=True),
+            means,
+            _distribute_covariance(cv, ct, K),
+            ct,
+            cc,
+        )
+        if self._use_prefit(data.n_samples):
+            params = self._prefit(params, rows_s, ws, labelled)
+        return params
+
+    # ------------------------------------------------------------------ prediction
+
+    def predict_proba(self, X: Any, lengths: Any = None) -> Any:
+        """Probability of every class at every date (its states' posteriors summed)."""
+        gamma = self.score_samples(X, lengths)[1]
+        return gamma @ _class_of_states(self.component_classes_)
+
+    def predict(self, X: Any, lengths: Any = None) -> np.ndarray:
+        """The class of the most likely state of every date (by ``algorithm``)."""
+        states = self.decode(X, lengths)[1]
+        return np.asarray(self.classes_)[np.asarray(self.component_classes_)[states]]

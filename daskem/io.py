@@ -60,6 +60,7 @@ __all__ = [
     "labels_for_stack",
     "open_stack",
     "posterior",
+    "sequence_labels",
     "write_posterior",
 ]
 
@@ -1222,15 +1223,40 @@ def _fit_sequences(
             f"method {method!r} models every pixel's time series: open the stack with "
             "time_dim=... (the CLI's --time-dim)"
         )
-    if labels is not None:
-        raise ValueError(f"method {method!r} does not take labels yet")
-    if sample_weight is not None or components_per_class is not None:
-        raise ValueError(f"method {method!r} takes no sample_weight or components_per_class")
-    if n_components is None:
-        raise ValueError("n_components is required for an unsupervised fit")
+    if sample_weight is not None:
+        raise ValueError(f"method {method!r} takes no sample_weight")
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     if "max_iter" in kwargs:  # daskem's name for hmmlearn's n_iter
         kwargs["n_iter"] = kwargs.pop("max_iter")
+    kwargs.pop("label_weight", None)  # labelled dates are clamped: no weight
+    fit_kwargs = {
+        k: v
+        for k, v in (("checkpoint_dir", checkpoint_dir), ("resume", resume), ("callback", callback))
+        if v is not None and v is not False
+    }
+    if labels is not None:
+        y, names = sequence_labels(stack, labels, class_names=class_names)
+        if n_components is not None and n_components < len(names):
+            raise ValueError(
+                f"n_components={n_components} is smaller than the number of classes "
+                f"({len(names)}: {names}); every class needs at least one state"
+            )
+        if components_per_class is not None:
+            kwargs["components_per_class"] = _components_per_class_ids(components_per_class, names)
+        gm = estimator_class(method, semi_supervised=True)(n_components, **kwargs)
+        gm.fit(
+            stack.sequences(),
+            y,
+            feature_names=list(stack.variables),
+            class_names=names,
+            **fit_kwargs,
+        )
+        gm.input_path_ = stack.path
+        return gm
+    if components_per_class is not None:
+        raise ValueError("components_per_class needs labels (a semi-supervised fit)")
+    if n_components is None:
+        raise ValueError("n_components is required for an unsupervised fit")
     names = None
     if class_names is not None:
         names = _names_from_mapping(class_names)
@@ -1241,14 +1267,117 @@ def _fit_sequences(
     if names is None:
         names = [f"state_{k}" for k in range(n_components)]
     gm = estimator_class(method)(n_components, **kwargs)
-    fit_kwargs = {
-        k: v
-        for k, v in (("checkpoint_dir", checkpoint_dir), ("resume", resume), ("callback", callback))
-        if v is not None and v is not False
-    }
     gm.fit(stack.sequences(), feature_names=list(stack.variables), class_names=names, **fit_kwargs)
     gm.input_path_ = stack.path
     return gm
+
+
+def sequence_labels(
+    stack: Stack,
+    labels: str | xr.DataArray,
+    *,
+    class_names: Sequence[str] | Mapping[int, str] | None = None,
+    map_only: bool = False,
+) -> tuple[da.Array, list[str]]:
+    """Training labels of a time stack, aligned with :meth:`Stack.sequences`.
+
+    Parameters
+    ----------
+    stack : Stack
+        A time stack (``time_dim`` set).
+    labels : str or xarray.DataArray
+        A label map: the name of a variable of ``stack.dataset`` or a DataArray, on the
+        stack's ``(time, *pixel dims)`` (a class per date) or on the pixel dims only (a
+        class for every date of the pixel). ``-1`` (or the ``unlabelled_value`` /
+        ``_FillValue`` / ``missing_value`` attribute, or NaN) marks unlabelled entries;
+        CF ``flag_values`` / ``flag_meanings`` give the class ids and names.
+    class_names : optional
+        Class names by id (default: from ``flag_meanings``, else ``class_0`` ...).
+    map_only : bool
+        Return the class ids on the stack's grid and chunks instead (the time axis one
+        chunk), unvalidated (``-2`` marks values that are not class ids).
+
+    Returns
+    -------
+    labels : dask.array.Array of int32, shape (n_sequences, n_times)
+        Class id of every date of every pixel, ``-1`` unlabelled.
+    class_names : list of str
+
+    Raises
+    ------
+    ValueError
+        Labels on other dims, dates or grid than the stack's, values that are not class
+        ids (or flag values), or no labelled date at all.
+    """
+    if stack.time_dim is None:
+        raise ValueError("labels per date need a time stack (time_dim=...)")
+    if isinstance(labels, str):
+        if labels not in stack.dataset.variables:
+            raise ValueError(
+                f"no label variable {labels!r} in the stack (variables: "
+                f"{sorted(map(str, stack.dataset.data_vars))})"
+            )
+        arr = stack.dataset[labels]
+    elif isinstance(labels, xr.DataArray):
+        arr = labels
+    else:
+        raise ValueError(
+            "labels of a time stack must be a label-map variable name or a DataArray on "
+            "(time, *pixel dims) or the pixel dims"
+        )
+    tdim, pdims = stack.time_dim, stack.pixel_dims
+    if set(arr.dims) not in (set(stack.dims), set(pdims)):
+        raise ValueError(
+            f"labels on dims {arr.dims}: expected the stack's {stack.dims} (a class per date) "
+            f"or {pdims} (every date)"
+        )
+    sizes = dict(zip(stack.dims, stack.shape, strict=True))
+    for d in arr.dims:
+        if arr.sizes[d] != sizes[d]:
+            what = "dates" if d == tdim else "pixels"
+            raise ValueError(
+                f"labels have {arr.sizes[d]} {what} along {d!r} but the stack has {sizes[d]}"
+            )
+        a, b = arr.coords.get(d), stack.dataset.coords.get(d)
+        if (
+            a is not None
+            and b is not None
+            and not np.array_equal(np.asarray(a.values), np.asarray(b.values))
+        ):
+            what = "dates that are not the stack's" if d == tdim else "another grid"
+            raise ValueError(f"labels are on {what} (coordinate {d!r} differs)")
+    if arr.dtype.kind not in "iuf":
+        raise ValueError(f"labels must hold integer class ids, got dtype {arr.dtype}")
+    flag_values, names = _class_names_from(arr.attrs, class_names)
+    unlabelled = _unlabelled_value(arr.attrs)
+    if tdim not in arr.dims:
+        arr = arr.expand_dims({tdim: stack.n_times})
+    raw = _dask_data(arr.transpose(*stack.dims), None).rechunk(stack.chunks)
+    t = stack.dims.index(tdim)
+    lab = raw.map_blocks(
+        _normalise_label_block,
+        dtype=np.int32,
+        unlabelled=unlabelled,
+        flag_values=flag_values,
+        meta=np.empty((0,) * raw.ndim, np.int32),
+    ).rechunk({t: -1})
+    if map_only:
+        return lab, names
+    pix = [i for i in range(len(stack.dims)) if i != t]
+    seq = da.reshape_blockwise(lab.transpose(*pix, t), (stack.n_sequences, stack.n_times))
+    lo, hi = engine.compute(seq.min(), seq.max())
+    if int(lo) < -1:
+        raise ValueError(
+            "labels hold values that are neither -1 (unlabelled) nor a class id"
+            + ("" if flag_values is None else f" among flag_values {flag_values.tolist()}")
+        )
+    if int(hi) < 0:
+        raise ValueError("the labels label no date (every entry is unlabelled)")
+    if names is None:
+        names = [f"class_{c}" for c in range(int(hi) + 1)]
+    elif int(hi) >= len(names):
+        raise ValueError(f"labels hold class id {int(hi)} but there are {len(names)} classes")
+    return seq, list(names)
 
 
 def estimator_class(method: str = "gmm", *, semi_supervised: bool = False) -> type:
@@ -1454,9 +1583,9 @@ def posterior(
     """
     model._check_fitted()
     if getattr(model, "sequence_input", False):
-        if labels is not None or impute:
-            raise ValueError(f"a {type(model).__name__} posterior takes no labels or impute")
-        return _sequence_posterior(model, stack, class_names)
+        if impute:
+            raise ValueError(f"a {type(model).__name__} does not fill missing attributes")
+        return _sequence_posterior(model, stack, class_names, labels)
     impute_rows = getattr(model, "_impute_rows", None)
     if impute and impute_rows is None:
         raise ValueError(
@@ -1675,7 +1804,7 @@ def _check_features(model: Any, stack: Stack) -> Stack:
     return stack
 
 
-def _sequence_block(block, *, state, t_axis, K):
+def _sequence_block(block, *labels, state, t_axis, K):
     """Posterior planes of one block of a time stack: per date the state probabilities
     (K * T, state-major) and the decoded state (T), per pixel the log-likelihood, the
     number of changes and the index of the first change (-1: none)."""
@@ -1686,10 +1815,15 @@ def _sequence_block(block, *, state, t_axis, K):
     sp = tuple(block.shape[i] for i in pix)
     n = math.prod(sp)
     rows = np.ascontiguousarray(block.transpose(*pix, 1 + t_axis, 0)).reshape(n, T * D)
+    lab = None
+    if labels:  # class ids on (time, *pixel) of this block, as the stack's dims
+        lb = np.asarray(labels[0])
+        lab = lb.transpose(*[i - 1 for i in pix], t_axis).reshape(n, T).astype(np.int64)
+        lab[lab < -1] = -1
     out = np.full((K * T + T + 3, n), np.nan)
     if n:
-        gamma, ll = model.posterior(params, rows)
-        path, _ = model.decode(params, rows)
+        gamma, ll = model.posterior(params, rows, lab)
+        path, _ = model.decode(params, rows, lab)
         seen = np.isfinite(ll)
         out[: K * T] = gamma.transpose(2, 1, 0).reshape(K * T, n)
         out[K * T : K * T + T] = np.where(seen[None, :], path.T, -1)
@@ -1730,7 +1864,9 @@ def _first_change(block, i, times):
     return np.where(ok, j, -1).astype(np.int32)
 
 
-def _sequence_posterior(model: Any, stack: Stack, class_names: Any = None) -> xr.Dataset:
+def _sequence_posterior(
+    model: Any, stack: Stack, class_names: Any = None, labels: Any = None
+) -> xr.Dataset:
     """:func:`posterior` of a model of every pixel's time series (a time stack)."""
     if stack.time_dim is None:
         raise ValueError(
@@ -1744,12 +1880,20 @@ def _sequence_posterior(model: Any, stack: Stack, class_names: Any = None) -> xr
     params = model._fitted_params()
     seq_model = model._model(n_times=T, variable_length=False)
     names = getattr(model, "class_names_", None)
-    if names is None:
-        names = (
-            _names_from_mapping(class_names)
-            if class_names is not None
-            else [f"state_{k}" for k in range(K)]
-        )
+    if names is None and class_names is not None:
+        names = _names_from_mapping(class_names)
+    if names is not None and len(names) == int(model.n_classes_):
+        # every state named after its class (further states of a class numbered)
+        cc = np.asarray(model.component_classes_)
+        seen: dict[int, int] = {}
+        state_names = []
+        for c in cc:
+            seen[int(c)] = seen.get(int(c), 0) + 1
+            suffix = "" if seen[int(c)] == 1 else f"_{seen[int(c)]}"
+            state_names.append(f"{names[int(c)]}{suffix}")
+        names = state_names
+    elif names is None:
+        names = [f"state_{k}" for k in range(K)]
     names = [str(n) for n in names]
     if len(names) != K:
         raise ValueError(f"the model has {K} states but {len(names)} names were given")
@@ -1758,9 +1902,20 @@ def _sequence_posterior(model: Any, stack: Stack, class_names: Any = None) -> xr
         data = data.rechunk({1 + t: -1})
     pchunks = stack.pixel_chunks
     P = K * T + T + 3
+    extra = []
+    if labels is not None:
+        lab_map, lab_names = sequence_labels(stack, labels, class_names=None, map_only=True)
+        model_names = list(getattr(model, "class_names_", []) or [])
+        generic = all(n == f"class_{i}" for i, n in enumerate(lab_names or []))
+        if lab_names and model_names and not generic and lab_names != model_names[: len(lab_names)]:
+            raise ValueError(
+                f"the labels' classes {lab_names} differ from the model's classes {model_names}"
+            )
+        extra.append(lab_map.rechunk(data.chunks[1:]))
     stacked = da.map_blocks(
         _sequence_block,
         data,
+        *extra,
         chunks=((P,), *pchunks),
         drop_axis=1 + t,
         dtype=np.float64,

@@ -291,3 +291,53 @@ def test_block_stats_merge_is_associative():
     np.testing.assert_allclose(parts.trans, whole.trans, rtol=1e-12)
     np.testing.assert_allclose(parts.emission.m2, whole.emission.m2, rtol=1e-10)
     assert parts.loglik == pytest.approx(whole.loglik, rel=1e-13)
+
+
+def test_semi_supervised_states_keep_the_labels_meaning():
+    from daskem.hmm import GaussianHMMClassifier
+
+    X = _sequences([30] * 200, seed=9).reshape(200, 30, D)
+    # the truth by nearest mean (classes well apart), a few labelled dates per class
+    truth = np.argmin(((X[..., None, :] - MEANS) ** 2).sum(-1), axis=-1)
+    y = np.full((200, 30), -1)
+    rng = np.random.default_rng(0)
+    for c in range(K):
+        seq, t = np.nonzero(truth == c)
+        pick = rng.choice(len(seq), size=3, replace=False)
+        y[seq[pick], t[pick]] = c + 10  # any class labels
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m = GaussianHMMClassifier(covariance_type="full", n_iter=50, random_state=0).fit(X, y)
+    np.testing.assert_array_equal(m.classes_, [10, 11, 12])
+    # state k is class k: no label switching, the means where the labels put them
+    np.testing.assert_allclose(m.means_, MEANS, atol=0.2)
+    pred = m.predict(X)
+    assert pred.shape == (200, 30)
+    assert np.mean(pred == truth + 10) > 0.97
+    proba = m.predict_proba(X)
+    np.testing.assert_allclose(proba.sum(-1), 1.0)
+    # labelled dates are clamped: their class has probability 1 in the E-step
+    model, params = m._model(), m._fitted_params()
+    g, _ = model.posterior(params, X.reshape(200, -1), np.where(y >= 0, y - 10, -1))
+    lab = y >= 0
+    np.testing.assert_allclose(g[lab, (y[lab] - 10)], 1.0)
+
+
+def test_semi_supervised_tabular_and_bad_labels():
+    from daskem.hmm import GaussianHMMClassifier
+
+    lengths = [40, 60]
+    X = _sequences(lengths, seed=11)
+    y = np.full(100, -1)
+    y[[0, 50]] = [0, 1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m = GaussianHMMClassifier(n_components=3, n_iter=5, random_state=0).fit(X, y, lengths)
+    assert m.component_classes_.tolist() == [0, 1, 0]
+    assert m.predict(X, lengths).shape == (100,)
+    with pytest.raises(ValueError, match="one entry per sample"):
+        GaussianHMMClassifier().fit(X, y[:90], lengths)
+    with pytest.raises(ValueError, match="dates the sequences do not have"):
+        GaussianHMMClassifier().fit(X.reshape(10, 10, D), np.full((10, 12), -1))
+    with pytest.raises(ValueError, match="only one class"):
+        GaussianHMMClassifier().fit(X.reshape(10, 10, D), np.where(np.arange(10) == 0, 1, -1))

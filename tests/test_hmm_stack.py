@@ -185,3 +185,54 @@ def test_cli_one_date_is_refused(tmp_path, scene):
     )
     assert r.exit_code == 2 and "at least 2 dates" in r.output
     assert not (tmp_path / "m.json").exists()
+
+
+def test_semi_supervised_time_stack_maps_states_to_classes(scene):
+    stack = open_stack(scene.chunk({"y": 32, "x": 48}), time_dim="time")
+    assert (scene["labels"].values >= 0).sum() < 20  # a handful of labelled dates
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gm = fit_stack(
+            stack, None, "labels", method="hmm", covariance_type="full", n_iter=100, tol=1.0
+        )
+    assert list(gm.class_names_) == ["water", "forest", "urban"]
+    post = posterior(gm, stack).compute()
+    assert list(post["states"].values) == ["water", "forest", "urban"]
+    # no matching of states to classes needed: state k is class k
+    acc = np.mean(post["state"].values == scene["true_class"].values)
+    assert acc > 0.97, acc
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda ds: ds["labels"].isel(time=slice(0, 5)), "labels have 5 dates"),
+        (
+            lambda ds: ds["labels"].assign_coords(time=ds["time"].values + np.timedelta64(1, "D")),
+            "dates that are not the stack's",
+        ),
+        (lambda ds: ds["labels"].isel(x=0), "expected the stack's"),
+        (lambda ds: xr.full_like(ds["labels"], -1), "label no date"),
+    ],
+)
+def test_bad_time_stack_labels(scene, make, match):
+    stack = open_stack(scene, time_dim="time")
+    with pytest.raises(ValueError, match=match):
+        fit_stack(stack, None, make(scene), method="hmm")
+
+
+def test_cli_semi_supervised_run_clamps_labelled_dates(tmp_path, scene, scheduler):
+    store = tmp_path / "ts.zarr"
+    write_stack(scene, store, chunks={"time": -1, "y": 32, "x": 48})
+    model, post = tmp_path / "m.json", tmp_path / "post.zarr"
+    r = invoke(
+        "run", store, "--method", "hmm", "--time-dim", "time", "--labels", "labels",
+        "--model", model, "--out", post, "--scheduler", scheduler,
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    ds = xr.open_zarr(post)
+    assert list(ds["states"].values) == ["water", "forest", "urban"]
+    lab = scene["labels"].values
+    state = ds["state"].values
+    np.testing.assert_array_equal(state[lab >= 0], lab[lab >= 0])
+    assert np.mean(state == scene["true_class"].values) > 0.97

@@ -666,8 +666,11 @@ class HMMModel:
             gamma[sl][seen], ll[sl][seen] = g.transpose(1, 0, 2)[seen], lk[seen]
         return gamma, ll
 
-    def decode(self, params: HMMParams, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Viterbi paths (n, T) and their ``log p(x, z*)`` (n,) of every sequence."""
+    def decode(
+        self, params: HMMParams, X: np.ndarray, labels: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Viterbi paths (n, T) and their ``log p(x, z*)`` (n,) of every sequence; labelled
+        dates (``labels`` (n, T), -1 unlabelled) keep to their class's states."""
         seqs = self.sequences(X)
         n, T = seqs.X.shape[:2]
         paths = np.empty((n, T), dtype=np.int64)
@@ -675,7 +678,9 @@ class HMMModel:
         for sl in self._slabs(n):
             S = seqs.X[sl]
             lengths = None if seqs.lengths is None else seqs.lengths[sl]
-            paths[sl], logp[sl] = viterbi(params, log_emissions(params, S), lengths)
+            lab = None if labels is None else self._labels(labels, sl, S.shape[0])
+            logB = _clamp(log_emissions(params, S), lab, params)
+            paths[sl], logp[sl] = viterbi(params, logB, lengths)
         return paths, logp
 
     def log_density(
