@@ -7,6 +7,10 @@ realistically). Used for the larger-than-memory benchmark:
 
     python scripts/make_big_stack.py /data/big.zarr --side 100000 --features 8     # ~320 GB
     python scripts/make_big_stack.py /tmp/big.zarr --gb 36                          # 36 GB
+    python scripts/make_big_stack.py /tmp/ts.zarr --gb 2 --dates 24 --features 6    # time stack
+
+With ``--dates T`` it writes a time stack ``(time, y, x)``: every blob keeps its class
+until a date of its own (a third of the blobs never change), then takes another class.
 """
 
 from __future__ import annotations
@@ -39,6 +43,51 @@ def _block(block_info=None, *, n_features, n_classes, blob, means, scales, seed)
         out[f] = means[cls, f] + scales[cls, f] * noise[f]
     np.round(out, 2, out=out)
     return out
+
+
+def _time_block(block_info=None, *, n_features, n_classes, n_dates, blob, means, scales, seed):
+    info = block_info[None]
+    _, _, (y0, y1), (x0, x1) = info["array-location"]
+    ny, nx = y1 - y0, x1 - x0
+    rng = np.random.default_rng([seed, y0, x0])
+    gy, gx = math.ceil(ny / blob) + 1, math.ceil(nx / blob) + 1
+    first = rng.integers(0, n_classes, size=(gy, gx))
+    later = (first + rng.integers(1, n_classes, size=(gy, gx))) % n_classes
+    when = rng.integers(1, int(1.5 * n_dates), size=(gy, gx))  # >= n_dates: never changes
+
+    def up(a):
+        return np.repeat(np.repeat(a, blob, axis=0), blob, axis=1)[:ny, :nx]
+
+    first, later, when = up(first), up(later), up(when)
+    out = np.empty((n_features, n_dates, ny, nx), dtype=np.float32)
+    for t in range(n_dates):
+        cls = np.where(t >= when, later, first)
+        noise = rng.standard_normal((n_features, ny, nx), dtype=np.float32)
+        for f in range(n_features):
+            out[f, t] = means[cls, f] + scales[cls, f] * noise[f]
+    np.round(out, 2, out=out)
+    return out
+
+
+def big_time_stack(side, n_features, n_classes, n_dates, chunk, blob, seed):
+    """A lazy (feature, time, y, x) float32 dask array and its class means."""
+    rng = np.random.default_rng(seed)
+    means = (rng.normal(size=(n_classes, n_features)) * 3.0 + 50.0).astype(np.float32)
+    scales = rng.uniform(0.6, 1.4, size=(n_classes, n_features)).astype(np.float32)
+    arr = da.map_blocks(
+        _time_block,
+        dtype=np.float32,
+        chunks=((n_features,), (n_dates,), *([tuple(_chunks(side, chunk))] * 2)),
+        meta=np.empty((0, 0, 0, 0), np.float32),
+        n_features=n_features,
+        n_classes=n_classes,
+        n_dates=n_dates,
+        blob=blob,
+        means=means,
+        scales=scales,
+        seed=seed,
+    )
+    return arr, means
 
 
 def big_stack(side: int, n_features: int, n_classes: int, chunk: int, blob: int, seed: int):
@@ -76,25 +125,41 @@ def main() -> None:
     p.add_argument("--blob", type=int, default=48)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--dates", type=int, help="write a time stack (time, y, x) of this many dates")
     args = p.parse_args()
     if args.side is None:
         if args.gb is None:
             p.error("give --side or --gb")
-        args.side = int(math.sqrt(args.gb * 1e9 / (4 * args.features)))
+        args.side = int(math.sqrt(args.gb * 1e9 / (4 * args.features * (args.dates or 1))))
     if args.out.exists():
         p.error(f"{args.out} exists")
-    arr, means = big_stack(args.side, args.features, args.classes, args.chunk, args.blob, args.seed)
+    coords = {
+        "y": np.arange(args.side, dtype=np.float64),
+        "x": np.arange(args.side, dtype=np.float64),
+    }
+    if args.dates:
+        arr, means = big_time_stack(
+            args.side, args.features, args.classes, args.dates, args.chunk, args.blob, args.seed
+        )
+        dims = ("time", "y", "x")
+        coords["time"] = np.datetime64("2024-01-01", "ns") + np.arange(args.dates) * np.timedelta64(
+            16, "D"
+        )
+    else:
+        arr, means = big_stack(
+            args.side, args.features, args.classes, args.chunk, args.blob, args.seed
+        )
+        dims = ("y", "x")
     ds = xr.Dataset(
-        {f"attr_{f}": (("y", "x"), arr[f]) for f in range(args.features)},
-        coords={
-            "y": np.arange(args.side, dtype=np.float64),
-            "x": np.arange(args.side, dtype=np.float64),
-        },
+        {f"attr_{f}": (dims, arr[f]) for f in range(args.features)},
+        coords=coords,
         attrs={"source": "scripts/make_big_stack.py", "class_means": means.tolist()},
     )
     gb = arr.nbytes / 1e9
+    what = f"{args.dates} dates x " if args.dates else ""
     print(
-        f"writing {args.side} x {args.side} x {args.features} float32 = {gb:.1f} GB to {args.out}"
+        f"writing {what}{args.side} x {args.side} x {args.features} float32 = {gb:.1f} GB to "
+        f"{args.out}"
     )
     t = time.perf_counter()
     # written beside the target and renamed into place: a killed run leaves no half store
