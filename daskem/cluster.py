@@ -110,7 +110,7 @@ def connect(
         threads_per_worker = max(1, cores // n_workers)
     # Worker processes inherit an ignored SIGINT: Ctrl-C reaches only this process,
     # which then shuts the cluster down cleanly (no traceback from every worker).
-    with _sigint_ignored(), _worker_malloc_settings():
+    with _sigint_ignored(), _worker_malloc_settings(_worker_limit(memory_limit, n_workers)):
         cluster = LocalCluster(
             n_workers=n_workers,
             threads_per_worker=threads_per_worker,
@@ -133,18 +133,53 @@ def connect(
 WORKER_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "268435456"}
 
 
+def _worker_limit(memory_limit: Any, n_workers: int) -> int | None:
+    """Bytes of memory a worker may use (None: no limit or unknown)."""
+    from dask.utils import parse_bytes
+
+    if memory_limit in (None, 0, "0"):
+        return None
+    if memory_limit == "auto":
+        try:
+            import psutil
+
+            return int(psutil.virtual_memory().total // max(n_workers, 1))
+        except ImportError:  # pragma: no cover - psutil comes with distributed
+            return None
+    try:
+        if isinstance(memory_limit, str):
+            return int(parse_bytes(memory_limit))
+        return int(memory_limit)
+    except (TypeError, ValueError):
+        return None
+
+
+def _malloc_settings(limit: int | None) -> dict[str, str]:
+    """:data:`WORKER_MALLOC`, with freed memory kept by glibc (the trim threshold) at most
+    an eighth of a worker's memory limit: memory a worker keeps but does not use still
+    counts towards distributed's pause threshold (80 %), and a worker paused by it never
+    resumes (seen with 400 MiB workers: a fit waited forever)."""
+    out = dict(WORKER_MALLOC)
+    if limit:
+        trim = min(int(out["MALLOC_TRIM_THRESHOLD_"]), max(limit // 8, 4 * 2**20))
+        out["MALLOC_TRIM_THRESHOLD_"] = str(trim)
+        out["MALLOC_MMAP_THRESHOLD_"] = str(min(int(out["MALLOC_MMAP_THRESHOLD_"]), trim))
+    return out
+
+
 @contextlib.contextmanager
-def _worker_malloc_settings() -> Iterator[None]:
+def _worker_malloc_settings(limit: int | None = None) -> Iterator[None]:
     import dask
 
+    settings = _malloc_settings(limit)
     environ = dict(dask.config.get("distributed.nanny.pre-spawn-environ", {}) or {})
-    user = {k: os.environ[k] for k in WORKER_MALLOC if k in os.environ}
+    user = {k: os.environ[k] for k in settings if k in os.environ}
     if user:  # the user chose: leave it alone
         yield
         return
-    environ.update(WORKER_MALLOC)
-    saved = {k: os.environ.get(k) for k in WORKER_MALLOC}
-    os.environ.update(WORKER_MALLOC)  # the nanny prefers the parent's environment
+    environ.update(settings)
+    saved = {k: os.environ.get(k) for k in settings}
+    os.environ.update(settings)  # the nanny prefers the parent's environment
     try:
         with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):
             yield

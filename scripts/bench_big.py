@@ -63,7 +63,12 @@ def main() -> None:
     ) as client:
         stack = io.open_stack(args.stack, time_dim=args.time_dim)
         gb = stack.data.nbytes / 1e9
-        print(f"{stack.n_pixels:,} pixels x {stack.n_features} attributes = {gb:.1f} GB "
+        what = (
+            f"{stack.n_sequences:,} pixels x {stack.n_times} dates"
+            if args.time_dim
+            else f"{stack.n_pixels:,} pixels"
+        )
+        print(f"{what} x {stack.n_features} attributes = {gb:.1f} GB "
               f"(float32), chunks {' x '.join(str(c[0]) for c in stack.chunks)}")  # fmt: skip
         t_fit = time.perf_counter()
         if args.time_dim:  # the HMM's tol is on the total log-likelihood: per pixel here

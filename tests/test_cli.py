@@ -303,6 +303,21 @@ BAD_INPUTS = [
     ),
     ("inspect-missing", "inspect {tmp}/nothing", "PATH {tmp}/nothing does not exist"),
     ("plot-not-posterior", "plot {stack} --out {tmp}/plots", "not a daskem posterior"),
+    (
+        "hmm-without-time-dim",
+        "fit {stack} --method hmm -k 3 --model {tmp}/m.json",
+        "--method hmm models every pixel's time series: add --time-dim DIM",
+    ),
+    (
+        "time-dim-without-hmm",
+        "fit {stack} -k 3 --time-dim time --model {tmp}/m.json",
+        "--time-dim: only for --method hmm (time stacks), not --method gmm",
+    ),
+    (
+        "time-dim-unknown",
+        "fit {stack} --method hmm -k 3 --time-dim time --model {tmp}/m.json",
+        "--time-dim time: the stack has no dimension 'time' to use as time (its dims: ['y', 'x'])",
+    ),
 ]
 
 
