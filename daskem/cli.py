@@ -920,7 +920,9 @@ def _fit(rep: Reporter, stack: Any, *, labels: str | None, opts: dict[str, Any])
             **extra,
         )
     except (*BAD_INPUT, KeyError) as e:
-        if labels is not None and _raised_in(e, "_resolve_labels"):
+        if labels is not None and (
+            _raised_in(e, "_resolve_labels") or _raised_in(e, "sequence_labels")
+        ):
             raise BadInput(f"--labels {labels}: {_message(e)}") from e
         if str(e).startswith("n_components="):
             raise BadInput(f"-k/--n-components: {_message(e)}") from e
@@ -1760,7 +1762,8 @@ def inspect(rep: Reporter, path) -> None:
 
     with _reading(f"PATH {path}"):
         ds = _open_zarr(path)
-    if "probability" in ds.data_vars and "model_class_names" in ds.attrs:
+    posterior = "probability" in ds.data_vars or "state_probability" in ds.data_vars
+    if posterior and "model_class_names" in ds.attrs:
         rep.result(_inspect_posterior(path, ds))
     else:
         rep.result(_inspect_stack(path, ds))
@@ -1824,12 +1827,13 @@ def _inspect_stack(path: str, ds: Any) -> str:
 
 def _inspect_posterior(path: str, ds: Any) -> str:
     a = ds.attrs
-    classes = [str(c) for c in ds["class"].values] if "class" in ds.coords else []
+    dim = "states" if "states" in ds.coords else "class"
+    classes = [str(c) for c in ds[dim].values] if dim in ds.coords else []
     lines = [
         f"posterior: {path}",
         f"dims: {_fmt_dims(ds)}",
         f"chunks: {_fmt_chunks(ds['confidence'])}",
-        f"classes ({len(classes)}): {', '.join(classes)}",
+        f"{'states' if dim == 'states' else 'classes'} ({len(classes)}): {', '.join(classes)}",
         "variables:",
     ]
     for name, var in ds.data_vars.items():
@@ -1847,9 +1851,10 @@ def _inspect_posterior(path: str, ds: Any) -> str:
     state = "converged" if a.get("model_converged") else "did not converge"
     lb = a.get("model_lower_bound", "?")
     lb = f"{lb:.6f}" if isinstance(lb, float) else lb
+    per = "of all the data" if a.get("model_kind") == "hmm" else "per pixel"
     lines.append(
-        f"fit: {state} after {a.get('model_n_iter', '?')} iterations, mean log-likelihood "
-        f"{lb} per pixel"
+        f"fit: {state} after {a.get('model_n_iter', '?')} iterations, "
+        f"{'log-likelihood' if per != 'per pixel' else 'mean log-likelihood'} {lb} {per}"
     )
     for key, label in (
         ("daskem_input_path", "input"),
@@ -1873,8 +1878,12 @@ def _inspect_model(path: str) -> str:
         f"features ({gm.n_features_in_}): {', '.join(str(f) for f in gm.feature_names_in_)}",
         f"classes ({len(names)}): {', '.join(names)}",
         f"fit: {'converged' if gm.converged_ else 'did not converge'} after {gm.n_iter_} "
-        f"iterations (tol {gm.tol:g}, max_iter {gm.max_iter}); mean log-likelihood "
-        f"{gm.lower_bound_:.6f} per pixel",
+        f"iterations (tol {gm.tol:g}, max_iter {gm.max_iter}); "
+        + (
+            f"log-likelihood {gm.lower_bound_:.6f} of all the data (tol applies to it)"
+            if getattr(gm, "sequence_input", False)
+            else f"mean log-likelihood {gm.lower_bound_:.6f} per pixel"
+        ),
         *components,
     ]
     prov = dict(getattr(gm, "provenance_", {}) or {})

@@ -236,3 +236,44 @@ def test_cli_semi_supervised_run_clamps_labelled_dates(tmp_path, scene, schedule
     state = ds["state"].values
     np.testing.assert_array_equal(state[lab >= 0], lab[lab >= 0])
     assert np.mean(state == scene["true_class"].values) > 0.97
+
+
+def test_cli_bad_time_labels_name_the_option(tmp_path, scene):
+    ds = scene.copy()
+    ds["bad_labels"] = ds["labels"].isel(x=0)
+    store = tmp_path / "ts.zarr"
+    write_stack(ds, store, chunks={"time": -1, "y": 32, "x": 48})
+    model = tmp_path / "m.json"
+    for var, message in (
+        ("bad_labels", "--labels bad_labels: labels on dims ('time', 'y'): expected"),
+        ("nolab", "--labels nolab: no label variable 'nolab' in the stack"),
+    ):
+        r = invoke(
+            "fit", store, "--method", "hmm", "--time-dim", "time", "--labels", var,
+            "--model", model, "--workers", 1,
+        )  # fmt: skip
+        assert r.exit_code == 2, r.output
+        assert message in r.output
+        assert not model.exists()
+
+
+def test_fit_is_the_same_on_a_distributed_cluster(scene, scheduler):
+    import dask
+    from distributed import Client
+
+    from daskem import GaussianHMM
+
+    X = np.stack([scene[f"attr_{j}"].values for j in range(3)], axis=-1)
+    seqs = X.reshape(10, -1, 3).transpose(1, 0, 2)
+    import dask.array as da
+
+    kw = dict(n_components=3, covariance_type="diag", n_iter=4, tol=0, random_state=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with dask.config.set(scheduler="threads"):
+            a = GaussianHMM(**kw).fit(da.from_array(seqs, chunks=(1000, 10, 3)))
+        with Client(scheduler):
+            b = GaussianHMM(**kw).fit(da.from_array(seqs, chunks=(2048, 10, 3)))
+    np.testing.assert_allclose(b.monitor_.history, a.monitor_.history, rtol=1e-12)
+    for name in ("startprob_", "transmat_", "means_", "covars_"):
+        np.testing.assert_allclose(getattr(b, name), getattr(a, name), atol=1e-9)
