@@ -141,3 +141,17 @@ def test_worker_memory_limit_below_a_chunk_fails_with_advice():
         ):
             with pytest.raises(WorkerMemoryError, match="memory-limit"):
                 GaussianMixture(2, max_iter=2, **init).fit(X)
+
+
+def test_worker_malloc_settings_follow_the_memory_limit():
+    from daskem.cluster import WORKER_MALLOC, _malloc_settings, _worker_limit
+
+    assert _malloc_settings(None) == WORKER_MALLOC
+    small = _malloc_settings(_worker_limit("400MiB", 2))
+    # freed memory glibc keeps is at most an eighth of the limit (it counts towards the
+    # pause threshold, and a worker paused by it never resumes)
+    assert int(small["MALLOC_TRIM_THRESHOLD_"]) == 50 * 2**20
+    assert int(small["MALLOC_MMAP_THRESHOLD_"]) <= int(small["MALLOC_TRIM_THRESHOLD_"])
+    big = _malloc_settings(_worker_limit("16GiB", 2))
+    assert big == WORKER_MALLOC
+    assert _worker_limit("auto", 2) > 0 and _worker_limit(None, 2) is None
