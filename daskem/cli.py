@@ -1458,19 +1458,7 @@ def demo(
     if time_stack:
         _time_demo(rep, size, chunk, classes, dates, seed, paths, out_dir, overwrite, cluster_kw)
         return
-    opts = {
-        "n_components": None,
-        "components_per_class": str(components_per_class),
-        "label_weight": 1.0,
-        "covariance": "full",
-        "tol": 1e-3,
-        "max_iter": 100,
-        "n_init": 1,
-        "seed": seed,
-        "precision": "auto",
-        "checkpoint": None,
-        "resume": False,
-    }
+    opts = _demo_options(seed, n_components=None, components_per_class=str(components_per_class))
     t = time.perf_counter()
     ds = make_stack((size, size), n_classes=classes, seed=seed, modes_per_class=modes_per_class)
     write_stack(ds, paths["stack"], chunks=chunk, overwrite=overwrite)
@@ -1504,16 +1492,10 @@ def demo(
     )
 
 
-def _time_demo(rep, size, chunk, classes, dates, seed, paths, out_dir, overwrite, cluster_kw):
-    """``daskem demo --time``: a synthetic time stack, a hidden Markov model fitted on every
-    pixel's series, its posterior, PNGs, and the states and change dates against the truth."""
-    from . import io
-    from .synthetic import make_time_stack, write_stack
-
-    opts = {
-        "method": "hmm",
-        "time_dim": "time",
-        "n_components": classes,
+def _demo_options(seed: int, **given: Any) -> dict[str, Any]:
+    """The fit options of a demo: the command line's defaults, and ``given``."""
+    return {
+        "n_components": None,
         "components_per_class": None,
         "label_weight": 1.0,
         "covariance": "full",
@@ -1525,7 +1507,17 @@ def _time_demo(rep, size, chunk, classes, dates, seed, paths, out_dir, overwrite
         "checkpoint": None,
         "resume": False,
         "nan_policy": None,
+        **given,
     }
+
+
+def _time_demo(rep, size, chunk, classes, dates, seed, paths, out_dir, overwrite, cluster_kw):
+    """``daskem demo --time``: a synthetic time stack, a hidden Markov model fitted on every
+    pixel's series, its posterior, PNGs, and the states and change dates against the truth."""
+    from . import io
+    from .synthetic import make_time_stack, write_stack
+
+    opts = _demo_options(seed, method="hmm", time_dim="time", n_components=classes)
     t = time.perf_counter()
     ds = make_time_stack((size, size), n_dates=dates, n_classes=classes, seed=seed)
     write_stack(

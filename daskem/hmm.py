@@ -401,6 +401,12 @@ class GaussianHMM(EMEstimator):
         self._check_parameters(D)
         self._check_user_params(D)
         self._fit(rows, None, None, checkpoint_dir, resume, callback)
+        self._fitted(D, feature_names, class_names)
+        return self
+
+    def _fitted(self, D: int, feature_names: Any, class_names: Any) -> None:
+        """After ``_fit`` on sequence rows: attributes per attribute (not per row) and
+        hmmlearn's ``monitor_``."""
         self.n_features_in_ = D
         self.n_features = D
         self.__dict__.pop("feature_names_in_", None)
@@ -409,7 +415,6 @@ class GaussianHMM(EMEstimator):
         monitor.iter = int(self.n_iter_)
         self.monitor_ = monitor
         self._set_names(feature_names, class_names)
-        return self
 
     def _check_user_params(self, D: int) -> None:
         """Parameters not in ``init_params`` must be set (hmmlearn's rule), with valid shapes."""
@@ -868,14 +873,7 @@ class GaussianHMMClassifier(ClassifierMixin, ClassLabelsMixin, GaussianHMM):
         finally:
             for name in ("_tabular_fit", "_classes_from_data", "_label_tail"):
                 self.__dict__.pop(name, None)
-        self.n_features_in_ = D
-        self.n_features = D
-        self.__dict__.pop("feature_names_in_", None)
-        monitor = ConvergenceMonitor(self.tol, self.n_iter, self.verbose)
-        monitor.history.extend(float(v) for v in self.lower_bounds_)
-        monitor.iter = int(self.n_iter_)
-        self.monitor_ = monitor
-        self._set_names(feature_names, class_names)
+        self._fitted(D, feature_names, class_names)
         return self
 
     def _check_parameters(self, n_features: int, K: int | None = None) -> None:

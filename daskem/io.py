@@ -1592,23 +1592,7 @@ def posterior(
             f"a {type(model).__name__} cannot fill missing attributes (its model has no "
             "gap filling): posterior maps without impute only"
         )
-    feature_names = getattr(model, "feature_names_in_", None)
-    if (
-        feature_names is not None
-        and list(feature_names) != list(stack.variables)
-        and sorted(feature_names) == sorted(stack.variables)
-    ):
-        stack = stack.select(list(feature_names))
-    if feature_names is not None and list(feature_names) != list(stack.variables):
-        raise ValueError(
-            f"the model was fitted on features {list(feature_names)} but the stack has "
-            f"{list(stack.variables)}"
-        )
-    if model.n_features_in_ != stack.n_features:
-        raise ValueError(
-            f"the model was fitted on {model.n_features_in_} features but the stack has "
-            f"{stack.n_features}"
-        )
+    stack = _check_features(model, stack)
     state = (model._model(), model._fitted_params())
     C = int(model.n_classes_)
     names = getattr(model, "class_names_", None)
