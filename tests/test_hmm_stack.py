@@ -277,3 +277,16 @@ def test_fit_is_the_same_on_a_distributed_cluster(scene, scheduler):
     np.testing.assert_allclose(b.monitor_.history, a.monitor_.history, rtol=1e-12)
     for name in ("startprob_", "transmat_", "means_", "covars_"):
         np.testing.assert_allclose(getattr(b, name), getattr(a, name), atol=1e-9)
+
+
+def test_time_stack_with_two_leading_pixel_dims_and_time_last(scene):
+    # (z, y, x, time): time anywhere, any number of pixel dims
+    ds = xr.concat([scene, scene], dim="z").transpose("z", "y", "x", "time")
+    stack = open_stack(ds[["attr_0", "attr_1", "attr_2"]], time_dim="time")
+    assert stack.pixel_dims == ("z", "y", "x") and stack.n_sequences == 2 * 64 * 96
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gm = fit_stack(stack, 3, method="hmm", n_iter=20, random_state=0)
+    post = posterior(gm, stack).compute()
+    assert post["state"].dims == ("time", "z", "y", "x")
+    np.testing.assert_array_equal(post["state"].isel(z=0), post["state"].isel(z=1))
