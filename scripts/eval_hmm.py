@@ -10,8 +10,9 @@ dates of:
   classified on its own (states matched the same way);
 * ``hmm semi``: :class:`daskem.GaussianHMMClassifier` from the stack's few labelled dates
   (no matching: its states are the labelled classes);
-* ``qda`` and ``random forest`` trained on the same labelled dates, each date classified
-  on its own (cloudy dates: no class).
+* ``qda`` (shrunk covariances), ``naive bayes`` and ``random forest`` trained on the
+  same labelled dates, each date classified on its own (cloudy dates: no class; QDA is
+  left out of a seed where a class has too few labelled dates for it).
 
 Accuracy counts the pixel-dates with something observed; a change is the first date
 whose class differs from the date before among observed dates.
@@ -66,15 +67,18 @@ def _scores(pred: np.ndarray, truth: np.ndarray, observed: np.ndarray, true_chan
     }
 
 
-def evaluate(seed: int, size: int, dates: int, classes: int) -> dict:
+def evaluate(seed: int, size: int, dates: int, classes: int, labels: int = 3) -> dict:
     from sklearn.discriminant_analysis import QuadraticDiscriminantAnalysis
     from sklearn.ensemble import RandomForestClassifier
+    from sklearn.naive_bayes import GaussianNB
 
     from daskem import GaussianHMM, GaussianMixture
     from daskem.hmm import GaussianHMMClassifier
     from daskem.synthetic import make_time_stack
 
-    ds = make_time_stack((size, size), n_dates=dates, n_classes=classes, seed=seed)
+    ds = make_time_stack(
+        (size, size), n_dates=dates, n_classes=classes, seed=seed, labels_per_class=labels
+    )
     names = [v for v in ds.data_vars if str(v).startswith("attr_")]
     X = np.stack([ds[v].values for v in names], axis=-1).astype(np.float64)  # (T, y, x, D)
     T, D = X.shape[0], X.shape[-1]
@@ -109,10 +113,17 @@ def evaluate(seed: int, size: int, dates: int, classes: int) -> dict:
         yl = labels[lab]
         complete = np.isfinite(X).all(axis=-1).reshape(T, -1)
         for name, clf in (
-            ("qda", QuadraticDiscriminantAnalysis(reg_param=0.1)),
+            # a handful of labels per class: shrunk covariances (the svd solver needs more
+            # labelled samples than attributes per class)
+            ("qda", QuadraticDiscriminantAnalysis(solver="eigen", shrinkage=0.5)),
+            ("naive bayes", GaussianNB()),
             ("random forest", RandomForestClassifier(200, random_state=seed)),
         ):
-            clf.fit(Xl, yl)
+            try:
+                clf.fit(Xl, yl)
+            except np.linalg.LinAlgError:  # a class with too few labelled dates
+                out[name] = None
+                continue
             pred = np.full((T, truth.shape[1]), -1)
             pred[complete] = clf.predict(X.reshape(T, -1, D)[complete])
             out[name] = _scores(pred, truth, complete, true_change)
@@ -125,10 +136,13 @@ def main(argv=None) -> int:
     p.add_argument("--size", type=int, default=128)
     p.add_argument("--dates", type=int, default=12)
     p.add_argument("--classes", type=int, default=4)
+    p.add_argument("--labels", type=int, default=3, help="labelled pixels per class (2 dates)")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
-    runs = [evaluate(s, args.size, args.dates, args.classes) for s in range(args.seeds)]
-    methods = [k for k in runs[0] if isinstance(runs[0][k], dict)]
+    runs = [
+        evaluate(s, args.size, args.dates, args.classes, args.labels) for s in range(args.seeds)
+    ]
+    methods = list(dict.fromkeys(k for r in runs for k in r if isinstance(r[k], dict)))
     print(
         f"{args.seeds} synthetic time stacks {args.size} x {args.size}, {args.dates} dates, "
         f"{args.classes} classes; labelled dates: {[r['labelled_dates'] for r in runs]}"
@@ -136,7 +150,8 @@ def main(argv=None) -> int:
     print(f"{'method':16s} {'accuracy':>18s} {'change +-1 date':>18s} {'false change':>16s}")
     summary = {}
     for m in methods:
-        vals = {k: [r[m][k] for r in runs] for k in runs[0][m]}
+        done = [r[m] for r in runs if r.get(m)]
+        vals = {k: [d[k] for d in done] for k in done[0]}
         summary[m] = {k: (float(np.mean(v)), float(np.std(v))) for k, v in vals.items()}
         a, c, f = (summary[m][k] for k in ("accuracy", "change_within_one_date", "false_change"))
         print(
