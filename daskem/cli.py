@@ -307,8 +307,8 @@ def _fit_options(f: Callable) -> Callable:
             metavar="A,B,C",
             cls=_Opt,
             group=_DATA,
-            help="Attribute variables to use, comma-separated (default: every "
-            "floating-point variable of the stack).",
+            help="Attribute variables to use, comma-separated (default: every numeric "
+            "variable of the stack but labels, masks and quality flags).",
         ),
         click.option(
             "--labels",
@@ -318,6 +318,22 @@ def _fit_options(f: Callable) -> Callable:
             help="Training labels: a label-map variable of the stack (-1 = unlabelled), or "
             "a CSV file with one column per spatial dim and 'class'. Makes the fit "
             "semi-supervised.",
+        ),
+        click.option(
+            "--nodata",
+            metavar="V|NAME=V,...",
+            cls=_Opt,
+            group=_DATA,
+            help="Nodata value of every attribute (V) or per attribute (NAME=V,...); those "
+            "values become missing. Overrides nodata/_FillValue attributes of the input.",
+        ),
+        click.option(
+            "--mask",
+            metavar="VAR|FILE.tif",
+            cls=_Opt,
+            group=_DATA,
+            help="Valid-pixel mask: a variable of the stack or a GeoTIFF on its grid "
+            "(nonzero = valid); masked pixels are missing.",
         ),
         click.option(
             "--time-dim",
@@ -825,16 +841,55 @@ def _check_output(path: Path, option: str, overwrite: bool) -> None:
         raise BadInput(f"{option} {path} exists; add --overwrite to replace it")
 
 
-def _open_stack(path: str, variables: list[str] | None, time_dim: str | None = None) -> Any:
+def _parse_nodata(text: str | None) -> float | dict[str, float] | None:
+    """``--nodata``: ``V`` for every attribute or ``NAME=V,NAME=V``."""
+    if text is None:
+        return None
+
+    def number(v: str) -> float:
+        try:
+            return float(v)
+        except ValueError:
+            raise BadInput(f"--nodata {text}: {v!r} is not a number") from None
+
+    if "=" not in text:
+        return number(text.strip())
+    out: dict[str, float] = {}
+    for item in text.split(","):
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise BadInput(f"--nodata {text}: expected V or NAME=V,NAME=V")
+        out[name.strip()] = number(value.strip())
+    return out
+
+
+def _open_stack(
+    path: str,
+    variables: list[str] | None,
+    time_dim: str | None = None,
+    *,
+    nodata: str | None = None,
+    mask: str | None = None,
+) -> Any:
     from . import io
 
     what = "--vars" if variables else f"STACK {path}"
+    nd = _parse_nodata(nodata)
     try:
-        stack = io.open_stack(path, variables)
+        stack = io.open_stack(path, variables, nodata=nd, mask=mask)
     except FileNotFoundError as e:
         raise BadInput(f"STACK {path}: {_message(e)}") from e
     except (*BAD_INPUT, KeyError) as e:
+        if mask is not None and _raised_in(e, "_mask_array"):
+            raise BadInput(f"--mask {mask}: {_message(e)}") from e
         raise BadInput(f"{what}: {_message(e)}") from e
+    if isinstance(nd, dict):
+        unknown = sorted(set(nd) - set(stack.variables))
+        if unknown:
+            raise BadInput(
+                f"--nodata {nodata}: {unknown} are not attributes of the stack "
+                f"{list(stack.variables)}"
+            )
     if time_dim is None:
         return stack
     try:
@@ -870,6 +925,8 @@ def _fit(rep: Reporter, stack: Any, *, labels: str | None, opts: dict[str, Any])
         what = f"components per class: {cpc}" if cpc else "one component per class"
     if method in ("gmm", "hmrf"):
         what += f" ({opts['covariance']} covariance)"
+    for message in io.check_nodata(stack, warn=False):
+        rep.progress(f"warning: {message}")
     rep.progress(f"fitting {what}, {how}")
     t = time.perf_counter()
     extra: dict[str, Any] = {
@@ -917,6 +974,7 @@ def _fit(rep: Reporter, stack: Any, *, labels: str | None, opts: dict[str, Any])
             checkpoint_dir=opts["checkpoint"],
             resume=opts["resume"],
             callback=callback,
+            check_nodata_values=False,  # said above
             **extra,
         )
     except (*BAD_INPUT, KeyError) as e:
@@ -936,7 +994,45 @@ def _fit(rep: Reporter, stack: Any, *, labels: str | None, opts: dict[str, Any])
         f"{gm.lower_bound_ / per_pixel:.6f} per pixel, {seconds:.1f} s"
     )
     gm.fit_seconds_ = seconds
+    _report_pixels(rep, gm, stack)
     return gm
+
+
+def _report_pixels(rep: Reporter, gm: Any, stack: Any) -> None:
+    """Pixels used and left out of the fit, and why (stderr and --log-json)."""
+    counts = getattr(gm, "excluded_counts_", None)
+    if not counts:
+        return
+    sequences = getattr(stack, "time_dim", None) is not None
+    total = stack.n_sequences if sequences else stack.n_pixels
+    unit = "pixels (time series)" if sequences else "pixels"
+    left = int(counts["total"])
+    used = total - left
+    partial = int(counts["partially_missing"])
+    why = []
+    if counts["all_missing"]:
+        why.append(f"{counts['all_missing']:,} with nothing observed (nodata or masked)")
+    if left - counts["all_missing"] > 0:
+        why.append(
+            f"{left - counts['all_missing']:,} with some attribute missing (--nan-policy omit)"
+        )
+    text = f"{unit}: {used:,} of {total:,} used"
+    if partial and gm.nan_policy == "marginalize":
+        text += f" ({partial:,} of them with some value missing, fitted through the observed ones)"
+    if left:
+        text += f"; {left:,} ({100 * left / max(total, 1):.1f}%) left out: " + ", ".join(why)
+    rep.progress(text)
+    rep.record(
+        {
+            "event": "pixels",
+            "total": total,
+            "used": used,
+            "left_out": left,
+            "nothing_observed": int(counts["all_missing"]),
+            "partly_missing": partial,
+            "nan_policy": gm.nan_policy,
+        }
+    )
 
 
 def _parse_params(items: Any) -> list[tuple[str, Any]]:
@@ -1132,6 +1228,8 @@ def _stack_for_model(
     model_path: str,
     variables: list[str] | None,
     time_dim: str | None = None,
+    nodata: str | None = None,
+    mask: str | None = None,
 ):
     """Open a stack with the model's features, naming missing/extra ones if they differ."""
     time_dim = _model_time_dim(model, time_dim)
@@ -1144,7 +1242,7 @@ def _stack_for_model(
             f"{features}: missing {missing}, extra {extra}"
         )
     try:
-        return _open_stack(path, features, time_dim)
+        return _open_stack(path, features, time_dim, nodata=nodata, mask=mask)
     except BadInput as e:
         if not isinstance(e.__cause__, ValueError) or "unknown variable" not in str(e.__cause__):
             raise
@@ -1214,13 +1312,21 @@ def cli() -> None:
 def fit(rep: Reporter, stack, model_path, overwrite, labels, variables, **kw) -> None:
     """Fit a model (--method; default a Gaussian mixture) on every pixel of STACK; write --model.
 
-    STACK is a Zarr store of attribute maps on one grid.
+    STACK is a Zarr store of attribute maps on one grid, a multi-band GeoTIFF, several
+    single-band GeoTIFFs ('bands/*.tif' quoted, or comma-separated paths) or a NetCDF/HDF5
+    file (GeoTIFFs need: pip install 'daskem[gis]').
     """
     cluster_kw, opts = _split(kw)
     model_file = Path(model_path)
     _check_output(model_file, "--model", overwrite)
     _check_fit_options(rep, opts, overwrite, labels)
-    st = _open_stack(stack, _parse_vars(variables), opts.get("time_dim"))
+    st = _open_stack(
+        stack,
+        _parse_vars(variables),
+        opts.get("time_dim"),
+        nodata=opts.get("nodata"),
+        mask=opts.get("mask"),
+    )
     rep.progress(f"stack: {stack} {_describe_stack(st)}")
     with _cluster(rep, **cluster_kw):
         gm = _fit(rep, st, labels=labels, opts=opts)
@@ -1287,12 +1393,33 @@ def _split(kw: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     help="Time-series models (--method hmm): the stack's time dimension (default: the one "
     "the model was fitted with).",
 )
+@click.option(
+    "--nodata",
+    metavar="V|NAME=V,...",
+    help="Nodata value of every attribute, or per attribute (as for fit).",
+)
+@click.option(
+    "--mask",
+    metavar="VAR|FILE.tif",
+    help="Valid-pixel mask (as for fit); masked pixels get no class.",
+)
 @_impute_option
 @_cluster_options
 @_common_options
 @_command("predict")
 def predict(
-    rep: Reporter, stack, model_path, out, overwrite, variables, labels, time_dim, impute, **kw
+    rep: Reporter,
+    stack,
+    model_path,
+    out,
+    overwrite,
+    variables,
+    labels,
+    time_dim,
+    nodata,
+    mask,
+    impute,
+    **kw,
 ) -> None:
     """Posterior maps of STACK under --model, to --out.
 
@@ -1309,7 +1436,9 @@ def predict(
             f"--impute: the model in {model_path} ({type(model).__name__}) cannot fill "
             "missing attributes; predict without --impute"
         )
-    st = _stack_for_model(stack, model, model_path, _parse_vars(variables), time_dim)
+    st = _stack_for_model(
+        stack, model, model_path, _parse_vars(variables), time_dim, nodata=nodata, mask=mask
+    )
     rep.progress(f"stack: {stack} {_describe_stack(st)}")
     with _cluster(rep, **cluster_kw):
         _predict(rep, model, st, out_path, labels=labels, overwrite=overwrite, impute=impute)
@@ -1350,7 +1479,13 @@ def run(rep: Reporter, stack, model_path, out, overwrite, labels, variables, imp
     _check_output(out_path, "--out", overwrite)
     _check_not_input(out_path, stack)
     _check_fit_options(rep, opts, overwrite, labels)
-    st = _open_stack(stack, _parse_vars(variables), opts.get("time_dim"))
+    st = _open_stack(
+        stack,
+        _parse_vars(variables),
+        opts.get("time_dim"),
+        nodata=opts.get("nodata"),
+        mask=opts.get("mask"),
+    )
     rep.progress(f"stack: {stack} {_describe_stack(st)}")
     with _cluster(rep, **cluster_kw):
         gm = _fit(rep, st, labels=labels, opts=opts)
@@ -1744,16 +1879,26 @@ def inspect(rep: Reporter, path) -> None:
 
     PATH is a stack (Zarr store), a model (JSON) or a posterior (Zarr store).
     """
+    from . import io
+
     p = Path(path)
-    if not p.exists():
+    if not p.exists() and not io._is_many(path):
         raise BadInput(f"PATH {path} does not exist")
+    low = path.lower()
+    if io._is_many(path) or low.endswith(io.RASTER_SUFFIXES + io.NETCDF_SUFFIXES):
+        with _reading(f"PATH {path}"):
+            rep.result(_inspect_stack(path, _as_dataset(io, path)))
+        return
     if p.is_file():
+        if not low.endswith(".json"):
+            raise BadInput(
+                f"PATH {path}: daskem inspect reads model files (.json) and {io._ACCEPTS}"
+            )
         rep.result(_inspect_model(path))
         return
-    from .io import _open_zarr
 
     with _reading(f"PATH {path}"):
-        ds = _open_zarr(path)
+        ds = io._open_zarr(path)
     posterior = "probability" in ds.data_vars or "state_probability" in ds.data_vars
     if posterior and "model_class_names" in ds.attrs:
         rep.result(_inspect_posterior(path, ds))
@@ -1782,10 +1927,44 @@ def _coord_lines(ds: Any) -> list[str]:
     return lines
 
 
+def _as_dataset(io: Any, path: str) -> Any:
+    """A GeoTIFF / several GeoTIFFs as a Dataset of one variable per band (for inspect)."""
+    src = io._open_rasters(io._expand_paths(path)) if io._is_many(path) else io.open_path(path)
+    if hasattr(src, "data_vars"):
+        return src
+    ds = src.to_dataset(dim="band").drop_vars("nodata_value", errors="ignore")
+    for name in ds.data_vars:
+        ds[name].attrs = {k: v for k, v in src.attrs.items() if k in ("nodata", "units")}
+        if "nodata_value" in src.coords:
+            value = float(src["nodata_value"].sel(band=name))
+            ds[name].attrs["nodata"] = value if value == value else None
+        if "spatial_ref" in ds.coords:
+            ds[name].attrs["grid_mapping"] = "spatial_ref"
+    return ds
+
+
+def _crs_line(ds: Any) -> str | None:
+    """The CRS of a dataset's grid mapping, if any."""
+    for name, c in ds.coords.items():
+        wkt = c.attrs.get("crs_wkt") or c.attrs.get("spatial_ref")
+        if wkt or "grid_mapping_name" in c.attrs:
+            try:
+                from pyproj import CRS
+
+                crs = CRS.from_user_input(wkt) if wkt else CRS.from_cf(dict(c.attrs))
+                text = crs.to_string()
+            except Exception:  # pyproj missing or an unusual definition
+                text = str(wkt or c.attrs.get("grid_mapping_name"))[:80]
+            return f"crs: {text} (grid mapping {name!r})"
+    return None
+
+
 def _inspect_stack(path: str, ds: Any) -> str:
     from .io import open_stack
 
     lines = [f"stack: {path}", f"dims: {_fmt_dims(ds)}"]
+    crs = _crs_line(ds)
+    lines.append(crs or "crs: none (no grid mapping variable)")
     try:
         st = open_stack(path)
         attrs = list(st.variables)
@@ -1801,10 +1980,19 @@ def _inspect_stack(path: str, ds: Any) -> str:
             role = "labels/classes: " + ", ".join(str(var.attrs["flag_meanings"]).split())
         desc = var.attrs.get("long_name", "")
         units = var.attrs.get("units", "")
+        nodata = next(
+            (
+                var.attrs.get(k, var.encoding.get(k))
+                for k in ("nodata", "_FillValue", "missing_value")
+                if var.attrs.get(k, var.encoding.get(k)) is not None
+            ),
+            None,
+        )
         lines.append(
             f"  {name}: {var.dtype} ({', '.join(var.dims)}) chunks {_fmt_chunks(var)}"
             + (f"  {desc}" if desc else "")
             + (f" [{units}]" if units else "")
+            + f"  nodata {nodata if nodata is not None else 'none declared'}"
             + (f"  <{role}>" if role else "")
         )
     coords = _coord_lines(ds)

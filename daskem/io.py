@@ -56,6 +56,7 @@ from .modelfile import params_to_dict
 __all__ = [
     "Stack",
     "atomic_to_zarr",
+    "check_nodata",
     "fit_stack",
     "labels_for_stack",
     "open_stack",
@@ -304,12 +305,13 @@ def open_stack(
           :func:`xarray.open_zarr` keeping the store's chunks.
     variables : sequence of str or str, optional
         Attributes to use (Dataset variables, or labels along ``feature_dim``).
-        Default for a Dataset: every floating-point data variable with the full
-        spatial dims, except the ``mask`` variable and label-like variables (those
-        with CF ``flag_values`` / ``flag_meanings``) and the variables another one
-        names in its CF ``ancillary_variables``, in natural name order (a store
-        lists its arrays in no fixed order). Integer variables may be named
-        explicitly; they are converted to floating point.
+        Default for a Dataset: every numeric data variable with the full spatial
+        dims (integer ones converted to floating point), except the ``mask``
+        variable, label-like variables (CF ``flag_values`` / ``flag_meanings``, an
+        ``unlabelled_value``, or integer variables named like labels, classes,
+        truth, masks or quality flags) and the variables another one names in its CF
+        ``ancillary_variables``, in natural name order (a store lists its arrays in
+        no fixed order).
     feature_dim : str, optional
         Feature dimension of a DataArray source.
     mask : str or xarray.DataArray, optional
@@ -396,15 +398,22 @@ def _as_time_stack(stack: Stack, time_dim: str) -> Stack:
 
 def _open_stack(source, variables, feature_dim, mask, nodata, chunks) -> Stack:
     path = None
-    if isinstance(source, (str, os.PathLike)):
+    if isinstance(source, (list, tuple)) or (
+        isinstance(source, (str, os.PathLike)) and _is_many(os.fspath(source))
+    ):
+        files = _expand_paths(source)
+        path = ",".join(files)
+        source = _open_rasters(files)
+    elif isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
-        source = _open_zarr(path)
+        source = open_path(path)
     if isinstance(source, xr.DataArray):
-        return _stack_from_dataarray(source, variables, feature_dim, mask, nodata, chunks)
+        stack = _stack_from_dataarray(source, variables, feature_dim, mask, nodata, chunks)
+        return replace(stack, path=path)
     if not isinstance(source, xr.Dataset):
         raise TypeError(
-            "source must be an xarray.Dataset, an xarray.DataArray or the path of a Zarr "
-            f"store, got {type(source).__name__}"
+            "source must be an xarray.Dataset, an xarray.DataArray, or the path of a Zarr "
+            f"store, GeoTIFF or NetCDF/HDF5 file, got {type(source).__name__}"
         )
     ds = source
     mask_name = mask if isinstance(mask, str) else None
@@ -443,7 +452,163 @@ def _open_stack(source, variables, feature_dim, mask, nodata, chunks) -> Stack:
         has_mask=mask_arr is not None,
         out_dtype=dtype,
     )
-    return Stack(ds, tuple(names), dims, data, path, dict(ds[names[0]].attrs))
+    return Stack(ds, tuple(names), dims, data, path, _var_attrs(ds[names[0]]))
+
+
+#: file name endings read as GeoTIFF (rioxarray) and as NetCDF/HDF5 (xarray's engines)
+RASTER_SUFFIXES = (".tif", ".tiff", ".gtiff", ".vrt")
+NETCDF_SUFFIXES = (".nc", ".nc4", ".cdf", ".netcdf", ".h5", ".hdf5", ".he5")
+_ACCEPTS = (
+    "a Zarr store (directory), a GeoTIFF/COG (.tif, .tiff, .vrt), several single-band "
+    "GeoTIFFs (a list, a glob such as 'bands/*.tif', or comma-separated paths) or a "
+    "NetCDF/HDF5 file (.nc, .h5)"
+)
+
+
+def _is_many(path: str) -> bool:
+    return any(ch in path for ch in "*?[") or ("," in path and not os.path.exists(path))
+
+
+def _expand_paths(source: Any) -> list[str]:
+    """Files of a list, a glob pattern or comma-separated paths, in natural order."""
+    import glob
+
+    items = (
+        [os.fspath(p) for p in source]
+        if isinstance(source, (list, tuple))
+        else [p.strip() for p in os.fspath(source).split(",") if p.strip()]
+    )
+    files: list[str] = []
+    for item in items:
+        if any(ch in item for ch in "*?["):
+            found = sorted(glob.glob(item), key=_natural_key)
+            if not found:
+                raise FileNotFoundError(errno.ENOENT, "No file matches", item)
+            files.extend(found)
+        else:
+            files.append(item)
+    if not files:
+        raise ValueError(f"no input files in {source!r}")
+    for f in files:
+        if not os.path.exists(f):
+            raise FileNotFoundError(errno.ENOENT, "No such file", f)
+        if not f.lower().endswith(RASTER_SUFFIXES):
+            raise ValueError(
+                f"{f!r}: several inputs must be GeoTIFFs (.tif, .tiff, .vrt), one attribute "
+                "per band"
+            )
+    return files
+
+
+def open_path(path: str) -> xr.Dataset | xr.DataArray:
+    """A Zarr store, GeoTIFF or NetCDF/HDF5 file, opened lazily with its CRS kept.
+
+    GeoTIFFs come as a DataArray (band, y, x) whose band labels are the band
+    descriptions (else the file name for one band, ``band_1`` ... for several), chunked
+    along the file's internal tiles; NetCDF/HDF5 files and Zarr stores as Datasets with
+    their grid mapping as a coordinate (``decode_coords="all"``).
+    """
+    low = path.lower().rstrip("/")
+    if low.endswith(RASTER_SUFFIXES):
+        return _open_raster(path)
+    if low.endswith(NETCDF_SUFFIXES):
+        if not os.path.exists(path):
+            raise FileNotFoundError(errno.ENOENT, "No such file", path)
+        try:
+            return xr.open_dataset(path, chunks={}, decode_coords="all")
+        except (OSError, ValueError) as e:
+            raise ValueError(
+                f"could not open {path!r} as NetCDF/HDF5 ({e}); NetCDF4/HDF5 files need "
+                "h5netcdf or netCDF4 (pip install 'daskem[gis]')"
+            ) from e
+    return _open_zarr(path)
+
+
+def _rioxarray():
+    try:
+        import rioxarray
+    except ImportError as e:
+        raise ImportError(
+            "reading and writing GeoTIFFs needs rioxarray and rasterio: pip install 'daskem[gis]'"
+        ) from e
+    return rioxarray
+
+
+def _open_raster(path: str) -> xr.DataArray:
+    """One GeoTIFF as (band, y, x), lazily, with band names and its CRS."""
+    rioxarray = _rioxarray()
+    if not os.path.exists(path) and "://" not in path:
+        raise FileNotFoundError(errno.ENOENT, "No such file", path)
+    try:
+        # chunks=True: Dask chunks aligned with the file's internal tiles (rioxarray
+        # hands xarray positional chunks, which it deprecates: not the user's concern)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*chunks as dimension-order tuples")
+            arr = rioxarray.open_rasterio(path, chunks=True, mask_and_scale=False)
+    except Exception as e:  # rasterio raises its own error classes
+        raise ValueError(f"could not open {path!r} as a GeoTIFF: {e}") from e
+    if isinstance(arr, list):  # subdatasets
+        raise ValueError(f"{path!r} holds several subdatasets; open one of them")
+    n = arr.sizes.get("band", 1)
+    desc = arr.attrs.get("long_name")
+    if isinstance(desc, str):
+        desc = (desc,)
+    stem = Path(path).name.split(".")[0]
+    if desc and len(desc) == n and all(desc) and len(set(desc)) == n:
+        names = [str(d) for d in desc]
+    elif n == 1:
+        names = [stem]
+    else:
+        names = [f"{stem}_band_{i + 1}" for i in range(n)]
+    arr = arr.assign_coords(band=names)
+    arr.attrs.pop("long_name", None)
+    nodata = arr.rio.nodata
+    if nodata is not None:
+        arr.attrs["nodata"] = nodata
+    if arr.rio.crs is not None and "spatial_ref" in arr.coords:
+        arr.attrs.setdefault("grid_mapping", "spatial_ref")
+    return arr
+
+
+def _open_rasters(files: list[str]) -> xr.DataArray:
+    """Several GeoTIFFs on one grid as one (band, y, x) array, each band an attribute."""
+    arrays = [_open_raster(f) for f in files]
+    first = arrays[0]
+    for f, a in zip(files[1:], arrays[1:], strict=True):
+        same = (
+            a.sizes["y"] == first.sizes["y"]
+            and a.sizes["x"] == first.sizes["x"]
+            and a.rio.crs == first.rio.crs
+            and np.allclose(tuple(a.rio.transform())[:6], tuple(first.rio.transform())[:6])
+        )
+        if not same:
+            raise ValueError(
+                f"{f!r} is not on the grid of {files[0]!r} (size, transform or CRS differ): "
+                "resample it onto one grid first (e.g. gdalwarp, rioxarray reproject_match)"
+            )
+    names = [str(b) for a in arrays for b in a["band"].values]
+    if len(set(names)) != len(names):  # e.g. files without band descriptions
+        names = [
+            Path(f).name.split(".")[0] + ("" if a.sizes["band"] == 1 else f"_{b}")
+            for f, a in zip(files, arrays, strict=True)
+            for b in a["band"].values
+        ]
+    dtype = np.result_type(*[a.dtype for a in arrays])
+    nodata = {a.attrs.get("nodata") for a in arrays}
+    out = xr.concat(
+        [a.astype(dtype) for a in arrays], dim="band", coords="minimal", compat="override"
+    )
+    out = out.assign_coords(band=names)
+    out.attrs = dict(first.attrs)
+    if len(nodata) > 1:  # per-file nodata: a coordinate along band (NaN: none)
+        out.attrs.pop("nodata", None)
+        values = [
+            np.nan if a.attrs.get("nodata") is None else float(a.attrs["nodata"])
+            for a in arrays
+            for _ in range(a.sizes["band"])
+        ]
+        out = out.assign_coords(nodata_value=("band", values))
+    return out
 
 
 def _open_zarr(path: str) -> xr.Dataset:
@@ -454,14 +619,16 @@ def _open_zarr(path: str) -> xr.Dataset:
         if not p.is_dir() or not any((p / m).exists() for m in _ZARR_MARKERS):
             raise ValueError(
                 f"{path!r} is not a Zarr store (found none of {', '.join(_ZARR_MARKERS)}); "
-                "give the directory of a Zarr store"
+                f"give {_ACCEPTS}"
             )
     errors = []
     for consolidated in (True, False):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)
-                return xr.open_zarr(path, consolidated=consolidated, chunks={})
+                # decode_coords="all": the grid mapping (e.g. spatial_ref, the CRS) a
+                # variable names becomes a coordinate, so posteriors carry it along
+                return xr.open_zarr(path, consolidated=consolidated, chunks={}, decode_coords="all")
         except (KeyError, OSError, ValueError, TypeError) as e:  # try the other way
             errors.append(e)
     if all(isinstance(e, FileNotFoundError) for e in errors):
@@ -469,8 +636,34 @@ def _open_zarr(path: str) -> xr.Dataset:
     raise ValueError(f"could not open {path!r} as a Zarr store: {errors[-1]}") from errors[-1]
 
 
+def _var_attrs(var: xr.DataArray) -> dict:
+    """A variable's attributes, with its ``grid_mapping`` even when xarray decoded it into
+    the encoding (``decode_coords="all"``), so outputs can name the CRS variable."""
+    attrs = dict(var.attrs)
+    gm = var.encoding.get("grid_mapping")
+    if gm and "grid_mapping" not in attrs:
+        attrs["grid_mapping"] = gm
+    return attrs
+
+
 def _is_label_like(var: xr.DataArray) -> bool:
     return "flag_values" in var.attrs or "flag_meanings" in var.attrs
+
+
+#: names of integer variables taken for labels, masks or quality flags, not attributes
+_NOT_ATTRIBUTE = re.compile(r"(label|class|truth|mask|valid|flag|qa|quality|_id$|^id$)", re.I)
+
+
+def _is_attribute_dtype(var: xr.DataArray, name: str) -> bool:
+    """Floating-point variables, and integer ones (sensor counts, DN) unless they look
+    like labels, masks or quality flags (CF flags, an ``unlabelled_value``, or such a
+    name)."""
+    kind = var.dtype.kind
+    if kind == "f":
+        return True
+    if kind not in "iu":
+        return False
+    return "unlabelled_value" not in var.attrs and not _NOT_ATTRIBUTE.search(name)
 
 
 def _select_variables(
@@ -508,12 +701,12 @@ def _select_variables(
         if n != mask_name
         and n not in ancillary
         and ds[n].ndim > 0
-        and ds[n].dtype.kind == "f"
+        and _is_attribute_dtype(ds[n], n)
         and not _is_label_like(ds[n])
     ]
     if not candidates:
         raise ValueError(
-            "found no floating-point data variables to use as attributes "
+            "found no numeric data variables to use as attributes "
             f"(data variables: {available}); name them with variables=[...]"
         )
     ndim = max(ds[n].ndim for n in candidates)
@@ -587,11 +780,19 @@ def _nodata_value(name: str, attrs: Mapping, nodata) -> float | None:
 def _mask_array(ds, mask, dims, sizes, grid) -> da.Array | None:
     if mask is None:
         return None
-    if isinstance(mask, str):
+    if (
+        isinstance(mask, str)
+        and mask not in ds.variables
+        and mask.lower().endswith(RASTER_SUFFIXES)
+    ):
+        m = _open_raster(mask).squeeze("band", drop=True)  # a mask raster: nonzero = valid
+        m = (m != 0) & (m != m.attrs.get("nodata", 0))
+        m = m.drop_vars([c for c in m.coords if c not in m.dims])
+    elif isinstance(mask, str):
         if mask not in ds.variables:
             raise ValueError(
-                f"mask variable {mask!r} not found; available data variables: "
-                f"{[str(n) for n in ds.data_vars]}"
+                f"mask variable {mask!r} not found (nor a mask GeoTIFF .tif); available data "
+                f"variables: {[str(n) for n in ds.data_vars]}"
             )
         m = ds[mask]
     elif isinstance(mask, xr.DataArray):
@@ -660,14 +861,33 @@ def _stack_from_dataarray(arr, variables, feature_dim, mask, nodata, chunks) -> 
     if len(data.chunks[0]) != 1:
         data = data.rechunk({0: -1})
     coords = {k: v.variable for k, v in arr.coords.items() if fd not in v.dims}
-    ds = xr.Dataset(coords=coords, attrs=dict(arr.attrs))
-    nd = [_nodata_value(n, arr.attrs, nodata) for n in labels]
+    # the array's attributes describe its values (nodata, scaling, units): they stay
+    # with the attributes (var_attrs), not with the dataset the outputs inherit
+    ds = xr.Dataset(
+        coords=coords, attrs={k: v for k, v in arr.attrs.items() if k not in _VALUE_ATTRS}
+    )
+    # several GeoTIFFs with nodata of their own: a nodata_value coordinate along fd
+    per_band = (
+        np.asarray(arr["nodata_value"].values, dtype=np.float64)
+        if "nodata_value" in arr.coords and arr["nodata_value"].dims == (fd,)
+        else None
+    )
+    nd = [
+        _nodata_value(
+            n,
+            {"nodata": per_band[i]}
+            if per_band is not None and np.isfinite(per_band[i])
+            else arr.attrs,
+            nodata,
+        )
+        for i, n in enumerate(labels)
+    ]
     mask_arr = _mask_array(
         ds, mask, dims, dict(zip(dims, data.shape[1:], strict=True)), data.chunks[1:]
     )
     dtype = _float_dtype([data.dtype])
     if mask_arr is None and data.dtype == dtype and all(v is None for v in nd):
-        return Stack(ds, tuple(labels), dims, data, None, dict(arr.attrs))
+        return Stack(ds, tuple(labels), dims, data, None, _var_attrs(arr))
     idx = tuple(range(data.ndim))
     args: list[Any] = [data, idx]
     if mask_arr is not None:
@@ -682,7 +902,7 @@ def _stack_from_dataarray(arr, variables, feature_dim, mask, nodata, chunks) -> 
         has_mask=mask_arr is not None,
         out_dtype=dtype,
     )
-    return Stack(ds, tuple(labels), dims, data, None, dict(arr.attrs))
+    return Stack(ds, tuple(labels), dims, data, None, _var_attrs(arr))
 
 
 def _nodata_block(block, *mask, nodata, has_mask, out_dtype):
@@ -1075,6 +1295,7 @@ def fit_stack(
     resume: bool = False,
     callback: Any = None,
     method: str = "gmm",
+    check_nodata_values: bool = True,
     **gm_kwargs: Any,
 ) -> GaussianMixture | GaussianMixtureClassifier:
     """Fit a model on every pixel of a stack.
@@ -1109,6 +1330,8 @@ def fit_stack(
     method : str, default "gmm"
         The model kind (:func:`estimator_class`): ``"gmm"`` for the Gaussian mixtures,
         or any other kind registered with :func:`daskem.modelfile.register_estimator`.
+    check_nodata_values : bool, default True
+        Warn first about values that look like undeclared nodata (:func:`check_nodata`).
     **gm_kwargs
         Passed to the estimator (e.g. ``covariance_type``, ``label_weight``).
 
@@ -1127,6 +1350,8 @@ def fit_stack(
     statistics: ``partially_missing`` pixels are fitted under ``"marginalize"`` and left
     out (counted in ``total``) under ``"omit"``.
     """
+    if check_nodata_values:
+        check_nodata(stack)
     X = stack.rows()
     y = None
     names: list[str] | None = None
@@ -1201,6 +1426,71 @@ def fit_stack(
         gm.fit(X, y, sample_weight, class_names=names, **fit_kwargs)
     gm.input_path_ = stack.path
     return gm
+
+
+#: values that mark nodata in many products (integer fill values, ESRI/GDAL defaults)
+_SENTINELS = (
+    -9999.0,
+    -99999.0,
+    -32768.0,
+    -32767.0,
+    65535.0,
+    65534.0,
+    32767.0,
+    -3.4028234663852886e38,
+)
+
+
+def check_nodata(
+    stack: Stack, max_blocks: int = 4, share: float = 0.002, warn: bool = True
+) -> list[str]:
+    """Warn about attributes whose extreme value looks like an undeclared nodata value.
+
+    Reads up to ``max_blocks`` chunks spread over the stack. An attribute is flagged when
+    its minimum or maximum is held by at least ``share`` of the sampled pixels and lies
+    far outside the other values (more than 20 inter-quartile ranges beyond the
+    quartiles), or is one of the usual fill values (-9999, -32768, 65535 ...) and
+    repeated. Returns the warnings' messages (each also issued as a ``UserWarning``
+    with ``warn``).
+    """
+    grid = [len(c) for c in stack.chunks]
+    n_blocks = math.prod(grid)
+    picks = sorted({int(i) for i in np.linspace(0, n_blocks - 1, min(max_blocks, n_blocks))})
+    blocks = []
+    for flat in picks:
+        idx = np.unravel_index(flat, grid)
+        sl = tuple(
+            slice(sum(c[:i]), sum(c[: i + 1])) for c, i in zip(stack.chunks, idx, strict=True)
+        )
+        blocks.append(stack.data[(slice(None), *sl)].reshape(stack.n_features, -1))
+    (sample,) = engine.compute(da.concatenate(blocks, axis=1))
+    messages = []
+    for j, name in enumerate(stack.variables):
+        v = np.asarray(sample[j], dtype=np.float64)
+        v = v[np.isfinite(v)]
+        if v.size < 100:
+            continue
+        for value in (v.min(), v.max()):
+            hits = v == value
+            frac = float(hits.mean())
+            rest = v[~hits]
+            if frac < share or rest.size < 10:
+                continue
+            q1, q3 = np.percentile(rest, [25, 75])
+            iqr = max(q3 - q1, 1e-12 * max(abs(q1), abs(q3), 1.0))
+            far = value < q1 - 20 * iqr or value > q3 + 20 * iqr
+            if far or value in _SENTINELS:
+                text = f"{value:.10g}"
+                messages.append(
+                    f"attribute {name!r}: {100 * frac:.1f}% of the sampled pixels hold {text}, "
+                    f"far outside its other values ({rest.min():.6g} .. {rest.max():.6g}): "
+                    "undeclared nodata? Declare it (--nodata "
+                    f"{name}={text}, or open_stack(..., nodata={{{name!r}: {text}}})) or "
+                    "it is fitted as data"
+                )
+                if warn:
+                    warnings.warn(messages[-1], UserWarning, stacklevel=2)
+    return messages
 
 
 def _fit_sequences(
@@ -2124,8 +2414,41 @@ def atomic_to_zarr(
     return path
 
 
+#: attributes that describe a variable's values, not a dataset
+_VALUE_ATTRS = (
+    "_FillValue",
+    "missing_value",
+    "nodata",
+    "scale_factor",
+    "add_offset",
+    "units",
+    "long_name",
+    "standard_name",
+    "valid_range",
+    "valid_min",
+    "valid_max",
+    "grid_mapping",
+)
+
+
+def _plain(value: Any) -> Any:
+    """An attribute value as JSON-able Python (numpy scalars and arrays converted)."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
 def _zarr_compatible(ds: xr.Dataset) -> xr.Dataset:
-    """Rechunk dims whose Dask chunks Zarr cannot store (irregular), with a warning."""
+    """Rechunk dims whose Dask chunks Zarr cannot store (irregular), with a warning; make
+    attributes JSON-able (Zarr stores them as JSON)."""
+    ds = ds.copy()
+    ds.attrs = {k: _plain(v) for k, v in ds.attrs.items()}
+    for var in ds.variables.values():
+        var.attrs = {k: _plain(v) for k, v in var.attrs.items()}
     fix: dict[str, int] = {}
     for var in ds.variables.values():
         if var.chunks is None:

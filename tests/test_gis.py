@@ -1,0 +1,199 @@
+"""Real archives in: GeoTIFF / NetCDF / Zarr with their CRS, integer bands, nodata, masks."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+import xarray as xr
+from click.testing import CliRunner
+
+from daskem import cli
+from daskem.io import check_nodata, fit_stack, open_stack, posterior, write_posterior
+
+rasterio = pytest.importorskip("rasterio")
+rioxarray = pytest.importorskip("rioxarray")
+from rasterio.transform import from_origin  # noqa: E402
+
+CRS = "EPSG:32633"
+TRANSFORM = from_origin(500_000, 4_000_000, 30, 30)
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli.cli, [str(a) for a in args], catch_exceptions=False)
+
+
+def _bands(n=90, m=110, seed=0):
+    """Three bands of two well-separated classes (a left and a right half)."""
+    rng = np.random.default_rng(seed)
+    cls = (np.arange(m)[None, :] >= m // 2).astype(int) * np.ones((n, 1), int)
+    out = []
+    for b in range(3):
+        out.append(200.0 + 80.0 * cls * (b + 1) + rng.normal(scale=5, size=(n, m)))
+    return out, cls
+
+
+def _write_tif(path, arrays, dtype, nodata=None, descriptions=None):
+    n, m = arrays[0].shape
+    with rasterio.open(
+        path, "w", driver="GTiff", height=n, width=m, count=len(arrays), dtype=dtype,
+        crs=CRS, transform=TRANSFORM, nodata=nodata, tiled=True, blockxsize=64, blockysize=64,
+    ) as f:  # fmt: skip
+        for i, a in enumerate(arrays):
+            f.write(a.astype(dtype), i + 1)
+            if descriptions:
+                f.set_band_description(i + 1, descriptions[i])
+
+
+@pytest.fixture
+def tifs(tmp_path):
+    bands, cls = _bands()
+    b0 = bands[0].copy()
+    b0[:, :4] = -9999  # declared nodata on the west border
+    _write_tif(tmp_path / "B1.tif", [b0], "int16", nodata=-9999, descriptions=["red"])
+    _write_tif(tmp_path / "B2.tif", [bands[1]], "float32", descriptions=["nir"])
+    _write_tif(tmp_path / "B3.tif", [bands[2]], "uint16", descriptions=["swir"])
+    _write_tif(tmp_path / "multi.tif", bands, "float32")
+    return tmp_path, cls
+
+
+def test_several_geotiffs_are_one_stack_with_crs_and_nodata(tifs):
+    root, cls = tifs
+    stack = open_stack(str(root / "B*.tif"))
+    assert stack.variables == ("red", "nir", "swir")  # band descriptions
+    assert stack.data.dtype.kind == "f"  # int16 and uint16 bands are used, as floats
+    red = stack.data[0].compute()
+    assert np.isnan(red[:, :4]).all() and np.isfinite(red[:, 4:]).all()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gm = fit_stack(stack, 2, max_iter=20, random_state=0)
+    post = posterior(gm, stack)
+    assert post["label"].rio.crs == CRS
+    assert tuple(post.rio.transform())[:6] == tuple(TRANSFORM)[:6]
+    label = post["label"].values
+    assert (label[:, :4] >= 0).all()  # red missing there: classified from nir and swir
+    # the two halves are the two classes
+    agree = np.mean(label[:, 4:] == label[0, 4] * (1 - cls[:, 4:]) + (1 - label[0, 4]) * cls[:, 4:])
+    assert agree > 0.99
+
+
+def test_multiband_geotiff_and_band_names(tifs):
+    root, _ = tifs
+    stack = open_stack(str(root / "multi.tif"))
+    assert stack.variables == ("multi_band_1", "multi_band_2", "multi_band_3")
+    assert stack.dataset["spatial_ref"].attrs  # the CRS travels as a coordinate
+
+
+def test_crs_survives_a_zarr_store_written_from_rioxarray(tmp_path):
+    bands, _ = _bands()
+    ds = xr.Dataset(
+        {f"b{i}": (("y", "x"), a.astype("float32")) for i, a in enumerate(bands)},
+        coords={
+            "y": 4_000_000 - 30 * (np.arange(90) + 0.5),
+            "x": 500_000 + 30 * (np.arange(110) + 0.5),
+        },
+    ).rio.write_crs(CRS)
+    # as many stores have it: spatial_ref a plain variable, named by grid_mapping
+    ds.reset_coords("spatial_ref").to_zarr(tmp_path / "s.zarr")
+    stack = open_stack(tmp_path / "s.zarr")
+    assert "spatial_ref" in stack.dataset.coords
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gm = fit_stack(stack, 2, max_iter=5)
+    write_posterior(posterior(gm, stack), tmp_path / "p.zarr")
+    back = xr.open_zarr(tmp_path / "p.zarr", decode_coords="all")
+    assert back["label"].rio.crs == CRS
+    # written as the CF grid_mapping attribute (decoded into the encoding on reading)
+    assert back["label"].encoding["grid_mapping"] == "spatial_ref"
+
+
+def test_netcdf_input(tmp_path):
+    bands, _ = _bands()
+    ds = xr.Dataset({f"b{i}": (("y", "x"), a) for i, a in enumerate(bands)})
+    ds.to_netcdf(tmp_path / "s.nc", engine="scipy")
+    stack = open_stack(str(tmp_path / "s.nc"))
+    assert stack.variables == ("b0", "b1", "b2")
+    assert stack.data.chunks is not None
+
+
+def test_integer_bands_are_attributes_but_labels_are_not(tmp_path):
+    bands, cls = _bands()
+    ds = xr.Dataset(
+        {
+            "dn": (("y", "x"), bands[0].astype("int16")),
+            "refl": (("y", "x"), bands[1].astype("float32")),
+            "class_map": (("y", "x"), cls.astype("int16")),
+            "qa_flags": (("y", "x"), np.zeros_like(cls, dtype="uint8")),
+        }
+    )
+    assert open_stack(ds).variables == ("dn", "refl")
+
+
+def test_undeclared_nodata_is_named(tmp_path):
+    bands, _ = _bands()
+    b = bands[1].copy()
+    b[:, :6] = -99999.0
+    ds = xr.Dataset({"b0": (("y", "x"), bands[0]), "b1": (("y", "x"), b)}).chunk(45)
+    with pytest.warns(UserWarning, match=r"'b1'.*-99999.*--nodata b1=-99999"):
+        messages = check_nodata(open_stack(ds))
+    assert len(messages) == 1
+    assert check_nodata(open_stack(ds, nodata={"b1": -99999.0})) == []
+    # the CLI says it at fit time (and fits on, as asked)
+    ds.to_zarr(tmp_path / "s.zarr")
+    r = invoke("fit", tmp_path / "s.zarr", "-k", 2, "--model", tmp_path / "m.json", "--workers", 1)
+    assert r.exit_code == 0, r.output
+    assert "undeclared nodata? Declare it (--nodata b1=-99999" in " ".join(r.output.split())
+
+
+def test_cli_on_geotiffs_with_mask_and_nodata(tifs, tmp_path):
+    root, _ = tifs
+    mask = np.ones((90, 110), "uint8")
+    mask[:30] = 0
+    _write_tif(root / "mask.tif", [mask], "uint8")
+    model, post, log = tmp_path / "m.json", tmp_path / "p.zarr", tmp_path / "log.jsonl"
+    r = invoke(
+        "run", root / "B*.tif", "-k", 2, "--model", model, "--out", post, "--workers", 1,
+        "--mask", root / "mask.tif", "--nodata", "nir=-1", "--log-json", log,
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    # the masked rows are left out; the nodata border of red is fitted through nir and swir
+    assert "pixels: 6,600 of 9,900 used (240 of them with some value missing" in r.output
+    rec = [json.loads(x) for x in log.read_text().splitlines() if '"pixels"' in x][0]
+    assert rec["left_out"] == 3300 and rec["nothing_observed"] == 3300
+    assert rec["partly_missing"] == 240
+    ds = xr.open_zarr(post, decode_coords="all")
+    assert ds["label"].rio.crs == CRS
+    assert (ds["label"].values[:30] == -1).all()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--nodata", "bogus=1"], "--nodata bogus=1: ['bogus'] are not attributes of the stack"),
+        (["--nodata", "x"], "--nodata x: 'x' is not a number"),
+        (["--mask", "nomask"], "--mask nomask: mask variable 'nomask' not found"),
+    ],
+)
+def test_cli_bad_nodata_and_mask(tifs, tmp_path, args, message):
+    root, _ = tifs
+    r = invoke("fit", root / "B*.tif", "-k", 2, "--model", tmp_path / "m.json", *args)
+    assert r.exit_code == 2, r.output
+    assert message in r.output
+    assert not (tmp_path / "m.json").exists()
+
+
+def test_inspect_geotiffs_and_unsupported_files(tifs, tmp_path):
+    root, _ = tifs
+    r = invoke("inspect", root / "B*.tif")
+    assert r.exit_code == 0, r.output
+    assert "crs: EPSG:32633" in r.output
+    assert "red: float32" in r.output or "red: int16" in r.output
+    assert "nodata -9999" in r.output
+    (tmp_path / "x.png").write_bytes(b"\x89PNG")
+    r = invoke("inspect", tmp_path / "x.png")
+    assert r.exit_code == 2
+    assert "daskem inspect reads model files (.json) and a Zarr store" in r.output
+    r = invoke("fit", tmp_path / "x.png", "-k", 2, "--model", tmp_path / "m.json")
+    assert r.exit_code == 2 and "GeoTIFF/COG (.tif" in r.output
