@@ -1502,6 +1502,59 @@ def run(rep: Reporter, stack, model_path, out, overwrite, labels, variables, imp
 
 
 @cli.command()
+@click.argument("inputs", metavar="INPUTS")
+@click.option("--out", type=click.Path(), required=True, help="Zarr store to write.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out store.")
+@click.option("--vars", "variables", metavar="A,B,C", help="Attributes to keep (default: all).")
+@click.option("--nodata", metavar="V|NAME=V,...", help="Nodata value(s), written as NaN.")
+@click.option("--mask", metavar="VAR|FILE.tif", help="Valid-pixel mask; masked pixels become NaN.")
+@click.option(
+    "--chunk",
+    type=click.IntRange(min=16),
+    help="Chunk side of the spatial dims (default: the input's chunks).",
+)
+@click.option("--time-dim", "time_dim", metavar="DIM", help="A time stack: its dates, one chunk.")
+@_cluster_options
+@_common_options
+@_command("convert")
+def convert(
+    rep: Reporter, inputs, out, overwrite, variables, nodata, mask, chunk, time_dim, **kw
+) -> None:
+    """Write INPUTS as a Zarr stack for repeated runs (chunked, compressed, atomic).
+
+    INPUTS is anything fit reads: a multi-band GeoTIFF, several single-band GeoTIFFs
+    ('bands/*.tif' quoted, or comma-separated), a NetCDF/HDF5 file or a Zarr store. Every
+    attribute is written as a float variable with nodata and masked pixels as NaN, the
+    CRS kept; memory stays bounded (chunk by chunk).
+    """
+    from . import io
+
+    cluster_kw, _ = _split(kw)
+    out_path = Path(out)
+    _check_output(out_path, "--out", overwrite)
+    _check_not_input(out_path, inputs)
+    st = _open_stack(inputs, _parse_vars(variables), time_dim, nodata=nodata, mask=mask)
+    rep.progress(f"input: {inputs} {_describe_stack(st)}")
+    with _cluster(rep, **cluster_kw):
+        t = time.perf_counter()
+        for message in io.check_nodata(st, warn=False):
+            rep.progress(f"warning: {message}")
+        io.convert(
+            inputs,
+            out_path,
+            variables=_parse_vars(variables),
+            nodata=_parse_nodata(nodata),
+            mask=mask,
+            chunks=chunk,
+            time_dim=time_dim,
+            overwrite=overwrite,
+        )
+    rep.progress(f"written in {time.perf_counter() - t:.1f} s")
+    rep.result(f"stack: {out_path}")
+    rep.summary(status="ok", stack=str(out_path), variables=list(st.variables))
+
+
+@cli.command()
 @click.option(
     "--size",
     type=click.IntRange(min=32),

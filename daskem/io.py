@@ -36,6 +36,7 @@ import math
 import os
 import re
 import shutil
+import time
 import uuid
 import warnings
 from collections.abc import Mapping, Sequence
@@ -57,6 +58,7 @@ __all__ = [
     "Stack",
     "atomic_to_zarr",
     "check_nodata",
+    "convert",
     "fit_stack",
     "labels_for_stack",
     "open_stack",
@@ -1493,6 +1495,53 @@ def check_nodata(
     return messages
 
 
+def convert(
+    source: Any,
+    out: str | os.PathLike[str],
+    *,
+    variables: Sequence[str] | None = None,
+    nodata: float | Mapping[str, float] | None = None,
+    mask: str | xr.DataArray | None = None,
+    chunks: int | Mapping[str, int] | None = None,
+    time_dim: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write a stack (GeoTIFFs, NetCDF, Zarr ...: anything :func:`open_stack` reads) to a
+    Zarr store for repeated runs, chunk by chunk and atomically.
+
+    Every attribute becomes a float variable on the stack's dims with nodata (and masked
+    pixels) as NaN (``_FillValue``), its grid mapping (the CRS variable) kept as a
+    coordinate; spatial chunks from ``chunks`` (per dim or one int; default the input's),
+    a time dim in one chunk. Returns the store's path.
+    """
+    stack = open_stack(
+        source, variables, nodata=nodata, mask=mask, chunks=chunks, time_dim=time_dim
+    )
+    gm = (stack.var_attrs or {}).get("grid_mapping")
+    src = stack.dataset
+    data_vars = {}
+    for j, name in enumerate(stack.variables):
+        attrs = {
+            k: src[name].attrs[k]
+            for k in ("long_name", "units", "standard_name")
+            if name in src.variables and k in src[name].attrs
+        }
+        if gm:
+            attrs["grid_mapping"] = gm
+        data_vars[name] = (stack.dims, stack.data[j], attrs)
+    ds = xr.Dataset(
+        data_vars,
+        coords=stack.spatial_coords(),
+        attrs={
+            **{k: _plain(v) for k, v in src.attrs.items() if k not in _VALUE_ATTRS},
+            "daskem_converted_from": str(stack.path or type(source).__name__),
+            "daskem_version": __version__,
+        },
+    )
+    encoding = {name: {"_FillValue": np.nan} for name in stack.variables}
+    return atomic_to_zarr(ds, out, overwrite=overwrite, encoding=encoding)
+
+
 def _fit_sequences(
     stack: Stack,
     n_components: int | None,
@@ -2384,7 +2433,9 @@ def atomic_to_zarr(
     if (path.exists() or path.is_symlink()) and not overwrite:
         raise FileExistsError(errno.EEXIST, "Zarr store already exists", str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex}"
+    remove_stale_temporaries(path)
+    # the writer's process id in the name: a later run can tell a killed run's leftovers
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex}"
     kwargs: dict[str, Any] = {"mode": "w-", "encoding": dict(encoding or {}), "consolidated": True}
     if zarr_format is not None:
         kwargs["zarr_format"] = zarr_format
@@ -2398,7 +2449,7 @@ def atomic_to_zarr(
         if path.exists() or path.is_symlink():
             if not overwrite:
                 raise FileExistsError(errno.EEXIST, "Zarr store already exists", str(path))
-            old = path.parent / f".{path.name}.old-{uuid.uuid4().hex}"
+            old = path.parent / f".{path.name}.old-{os.getpid()}-{uuid.uuid4().hex}"
             os.replace(path, old)
             try:
                 os.replace(tmp, path)
@@ -2412,6 +2463,50 @@ def atomic_to_zarr(
         if tmp.exists():
             _remove(tmp)
     return path
+
+
+#: how old a temporary without a process id (daskem < 0.2) must be to count as stale
+_STALE_SECONDS = 3600
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: str | os.PathLike[str]) -> list[Path]:
+    """Remove what killed runs left beside ``path``: ``.{name}.tmp-*`` / ``.{name}.old-*``
+    stores of writers that no longer run (their process id is in the name; an older name
+    without one counts once it is an hour old). Nothing else is touched; each removal is
+    reported with a ``UserWarning``. Returns the removed paths."""
+    path = Path(path)
+    removed = []
+    now = time.time()
+    for kind in ("tmp", "old"):
+        for p in path.parent.glob(f".{path.name}.{kind}-*"):
+            rest = p.name[len(f".{path.name}.{kind}-") :]
+            pid, sep, _ = rest.partition("-")
+            if sep and pid.isdigit():
+                stale = not _pid_alive(int(pid))
+            else:
+                try:
+                    stale = now - p.stat().st_mtime > _STALE_SECONDS
+                except OSError:
+                    continue
+            if stale:
+                _remove(p)
+                removed.append(p)
+                warnings.warn(
+                    f"removed {p}, left beside {path} by a write that was killed",
+                    UserWarning,
+                    stacklevel=3,
+                )
+    return removed
 
 
 #: attributes that describe a variable's values, not a dataset

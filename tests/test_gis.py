@@ -197,3 +197,42 @@ def test_inspect_geotiffs_and_unsupported_files(tifs, tmp_path):
     assert "daskem inspect reads model files (.json) and a Zarr store" in r.output
     r = invoke("fit", tmp_path / "x.png", "-k", 2, "--model", tmp_path / "m.json")
     assert r.exit_code == 2 and "GeoTIFF/COG (.tif" in r.output
+
+
+def test_convert_geotiffs_to_zarr_keeps_crs_and_nodata(tifs, tmp_path):
+    root, _ = tifs
+    out = tmp_path / "stack.zarr"
+    r = invoke("convert", root / "B*.tif", "--out", out, "--chunk", 32, "--workers", 1)
+    assert r.exit_code == 0, r.output
+    ds = xr.open_zarr(out, decode_coords="all")
+    assert ds["red"].rio.crs == CRS
+    assert tuple(ds.rio.transform())[:6] == tuple(TRANSFORM)[:6]
+    assert ds["red"].chunks[0][0] == 32
+    assert np.isnan(ds["red"].values[:, :4]).all()  # nodata as NaN
+    b = open_stack(str(root / "B*.tif"))
+    a = open_stack(out, list(b.variables))  # a store lists its variables by name
+    np.testing.assert_array_equal(a.data.compute(), b.data.compute())
+    r = invoke("convert", root / "B*.tif", "--out", out)
+    assert r.exit_code == 2 and "exists; add --overwrite" in r.output
+
+
+def test_stale_temporaries_of_killed_writes_are_removed(tmp_path):
+    import subprocess
+    import sys
+
+    from daskem.io import atomic_to_zarr
+
+    # a writer that died: its process id is in the name
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    dead = tmp_path / f".p.zarr.tmp-{proc.stdout.strip()}-abc"
+    dead.mkdir()
+    (dead / "chunk").write_bytes(b"x" * 100)
+    alive = tmp_path / f".p.zarr.tmp-{__import__('os').getpid()}-def"  # this process: running
+    alive.mkdir()
+    other = tmp_path / ".q.zarr.tmp-1-ghi"  # another target's: not ours to touch
+    other.mkdir()
+    with pytest.warns(UserWarning, match="left beside .*p.zarr by a write that was killed"):
+        atomic_to_zarr(xr.Dataset({"v": ("x", np.arange(3.0))}), tmp_path / "p.zarr")
+    assert not dead.exists() and alive.exists() and other.exists()
+    assert (tmp_path / "p.zarr").is_dir()
