@@ -1501,6 +1501,79 @@ def run(rep: Reporter, stack, model_path, out, overwrite, labels, variables, imp
     )
 
 
+def _parse_colors(text: str | None, names: list[str]) -> list[str] | None:
+    """``--colors``: ``c0,c1,...`` in class order or ``NAME=COLOR,...`` (others default)."""
+    if text is None:
+        return None
+    from .plot import class_colors
+
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    try:
+        if all("=" not in t for t in items):
+            if len(items) != len(names):
+                raise BadInput(
+                    f"--colors {text}: {len(items)} colours for {len(names)} classes {names}"
+                )
+            return class_colors(names, items)
+        colors = class_colors(names)
+        for t in items:
+            name, _, color = t.partition("=")
+            if name.strip() not in names:
+                raise BadInput(f"--colors {text}: {name.strip()!r} is not a class of {names}")
+            colors[names.index(name.strip())] = color.strip()
+        return class_colors(names, colors)
+    except ValueError as e:
+        raise BadInput(f"--colors {text}: {_message(e)}") from e
+
+
+@cli.command()
+@click.argument("posterior", metavar="POSTERIOR")
+@click.option(
+    "--out", type=click.Path(file_okay=False), required=True, help="Directory for the GeoTIFFs."
+)
+@click.option(
+    "--colors",
+    metavar="C,C,...|NAME=C,...",
+    help="Class colours (#rrggbb or names), in class order or by class name (default: "
+    "the posterior's flag_colors, else a stable colour per class name).",
+)
+@click.option("--overwrite", is_flag=True, help="Replace existing GeoTIFFs in --out.")
+@click.option(
+    "--block", type=click.IntRange(min=16), default=512, show_default=True, help="Tile size."
+)
+@_cluster_options
+@_common_options
+@_command("export")
+def export(rep: Reporter, posterior, out, colors, overwrite, block, **kw) -> None:
+    """Cloud-Optimised GeoTIFFs of a POSTERIOR store (2-D maps) into --out.
+
+    Writes label.tif (colour table, class names in its metadata), confidence.tif and
+    probability.tif (a band per class named after it): tiled, compressed, with
+    overviews, georeferenced from the posterior, block by block and atomically.
+    Needs: pip install 'daskem[gis]'.
+    """
+    from . import io
+
+    cluster_kw, _ = _split(kw)
+    with _reading(f"POSTERIOR {posterior}"):
+        ds = io._open_zarr(posterior)
+    if "probability" not in ds or "label" not in ds:
+        raise BadInput(f"POSTERIOR {posterior}: not a daskem posterior of class maps")
+    names = [str(n) for n in ds["class"].values]
+    palette = _parse_colors(colors, names)
+    targets = [Path(out) / f"{k}.tif" for k in ("label", "confidence", "probability")]
+    for t in targets:
+        _check_output(t, "--out", overwrite)
+    with _cluster(rep, **cluster_kw):
+        try:
+            written = io.write_cogs(ds, out, colors=palette, overwrite=overwrite, block=block)
+        except ValueError as e:
+            raise BadInput(f"POSTERIOR {posterior}: {_message(e)}") from e
+    for p in written.values():
+        rep.result(str(p))
+    rep.summary(status="ok", geotiffs=[str(p) for p in written.values()])
+
+
 @cli.command()
 @click.argument("inputs", metavar="INPUTS")
 @click.option("--out", type=click.Path(), required=True, help="Zarr store to write.")

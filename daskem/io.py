@@ -60,6 +60,7 @@ __all__ = [
     "check_nodata",
     "convert",
     "fit_stack",
+    "write_cogs",
     "labels_for_stack",
     "open_stack",
     "posterior",
@@ -1493,6 +1494,157 @@ def check_nodata(
                 if warn:
                     warnings.warn(messages[-1], UserWarning, stacklevel=2)
     return messages
+
+
+def write_cogs(
+    post: xr.Dataset,
+    out_dir: str | os.PathLike[str],
+    *,
+    colors: Sequence[str] | None = None,
+    overwrite: bool = False,
+    block: int = 512,
+) -> dict[str, Path]:
+    """Cloud-Optimised GeoTIFFs of a posterior's maps, written in bounded memory.
+
+    ``label.tif`` (uint8, 255 = no class; a colour table and the class names in its
+    metadata, ``CLASS_<id>=<name>``), ``confidence.tif`` (float32) and ``probability.tif``
+    (float32, one band per class, band descriptions = class names): georeferenced from
+    the posterior's grid mapping and coordinates, tiled (``block`` pixels), DEFLATE
+    compressed, with overviews (nearest for labels, average otherwise). Each is written
+    block by block into a temporary tiled GeoTIFF beside the target, given overviews,
+    copied to the COG layout by GDAL (streaming) and renamed into place: a killed run
+    leaves no partial file under a target name.
+
+    Parameters
+    ----------
+    post : xarray.Dataset
+        A 2-D posterior (:func:`posterior`, or one read back from its Zarr store).
+    out_dir : path
+        Directory for the three files (created).
+    colors : sequence of str, optional
+        A colour per class (``#rrggbb`` or a name); default the label's CF
+        ``flag_colors``, else :func:`daskem.plot.class_colors`.
+    overwrite : bool
+        Replace existing files of the same names.
+    """
+    import rasterio
+    import rasterio.shutil
+    from rasterio.enums import Resampling
+
+    from .plot import class_colors
+
+    _rioxarray()
+    if "probability" not in post or "label" not in post:
+        raise ValueError("not a daskem posterior of class maps (probability, label)")
+    label = post["label"]
+    if label.ndim != 2:
+        raise ValueError(
+            f"GeoTIFF export takes 2-D maps; this posterior's maps are on {label.dims}"
+        )
+    names = [str(n) for n in post["class"].values]
+    if len(names) > 254:
+        raise ValueError(f"{len(names)} classes: a uint8 label GeoTIFF holds at most 254")
+    ydim, xdim = label.dims
+    out = Path(out_dir)
+    targets = {k: out / f"{k}.tif" for k in ("label", "confidence", "probability")}
+    existing = [str(p) for p in targets.values() if p.exists()]
+    if existing and not overwrite:
+        raise FileExistsError(errno.EEXIST, "GeoTIFF already exists", existing[0])
+    out.mkdir(parents=True, exist_ok=True)
+    spatial = post["label"].rio.set_spatial_dims(x_dim=xdim, y_dim=ydim)
+    crs = spatial.rio.crs
+    if crs is None:
+        warnings.warn(
+            "the posterior has no CRS (no grid mapping): the GeoTIFFs are not georeferenced "
+            "to a coordinate system",
+            UserWarning,
+            stacklevel=2,
+        )
+    transform = spatial.rio.transform()
+    palette = class_colors(names, colors if colors is not None else label.attrs.get("flag_colors"))
+    cmap = {
+        i: tuple(int(c[k : k + 2], 16) for k in (1, 3, 5)) + (255,) for i, c in enumerate(palette)
+    }
+    cmap[255] = (0, 0, 0, 0)
+    lab = label.data if hasattr(label.data, "dask") else da.from_array(label.values)
+    lab = da.where(lab < 0, 255, lab).astype(np.uint8)[None]
+    conf = post["confidence"].transpose(ydim, xdim).data[None].astype(np.float32)
+    prob = post["probability"].transpose("class", ydim, xdim).data.astype(np.float32)
+    jobs = {
+        "label": (lab, 255, Resampling.nearest, None),
+        "confidence": (conf, np.nan, Resampling.average, ["confidence"]),
+        "probability": (prob, np.nan, Resampling.average, names),
+    }
+    written = {}
+    for key, (arr, nodata, resampling, descriptions) in jobs.items():
+        target = targets[key]
+        remove_stale_temporaries(target)
+        stem = f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex}"
+        tiled, cog = out / f"{stem}-tiled.tif", out / f"{stem}.tif"
+        arr = da.asarray(arr).rechunk((arr.shape[0], block, block))
+        profile = {
+            "driver": "GTiff",
+            "height": int(arr.shape[1]),
+            "width": int(arr.shape[2]),
+            "count": int(arr.shape[0]),
+            "dtype": np.dtype(arr.dtype).name,
+            "crs": crs,
+            "transform": transform,
+            "nodata": nodata,
+            "tiled": True,
+            "blockxsize": block,
+            "blockysize": block,
+            "compress": "deflate",
+            "BIGTIFF": "IF_SAFER",
+        }
+        try:
+            with rasterio.open(tiled, "w", **profile) as dst:
+                y0 = 0
+                for ny in arr.chunks[1]:
+                    x0 = 0
+                    for nx in arr.chunks[2]:
+                        (values,) = engine.compute(arr[:, y0 : y0 + ny, x0 : x0 + nx])
+                        dst.write(
+                            np.asarray(values),
+                            window=rasterio.windows.Window(x0, y0, nx, ny),
+                        )
+                        x0 += nx
+                    y0 += ny
+                if key == "label":
+                    dst.write_colormap(1, cmap)
+                    dst.update_tags(
+                        1,
+                        **{f"CLASS_{i}": n for i, n in enumerate(names)},
+                        CLASS_NAMES=json.dumps(names),
+                    )
+                for i, d in enumerate(descriptions or ()):
+                    dst.set_band_description(i + 1, d)
+                factors = []
+                f = 2
+                while max(arr.shape[1:]) / f >= block / 2 and f <= 1024:
+                    factors.append(f)
+                    f *= 2
+                if factors:
+                    dst.build_overviews(factors, resampling)
+                    dst.update_tags(ns="rio_overview", resampling=resampling.name)
+            rasterio.shutil.copy(
+                tiled,
+                cog,
+                driver="COG",
+                COMPRESS="DEFLATE",
+                BLOCKSIZE=block,
+                OVERVIEWS="FORCE_USE_EXISTING" if factors else "NONE",
+                BIGTIFF="IF_SAFER",
+            )
+            if target.exists() and not overwrite:
+                raise FileExistsError(errno.EEXIST, "GeoTIFF already exists", str(target))
+            os.replace(cog, target)
+        finally:
+            for p in (tiled, cog):
+                if p.exists():
+                    p.unlink()
+        written[key] = target
+    return written
 
 
 def convert(

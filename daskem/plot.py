@@ -40,6 +40,7 @@ __all__ = [
     "plot_lower_bounds",
     "plot_probabilities",
     "quicklooks",
+    "class_colors",
     "is_time_posterior",
     "time_quicklooks",
 ]
@@ -142,6 +143,8 @@ def downsample(ds: Any, max_size: int = 1000) -> Any:
     small["confidence_histogram"] = (("confidence_bin",), np.asarray(counts, dtype=np.int64))
     small = small.assign_coords(confidence_bin=0.5 * (edges[1:] + edges[:-1]))
     small.attrs = dict(ds.attrs)
+    if "label" in ds and "flag_colors" in ds["label"].attrs:
+        small.attrs["label_flag_colors"] = ds["label"].attrs["flag_colors"]
     small.attrs["coarsen_factors"] = factors
     small.attrs["leading"] = {d: _scalar(ds[d][0]) if d in ds.coords else 0 for d in lead}
     return small
@@ -152,17 +155,75 @@ def _scalar(v: Any) -> Any:
     return a.item() if a.ndim == 0 else a
 
 
-def _class_colors(n: int) -> list:
-    from matplotlib import colormaps
+#: conventional colours of common land-cover class names (lower case, ``_`` for spaces)
+NAMED_COLORS = {
+    "water": "#1f78b4",
+    "forest": "#1b7837",
+    "trees": "#1b7837",
+    "urban": "#e31a1c",
+    "built_up": "#e31a1c",
+    "grassland": "#b2df8a",
+    "grass": "#b2df8a",
+    "cropland": "#ffd92f",
+    "crops": "#ffd92f",
+    "agriculture": "#ffd92f",
+    "bare_soil": "#bf812d",
+    "bare": "#bf812d",
+    "shrubland": "#a6761d",
+    "wetland": "#66c2a5",
+    "snow": "#f0f0f0",
+    "ice": "#d9f0ff",
+    "cloud": "#bdbdbd",
+    "shadow": "#525252",
+}
+#: colours for other names: a name always takes the same one (a stable hash of it)
+PALETTE = (
+    "#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7",
+    "#9c755f", "#bab0ac", "#8cd17d", "#499894", "#d37295", "#fabfd2", "#b6992d", "#79706e",
+    "#86bcb6", "#f1ce63", "#a0cbe8", "#ffbe7d",
+)  # fmt: skip
 
-    if n <= 10:
-        cmap = colormaps["tab10"]
-        return [cmap(i) for i in range(n)]
-    if n <= 20:
-        cmap = colormaps["tab20"]
-        return [cmap(i) for i in range(n)]
-    cmap = colormaps["turbo"]
-    return [cmap(i / max(n - 1, 1)) for i in range(n)]
+
+def class_colors(names: Sequence[str], flag_colors: Any = None) -> list[str]:
+    """A ``#rrggbb`` colour per class: ``flag_colors`` (a CF attribute: hex colours
+    separated by spaces, or a list) where given, else the conventional colour of a known
+    land-cover name, else a palette colour picked by a stable hash of the name -- so a
+    class has the same colour in every run, PNG and GeoTIFF alike."""
+    import zlib
+
+    names = [str(n) for n in names]
+    if flag_colors is not None:
+        given = flag_colors.split() if isinstance(flag_colors, str) else list(flag_colors)
+        if len(given) != len(names):
+            raise ValueError(f"{len(given)} colours for {len(names)} classes: {names}")
+        return [_hex(c) for c in given]
+    out: list[str | None] = [NAMED_COLORS.get(n.lower().replace(" ", "_")) for n in names]
+    used = {c for c in out if c}
+    for i, n in enumerate(names):
+        if out[i] is None:
+            k = zlib.crc32(n.encode()) % len(PALETTE)
+            for step in range(len(PALETTE)):  # the next free one if taken in this map
+                c = PALETTE[(k + step) % len(PALETTE)]
+                if c not in used:
+                    break
+            out[i] = c
+            used.add(c)
+    return [str(c) for c in out]
+
+
+def _hex(color: Any) -> str:
+    from matplotlib.colors import to_hex
+
+    try:
+        return to_hex(color)
+    except ValueError as e:
+        raise ValueError(f"{color!r} is not a colour (use #rrggbb or a colour name)") from e
+
+
+def _class_colors(n: int, names: Sequence[str] | None = None, flag_colors: Any = None) -> list:
+    return class_colors(
+        names if names is not None else [f"class_{i}" for i in range(n)], flag_colors
+    )
 
 
 def _figure(width: float, height: float):
@@ -229,7 +290,7 @@ def plot_class_map(small: Any, path: str | os.PathLike) -> Path:
 
     ydim, xdim = _dims(small)
     names = [str(n) for n in small["class"].values]
-    colors = _class_colors(len(names))
+    colors = _class_colors(len(names), names, small.attrs.get("label_flag_colors"))
     label = np.asarray(small["label"].values)
     cmap = ListedColormap([NODATA_COLOR, *colors])
     fig = _figure(*_aspect_size(small, extra_width=2.0))
@@ -489,7 +550,7 @@ def time_quicklooks(
     written: dict[str, Path] = {}
 
     # the state map at the chosen date
-    colors = _class_colors(K)
+    colors = _class_colors(K, names, ds["state"].attrs.get("flag_colors"))
     fig = _figure(9.0, 6.0)
     ax = fig.add_subplot()
     ax.imshow(

@@ -236,3 +236,37 @@ def test_stale_temporaries_of_killed_writes_are_removed(tmp_path):
         atomic_to_zarr(xr.Dataset({"v": ("x", np.arange(3.0))}), tmp_path / "p.zarr")
     assert not dead.exists() and alive.exists() and other.exists()
     assert (tmp_path / "p.zarr").is_dir()
+
+
+def test_export_cogs_georeferenced_with_names_and_colours(tifs, tmp_path):
+    root, _ = tifs
+    model, post = tmp_path / "m.json", tmp_path / "p.zarr"
+    r = invoke(
+        "run", root / "B*.tif", "-k", 2, "--model", model, "--out", post, "--workers", 1,
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    out = tmp_path / "cogs"
+    r = invoke(
+        "export", post, "--out", out, "--colors", "class_1=#ff0000", "--block", 64, "--workers", 1
+    )
+    assert r.exit_code == 0, r.output
+    ds = xr.open_zarr(post)
+    with rasterio.open(out / "label.tif") as f:
+        assert f.tags(ns="IMAGE_STRUCTURE")["LAYOUT"] == "COG"
+        assert f.crs == CRS and tuple(f.transform)[:6] == tuple(TRANSFORM)[:6]
+        assert f.colormap(1)[1] == (255, 0, 0, 255)
+        assert json.loads(f.tags(1)["CLASS_NAMES"]) == ["class_0", "class_1"]
+        assert f.overviews(1) == [2]
+        label = f.read(1)
+    np.testing.assert_array_equal(label, np.where(ds["label"].values < 0, 255, ds["label"].values))
+    with rasterio.open(out / "probability.tif") as f:
+        assert f.count == 2 and f.descriptions == ("class_0", "class_1")
+        np.testing.assert_allclose(f.read(2), ds["probability"].values[1], rtol=1e-6)
+    # the same class keeps its colour whatever the run: by name, not by order
+    from daskem.plot import class_colors
+
+    assert class_colors(["water", "lava"])[0] == class_colors(["lava", "snow", "water"])[2]
+    r = invoke("export", post, "--out", out)
+    assert r.exit_code == 2 and "exists; add --overwrite" in r.output
+    r = invoke("export", post, "--out", tmp_path / "c2", "--colors", "red")
+    assert r.exit_code == 2 and "1 colours for 2 classes" in r.output
