@@ -315,9 +315,19 @@ def _fit_options(f: Callable) -> Callable:
             metavar="VAR|FILE",
             cls=_Opt,
             group=_DATA,
-            help="Training labels: a label-map variable of the stack (-1 = unlabelled), or "
-            "a CSV file with one column per spatial dim and 'class'. Makes the fit "
+            help="Training labels: a label-map variable of the stack (-1 = unlabelled), a "
+            "vector file of points or polygons (.gpkg, .shp, .geojson; any CRS), or a CSV "
+            "file with one column per spatial dim and 'class'. Makes the fit "
             "semi-supervised.",
+        ),
+        click.option(
+            "--class-column",
+            "class_column",
+            metavar="NAME",
+            cls=_Opt,
+            group=_DATA,
+            help="With --labels FILE.gpkg|.shp|.geojson: the column holding the classes "
+            "(default: one named class, label, landcover ..., or the only one).",
         ),
         click.option(
             "--nodata",
@@ -975,6 +985,7 @@ def _fit(rep: Reporter, stack: Any, *, labels: str | None, opts: dict[str, Any])
             resume=opts["resume"],
             callback=callback,
             check_nodata_values=False,  # said above
+            class_column=opts.get("class_column"),
             **extra,
         )
     except (*BAD_INPUT, KeyError) as e:

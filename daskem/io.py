@@ -932,6 +932,7 @@ def labels_for_stack(
     *,
     class_names: Sequence[str] | Mapping[int, str] | None = None,
     nan_policy: str = "marginalize",
+    class_column: str | None = None,
 ) -> tuple[da.Array, list[str]]:
     """Training labels aligned with :meth:`Stack.rows`.
 
@@ -944,7 +945,13 @@ def labels_for_stack(
         * a point list: a dict of columns, a list of records, or the path of a CSV
           file, with one column per spatial dim (coordinate values, or indices for a
           dim without coordinate) and ``class`` (an id, or a name from
-          ``class_names``). Points are put on the nearest pixel.
+          ``class_names``). Points are put on the nearest pixel;
+        * a vector file of points or polygons (GeoPackage, shapefile, GeoJSON,
+          FlatGeobuf: anything GDAL reads, through pyogrio): reprojected to the stack's
+          CRS and rasterised on its grid chunk by chunk (a polygon labels the pixels
+          whose centre it contains, a point the pixel it falls in); the classes are the
+          distinct values of ``class_column`` (default: a column named class, label,
+          landcover ... or the only one), their names those values.
 
         In a map, ``-1`` (or the ``unlabelled_value`` / ``_FillValue`` /
         ``missing_value`` attribute, or NaN) marks unlabelled pixels. CF
@@ -975,7 +982,9 @@ def labels_for_stack(
     Validation computes the labelled pixels once (a pass over the label map only)
     and then reads the attribute values of the chunks that hold labels.
     """
-    resolved = _resolve_labels(stack, labels, class_names, nan_policy=nan_policy)
+    resolved = _resolve_labels(
+        stack, labels, class_names, nan_policy=nan_policy, class_column=class_column
+    )
     return _spatial_to_rows(resolved.map), resolved.class_names
 
 
@@ -987,6 +996,7 @@ def _resolve_labels(
     n_classes: int | None = None,
     require_every_class: bool = True,
     nan_policy: str = "marginalize",
+    class_column: str | None = None,
 ) -> _Labels:
     what = "labels"
     if isinstance(labels, str) and labels in stack.dataset.data_vars:
@@ -994,13 +1004,21 @@ def _resolve_labels(
         labels = stack.dataset[labels]
     if isinstance(labels, xr.DataArray):
         lab_map, names, raw_map, flag_values = _label_map_from_array(stack, labels, class_names)
+    elif isinstance(labels, (str, os.PathLike)) and os.fspath(labels).lower().endswith(
+        VECTOR_SUFFIXES
+    ):
+        if not Path(labels).exists():
+            raise ValueError(f"labels file {os.fspath(labels)!r} does not exist")
+        what = f"vector file {os.fspath(labels)!r}"
+        lab_map, names = _label_map_from_vector(stack, os.fspath(labels), class_column)
+        raw_map, flag_values = lab_map, None
     elif isinstance(labels, (str, os.PathLike)):
         p = Path(labels)
         if not p.is_file():
             raise ValueError(
                 f"labels {os.fspath(labels)!r} is neither a variable of the stack "
                 f"(data variables: {[str(n) for n in stack.dataset.data_vars]}) "
-                "nor an existing CSV file"
+                "nor an existing CSV or vector file (.gpkg, .shp, .geojson ...)"
             )
         what = f"point file {os.fspath(labels)!r}"
         lab_map, names = _label_map_from_points(stack, _read_csv(p), class_names)
@@ -1038,6 +1056,12 @@ def _resolve_labels(
             "use -1 (or the unlabelled_value attribute) for unlabelled pixels"
         )
     counts = np.bincount(values, minlength=C)
+    if require_every_class and int((counts > 0).sum()) < 2:
+        raise ValueError(
+            f"{what} labels only {int((counts > 0).sum())} class "
+            f"({[names[c] for c in np.flatnonzero(counts)]}): a semi-supervised fit needs "
+            "labels of at least 2 classes (fit without labels for an unsupervised model)"
+        )
     if require_every_class:
         empty = [f"{names[c]!r} (id {c})" for c in range(C) if counts[c] == 0]
         if empty:
@@ -1070,6 +1094,151 @@ def _resolve_labels(
             stacklevel=3,
         )
     return _Labels(lab_map, list(names), counts, n_masked)
+
+
+#: file name endings read as vector label files (pyogrio / GDAL)
+VECTOR_SUFFIXES = (".gpkg", ".shp", ".geojson", ".json", ".fgb", ".gml", ".kml", ".sqlite")
+#: class column names looked for when none is given (case-insensitive), in order
+_CLASS_COLUMNS = ("class", "classes", "class_id", "classid", "label", "labels", "landcover",
+                  "land_cover", "lc", "category", "type", "id")  # fmt: skip
+
+
+def _stack_crs(stack: Stack) -> Any:
+    """The stack's CRS (pyproj) from its grid mapping, or None."""
+    try:
+        import rioxarray  # noqa: F401
+    except ImportError:
+        return None
+    ds = stack.dataset
+    gm = (stack.var_attrs or {}).get("grid_mapping")
+    probe = xr.DataArray(np.zeros((1,) * len(stack.dims)), dims=stack.dims)
+    if gm and gm in ds.coords:
+        probe = probe.assign_coords({gm: ds[gm]})
+        probe.attrs["grid_mapping"] = gm
+    elif "spatial_ref" in ds.coords:
+        probe = probe.assign_coords(spatial_ref=ds["spatial_ref"])
+    crs = probe.rio.crs
+    return None if crs is None else crs
+
+
+def _grid_transform(stack: Stack) -> tuple[Any, str, str]:
+    """The affine transform of a 2-D stack's regular (y, x) grid, from its coordinates."""
+    from affine import Affine
+
+    if len(stack.dims) != 2:
+        raise ValueError(f"vector labels need a 2-D map, the stack is on {stack.dims}")
+    ydim, xdim = stack.dims
+    ds = stack.dataset
+    if xdim not in ds.coords or ydim not in ds.coords:
+        raise ValueError("vector labels need the stack's x/y coordinates to place them")
+    x, y = np.asarray(ds[xdim].values, float), np.asarray(ds[ydim].values, float)
+    dx = (x[-1] - x[0]) / max(len(x) - 1, 1) if len(x) > 1 else 1.0
+    dy = (y[-1] - y[0]) / max(len(y) - 1, 1) if len(y) > 1 else -1.0
+    return Affine(dx, 0.0, x[0] - dx / 2, 0.0, dy, y[0] - dy / 2), ydim, xdim
+
+
+def _rasterise_block(block_info=None, *, shapes, transform, tree):
+    import rasterio.features
+    import shapely
+
+    info = block_info[None]
+    (y0, y1), (x0, x1) = info["array-location"]
+    out_shape = (y1 - y0, x1 - x0)
+    t = transform * transform.translation(x0, y0)
+    corners = [t * (0, 0), t * (out_shape[1], out_shape[0])]
+    box = shapely.box(
+        min(c[0] for c in corners), min(c[1] for c in corners),
+        max(c[0] for c in corners), max(c[1] for c in corners),
+    )  # fmt: skip
+    hits = tree.query(box)
+    if not len(hits):
+        return np.full(out_shape, -1, dtype=np.int32)
+    return rasterio.features.rasterize(
+        [shapes[i] for i in sorted(hits)],
+        out_shape=out_shape,
+        transform=t,
+        fill=-1,
+        dtype="int32",
+    )
+
+
+def _label_map_from_vector(stack: Stack, path: str, class_column: str | None):
+    """A label map from a vector file of points/polygons, rasterised chunk by chunk."""
+    try:
+        import pyogrio
+        import shapely
+    except ImportError as e:
+        raise ImportError(
+            "vector label files need pyogrio and shapely: pip install 'daskem[gis]'"
+        ) from e
+    meta, _, wkb, fields = pyogrio.raw.read(path)
+    columns = [str(c) for c in meta["fields"]]
+    if class_column is None:
+        lower = {c.lower(): c for c in columns}
+        class_column = next((lower[c] for c in _CLASS_COLUMNS if c in lower), None)
+        if class_column is None and len(columns) == 1:
+            class_column = columns[0]
+        if class_column is None:
+            raise ValueError(
+                f"{path}: which column holds the classes? Its columns: {columns} (give "
+                "--class-column / class_column=)"
+            )
+    if class_column not in columns:
+        raise ValueError(f"{path}: no column {class_column!r}; its columns: {columns}")
+    values = np.asarray(fields[columns.index(class_column)])
+    geoms = shapely.from_wkb(wkb)
+    keep = ~shapely.is_missing(geoms) & ~shapely.is_empty(geoms)
+    if values.dtype.kind in "fO":
+        keep &= np.array([v is not None and v == v for v in values.tolist()], dtype=bool)
+    geoms, values = geoms[keep], values[keep]
+    if not len(geoms):
+        raise ValueError(f"{path}: no feature with a geometry and a class")
+    classes = np.unique(values)
+    names = [str(v.item() if isinstance(v, np.generic) else v) for v in classes]
+    ids = np.searchsorted(classes, values)
+    crs = _stack_crs(stack)
+    src = meta.get("crs")
+    if src and crs is not None:
+        from pyproj import CRS, Transformer
+
+        if CRS.from_user_input(src) != CRS.from_user_input(crs.to_wkt()):
+            tr = Transformer.from_crs(src, crs.to_wkt(), always_xy=True)
+            geoms = shapely.transform(
+                geoms, lambda xy: np.column_stack(tr.transform(xy[:, 0], xy[:, 1]))
+            )
+    elif src is None and crs is not None:
+        warnings.warn(
+            f"{path} declares no CRS: its coordinates are taken to be in the stack's",
+            UserWarning,
+            stacklevel=4,
+        )
+    transform, ydim, xdim = _grid_transform(stack)
+    ny, nx = stack.shape
+    c0, c1 = transform * (0, 0), transform * (nx, ny)
+    grid = shapely.box(min(c0[0], c1[0]), min(c0[1], c1[1]), max(c0[0], c1[0]), max(c0[1], c1[1]))
+    inside = shapely.intersects(geoms, grid)
+    if not inside.all():
+        warnings.warn(
+            f"{int((~inside).sum())} of the {len(geoms)} features of {path} lie outside the "
+            "stack's grid and were skipped",
+            UserWarning,
+            stacklevel=4,
+        )
+        geoms, ids = geoms[inside], ids[inside]
+    if not len(geoms):
+        raise ValueError(f"{path}: every feature lies outside the stack's grid")
+    shapes = list(zip(geoms.tolist(), ids.tolist(), strict=True))
+    tree = shapely.STRtree(geoms)
+    lab_map = da.map_blocks(
+        _rasterise_block,
+        dtype=np.int32,
+        chunks=stack.chunks,
+        meta=np.empty((0, 0), np.int32),
+        shapes=shapes,
+        transform=transform,
+        tree=tree,
+    )
+    return lab_map, names
 
 
 def _class_names_from(
@@ -1299,6 +1468,7 @@ def fit_stack(
     callback: Any = None,
     method: str = "gmm",
     check_nodata_values: bool = True,
+    class_column: str | None = None,
     **gm_kwargs: Any,
 ) -> GaussianMixture | GaussianMixtureClassifier:
     """Fit a model on every pixel of a stack.
@@ -1335,6 +1505,8 @@ def fit_stack(
         or any other kind registered with :func:`daskem.modelfile.register_estimator`.
     check_nodata_values : bool, default True
         Warn first about values that look like undeclared nodata (:func:`check_nodata`).
+    class_column : str, optional
+        With a vector label file: the column holding the classes.
     **gm_kwargs
         Passed to the estimator (e.g. ``covariance_type``, ``label_weight``).
 
@@ -1383,7 +1555,11 @@ def fit_stack(
         gm_kwargs["nan_policy"] = "marginalize" if "marginalize" in policies else "omit"
     if labels is not None:
         y, names = labels_for_stack(
-            stack, labels, class_names=class_names, nan_policy=gm_kwargs["nan_policy"]
+            stack,
+            labels,
+            class_names=class_names,
+            nan_policy=gm_kwargs["nan_policy"],
+            class_column=class_column,
         )
         C = len(names)
         if n_components is not None and n_components < C:

@@ -270,3 +270,69 @@ def test_export_cogs_georeferenced_with_names_and_colours(tifs, tmp_path):
     assert r.exit_code == 2 and "exists; add --overwrite" in r.output
     r = invoke("export", post, "--out", tmp_path / "c2", "--colors", "red")
     assert r.exit_code == 2 and "1 colours for 2 classes" in r.output
+
+
+def _write_vector(path, geoms, values, crs, column="class_id"):
+    import pyogrio
+    import shapely
+
+    kind = "Polygon" if geoms[0].geom_type == "Polygon" else "Point"
+    pyogrio.raw.write(
+        str(path), geometry=shapely.to_wkb(np.asarray(geoms)), field_data=[np.asarray(values)],
+        fields=[column], crs=crs, geometry_type=kind, driver="GPKG",
+    )  # fmt: skip
+
+
+def _to_lonlat(x, y):
+    from pyproj import Transformer
+
+    return Transformer.from_crs(CRS, "EPSG:4326", always_xy=True).transform(x, y)
+
+
+def test_vector_labels_in_another_crs(tifs, tmp_path):
+    import shapely
+
+    root, cls = tifs
+    # polygons in lon/lat around the centres of the left and right halves; ids 1 and 2
+    polys, values = [], []
+    for col, value in ((20, 1), (80, 2)):
+        x0, y0 = TRANSFORM * (col, 30)
+        x1, y1 = TRANSFORM * (col + 10, 40)
+        lon, lat = _to_lonlat([x0, x1, x1, x0], [y0, y0, y1, y1])
+        polys.append(shapely.Polygon(list(zip(lon, lat, strict=True))))
+        values.append(value)
+    _write_vector(tmp_path / "areas.gpkg", polys, values, "EPSG:4326")
+    stack = open_stack(str(root / "B*.tif"))
+    from daskem.io import labels_for_stack
+
+    y, names = labels_for_stack(stack, str(tmp_path / "areas.gpkg"))
+    assert names == ["1", "2"]  # the file's own class values
+    lab = stack.to_map(y).compute()
+    assert 80 <= (lab == 0).sum() <= 120 and 80 <= (lab == 1).sum() <= 120
+    assert set(cls[lab == 0]) == {0} and set(cls[lab == 1]) == {1}
+    # points, one off the grid: skipped and counted
+    px = [TRANSFORM * (c + 0.5, r + 0.5) for c, r in ((10, 10), (100, 50), (500, 500))]
+    lon, lat = _to_lonlat([p[0] for p in px], [p[1] for p in px])
+    pts = [shapely.Point(a, b) for a, b in zip(lon, lat, strict=True)]
+    _write_vector(tmp_path / "pts.gpkg", pts, ["water", "forest", "water"], "EPSG:4326", "class")
+    with pytest.warns(UserWarning, match="1 of the 3 features .* lie outside the stack's grid"):
+        y, names = labels_for_stack(stack, str(tmp_path / "pts.gpkg"))
+    lab = stack.to_map(y).compute()
+    assert names == ["forest", "water"]
+    assert lab[10, 10] == 1 and lab[50, 100] == 0 and (lab >= 0).sum() == 2
+    # the CLI: a semi-supervised run from the polygons
+    r = invoke(
+        "run", root / "B*.tif", "--labels", tmp_path / "areas.gpkg", "--model",
+        tmp_path / "m.json", "--out", tmp_path / "p.zarr", "--workers", 1,
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    post = xr.open_zarr(tmp_path / "p.zarr")
+    assert list(post["class"].values) == ["1", "2"]
+    assert np.mean(post["label"].values[:, 8:] == cls[:, 8:]) > 0.99
+    # one class only: refused, nothing written
+    _write_vector(tmp_path / "one.gpkg", polys[:1], [1], "EPSG:4326")
+    r = invoke(
+        "fit", root / "B*.tif", "--labels", tmp_path / "one.gpkg", "--model", tmp_path / "o.json"
+    )
+    assert r.exit_code == 2 and "labels only 1 class" in r.output
+    assert not (tmp_path / "o.json").exists()
