@@ -144,8 +144,9 @@ def test_nodata_attr_mask_and_explicit_nodata():
     assert out.dtype == np.float32
     assert np.isnan(out[0, 0, 0]) and np.isnan(out[1, 1, 1]) and np.isnan(out[:, 2, 2]).all()
     assert np.isfinite(out).sum() == 2 * 48 - 2 - 2
-    # default selection: floating variables only, mask variable excluded
-    assert open_stack(src, mask="valid").variables == ("a",)
+    # default selection: numeric variables (the integer band converted to float), the
+    # mask variable excluded
+    assert open_stack(src, mask="valid").variables == ("a", "b")
     # explicit nodata overrides the attrs
     out = open_stack(src, ["a"], nodata={"a": a[3, 3].item()}).data.compute()
     assert np.isnan(out[0, 3, 3]) and out[0, 0, 0] == -9999.0
@@ -362,7 +363,7 @@ def test_error_unknown_missing_and_non_numeric_variables(ds):
         open_stack(ds, ["attr_0", "nope"])
     with pytest.raises(ValueError, match="no variables selected"):
         open_stack(ds, [])
-    with pytest.raises(ValueError, match="found no floating-point data variables"):
+    with pytest.raises(ValueError, match="found no numeric data variables"):
         open_stack(ds[["labels", "truth"]])
     with pytest.raises(ValueError, match="'name' is not numeric"):
         open_stack(ds.assign(name=(("y", "x"), np.full(SHAPE, "a"))), ["attr_0", "name"])
