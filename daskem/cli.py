@@ -1586,6 +1586,116 @@ def export(rep: Reporter, posterior, out, colors, overwrite, block, **kw) -> Non
 
 
 @cli.command()
+@click.argument("posterior", metavar="POSTERIOR")
+@click.option(
+    "--truth",
+    required=True,
+    metavar="FILE|STACK.zarr:VAR",
+    help="Reference labels: a label GeoTIFF, a vector file of labelled points/polygons, or "
+    "a label variable of a Zarr stack (STACK.zarr:VAR), on the posterior's grid.",
+)
+@click.option(
+    "--exclude-labels",
+    "exclude",
+    metavar="FILE|STACK.zarr:VAR",
+    help="Leave out the pixels these labels mark (e.g. the training labels).",
+)
+@click.option(
+    "--class-column", "class_column", metavar="NAME", help="Class column of vector files."
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False),
+    help="Directory for assess.json, assess.txt and confusion.png.",
+)
+@_common_options
+@_command("assess")
+def assess_cmd(rep: Reporter, posterior, truth, exclude, class_column, out) -> None:
+    """Accuracy of a POSTERIOR's class map against reference labels.
+
+    Prints and writes the confusion matrix, overall accuracy, Cohen's kappa, per-class
+    precision / recall / F1 and the area of each class.
+    """
+    from . import io
+
+    with _reading(f"POSTERIOR {posterior}"):
+        post = io._open_zarr(posterior)
+    if "label" not in post or "class" not in post.coords:
+        raise BadInput(f"POSTERIOR {posterior}: not a daskem posterior of class maps")
+
+    def source(text: str | None, option: str) -> Any:
+        if text is None:
+            return None
+        store, sep, var = text.rpartition(":")
+        if sep and store and Path(store).is_dir():
+            with _reading(f"{option} {text}"):
+                ds = io._open_zarr(store)
+            if var not in ds:
+                raise BadInput(f"{option} {text}: no variable {var!r} in {store}")
+            return ds[var]
+        if not Path(text).exists():
+            raise BadInput(f"{option} {text}: no such file (or STACK.zarr:VAR)")
+        return text
+
+    try:
+        res = io.assess(
+            post,
+            source(truth, "--truth"),
+            exclude=source(exclude, "--exclude-labels"),
+            class_column=class_column,
+        )
+    except (*BAD_INPUT, KeyError) as e:
+        raise BadInput(f"--truth {truth}: {_message(e)}") from e
+    text = _assess_text(res)
+    rep.result(text)
+    if out:
+        from .modelfile import atomic_write_text
+        from .plot import plot_confusion
+
+        d = Path(out)
+        d.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(d / "assess.json", json.dumps(res, indent=1) + "\n")
+        atomic_write_text(d / "assess.txt", text + "\n")
+        plot_confusion(res, d / "confusion.png")
+        rep.result(f"written: {d / 'assess.json'}, {d / 'assess.txt'}, {d / 'confusion.png'}")
+    rep.summary(
+        status="ok",
+        overall_accuracy=res["overall_accuracy"],
+        kappa=res["kappa"],
+        n=res["n"],
+    )
+
+
+def _assess_text(res: dict) -> str:
+    names = res["classes"]
+    w = max(8, *(len(n) for n in names))
+    lines = [
+        f"pixels compared: {res['n']:,}"
+        + (f" ({res['n_excluded']:,} excluded)" if res["n_excluded"] else ""),
+        f"overall accuracy: {res['overall_accuracy']:.4f}   kappa: {res['kappa']:.4f}",
+        "confusion (rows: reference, columns: map):",
+        " " * (w + 2) + " ".join(f"{n[:w]:>{w}}" for n in names),
+    ]
+    for n, row in zip(names, res["confusion"], strict=True):
+        lines.append(f"{n[:w]:>{w}}  " + " ".join(f"{v:>{w}}" for v in row))
+    lines.append(
+        f"{'class':>{w}}  {'precision':>9} {'recall':>9} {'f1':>9} {'support':>9} {'area':>12}"
+    )
+    area = res["area"] or res["area_pixels"]
+    for i, n in enumerate(names):
+
+        def f(v):
+            return "-" if v is None else f"{v:.4f}"
+
+        lines.append(
+            f"{n[:w]:>{w}}  {f(res['precision'][i]):>9} {f(res['recall'][i]):>9} "
+            f"{f(res['f1'][i]):>9} {res['support'][i]:>9} {area[i]:>12.6g}"
+        )
+    lines.append(f"area in {res['area_unit'] or 'pixels'}")
+    return "\n".join(lines)
+
+
+@cli.command()
 @click.argument("inputs", metavar="INPUTS")
 @click.option("--out", type=click.Path(), required=True, help="Zarr store to write.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out store.")

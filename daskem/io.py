@@ -56,6 +56,7 @@ from .modelfile import params_to_dict
 
 __all__ = [
     "Stack",
+    "assess",
     "atomic_to_zarr",
     "check_nodata",
     "convert",
@@ -1821,6 +1822,158 @@ def write_cogs(
                     p.unlink()
         written[key] = target
     return written
+
+
+def _posterior_as_stack(post: xr.Dataset) -> Stack:
+    """A posterior's grid as a :class:`Stack` (to place truth maps and vector files on it)."""
+    label = post["label"]
+    attrs = _var_attrs(label)
+    return Stack(post, ("label",), tuple(label.dims), da.asarray(label.data)[None], None, attrs)
+
+
+def _truth_map(post: xr.Dataset, truth: Any, class_column: str | None, what: str):
+    """(class ids on the posterior's grid (-1: none), their names) from a truth source."""
+    stack = _posterior_as_stack(post)
+    if isinstance(truth, (str, os.PathLike)) and os.fspath(truth).lower().endswith(RASTER_SUFFIXES):
+        arr = _open_raster(os.fspath(truth)).squeeze("band", drop=True)
+        arr = arr.drop_vars([c for c in arr.coords if c not in arr.dims])
+        if "nodata" in arr.attrs:
+            arr.attrs["unlabelled_value"] = arr.attrs["nodata"]
+        truth = arr
+    try:
+        resolved = _resolve_labels(
+            stack, truth, None, require_every_class=False, class_column=class_column
+        )
+    except ValueError as e:
+        raise ValueError(f"{what}: {e}") from e
+    names = list(resolved.class_names)
+    raw_ids = None
+    if isinstance(truth, xr.DataArray) and "flag_values" not in truth.attrs:
+        raw_ids = True  # plain integer ids: named by their values
+    return resolved.map, names, raw_ids
+
+
+def assess(
+    post: xr.Dataset,
+    truth: Any,
+    *,
+    exclude: Any = None,
+    class_column: str | None = None,
+) -> dict[str, Any]:
+    """Accuracy of a posterior's class map against reference labels.
+
+    Parameters
+    ----------
+    post : xarray.Dataset
+        A posterior (:func:`posterior`, or read back from its Zarr store).
+    truth : str, path or xarray.DataArray
+        Reference labels on the posterior's grid: a label raster (GeoTIFF, or a
+        DataArray; CF ``flag_meanings`` name its classes, else class ids ``0..C-1``), or a
+        vector file of labelled points/polygons (reprojected and rasterised, its class
+        values matched to the posterior's class names).
+    exclude : optional
+        Pixels not to count (e.g. the training labels), in any form ``truth`` takes:
+        every pixel it labels is left out.
+    class_column : str, optional
+        The class column of a vector ``truth``.
+
+    Returns
+    -------
+    dict
+        ``classes``, ``confusion`` (rows: reference, columns: map), ``overall_accuracy``,
+        ``kappa`` (Cohen's), per class ``precision``, ``recall``, ``f1``, ``support``;
+        ``n`` pixels compared, ``n_excluded``; ``area`` of each class in the map (pixels,
+        and in the CRS's squared units when the grid has coordinates).
+    """
+    names = [str(n) for n in post["class"].values]
+    C = len(names)
+    ref, ref_names, plain_ids = _truth_map(post, truth, class_column, "truth")
+    if plain_ids and all(n == f"class_{i}" for i, n in enumerate(names)):
+        lut = np.arange(len(ref_names))  # plain ids on both sides: the class ids
+        if len(ref_names) > C:
+            raise ValueError(f"truth holds class ids up to {len(ref_names) - 1}, the map has {C}")
+    elif plain_ids:  # plain ids: matched to classes named by their values ("1", "2" ...)
+        ids = [str(i) for i in range(len(ref_names))]
+        lut = np.array([names.index(i) if i in names else -1 for i in ids])
+        # only ids that label something must match
+        (present,) = engine.compute(da.unique(da.asarray(ref)[da.asarray(ref) >= 0]))
+        missing = [ids[int(i)] for i in np.asarray(present) if lut[int(i)] < 0]
+        if missing:
+            raise ValueError(
+                f"truth holds class ids {missing} that are not the map's classes {names}: "
+                "give a truth whose classes are named like the model's (CF flag_meanings, "
+                "or a vector file with the same class values)"
+            )
+    else:
+        unknown = [n for n in ref_names if n not in names]
+        if unknown:
+            raise ValueError(
+                f"truth classes {unknown} are not among the map's classes {names}: give a "
+                "truth whose classes are named like the model's (CF flag_meanings, or a vector "
+                "file with the same class values)"
+            )
+        lut = np.array([names.index(n) for n in ref_names])
+    label = da.asarray(post["label"].data).astype(np.int64)
+    ref = da.asarray(ref).astype(np.int64)
+    lut_full = np.concatenate([lut, [-1]])
+    ref_c = da.map_blocks(lambda r: lut_full[np.where(r >= 0, r, len(lut))], ref, dtype=np.int64)
+    valid = (ref_c >= 0) & (label >= 0)
+    n_excluded = 0
+    if exclude is not None:
+        ex, _, _ = _truth_map(post, exclude, class_column, "exclude")
+        drop = da.asarray(ex) >= 0
+        n_ex = (valid & drop).sum()
+        valid = valid & ~drop
+    else:
+        n_ex = da.zeros((), dtype=np.int64)
+    code = da.where(valid, ref_c * C + label, C * C)
+    counts, mapped, n_ex = engine.compute(
+        da.bincount(code.ravel(), minlength=C * C + 1),
+        da.bincount(da.where(label >= 0, label, C).ravel(), minlength=C + 1),
+        n_ex,
+    )
+    n_excluded = int(n_ex)
+    cm = np.asarray(counts)[: C * C].reshape(C, C)
+    n = int(cm.sum())
+    if n == 0:
+        raise ValueError("no pixel has both a reference class and a mapped class")
+    oa = float(np.trace(cm)) / n
+    pe = float((cm.sum(axis=0) * cm.sum(axis=1)).sum()) / n**2
+    kappa = (oa - pe) / (1 - pe) if pe < 1 else 1.0
+    tp = np.diag(cm).astype(float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        precision = tp / cm.sum(axis=0)
+        recall = tp / cm.sum(axis=1)
+        f1 = 2 * precision * recall / (precision + recall)
+    area_px = np.asarray(mapped)[:C]
+    unit = None
+    pixel_area = None
+    try:
+        transform, _, _ = _grid_transform(_posterior_as_stack(post))
+        pixel_area = abs(transform.a * transform.e)
+        unit = "CRS units squared"
+    except ValueError:
+        pass
+
+    def clean(a):
+        return [None if not np.isfinite(v) else float(v) for v in a]
+
+    return {
+        "classes": names,
+        "confusion": cm.tolist(),
+        "confusion_axes": "rows: reference, columns: map",
+        "n": n,
+        "n_excluded": n_excluded,
+        "overall_accuracy": oa,
+        "kappa": float(kappa),
+        "precision": clean(precision),
+        "recall": clean(recall),
+        "f1": clean(f1),
+        "support": cm.sum(axis=1).tolist(),
+        "area_pixels": area_px.tolist(),
+        "area": None if pixel_area is None else (area_px * pixel_area).tolist(),
+        "area_unit": unit,
+    }
 
 
 def convert(

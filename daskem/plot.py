@@ -42,6 +42,7 @@ __all__ = [
     "quicklooks",
     "class_colors",
     "is_time_posterior",
+    "plot_confusion",
     "time_quicklooks",
 ]
 
@@ -632,3 +633,28 @@ def time_quicklooks(
     if lower_bounds is not None and len(lower_bounds):
         written["loglik"] = plot_lower_bounds(lower_bounds, out / "loglik.png", tol=tol)
     return written
+
+
+def plot_confusion(result: dict, path: str | os.PathLike) -> Path:
+    """PNG of a confusion matrix (:func:`daskem.io.assess`), rows normalised, counts shown."""
+    cm = np.asarray(result["confusion"], dtype=float)
+    names = result["classes"]
+    K = len(names)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        frac = cm / cm.sum(axis=1, keepdims=True)
+    fig = _figure(1.2 + 0.6 * K, 1.0 + 0.55 * K)
+    ax = fig.add_subplot()
+    im = ax.imshow(np.nan_to_num(frac), cmap="Blues", vmin=0, vmax=1)
+    for a in range(K):
+        for b in range(K):
+            ax.text(b, a, f"{int(cm[a, b])}", ha="center", va="center", fontsize=7,
+                    color="white" if frac[a, b] > 0.6 else "black")  # fmt: skip
+    ax.set_xticks(range(K), names, rotation=45, ha="right")
+    ax.set_yticks(range(K), names)
+    ax.set(
+        xlabel="map",
+        ylabel="reference",
+        title=f"accuracy {result['overall_accuracy']:.3f}, kappa {result['kappa']:.3f}",
+    )
+    fig.colorbar(im, ax=ax, label="share of the reference class")
+    return _save(fig, path)

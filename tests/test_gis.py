@@ -336,3 +336,43 @@ def test_vector_labels_in_another_crs(tifs, tmp_path):
     )
     assert r.exit_code == 2 and "labels only 1 class" in r.output
     assert not (tmp_path / "o.json").exists()
+
+
+def test_assess_matches_scikit_learn(tmp_path):
+    from sklearn.metrics import cohen_kappa_score, confusion_matrix, precision_recall_fscore_support
+
+    from daskem.io import assess
+    from daskem.synthetic import make_stack, write_stack
+
+    ds = make_stack((96, 96), seed=4)
+    write_stack(ds, tmp_path / "s.zarr", chunks=48)
+    model, post = tmp_path / "m.json", tmp_path / "p.zarr"
+    r = invoke(
+        "run", tmp_path / "s.zarr", "--labels", "labels", "--model", model, "--out", post,
+        "--workers", 1,
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    p = xr.open_zarr(post)
+    res = assess(p, ds["truth"], exclude=ds["labels"])
+    truth, label, lab = ds["truth"].values, p["label"].values, ds["labels"].values
+    ok = (label >= 0) & (truth >= 0) & (lab < 0)
+    C = p.sizes["class"]
+    np.testing.assert_array_equal(
+        res["confusion"], confusion_matrix(truth[ok], label[ok], labels=range(C))
+    )
+    assert res["kappa"] == pytest.approx(cohen_kappa_score(truth[ok], label[ok]), abs=1e-12)
+    prec, rec, f1, _ = precision_recall_fscore_support(truth[ok], label[ok], labels=range(C))
+    np.testing.assert_allclose(res["recall"], rec)
+    assert res["n_excluded"] == int(((label >= 0) & (truth >= 0) & (lab >= 0)).sum())
+    assert res["area_pixels"] == np.bincount(label[label >= 0], minlength=C).tolist()
+    out = tmp_path / "assess"
+    r = invoke(
+        "assess", post, "--truth", f"{tmp_path / 's.zarr'}:truth",
+        "--exclude-labels", f"{tmp_path / 's.zarr'}:labels", "--out", out,
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert f"overall accuracy: {res['overall_accuracy']:.4f}" in r.output
+    assert json.loads((out / "assess.json").read_text())["confusion"] == res["confusion"]
+    assert (out / "confusion.png").read_bytes()[:4] == b"\x89PNG"
+    r = invoke("assess", post, "--truth", tmp_path / "nothing.tif")
+    assert r.exit_code == 2 and "no such file" in r.output
