@@ -49,7 +49,13 @@ from sklearn.utils.validation import column_or_1d, validate_data
 from . import engine
 from .modelfile import ModelFileError, load_checkpoint, save_checkpoint
 
-__all__ = ["NAN_POLICIES", "ClassLabelsMixin", "ConvergenceWarning", "EMEstimator"]
+__all__ = [
+    "NAN_POLICIES",
+    "ClassLabelsMixin",
+    "ConvergenceWarning",
+    "EMEstimator",
+    "select_n_components",
+]
 
 logger = logging.getLogger("daskem")
 
@@ -681,20 +687,7 @@ class EMEstimator(BaseEstimator):
                 UserWarning,
                 stacklevel=3,
             )
-        self._set_params(best.params)
-        self.converged_ = bool(best.converged)
-        self.n_iter_ = int(best.n_iter)
-        self.lower_bound_ = float(best.lower_bound)
-        self.lower_bounds_ = np.asarray(best.lower_bounds, dtype=np.float64)
-        self.reseeds_ = list(best.events)
-        self.n_features_in_ = data.n_features
-        self.n_excluded_ = _n_excluded(best)
-        self.n_partial_ = _n_partial(best)
-        self.n_empty_ = _n_empty(best)
-        self.component_classes_ = (
-            np.arange(K) if component_class is None else np.asarray(component_class)
-        )
-        self.n_classes_ = n_classes
+        self._store_result(best, data.n_features, K, component_class, n_classes)
         if not self.converged_ and self.max_iter > 0:
             warnings.warn(
                 "Best performing initialization did not converge. Try different init "
@@ -703,6 +696,23 @@ class EMEstimator(BaseEstimator):
                 stacklevel=3,
             )
         return data
+
+    def _store_result(self, best, n_features, K, component_class, n_classes) -> None:
+        """The fitted attributes from the result of EM."""
+        self._set_params(best.params)
+        self.converged_ = bool(best.converged)
+        self.n_iter_ = int(best.n_iter)
+        self.lower_bound_ = float(best.lower_bound)
+        self.lower_bounds_ = np.asarray(best.lower_bounds, dtype=np.float64)
+        self.reseeds_ = list(best.events)
+        self.n_features_in_ = n_features
+        self.n_excluded_ = _n_excluded(best)
+        self.n_partial_ = _n_partial(best)
+        self.n_empty_ = _n_empty(best)
+        self.component_classes_ = (
+            np.arange(K) if component_class is None else np.asarray(component_class)
+        )
+        self.n_classes_ = n_classes
 
     def _fingerprint(self, data: engine.ChunkedData) -> dict[str, Any]:
         """What must match for a checkpoint to be resumed."""
@@ -970,3 +980,86 @@ class ClassLabelsMixin:
             layout += [c] * (int(counts[c]) - 1)
         layout += [i % C for i in range(K - total)]
         return np.asarray(layout, dtype=np.int64)
+
+
+def select_n_components(
+    make: Any,
+    X: Any,
+    ks: Any,
+    *,
+    criterion: str = "bic",
+    callback: Any = None,
+) -> dict[str, Any]:
+    """Fit an unsupervised model for every number of components in ``ks``, sharing
+    every pass over the data, and pick one by an information criterion.
+
+    ``make(K)`` returns an unfitted estimator (e.g. ``lambda k: GaussianMixture(k)``);
+    all of them must have the same options but ``n_components``. One random sample
+    serves every start (and its prefit); the passes evaluate every K still running on
+    each chunk while it is in memory (:func:`daskem.engine.fit_em_many`), so the number
+    of passes is that of the slowest K, not the sum.
+
+    Returns
+    -------
+    dict
+        ``models`` (fitted estimators, by K), ``ks``, the criterion's ``values`` (lower
+        is better), ``log_likelihood`` (total), ``n_parameters``, ``n`` (rows used),
+        ``best`` (the K with the lowest value) and ``passes`` over the data.
+    """
+    if criterion not in ("bic", "aic"):
+        raise ValueError(f"criterion must be 'bic' or 'aic', got {criterion!r}")
+    ks = sorted({int(k) for k in ks})
+    if not ks or ks[0] < 1:
+        raise ValueError(f"the numbers of components must be integers >= 1, got {ks}")
+    models = {k: make(k) for k in ks}
+    first = models[ks[0]]
+    data = first._prepare(X, None, None, for_fit=True)
+    for k, est in models.items():
+        est._check_parameters(data.n_features, k)
+        est._check_n_samples(data.n_samples, k)
+    if first.max_iter > 0:
+        data = engine.cache_data(data, first.cache)
+    seed = int(_check_random_state(first.random_state).randint(np.iinfo(np.int32).max))
+    sample = engine.draw_sample(data, first.init_sample_size, seed)
+    starts = []
+    for k in ks:
+        est = models[k]
+        est._n_comp, est._component_class = k, None
+        starts.append(engine.Start(est._initial_params(data, seed, None, sample)))
+    results = engine.fit_em_many(
+        first._model(),
+        data,
+        starts,
+        tol=float(first.tol),
+        max_iter=int(first.max_iter),
+        split_every=int(first.split_every),
+        callback=callback,
+    )
+    values, lls, n_params, ns = [], [], [], []
+    for k, res in zip(ks, results, strict=True):
+        est = models[k]
+        est._store_result(res, data.n_features, k, None, k)
+        stats = res.stats
+        n = int(getattr(stats, "count", data.n_samples))
+        weight = float(getattr(stats, "weight", n)) or float(n)
+        total = float(res.lower_bound) * weight
+        p = int(est._n_parameters())
+        penalty = p * np.log(max(n, 1)) if criterion == "bic" else 2.0 * p
+        values.append(-2.0 * total + penalty)
+        lls.append(total)
+        n_params.append(p)
+        ns.append(n)
+    best = ks[int(np.argmin(values))]
+    return {
+        "ks": ks,
+        "criterion": criterion,
+        "values": values,
+        "log_likelihood": lls,
+        "n_parameters": n_params,
+        "n": ns,
+        "best": best,
+        "passes": max(int(r.n_iter) for r in results),
+        "n_iter": [int(r.n_iter) for r in results],
+        "converged": [bool(r.converged) for r in results],
+        "models": models,
+    }

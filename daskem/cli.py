@@ -1695,6 +1695,87 @@ def _assess_text(res: dict) -> str:
     return "\n".join(lines)
 
 
+def _parse_ks(text: str) -> list[int]:
+    """``-k 2..12`` or ``-k 2,4,8``."""
+    try:
+        if ".." in text:
+            lo, hi = (int(v) for v in text.split("..", 1))
+            ks = list(range(lo, hi + 1))
+        else:
+            ks = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise BadInput(f"-k {text}: expected a range LO..HI or numbers A,B,C") from None
+    if not ks or min(ks) < 1:
+        raise BadInput(f"-k {text}: expected numbers of components >= 1")
+    return ks
+
+
+@cli.command("select")
+@click.argument("stack", metavar="STACK")
+@click.option("-k", "ks", required=True, metavar="LO..HI|A,B,C", help="Numbers of components.")
+@click.option("--criterion", type=click.Choice(("bic", "aic")), default="bic", show_default=True)
+@click.option(
+    "--covariance", type=click.Choice(COVARIANCE_TYPES), default="full", show_default=True
+)
+@click.option("--vars", "variables", metavar="A,B,C", help="Attribute variables to use.")
+@click.option("--nodata", metavar="V|NAME=V,...", help="Nodata value(s).")
+@click.option("--mask", metavar="VAR|FILE.tif", help="Valid-pixel mask.")
+@click.option("--tol", type=click.FloatRange(min=0), default=1e-3, show_default=True)
+@click.option("--max-iter", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--out", type=click.Path(file_okay=False), help="Directory for select.json and select.png."
+)
+@_cluster_options
+@_common_options
+@_command("select")
+def select_cmd(
+    rep: Reporter, stack, ks, criterion, covariance, variables, nodata, mask, tol, max_iter,
+    seed, out, **kw,
+) -> None:  # fmt: skip
+    """Choose the number of components K for STACK by BIC or AIC.
+
+    Fits a Gaussian mixture for every K on every pixel, all K in the same passes over
+    the data, prints the criterion per K and names the best; --out writes select.json
+    and select.png (the criterion against K).
+    """
+    from . import io
+
+    cluster_kw, _ = _split(kw)
+    k_list = _parse_ks(ks)
+    st = _open_stack(stack, _parse_vars(variables), nodata=nodata, mask=mask)
+    rep.progress(f"stack: {stack} {_describe_stack(st)}")
+    with _cluster(rep, **cluster_kw):
+        t = time.perf_counter()
+        res = io.select_k(
+            st, k_list, criterion=criterion, covariance_type=covariance, tol=tol,
+            max_iter=max_iter, random_state=seed, callback=None,
+        )  # fmt: skip
+    rep.progress(
+        f"fitted K = {', '.join(map(str, res['ks']))} in {res['passes']} passes over the data, "
+        f"{time.perf_counter() - t:.1f} s"
+    )
+    lines = [f"{'K':>4} {criterion.upper():>16} {'log-likelihood':>16} {'parameters':>10}"]
+    for k, v, ll, p in zip(
+        res["ks"], res["values"], res["log_likelihood"], res["n_parameters"], strict=True
+    ):
+        mark = "  <- best" if k == res["best"] else ""
+        lines.append(f"{k:>4} {v:>16.6g} {ll:>16.6g} {p:>10}{mark}")
+    rep.result("\n".join(lines))
+    rep.result(f"best K by {criterion.upper()}: {res['best']}")
+    if out:
+        from .modelfile import atomic_write_text
+        from .plot import plot_selection
+
+        d = Path(out)
+        d.mkdir(parents=True, exist_ok=True)
+        doc = {k: v for k, v in res.items() if k != "models"}
+        atomic_write_text(d / "select.json", json.dumps(doc, indent=1) + "\n")
+        plot_selection(doc, d / "select.png")
+        rep.result(f"written: {d / 'select.json'}, {d / 'select.png'}")
+    rep.summary(status="ok", best=res["best"], passes=res["passes"])
+
+
 @cli.command()
 @click.argument("inputs", metavar="INPUTS")
 @click.option("--out", type=click.Path(), required=True, help="Zarr store to write.")

@@ -65,6 +65,7 @@ __all__ = [
     "labels_for_stack",
     "open_stack",
     "posterior",
+    "select_k",
     "sequence_labels",
     "write_posterior",
 ]
@@ -1974,6 +1975,39 @@ def assess(
         "area": None if pixel_area is None else (area_px * pixel_area).tolist(),
         "area_unit": unit,
     }
+
+
+def select_k(
+    stack: Stack,
+    ks: Sequence[int],
+    *,
+    criterion: str = "bic",
+    method: str = "gmm",
+    callback: Any = None,
+    **kwargs: Any,
+) -> dict[str, Any]:
+    """Choose the number of components of an unsupervised model of a stack by BIC or AIC.
+
+    Every K of ``ks`` is fitted on every pixel, all in the same passes over the data
+    (:func:`daskem.base.select_n_components`); ``kwargs`` go to the estimator of
+    ``method`` (e.g. ``covariance_type``). Returns that function's dict (``best``,
+    ``values``, ``models`` ...).
+    """
+    from .base import select_n_components
+
+    cls = estimator_class(method)
+    if getattr(cls, "spatial_input", False) or getattr(cls, "sequence_input", False):
+        raise ValueError(f"select_k fits pixel-wise models; method {method!r} is not one")
+    if kwargs.get("nan_policy") is None:
+        kwargs["nan_policy"] = "marginalize" if "marginalize" in cls.nan_policies else "omit"
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    out = select_n_components(
+        lambda k: cls(k, **kwargs), stack.rows(), ks, criterion=criterion, callback=callback
+    )
+    for est in out["models"].values():
+        est._set_names(list(stack.variables), None)
+        est.input_path_ = stack.path
+    return out
 
 
 def convert(

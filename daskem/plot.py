@@ -43,6 +43,7 @@ __all__ = [
     "class_colors",
     "is_time_posterior",
     "plot_confusion",
+    "plot_selection",
     "time_quicklooks",
 ]
 
@@ -657,4 +658,23 @@ def plot_confusion(result: dict, path: str | os.PathLike) -> Path:
         title=f"accuracy {result['overall_accuracy']:.3f}, kappa {result['kappa']:.3f}",
     )
     fig.colorbar(im, ax=ax, label="share of the reference class")
+    return _save(fig, path)
+
+
+def plot_selection(result: dict, path: str | os.PathLike) -> Path:
+    """PNG of an information criterion against the number of components."""
+    ks = np.asarray(result["ks"])
+    v = np.asarray(result["values"], dtype=float)
+    fig = _figure(6.0, 4.0)
+    ax = fig.add_subplot()
+    ax.plot(ks, v, marker="o")
+    best = int(result["best"])
+    ax.plot([best], [v[list(ks).index(best)]], marker="*", ms=14, color="C3", ls="none",
+            label=f"best K = {best}")  # fmt: skip
+    ax.set(
+        xlabel="number of components K", ylabel=result["criterion"].upper() + " (lower is better)"
+    )
+    ax.set_xticks(ks)
+    ax.legend()
+    ax.grid(alpha=0.3)
     return _save(fig, path)

@@ -376,3 +376,46 @@ def test_assess_matches_scikit_learn(tmp_path):
     assert (out / "confusion.png").read_bytes()[:4] == b"\x89PNG"
     r = invoke("assess", post, "--truth", tmp_path / "nothing.tif")
     assert r.exit_code == 2 and "no such file" in r.output
+
+
+def test_select_k_shares_passes_and_finds_the_true_k(tmp_path, monkeypatch):
+    import dask.array as da
+
+    from daskem import GaussianMixture, engine
+    from daskem.base import select_n_components
+
+    rng = np.random.default_rng(0)
+    means = rng.normal(scale=6, size=(4, 3))
+    X = np.concatenate([rng.normal(size=(15_000, 3)) + m for m in means])
+    Xd = da.from_array(X, chunks=15_000)
+    passes = []
+    real = engine.em_pass
+
+    def counting(*args, **kwargs):
+        passes.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "em_pass", counting)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = select_n_components(lambda k: GaussianMixture(k, random_state=0), Xd, range(2, 9))
+        n_select = len(passes)
+        passes.clear()
+        GaussianMixture(8, random_state=0).fit(Xd)
+        n_single = len(passes)
+    assert res["best"] == 4
+    assert n_select == res["passes"] and n_select <= 1.5 * n_single, (n_select, n_single)
+    # the CLI on a stack: a table, the best K, select.json and select.png
+    ds = xr.Dataset({f"a{j}": (("y", "x"), X[:, j].reshape(200, 300)) for j in range(3)}).chunk(
+        {"y": 100}
+    )
+    ds.to_zarr(tmp_path / "s.zarr")
+    r = invoke(
+        "select", tmp_path / "s.zarr", "-k", "2..6", "--out", tmp_path / "sel", "--workers", 1
+    )
+    assert r.exit_code == 0, r.output
+    assert "best K by BIC: 4" in r.output
+    assert json.loads((tmp_path / "sel" / "select.json").read_text())["best"] == 4
+    assert (tmp_path / "sel" / "select.png").read_bytes()[:4] == b"\x89PNG"
+    r = invoke("select", tmp_path / "s.zarr", "-k", "two")
+    assert r.exit_code == 2 and "expected a range" in r.output
