@@ -1023,7 +1023,7 @@ def _resolve_labels(
                 "nor an existing CSV or vector file (.gpkg, .shp, .geojson ...)"
             )
         what = f"point file {os.fspath(labels)!r}"
-        lab_map, names = _label_map_from_points(stack, _read_csv(p), class_names)
+        lab_map, names = _label_map_from_points(stack, _read_csv(p), class_names, first_line=2)
         raw_map, flag_values = lab_map, None
     elif isinstance(labels, (Mapping, Sequence)):
         what = "point labels"
@@ -1353,7 +1353,13 @@ def _read_csv(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def _label_map_from_points(stack: Stack, points, class_names):
+def _label_map_from_points(stack: Stack, points, class_names, first_line: int | None = None):
+    """``first_line``: the file line of the first record (CSV: 2), so messages name rows
+    as a user sees them in the file; None: 0-based positions in the list."""
+
+    def row(i: int) -> str:
+        return f"line {i + first_line}" if first_line is not None else f"point {i}"
+
     if isinstance(points, Mapping):
         cols = {str(k): list(v) for k, v in points.items()}
         n = len(next(iter(cols.values()))) if cols else 0
@@ -1381,22 +1387,43 @@ def _label_map_from_points(stack: Stack, points, class_names):
         for i, c in enumerate(raw_classes):
             if str(c) not in lookup:
                 raise ValueError(
-                    f"point row {i}: class {c!r} is not one of the class names {names}"
+                    f"{row(i)}: class {c!r} is not one of the class names {names}"
                 ) from None
             ids[i] = lookup[str(c)]
     index = np.empty((len(records), len(stack.dims)), dtype=np.int64)
+    off = np.zeros(len(records), dtype=bool)
     for j, d in enumerate(stack.dims):
         values = np.array([float(r[d]) for r in records])
         coord = stack.dataset.coords.get(d)
         size = stack.shape[j]
-        index[:, j] = _nearest_index(values, None if coord is None else coord.values, size, d)
+        index[:, j], out_j = _nearest_index(
+            values, None if coord is None else coord.values, size, d
+        )
+        off |= out_j
+    if off.all():
+        raise ValueError(f"every one of the {len(records)} points lies outside the grid")
+    if off.any():
+        where = ", ".join(row(int(i)) for i in np.flatnonzero(off)[:5])
+        warnings.warn(
+            f"{int(off.sum())} of the {len(records)} points lie outside the grid and were "
+            f"skipped ({where}{', ...' if off.sum() > 5 else ''})",
+            UserWarning,
+            stacklevel=4,
+        )
+        keep = ~off
+        index, ids = index[keep], ids[keep]
+        kept = np.flatnonzero(keep)
+    else:
+        kept = np.arange(len(records))
     flat = np.ravel_multi_index(tuple(index.T), stack.shape)
     order = np.argsort(flat, kind="stable")
     fs, cs = flat[order], ids[order]
     clash = np.flatnonzero((fs[1:] == fs[:-1]) & (cs[1:] != cs[:-1]))
     if clash.size:
-        i, k = order[clash[0]], order[clash[0] + 1]
-        raise ValueError(f"point rows {i} and {k} fall on the same pixel with different classes")
+        i, k = kept[order[clash[0]]], kept[order[clash[0] + 1]]
+        raise ValueError(
+            f"{row(int(i))} and {row(int(k))} fall on the same pixel with different classes"
+        )
     template = da.zeros(stack.shape, chunks=stack.chunks, dtype=np.int32)
     lab_map = template.map_blocks(
         _points_block,
@@ -1408,17 +1435,16 @@ def _label_map_from_points(stack: Stack, points, class_names):
     return lab_map, names
 
 
-def _nearest_index(values: np.ndarray, coord: np.ndarray | None, size: int, dim: str):
+def _nearest_index(
+    values: np.ndarray, coord: np.ndarray | None, size: int, dim: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """The nearest index along ``dim`` of every value, and which values lie off the grid
+    (their index is then 0)."""
     out = np.empty(values.shape, dtype=np.int64)
     if coord is None or coord.ndim != 1 or coord.dtype.kind not in "iuf":
-        r = np.rint(values)
-        bad = np.flatnonzero((r < 0) | (r >= size) | ~np.isfinite(values))
-        if bad.size:
-            raise ValueError(
-                f"point row {int(bad[0])} lies outside the grid: index {values[bad[0]]} on "
-                f"dim {dim!r} of size {size}"
-            )
-        return r.astype(np.int64)
+        r = np.rint(np.where(np.isfinite(values), values, -1))
+        outside = (r < 0) | (r >= size)
+        return np.where(outside, 0, r).astype(np.int64), outside
     c = np.asarray(coord, dtype=np.float64)
     order = np.argsort(c)
     cs = c[order]
@@ -1432,13 +1458,7 @@ def _nearest_index(values: np.ndarray, coord: np.ndarray | None, size: int, dim:
         out[:] = order[pick]
         half = 0.5 * float(np.median(np.diff(cs)))
     outside = (values < cs[0] - half) | (values > cs[-1] + half) | ~np.isfinite(values)
-    bad = np.flatnonzero(outside)
-    if bad.size:
-        raise ValueError(
-            f"point row {int(bad[0])} lies outside the grid: {dim}={values[bad[0]]} is not "
-            f"within [{cs[0] - half}, {cs[-1] + half}]"
-        )
-    return out
+    return np.where(outside, 0, out), outside
 
 
 def _points_block(block, index, ids, block_info=None):

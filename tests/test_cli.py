@@ -218,7 +218,7 @@ BAD_INPUTS = [
     (
         "labels-file-bad-row",
         "fit {stack} --labels {bad_csv} -k 4 --model {tmp}/m.json --scheduler {scheduler}",
-        "--labels {bad_csv}: point row 1 lies outside the grid",
+        "labels only 1 class (['water']): a semi-supervised fit needs labels of at least 2",
     ),
     (
         "labels-unknown",

@@ -440,10 +440,24 @@ def test_error_labels_only_on_masked_pixels(ds, stack):
         labels_for_stack(stack, _with_labels(ds, v), nan_policy="omit")
 
 
-def test_error_points_outside_the_grid(stack, ds):
-    pts = {"y": [float(ds.y[3]), float(ds.y[0]) + 50.0], "x": [float(ds.x[3])] * 2, "class": [0, 1]}
-    with pytest.raises(ValueError, match="point row 1 lies outside the grid: y="):
-        labels_for_stack(stack, pts, class_names=["a", "b"])
+def test_points_outside_the_grid_are_skipped_and_counted(stack, ds, tmp_path):
+    pts = {
+        "y": [float(ds.y[3]), float(ds.y[0]) + 50.0, float(ds.y[5])],
+        "x": [float(ds.x[3])] * 3,
+        "class": [0, 0, 1],
+    }
+    with pytest.warns(UserWarning, match=r"1 of the 3 points lie outside the grid .*\(point 1\)"):
+        y, _ = labels_for_stack(stack, pts, class_names=["a", "b"])
+    assert (y.compute() >= 0).sum() == 2
+    # a CSV's rows are numbered as lines of the file (the header is line 1)
+    csv = tmp_path / "p.csv"
+    csv.write_text(
+        "y,x,class\n" + "\n".join(f"{a},{b},{c}" for a, b, c in zip(*pts.values(), strict=True))
+    )
+    with pytest.warns(UserWarning, match=r"\(line 3\)"):
+        labels_for_stack(stack, str(csv), class_names=["a", "b"])
+    with pytest.raises(ValueError, match="every one of the 1 points lies outside the grid"):
+        labels_for_stack(stack, {"y": [0.0], "x": [0.0], "class": [0]}, class_names=["a", "b"])
 
 
 def test_error_fewer_components_than_classes(stack):
