@@ -551,6 +551,9 @@ class EMEstimator(BaseEstimator):
         then run plain EM from there, so the final model is a plain-EM fixed point.
         """
         model = self._row_model()
+        logger.info(
+            "prefit: EM on the %d sampled rows before the passes over all the data", len(Xs)
+        )
         iterations = []
         # coarse to fine: most iterations on every 16th, then every 4th sampled row, so
         # the last stage on the whole sample starts close to its optimum
@@ -636,6 +639,11 @@ class EMEstimator(BaseEstimator):
             sample = None
             if not self._user_init_complete():
                 # one chunk-wise sample serves every restart: a single read of the data
+                logger.info(
+                    "drawing %d sampled rows for the start%s",
+                    min(self.init_sample_size, data.n_samples),
+                    "" if len(to_init) == 1 else f" of {len(to_init)} restarts",
+                )
                 sample = engine.draw_sample(data, self.init_sample_size, seeds[0])
             if self.verbose:
                 for init in to_init:

@@ -23,6 +23,7 @@ import contextlib
 import dataclasses
 import functools
 import json
+import logging
 import math
 import os
 import sys
@@ -523,6 +524,12 @@ def _command(name: str) -> Callable:
             debug = kw.pop("debug", False)
             rep = Reporter(kw.pop("quiet", False), kw.pop("log_json", None), name)
             code = EXIT_OK
+            stages = _StageLines(rep)
+            logger = logging.getLogger("daskem")
+            level = logger.level
+            logger.addHandler(stages)
+            if logger.getEffectiveLevel() > logging.INFO:
+                logger.setLevel(logging.INFO)
             try:
                 with warnings.catch_warnings():
                     warnings.showwarning = _show_warning
@@ -566,11 +573,35 @@ def _command(name: str) -> Callable:
                 rep.summary(status="error", exit_code=code, error=msg)
                 raise click.exceptions.Exit(code) from None
             finally:
+                logger.removeHandler(stages)
+                logger.setLevel(level)
                 rep.close()
 
         return wrapper
 
     return deco
+
+
+class _StageLines(logging.Handler):
+    """The fit's stages before the passes (the sample, each restart's start, the prefit,
+    the screening of restarts) as progress lines and --log-json records; the per-pass
+    lines come from the iteration callback instead."""
+
+    STAGES = ("_fit", "_initialise", "_initial_params", "_prefit", "_screen")
+
+    def __init__(self, rep: Reporter) -> None:
+        super().__init__(logging.INFO)
+        self.rep = rep
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.funcName not in self.STAGES:
+            return
+        try:
+            message = record.getMessage()
+        except Exception:  # a malformed record is not worth failing a command
+            return
+        self.rep.progress(message)
+        self.rep.record({"event": "stage", "message": message})
 
 
 class _Group(click.Group):
