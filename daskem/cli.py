@@ -331,6 +331,16 @@ def _fit_options(f: Callable) -> Callable:
             "(default: one named class, label, landcover ..., or the only one).",
         ),
         click.option(
+            "--max-labels-per-class",
+            "max_labels_per_class",
+            type=click.IntRange(min=1),
+            metavar="N",
+            cls=_Opt,
+            group=_DATA,
+            help="With --labels: keep at most N labelled pixels of each class, drawn at "
+            "random with --seed (e.g. from large polygons).",
+        ),
+        click.option(
             "--nodata",
             metavar="V|NAME=V,...",
             cls=_Opt,
@@ -828,7 +838,13 @@ def _check_fit_options(
     with _reading(f"--checkpoint {ckpt}"):
         found = load_checkpoint(ckpt)
     if found is None and opts["resume"]:
-        rep.progress(f"--resume: no checkpoint in {ckpt} yet; fitting from the start")
+        rep.progress(f"--resume: no checkpoint found in {ckpt}, starting a new fit")
+    elif found is not None and opts["resume"]:
+        done = [int(c.get("n_iter", 0)) for c in found.get("candidates") or [] if c]
+        rep.progress(
+            f"--resume: resuming from iteration {max(done) if done else 0} of the checkpoint "
+            f"in {ckpt}"
+        )
     elif found is not None and not opts["resume"] and not overwrite:
         raise BadInput(
             f"--checkpoint {ckpt} holds the checkpoint of an earlier fit; add --resume to "
@@ -1017,6 +1033,7 @@ def _fit(rep: Reporter, stack: Any, *, labels: str | None, opts: dict[str, Any])
             callback=callback,
             check_nodata_values=False,  # said above
             class_column=opts.get("class_column"),
+            max_labels_per_class=opts.get("max_labels_per_class"),
             **extra,
         )
     except (*BAD_INPUT, KeyError) as e:

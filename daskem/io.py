@@ -926,6 +926,25 @@ class _Labels:
     class_names: list[str]
     counts: np.ndarray  # labelled pixels per class
     n_on_masked: int  # labelled pixels with some missing attribute
+    rows: np.ndarray | None = None  # the labelled rows (of Stack.rows) ...
+    values: np.ndarray | None = None  # ... and their class ids
+
+
+def _keep_rows(rows: np.ndarray, values: np.ndarray, at_most: int, seed: int) -> np.ndarray:
+    """At most ``at_most`` labelled rows per class, drawn at random (sorted)."""
+    rng = np.random.default_rng(seed)
+    keep = []
+    for c in np.unique(values):
+        r = rows[values == c]
+        keep.append(r if r.size <= at_most else rng.choice(r, size=at_most, replace=False))
+    return np.sort(np.concatenate(keep))
+
+
+def _only_rows(block, keep, block_info=None):
+    """Labels of a row chunk with every row not in ``keep`` unlabelled."""
+    lo = block_info[0]["array-location"][0][0]
+    idx = np.arange(lo, lo + block.shape[0])
+    return np.where(np.isin(idx, keep), block, -1).astype(block.dtype)
 
 
 def labels_for_stack(
@@ -935,6 +954,8 @@ def labels_for_stack(
     class_names: Sequence[str] | Mapping[int, str] | None = None,
     nan_policy: str = "marginalize",
     class_column: str | None = None,
+    max_labels_per_class: int | None = None,
+    seed: int = 0,
 ) -> tuple[da.Array, list[str]]:
     """Training labels aligned with :meth:`Stack.rows`.
 
@@ -964,6 +985,11 @@ def labels_for_stack(
     nan_policy : {"marginalize", "omit", "raise"}, default "marginalize"
         The fit's policy: a labelled pixel counts if some attribute is observed
         (``"marginalize"``) or only if every one is.
+    class_column : str, optional
+        The class column of a vector file.
+    max_labels_per_class, seed : int, optional
+        Keep at most this many labelled pixels of each class, drawn at random with
+        ``seed`` (e.g. from large training polygons).
 
     Returns
     -------
@@ -987,7 +1013,13 @@ def labels_for_stack(
     resolved = _resolve_labels(
         stack, labels, class_names, nan_policy=nan_policy, class_column=class_column
     )
-    return _spatial_to_rows(resolved.map), resolved.class_names
+    rows = _spatial_to_rows(resolved.map)
+    if max_labels_per_class is not None:
+        if int(max_labels_per_class) < 1:
+            raise ValueError(f"max_labels_per_class must be >= 1, got {max_labels_per_class}")
+        keep = _keep_rows(resolved.rows, resolved.values, int(max_labels_per_class), seed)
+        rows = rows.map_blocks(_only_rows, keep, dtype=rows.dtype)
+    return rows, resolved.class_names
 
 
 def _resolve_labels(
@@ -1095,7 +1127,7 @@ def _resolve_labels(
             UserWarning,
             stacklevel=3,
         )
-    return _Labels(lab_map, list(names), counts, n_masked)
+    return _Labels(lab_map, list(names), counts, n_masked, idx, values)
 
 
 #: file name endings read as vector label files (pyogrio / GDAL)
@@ -1491,6 +1523,7 @@ def fit_stack(
     method: str = "gmm",
     check_nodata_values: bool = True,
     class_column: str | None = None,
+    max_labels_per_class: int | None = None,
     **gm_kwargs: Any,
 ) -> GaussianMixture | GaussianMixtureClassifier:
     """Fit a model on every pixel of a stack.
@@ -1529,6 +1562,9 @@ def fit_stack(
         Warn first about values that look like undeclared nodata (:func:`check_nodata`).
     class_column : str, optional
         With a vector label file: the column holding the classes.
+    max_labels_per_class : int, optional
+        Keep at most this many labelled pixels of each class (drawn with the fit's
+        ``random_state``, default 0).
     **gm_kwargs
         Passed to the estimator (e.g. ``covariance_type``, ``label_weight``).
 
@@ -1559,6 +1595,11 @@ def fit_stack(
         method = "hmrf"  # a spatial prior was asked for
     spatial = getattr(estimator_class(method), "spatial_input", False)
     if getattr(estimator_class(method), "sequence_input", False):
+        if max_labels_per_class is not None or class_column is not None:
+            raise ValueError(
+                f"method {method!r} takes label maps: max_labels_per_class and "
+                "class_column are for pixel labels from vector files"
+            )
         return _fit_sequences(
             stack,
             n_components,
@@ -1582,6 +1623,8 @@ def fit_stack(
             class_names=class_names,
             nan_policy=gm_kwargs["nan_policy"],
             class_column=class_column,
+            max_labels_per_class=max_labels_per_class,
+            seed=int(gm_kwargs.get("random_state") or 0),
         )
         C = len(names)
         if n_components is not None and n_components < C:

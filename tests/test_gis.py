@@ -419,3 +419,26 @@ def test_select_k_shares_passes_and_finds_the_true_k(tmp_path, monkeypatch):
     assert (tmp_path / "sel" / "select.png").read_bytes()[:4] == b"\x89PNG"
     r = invoke("select", tmp_path / "s.zarr", "-k", "two")
     assert r.exit_code == 2 and "expected a range" in r.output
+
+
+def test_max_labels_per_class_draws_from_the_polygons(tifs, tmp_path):
+    import shapely
+
+    from daskem.io import labels_for_stack
+
+    root, _ = tifs
+    polys = []
+    for col in (10, 70):
+        x0, y0 = TRANSFORM * (col, 10)
+        x1, y1 = TRANSFORM * (col + 20, 40)
+        polys.append(shapely.box(min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)))
+    _write_vector(tmp_path / "a.gpkg", polys, ["dark", "bright"], CRS, "class")
+    stack = open_stack(str(root / "B*.tif"))
+    full, _ = labels_for_stack(stack, str(tmp_path / "a.gpkg"))
+    some, _ = labels_for_stack(stack, str(tmp_path / "a.gpkg"), max_labels_per_class=25, seed=3)
+    again, _ = labels_for_stack(stack, str(tmp_path / "a.gpkg"), max_labels_per_class=25, seed=3)
+    a, b = full.compute(), some.compute()
+    assert np.bincount(a[a >= 0]).tolist() == [600, 600]
+    assert np.bincount(b[b >= 0]).tolist() == [25, 25]
+    assert np.all(a[b >= 0] == b[b >= 0])  # a subset of the polygons' pixels, same classes
+    np.testing.assert_array_equal(b, again.compute())  # the seed decides
