@@ -728,10 +728,18 @@ def _cluster(
             rep.record({"event": "cluster", "message": message})
 
         paused = 60.0 if worker_timeout is None else worker_timeout
-        with watch_cluster(
-            report, worker_timeout=worker_timeout, paused_timeout=paused, resume_hint=hint
-        ):
-            yield client
+        try:
+            with watch_cluster(
+                report, worker_timeout=worker_timeout, paused_timeout=paused, resume_hint=hint
+            ):
+                yield client
+        except KeyboardInterrupt:
+            # Ctrl-C: the cluster is shut down next; what its event loop and workers log
+            # while tasks are cancelled ("Task exception was never retrieved", AllExit,
+            # closed comms) is noise to the user, who asked for it
+            for name in ("asyncio", "distributed", "tornado"):
+                logging.getLogger(name).setLevel(logging.CRITICAL + 1)
+            raise
 
 
 def _scheduler_address(scheduler: str | None, scheduler_file: str | None) -> str | None:

@@ -108,17 +108,24 @@ def connect(
         n_workers = cores if threads_per_worker is None else max(1, cores // threads_per_worker)
     if threads_per_worker is None:
         threads_per_worker = max(1, cores // n_workers)
-    # Worker processes inherit an ignored SIGINT: Ctrl-C reaches only this process,
-    # which then shuts the cluster down cleanly (no traceback from every worker).
-    with _sigint_ignored(), _worker_malloc_settings(_worker_limit(memory_limit, n_workers)):
-        cluster = LocalCluster(
-            n_workers=n_workers,
-            threads_per_worker=threads_per_worker,
-            memory_limit=memory_limit,
-            processes=processes,
-            dashboard_address=dashboard_address,
-        )
-    client = Client(cluster)
+    # Worker processes inherit a blocked SIGINT: Ctrl-C reaches only this process,
+    # which then shuts the cluster down cleanly (no traceback from every worker). A Ctrl-C
+    # during the start interrupts once the cluster is up, which is then closed here.
+    cluster = None
+    try:
+        with _sigint_ignored(), _worker_malloc_settings(_worker_limit(memory_limit, n_workers)):
+            cluster = LocalCluster(
+                n_workers=n_workers,
+                threads_per_worker=threads_per_worker,
+                memory_limit=memory_limit,
+                processes=processes,
+                dashboard_address=dashboard_address,
+            )
+        client = Client(cluster)
+    except BaseException:
+        if cluster is not None:
+            cluster.close()
+        raise
     logger.info("embedded cluster: %d workers, dashboard %s", n_workers, client.dashboard_link)
     try:
         yield client
@@ -199,11 +206,14 @@ def _sigint_ignored() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # blocked, not ignored: the worker processes (and the cluster's threads) inherit the
+    # blocked mask and never see Ctrl-C, while a Ctrl-C pressed during the start stays
+    # pending here and interrupts as soon as the cluster is up (an ignored one was lost)
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _tls_security(ca_file, cert, key) -> Any:

@@ -155,3 +155,28 @@ def test_worker_malloc_settings_follow_the_memory_limit():
     big = _malloc_settings(_worker_limit("16GiB", 2))
     assert big == WORKER_MALLOC
     assert _worker_limit("auto", 2) > 0 and _worker_limit(None, 2) is None
+
+
+def test_ctrl_c_at_any_stage_exits_130_without_noise(tmp_path):
+    """SIGINT while the embedded cluster starts (it was lost then) or while it works."""
+    import signal
+    import subprocess
+    import sys
+
+    for marker in ("stack: (", "fitting"):
+        out_dir = tmp_path / marker[:3]
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "daskem", "demo", "--size", "600", "--out", out_dir],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if marker in line:
+                proc.send_signal(signal.SIGINT)
+                break
+        rest, _ = proc.communicate(timeout=120)
+        out = "".join(lines) + rest
+        assert proc.returncode == 130, out
+        assert out.strip().endswith("interrupted"), out
+        assert "Traceback" not in out and "AllExit" not in out and "never retrieved" not in out
