@@ -1411,7 +1411,14 @@ def _label_map_from_points(stack: Stack, points, class_names, first_line: int | 
     raw_classes = [r["class"] for r in records]
     ids = np.empty(len(records), dtype=np.int64)
     try:
-        ids[:] = [int(str(c)) for c in raw_classes]
+        ints = [int(str(c)) for c in raw_classes]
+        if first_line is not None and names is None:
+            # a file's own class values (e.g. 1..7) are its classes, named by value
+            values = sorted(set(ints))
+            names = [str(v) for v in values]
+            ids[:] = np.searchsorted(values, ints)
+        else:
+            ids[:] = ints
     except ValueError:
         if names is None:
             names = sorted({str(c) for c in raw_classes})

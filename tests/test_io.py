@@ -303,7 +303,18 @@ def test_point_labels_match_the_label_map(tmp_path, ds, stack):
     )
     y_csv, names_csv = labels_for_stack(stack, csv)
     np.testing.assert_array_equal(y_csv.compute(), y_map.compute())
-    assert names_csv == ["class_0", "class_1", "class_2"]
+    assert names_csv == ["0", "1", "2"]  # a file's own class values name its classes
+    # ... whatever they are: ids 1, 3, 7 are three classes, not eight with five empty
+    csv.write_text(
+        "y,x,class\n"
+        + "".join(
+            f"{ds.y.values[i]},{ds.x.values[j]},{[1, 3, 7][int(ds.labels.values[i, j])]}\n"
+            for i, j in zip(iy, ix, strict=True)
+        )
+    )
+    y_csv, names_csv = labels_for_stack(stack, csv)
+    assert names_csv == ["1", "3", "7"]
+    np.testing.assert_array_equal(y_csv.compute(), y_map.compute())
 
 
 def test_nan_pixels(ds, stack, semi):
