@@ -559,6 +559,9 @@ def _command(name: str) -> Callable:
                 rep.summary(status="interrupted", exit_code=code)
                 raise click.exceptions.Exit(code) from None
             except BAD_INPUT as e:
+                if _lost_cluster(e):  # e.g. distributed's ValueError once its client closed
+                    code = EXIT_ERROR
+                    _fail(rep, e, debug)
                 code = EXIT_BAD_INPUT
                 if debug:
                     traceback.print_exc()
@@ -566,22 +569,7 @@ def _command(name: str) -> Callable:
                 raise BadInput(_message(e)) from e
             except Exception as e:
                 code = EXIT_ERROR
-                if debug:
-                    traceback.print_exc()
-                msg = f"{type(e).__name__}: {_message(e)}"
-                if _lost_cluster(e):
-                    msg = (
-                        "lost the connection to the Dask scheduler or its workers "
-                        f"({type(e).__name__}). Restart the cluster and run the same command "
-                        "again; with --checkpoint DIR --resume a fit continues from its last "
-                        "completed iteration."
-                    )
-                click.echo(
-                    f"Error: {msg}" + ("" if debug else " (--debug for the traceback)"),
-                    err=True,
-                )
-                rep.summary(status="error", exit_code=code, error=msg)
-                raise click.exceptions.Exit(code) from None
+                _fail(rep, e, debug)
             finally:
                 logger.removeHandler(stages)
                 logger.setLevel(level)
@@ -590,6 +578,23 @@ def _command(name: str) -> Callable:
         return wrapper
 
     return deco
+
+
+def _fail(rep: Reporter, e: BaseException, debug: bool) -> None:
+    """An unexpected error (exit 1): one line, the lost-cluster advice where it applies."""
+    if debug:
+        traceback.print_exc()
+    msg = f"{type(e).__name__}: {_message(e)}"
+    if _lost_cluster(e):
+        msg = (
+            "lost the connection to the Dask scheduler or its workers "
+            f"({type(e).__name__}). Restart the cluster and run the same command "
+            "again; with --checkpoint DIR --resume a fit continues from its last "
+            "completed iteration."
+        )
+    click.echo(f"Error: {msg}" + ("" if debug else " (--debug for the traceback)"), err=True)
+    rep.summary(status="error", exit_code=EXIT_ERROR, error=msg)
+    raise click.exceptions.Exit(EXIT_ERROR) from None
 
 
 class _StageLines(logging.Handler):
@@ -2474,6 +2479,8 @@ def _lost_cluster(e: BaseException) -> bool:
             # before the client noticed (seen when the scheduler is SIGKILLed mid-pass);
             # daskem never cancels its own tasks, and Ctrl-C is handled before this
             "CancelledError",
+            # the client gave up reconnecting and closed itself before the next compute
+            "No clients found",
         )
     )
 
