@@ -994,15 +994,18 @@ def select_n_components(
     make: Any,
     X: Any,
     ks: Any,
+    y: Any = None,
     *,
     criterion: str = "bic",
     callback: Any = None,
 ) -> dict[str, Any]:
-    """Fit an unsupervised model for every number of components in ``ks``, sharing
-    every pass over the data, and pick one by an information criterion.
+    """Fit a model for every number of components in ``ks``, sharing every pass over
+    the data, and pick one by an information criterion.
 
     ``make(K)`` returns an unfitted estimator (e.g. ``lambda k: GaussianMixture(k)``);
-    all of them must have the same options but ``n_components``. One random sample
+    all of them must have the same options but ``n_components``. With ``y`` (class ids,
+    -1 unlabelled) they are semi-supervised classifiers: K counts components, at least
+    one per class, the further ones given to the classes in turn. One random sample
     serves every start (and its prefit); the passes evaluate every K still running on
     each chunk while it is in memory (:func:`daskem.engine.fit_em_many`), so the number
     of passes is that of the slowest K, not the sum.
@@ -1021,7 +1024,25 @@ def select_n_components(
         raise ValueError(f"the numbers of components must be integers >= 1, got {ks}")
     models = {k: make(k) for k in ks}
     first = models[ks[0]]
-    data = first._prepare(X, None, None, for_fit=True)
+    labelled = None
+    layouts: dict[int, Any] = dict.fromkeys(ks)
+    if y is not None:
+        y = first._encode_y(y) if not isinstance(y, da.Array) else y
+        first._classes_from_data = isinstance(y, da.Array)
+        data = first._prepare(X, None, y, for_fit=True)
+        data, labelled, _ = first._setup_labels(data)  # one read of the labels
+        first.__dict__.pop("_classes_from_data", None)
+        C = len(first.classes_)
+        if ks[0] < C:
+            raise ValueError(
+                f"K = {ks[0]} is smaller than the number of classes ({C}): every class "
+                "needs a component"
+            )
+        for k, est in models.items():
+            est.classes_ = first.classes_
+            layouts[k] = est._layout(first.classes_)
+    else:
+        data = first._prepare(X, None, None, for_fit=True)
     for k, est in models.items():
         est._check_parameters(data.n_features, k)
         est._check_n_samples(data.n_samples, k)
@@ -1032,8 +1053,8 @@ def select_n_components(
     starts = []
     for k in ks:
         est = models[k]
-        est._n_comp, est._component_class = k, None
-        starts.append(engine.Start(est._initial_params(data, seed, None, sample)))
+        est._n_comp, est._component_class = k, layouts[k]
+        starts.append(engine.Start(est._initial_params(data, seed, labelled, sample)))
     results = engine.fit_em_many(
         first._model(),
         data,
@@ -1046,7 +1067,8 @@ def select_n_components(
     values, lls, n_params, ns = [], [], [], []
     for k, res in zip(ks, results, strict=True):
         est = models[k]
-        est._store_result(res, data.n_features, k, None, k)
+        cc = layouts[k]
+        est._store_result(res, data.n_features, k, cc, k if cc is None else int(cc.max()) + 1)
         stats = res.stats
         n = int(getattr(stats, "count", data.n_samples))
         weight = float(getattr(stats, "weight", n)) or float(n)

@@ -911,6 +911,19 @@ def _check_output(path: Path, option: str, overwrite: bool) -> None:
         raise BadInput(f"{option} {path} exists; add --overwrite to replace it")
 
 
+def _parse_named(text: str, option: str, value: Callable[[str], Any], shape: str) -> Any:
+    """``V`` (for all) or ``NAME=V,NAME=V`` (per name), each ``V`` through ``value``."""
+    if "=" not in text:
+        return value(text.strip())
+    out: dict[str, Any] = {}
+    for item in text.split(","):
+        name, sep, v = item.partition("=")
+        if not sep or not name.strip():
+            raise BadInput(f"{option} {text}: expected {shape}")
+        out[name.strip()] = value(v.strip())
+    return out
+
+
 def _parse_nodata(text: str | None) -> float | dict[str, float] | None:
     """``--nodata``: ``V`` for every attribute or ``NAME=V,NAME=V``."""
     if text is None:
@@ -922,15 +935,7 @@ def _parse_nodata(text: str | None) -> float | dict[str, float] | None:
         except ValueError:
             raise BadInput(f"--nodata {text}: {v!r} is not a number") from None
 
-    if "=" not in text:
-        return number(text.strip())
-    out: dict[str, float] = {}
-    for item in text.split(","):
-        name, sep, value = item.partition("=")
-        if not sep or not name.strip():
-            raise BadInput(f"--nodata {text}: expected V or NAME=V,NAME=V")
-        out[name.strip()] = number(value.strip())
-    return out
+    return _parse_named(text, "--nodata", number, "V or NAME=V,NAME=V")
 
 
 def _open_stack(
@@ -1136,15 +1141,7 @@ def _parse_components_per_class(text: str | None) -> int | dict[str, int] | None
             raise BadInput(f"{option} {text}: {value!r} is not an integer >= 1")
         return n
 
-    if "=" not in text:
-        return count(text.strip())
-    out: dict[str, int] = {}
-    for item in text.split(","):
-        name, sep, value = item.partition("=")
-        if not sep or not name.strip():
-            raise BadInput(f"{option} {text}: expected N or CLASS=N,CLASS=N")
-        out[name.strip()] = count(value.strip())
-    return out
+    return _parse_named(text, option, count, "N or CLASS=N,CLASS=N")
 
 
 def _raised_in(e: BaseException, function: str) -> bool:
@@ -1779,6 +1776,12 @@ def _parse_ks(text: str) -> list[int]:
     "--covariance", type=click.Choice(COVARIANCE_TYPES), default="full", show_default=True
 )
 @click.option("--vars", "variables", metavar="A,B,C", help="Attribute variables to use.")
+@click.option(
+    "--labels",
+    metavar="VAR|FILE",
+    help="Semi-supervised fits (K counts components, at least one per class).",
+)
+@click.option("--class-column", "class_column", metavar="NAME", help="Class column of --labels.")
 @click.option("--nodata", metavar="V|NAME=V,...", help="Nodata value(s).")
 @click.option("--mask", metavar="VAR|FILE.tif", help="Valid-pixel mask.")
 @click.option("--tol", type=click.FloatRange(min=0), default=1e-3, show_default=True)
@@ -1791,8 +1794,8 @@ def _parse_ks(text: str) -> list[int]:
 @_common_options
 @_command("select")
 def select_cmd(
-    rep: Reporter, stack, ks, criterion, covariance, variables, nodata, mask, tol, max_iter,
-    seed, out, **kw,
+    rep: Reporter, stack, ks, criterion, covariance, variables, labels, class_column, nodata,
+    mask, tol, max_iter, seed, out, **kw,
 ) -> None:  # fmt: skip
     """Choose the number of components K for STACK by BIC or AIC.
 
@@ -1808,10 +1811,19 @@ def select_cmd(
     rep.progress(f"stack: {stack} {_describe_stack(st)}")
     with _cluster(rep, **cluster_kw):
         t = time.perf_counter()
-        res = io.select_k(
-            st, k_list, criterion=criterion, covariance_type=covariance, tol=tol,
-            max_iter=max_iter, random_state=seed, callback=None,
-        )  # fmt: skip
+        try:
+            res = io.select_k(
+                st, k_list, labels, criterion=criterion, covariance_type=covariance, tol=tol,
+                max_iter=max_iter, random_state=seed, callback=None, class_column=class_column,
+            )  # fmt: skip
+        except (*BAD_INPUT, KeyError) as e:
+            if labels is not None and (
+                _raised_in(e, "_resolve_labels") or _raised_in(e, "labels_for_stack")
+            ):
+                raise BadInput(f"--labels {labels}: {_message(e)}") from e
+            if str(e).startswith("K = "):
+                raise BadInput(f"-k {ks}: {_message(e)}") from e
+            raise
     rep.progress(
         f"fitted K = {', '.join(map(str, res['ks']))} in {res['passes']} passes over the data, "
         f"{time.perf_counter() - t:.1f} s"

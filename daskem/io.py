@@ -2050,32 +2050,41 @@ def assess(
 def select_k(
     stack: Stack,
     ks: Sequence[int],
+    labels: Any = None,
     *,
     criterion: str = "bic",
     method: str = "gmm",
     callback: Any = None,
+    class_column: str | None = None,
     **kwargs: Any,
 ) -> dict[str, Any]:
-    """Choose the number of components of an unsupervised model of a stack by BIC or AIC.
+    """Choose the number of components of a model of a stack by BIC or AIC.
 
     Every K of ``ks`` is fitted on every pixel, all in the same passes over the data
     (:func:`daskem.base.select_n_components`); ``kwargs`` go to the estimator of
-    ``method`` (e.g. ``covariance_type``). Returns that function's dict (``best``,
+    ``method`` (e.g. ``covariance_type``). With ``labels`` (anything
+    :func:`labels_for_stack` takes) the fits are semi-supervised and K counts
+    components, at least the number of classes. Returns that function's dict (``best``,
     ``values``, ``models`` ...).
     """
     from .base import select_n_components
 
-    cls = estimator_class(method)
+    cls = estimator_class(method, semi_supervised=labels is not None)
     if getattr(cls, "spatial_input", False) or getattr(cls, "sequence_input", False):
         raise ValueError(f"select_k fits pixel-wise models; method {method!r} is not one")
     if kwargs.get("nan_policy") is None:
         kwargs["nan_policy"] = "marginalize" if "marginalize" in cls.nan_policies else "omit"
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    y, names = None, None
+    if labels is not None:
+        y, names = labels_for_stack(
+            stack, labels, nan_policy=kwargs["nan_policy"], class_column=class_column
+        )
     out = select_n_components(
-        lambda k: cls(k, **kwargs), stack.rows(), ks, criterion=criterion, callback=callback
+        lambda k: cls(k, **kwargs), stack.rows(), ks, y, criterion=criterion, callback=callback
     )
     for est in out["models"].values():
-        est._set_names(list(stack.variables), None)
+        est._set_names(list(stack.variables), names)
         est.input_path_ = stack.path
     return out
 

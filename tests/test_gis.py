@@ -442,3 +442,20 @@ def test_max_labels_per_class_draws_from_the_polygons(tifs, tmp_path):
     assert np.bincount(b[b >= 0]).tolist() == [25, 25]
     assert np.all(a[b >= 0] == b[b >= 0])  # a subset of the polygons' pixels, same classes
     np.testing.assert_array_equal(b, again.compute())  # the seed decides
+
+
+def test_select_k_semi_supervised_counts_components_per_class():
+    from daskem.io import select_k
+    from daskem.synthetic import make_stack
+
+    ds = make_stack((96, 96), n_classes=3, seed=2)
+    stack = open_stack(ds.chunk({"y": 48, "x": 48}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = select_k(stack, [3, 4, 6], "labels", max_iter=30)
+        assert res["models"][6].component_classes_.tolist() == [0, 1, 2, 0, 1, 2]
+        assert list(res["models"][3].class_names_) == list(
+            ds["labels"].attrs["flag_meanings"].split()
+        )
+        with pytest.raises(ValueError, match="K = 2 is smaller than the number of classes"):
+            select_k(stack, [2, 3], "labels")
