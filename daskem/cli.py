@@ -2222,9 +2222,15 @@ def _quicklooks(rep: Reporter, posterior_path: Path, out_dir: Path, model: Any |
     help="Time-stack posteriors: the date of the state map, an index or a date (nearest; "
     "default the last).",
 )
+@click.option(
+    "--colors",
+    metavar="C,C,...|NAME=C,...",
+    help="Class colours (#rrggbb or names) in class order or by name (default: the "
+    "posterior's flag_colors, else a stable colour per class name, as export uses).",
+)
 @_common_options
 @_command("plot")
-def plot_cmd(rep: Reporter, posterior, out, model_path, max_size, scheduler, date) -> None:
+def plot_cmd(rep: Reporter, posterior, out, model_path, max_size, scheduler, date, colors) -> None:
     """Quicklook PNGs of a POSTERIOR store.
 
     Writes class_map.png (most probable class, with a legend), confidence.png,
@@ -2242,6 +2248,10 @@ def plot_cmd(rep: Reporter, posterior, out, model_path, max_size, scheduler, dat
         ds = _open_zarr(posterior)
         if not plot.is_time_posterior(ds):
             plot.check_posterior(ds)
+    if colors is not None:
+        var, dim = ("state", "states") if plot.is_time_posterior(ds) else ("label", "class")
+        palette = _parse_colors(colors, [str(n) for n in ds[dim].values])
+        ds[var].attrs["flag_colors"] = " ".join(palette)
     if plot.is_time_posterior(ds):
         ctx = _cluster(rep, scheduler) if scheduler else contextlib.nullcontext()
         try:
