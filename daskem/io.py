@@ -1754,8 +1754,9 @@ def write_cogs(
 ) -> dict[str, Path]:
     """Cloud-Optimised GeoTIFFs of a posterior's maps, written in bounded memory.
 
-    ``label.tif`` (uint8, 255 = no class; a colour table and the class names in its
-    metadata, ``CLASS_<id>=<name>``), ``confidence.tif`` (float32) and ``probability.tif``
+    ``label.tif`` (uint8, 255 = no class; a colour table, the class names as GDAL
+    category names in ``label.tif.aux.xml`` and in its metadata, ``CLASS_<id>=<name>``),
+    ``confidence.tif`` (float32) and ``probability.tif``
     (float32, one band per class, band descriptions = class names): georeferenced from
     the posterior's grid mapping and coordinates, tiled (``block`` pixels), DEFLATE
     compressed, with overviews (nearest for labels, average otherwise). Each is written
@@ -1887,6 +1888,17 @@ def write_cogs(
             if target.exists() and not overwrite:
                 raise FileExistsError(errno.EEXIST, "GeoTIFF already exists", str(target))
             os.replace(cog, target)
+            if key == "label":  # the class names as GDAL category names (QGIS, gdalinfo)
+                from xml.sax.saxutils import escape
+
+                from .modelfile import atomic_write_text
+
+                cats = "".join(f"<Category>{escape(n)}</Category>" for n in names)
+                atomic_write_text(
+                    target.with_name(target.name + ".aux.xml"),
+                    '<PAMDataset><PAMRasterBand band="1"><CategoryNames>'
+                    f"{cats}</CategoryNames></PAMRasterBand></PAMDataset>\n",
+                )
         finally:
             for p in (tiled, cog):
                 if p.exists():

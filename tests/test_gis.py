@@ -158,6 +158,7 @@ def test_cli_on_geotiffs_with_mask_and_nodata(tifs, tmp_path):
         "--mask", root / "mask.tif", "--nodata", "nir=-1", "--log-json", log,
     )  # fmt: skip
     assert r.exit_code == 0, r.output
+    assert "drawing 9900 sampled rows for the start" in r.output  # the stages are said
     # the masked rows are left out; the nodata border of red is fitted through nir and swir
     assert "pixels: 6,600 of 9,900 used (240 of them with some value missing" in r.output
     rec = [json.loads(x) for x in log.read_text().splitlines() if '"pixels"' in x][0]
@@ -259,6 +260,9 @@ def test_export_cogs_georeferenced_with_names_and_colours(tifs, tmp_path):
         assert f.overviews(1) == [2]
         label = f.read(1)
     np.testing.assert_array_equal(label, np.where(ds["label"].values < 0, 255, ds["label"].values))
+    # GDAL's category names (what QGIS shows in the legend), beside the file
+    aux = (out / "label.tif.aux.xml").read_text()
+    assert "<Category>class_0</Category><Category>class_1</Category>" in aux
     with rasterio.open(out / "probability.tif") as f:
         assert f.count == 2 and f.descriptions == ("class_0", "class_1")
         np.testing.assert_allclose(f.read(2), ds["probability"].values[1], rtol=1e-6)
@@ -459,3 +463,16 @@ def test_select_k_semi_supervised_counts_components_per_class():
         )
         with pytest.raises(ValueError, match="K = 2 is smaller than the number of classes"):
             select_k(stack, [2, 3], "labels")
+
+
+def test_resume_says_what_it_does(tifs, tmp_path):
+    root, _ = tifs
+    args = ["fit", root / "B*.tif", "-k", 2, "--model", tmp_path / "m.json", "--workers", 1,
+            "--checkpoint", tmp_path / "ck", "--resume", "--max-iter", 3]  # fmt: skip
+    r = invoke(*args)
+    assert r.exit_code == 0, r.output
+    assert f"--resume: no checkpoint found in {tmp_path / 'ck'}, starting a new fit" in r.output
+    r = invoke(*args, "--overwrite")
+    assert r.exit_code == 0, r.output
+    n_iter = json.loads((tmp_path / "m.json").read_text())["fitted"]["n_iter"]
+    assert f"--resume: resuming from iteration {n_iter} of the checkpoint" in r.output
