@@ -21,6 +21,17 @@ CRS = "EPSG:32633"
 TRANSFORM = from_origin(500_000, 4_000_000, 30, 30)
 
 
+@pytest.fixture(scope="module")
+def scheduler():
+    """One in-process cluster for the module's commands (an embedded one each is slower)."""
+    from distributed import LocalCluster
+
+    with LocalCluster(
+        n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None
+    ) as cluster:
+        yield cluster.scheduler_address
+
+
 def invoke(*args):
     return CliRunner().invoke(cli.cli, [str(a) for a in args], catch_exceptions=False)
 
@@ -131,7 +142,7 @@ def test_integer_bands_are_attributes_but_labels_are_not(tmp_path):
     assert open_stack(ds).variables == ("dn", "refl")
 
 
-def test_undeclared_nodata_is_named(tmp_path):
+def test_undeclared_nodata_is_named(tmp_path, scheduler):
     bands, _ = _bands()
     b = bands[1].copy()
     b[:, :6] = -99999.0
@@ -142,19 +153,28 @@ def test_undeclared_nodata_is_named(tmp_path):
     assert check_nodata(open_stack(ds, nodata={"b1": -99999.0})) == []
     # the CLI says it at fit time (and fits on, as asked)
     ds.to_zarr(tmp_path / "s.zarr")
-    r = invoke("fit", tmp_path / "s.zarr", "-k", 2, "--model", tmp_path / "m.json", "--workers", 1)
+    r = invoke(
+        "fit",
+        tmp_path / "s.zarr",
+        "-k",
+        2,
+        "--model",
+        tmp_path / "m.json",
+        "--scheduler",
+        scheduler,
+    )
     assert r.exit_code == 0, r.output
     assert "undeclared nodata? Declare it (--nodata b1=-99999" in " ".join(r.output.split())
 
 
-def test_cli_on_geotiffs_with_mask_and_nodata(tifs, tmp_path):
+def test_cli_on_geotiffs_with_mask_and_nodata(tifs, tmp_path, scheduler):
     root, _ = tifs
     mask = np.ones((90, 110), "uint8")
     mask[:30] = 0
     _write_tif(root / "mask.tif", [mask], "uint8")
     model, post, log = tmp_path / "m.json", tmp_path / "p.zarr", tmp_path / "log.jsonl"
     r = invoke(
-        "run", root / "B*.tif", "-k", 2, "--model", model, "--out", post, "--workers", 1,
+        "run", root / "B*.tif", "-k", 2, "--model", model, "--out", post, "--scheduler", scheduler,
         "--mask", root / "mask.tif", "--nodata", "nir=-1", "--log-json", log,
     )  # fmt: skip
     assert r.exit_code == 0, r.output
@@ -200,10 +220,10 @@ def test_inspect_geotiffs_and_unsupported_files(tifs, tmp_path):
     assert r.exit_code == 2 and "GeoTIFF/COG (.tif" in r.output
 
 
-def test_convert_geotiffs_to_zarr_keeps_crs_and_nodata(tifs, tmp_path):
+def test_convert_geotiffs_to_zarr_keeps_crs_and_nodata(tifs, tmp_path, scheduler):
     root, _ = tifs
     out = tmp_path / "stack.zarr"
-    r = invoke("convert", root / "B*.tif", "--out", out, "--chunk", 32, "--workers", 1)
+    r = invoke("convert", root / "B*.tif", "--out", out, "--chunk", 32, "--scheduler", scheduler)
     assert r.exit_code == 0, r.output
     ds = xr.open_zarr(out, decode_coords="all")
     assert ds["red"].rio.crs == CRS
@@ -239,16 +259,25 @@ def test_stale_temporaries_of_killed_writes_are_removed(tmp_path):
     assert (tmp_path / "p.zarr").is_dir()
 
 
-def test_export_cogs_georeferenced_with_names_and_colours(tifs, tmp_path):
+def test_export_cogs_georeferenced_with_names_and_colours(tifs, tmp_path, scheduler):
     root, _ = tifs
     model, post = tmp_path / "m.json", tmp_path / "p.zarr"
     r = invoke(
-        "run", root / "B*.tif", "-k", 2, "--model", model, "--out", post, "--workers", 1,
+        "run", root / "B*.tif", "-k", 2, "--model", model, "--out", post, "--scheduler", scheduler,
     )  # fmt: skip
     assert r.exit_code == 0, r.output
     out = tmp_path / "cogs"
     r = invoke(
-        "export", post, "--out", out, "--colors", "class_1=#ff0000", "--block", 64, "--workers", 1
+        "export",
+        post,
+        "--out",
+        out,
+        "--colors",
+        "class_1=#ff0000",
+        "--block",
+        64,
+        "--scheduler",
+        scheduler,
     )
     assert r.exit_code == 0, r.output
     ds = xr.open_zarr(post)
@@ -293,7 +322,7 @@ def _to_lonlat(x, y):
     return Transformer.from_crs(CRS, "EPSG:4326", always_xy=True).transform(x, y)
 
 
-def test_vector_labels_in_another_crs(tifs, tmp_path):
+def test_vector_labels_in_another_crs(tifs, tmp_path, scheduler):
     import shapely
 
     root, cls = tifs
@@ -327,7 +356,7 @@ def test_vector_labels_in_another_crs(tifs, tmp_path):
     # the CLI: a semi-supervised run from the polygons
     r = invoke(
         "run", root / "B*.tif", "--labels", tmp_path / "areas.gpkg", "--model",
-        tmp_path / "m.json", "--out", tmp_path / "p.zarr", "--workers", 1,
+        tmp_path / "m.json", "--out", tmp_path / "p.zarr", "--scheduler", scheduler,
     )  # fmt: skip
     assert r.exit_code == 0, r.output
     post = xr.open_zarr(tmp_path / "p.zarr")
@@ -342,7 +371,7 @@ def test_vector_labels_in_another_crs(tifs, tmp_path):
     assert not (tmp_path / "o.json").exists()
 
 
-def test_assess_matches_scikit_learn(tmp_path):
+def test_assess_matches_scikit_learn(tmp_path, scheduler):
     from sklearn.metrics import cohen_kappa_score, confusion_matrix, precision_recall_fscore_support
 
     from daskem.io import assess
@@ -353,7 +382,7 @@ def test_assess_matches_scikit_learn(tmp_path):
     model, post = tmp_path / "m.json", tmp_path / "p.zarr"
     r = invoke(
         "run", tmp_path / "s.zarr", "--labels", "labels", "--model", model, "--out", post,
-        "--workers", 1,
+        "--scheduler", scheduler,
     )  # fmt: skip
     assert r.exit_code == 0, r.output
     p = xr.open_zarr(post)
@@ -382,7 +411,7 @@ def test_assess_matches_scikit_learn(tmp_path):
     assert r.exit_code == 2 and "no such file" in r.output
 
 
-def test_select_k_shares_passes_and_finds_the_true_k(tmp_path, monkeypatch):
+def test_select_k_shares_passes_and_finds_the_true_k(tmp_path, monkeypatch, scheduler):
     import dask.array as da
 
     from daskem import GaussianMixture, engine
@@ -415,7 +444,14 @@ def test_select_k_shares_passes_and_finds_the_true_k(tmp_path, monkeypatch):
     )
     ds.to_zarr(tmp_path / "s.zarr")
     r = invoke(
-        "select", tmp_path / "s.zarr", "-k", "2..6", "--out", tmp_path / "sel", "--workers", 1
+        "select",
+        tmp_path / "s.zarr",
+        "-k",
+        "2..6",
+        "--out",
+        tmp_path / "sel",
+        "--scheduler",
+        scheduler,
     )
     assert r.exit_code == 0, r.output
     assert "best K by BIC: 4" in r.output
@@ -465,10 +501,11 @@ def test_select_k_semi_supervised_counts_components_per_class():
             select_k(stack, [2, 3], "labels")
 
 
-def test_resume_says_what_it_does(tifs, tmp_path):
+def test_resume_says_what_it_does(tifs, tmp_path, scheduler):
     root, _ = tifs
-    args = ["fit", root / "B*.tif", "-k", 2, "--model", tmp_path / "m.json", "--workers", 1,
-            "--checkpoint", tmp_path / "ck", "--resume", "--max-iter", 3]  # fmt: skip
+    args = ["fit", root / "B*.tif", "-k", 2, "--model", tmp_path / "m.json",
+            "--scheduler", scheduler, "--checkpoint", tmp_path / "ck", "--resume",
+            "--max-iter", 3]  # fmt: skip
     r = invoke(*args)
     assert r.exit_code == 0, r.output
     assert f"--resume: no checkpoint found in {tmp_path / 'ck'}, starting a new fit" in r.output

@@ -238,7 +238,7 @@ def test_cli_semi_supervised_run_clamps_labelled_dates(tmp_path, scene, schedule
     assert np.mean(state == scene["true_class"].values) > 0.97
 
 
-def test_cli_bad_time_labels_name_the_option(tmp_path, scene):
+def test_cli_bad_time_labels_name_the_option(tmp_path, scene, scheduler):
     ds = scene.copy()
     ds["bad_labels"] = ds["labels"].isel(x=0)
     store = tmp_path / "ts.zarr"
@@ -250,7 +250,7 @@ def test_cli_bad_time_labels_name_the_option(tmp_path, scene):
     ):
         r = invoke(
             "fit", store, "--method", "hmm", "--time-dim", "time", "--labels", var,
-            "--model", model, "--workers", 1,
+            "--model", model, "--scheduler", scheduler,
         )  # fmt: skip
         assert r.exit_code == 2, r.output
         assert message in r.output

@@ -50,11 +50,11 @@ def test_bench_hmm_runs_and_reports_the_ratios(tmp_path):
     pytest.importorskip("hmmlearn")
     out = tmp_path / "hmm.json"
     text = _run(
-        SCRIPTS / "bench_hmm.py", "--n", 6000, "--t", 8, "--d", 3, "--k", 3, "--iters", 2,
-        "--hmmlearn-n", 300, "--json", out,
+        SCRIPTS / "bench_hmm.py", "--n", 3000, "--t", 6, "--d", 2, "--k", 3, "--iters", 2,
+        "--hmmlearn-n", 200, "--cov", "full", "--json", out,
     )  # fmt: skip
     res = json.loads(out.read_text())
-    for cov in ("diag", "full"):
+    for cov in ("full",):  # one covariance type: one cluster start
         run = res["runs"][cov]
         assert run["kernels_1core"]["same_loglik"], run["kernels_1core"]
         ratios = run["ratios"]
