@@ -116,6 +116,14 @@ def test_crs_survives_a_zarr_store_written_from_rioxarray(tmp_path):
     write_posterior(posterior(gm, stack), tmp_path / "p.zarr")
     back = xr.open_zarr(tmp_path / "p.zarr", decode_coords="all")
     assert back["label"].rio.crs == CRS
+    assert tuple(back.rio.transform())[:6] == tuple(TRANSFORM)[:6]
+    # and on to COGs from the Zarr posterior
+    from daskem.io import write_cogs
+
+    cogs = write_cogs(back, tmp_path / "cogs", block=32)
+    with rasterio.open(cogs["probability"]) as f:
+        assert f.crs == CRS and tuple(f.transform)[:6] == tuple(TRANSFORM)[:6]
+        assert np.isnan(f.nodata)
     # written as the CF grid_mapping attribute (decoded into the encoding on reading)
     assert back["label"].encoding["grid_mapping"] == "spatial_ref"
 
