@@ -720,6 +720,8 @@ def _cluster(
         )
         rep.progress(f"dask: {kind}, {n} workers, {threads} threads")
         link = client.dashboard_link
+        if not _has_bokeh():
+            link += " (the dashboard page needs bokeh>=3.1: pip install 'bokeh>=3.1')"
         if str(client.scheduler.address).startswith("tls://"):
             link += " (plain HTTP, outside TLS: reach it through an SSH tunnel or port-forward)"
         rep.progress(f"dask dashboard: {link}")
@@ -745,6 +747,17 @@ def _cluster(
             for name in ("asyncio", "distributed", "tornado"):
                 logging.getLogger(name).setLevel(logging.CRITICAL + 1)
             raise
+
+
+def _has_bokeh() -> bool:
+    """Whether this environment can serve Dask's dashboard (bokeh >= 3.1)."""
+    try:
+        from importlib.metadata import version
+
+        major, minor = (int(p) for p in version("bokeh").split(".")[:2])
+    except Exception:  # not installed, or an unusual version string
+        return False
+    return (major, minor) >= (3, 1)
 
 
 def _scheduler_address(scheduler: str | None, scheduler_file: str | None) -> str | None:

@@ -250,3 +250,15 @@ def test_ssh_example_checks_host_keys_unless_told_not_to(monkeypatch, flag, expe
     with pytest.raises(Captured):
         mod.main()
     assert seen["connect_options"] == expected
+
+
+def test_dockerfile_pins_dask_and_distributed_together_and_serves_the_dashboard():
+    import re
+
+    text = (CLUSTER / "kubernetes" / "Dockerfile").read_text()
+    arg = re.search(r"^ARG DASK_VERSION=(\S+)$", text, flags=re.M)
+    assert arg, "the image pins dask's version with a build argument"
+    assert '"dask[array]==${DASK_VERSION}"' in text
+    assert '"distributed==${DASK_VERSION}"' in text
+    assert '"bokeh>=3.1"' in text  # the dashboard page needs it
+    assert "--build-arg DASK_VERSION=" in (CLUSTER / "README.md").read_text()

@@ -180,3 +180,29 @@ def test_ctrl_c_at_any_stage_exits_130_without_noise(tmp_path):
         assert proc.returncode == 130, out
         assert out.strip().endswith("interrupted"), out
         assert "Traceback" not in out and "AllExit" not in out and "never retrieved" not in out
+
+
+def test_add_worker_joins_and_stop_stops_it_too(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from _procs import ROOT, LocalProcesses, _alive, _pids
+    from distributed import Client
+
+    procs = LocalProcesses(tmp_path / "run", 1)
+    try:
+        r = subprocess.run(
+            ["bash", str(ROOT / "cluster" / "local" / "add-worker.sh"), str(tmp_path / "run")],
+            env={**os.environ, "PYTHON": sys.executable}, capture_output=True, text=True,
+            timeout=120,
+        )  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        assert "worker-2 joined: 2 workers" in r.stdout
+        with Client(scheduler_file=str(procs.scheduler_file)) as c:
+            assert len(c.scheduler_info()["workers"]) == 2
+        procs.pids = _pids(tmp_path / "run")  # the added worker is stopped with the rest
+        assert "worker-2" in procs.pids
+    finally:
+        procs.stop()
+    assert not [p for p in procs.pids.values() if _alive(p)]
