@@ -58,6 +58,8 @@ def test_slurm_job_script_from_our_config(tmp_path):
         "slurm/daskem-batch.sbatch",
         "local/start.sh",
         "local/stop.sh",
+        "local/add-worker.sh",
+        "local/env.sh",
         "tls/make-certs.sh",
     ],
 )

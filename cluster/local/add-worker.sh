@@ -9,16 +9,8 @@
 set -euo pipefail
 
 DIR="${1:-./dask-local}"
-HOST="${DASKEM_HOST:-127.0.0.1}"
-THREADS="${DASKEM_THREADS:-1}"
-MEMORY="${DASKEM_MEMORY_LIMIT:-auto}"
-PYTHON="${PYTHON:-python}"
-
-if ! "$PYTHON" -c "import daskem, distributed" 2>/dev/null; then
-  echo "PYTHON=$PYTHON cannot import daskem and distributed: activate the environment" \
-    "where daskem is installed, or set PYTHON=/path/to/that/python" >&2
-  exit 2
-fi
+# shellcheck source=cluster/local/env.sh
+. "$(dirname "$0")/env.sh"
 DIR="$(cd "$DIR" && pwd)"
 SF="$DIR/scheduler.json"
 if [ ! -s "$SF" ]; then
@@ -26,20 +18,9 @@ if [ ! -s "$SF" ]; then
   exit 2
 fi
 
-TLS=()
-SEC="kw = {}"
-if [ -n "${DASKEM_TLS_DIR:-}" ]; then
-  T="$(cd "$DASKEM_TLS_DIR" && pwd)"
-  TLS=(--tls-ca-file "$T/ca.pem" --tls-cert "$T/node.pem" --tls-key "$T/node-key.pem")
-  SEC="from distributed import Security; kw = dict(security=Security(tls_ca_file='$T/ca.pem', tls_client_cert='$T/node.pem', tls_client_key='$T/node-key.pem', require_encryption=True))"
-fi
-
 # the next free worker number
 i=1
 while [ -e "$DIR/worker-$i.pid" ]; do i=$((i + 1)); done
-
-export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1
-export MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=268435456
 
 BEFORE="$("$PYTHON" - <<PY
 from distributed import Client
