@@ -926,18 +926,34 @@ class _Labels:
     class_names: list[str]
     counts: np.ndarray  # labelled pixels per class
     n_on_masked: int  # labelled pixels with some missing attribute
-    rows: np.ndarray | None = None  # the labelled rows (of Stack.rows) ...
-    values: np.ndarray | None = None  # ... and their class ids
 
 
-def _keep_rows(rows: np.ndarray, values: np.ndarray, at_most: int, seed: int) -> np.ndarray:
-    """At most ``at_most`` labelled rows per class, drawn at random (sorted)."""
-    rng = np.random.default_rng(seed)
-    keep = []
-    for c in np.unique(values):
-        r = rows[values == c]
-        keep.append(r if r.size <= at_most else rng.choice(r, size=at_most, replace=False))
-    return np.sort(np.concatenate(keep))
+def _row_keys(block, seed, block_info=None):
+    """A pseudo-random key per row from its index in :meth:`Stack.rows` and ``seed``
+    (splitmix64): the same draw for the same stack, chunks and seed."""
+    lo = block_info[0]["array-location"][0][0]
+    z = (np.arange(lo, lo + block.shape[0], dtype=np.uint64) + np.uint64(seed)) * np.uint64(
+        0x9E3779B97F4A7C15
+    )
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+def _keep_rows(rows: da.Array, counts: np.ndarray, at_most: int, seed: int) -> np.ndarray:
+    """At most ``at_most`` labelled rows per class, drawn at random on the workers (the
+    rows of smallest pseudo-random key, :func:`_row_keys`); only those indices come to
+    the client (sorted). ``counts``: the labelled rows of each class."""
+    keys = rows.map_blocks(_row_keys, seed, dtype=np.float64)
+    picks = []
+    for c in range(len(counts)):
+        kc = da.where(rows == c, keys, 2.0)  # keys are < 1: other rows come last
+        picks.append(da.argtopk(-kc, min(at_most, int(rows.shape[0]))))
+    (found,) = engine.compute(picks)
+    # argtopk sorts from the largest -key: a class's own rows first, then filler
+    out = [np.asarray(idx)[: min(at_most, int(n))] for idx, n in zip(found, counts, strict=True)]
+    return np.sort(np.concatenate(out)) if out else np.empty(0, dtype=np.int64)
 
 
 def _only_rows(block, keep, block_info=None):
@@ -1017,7 +1033,7 @@ def labels_for_stack(
     if max_labels_per_class is not None:
         if int(max_labels_per_class) < 1:
             raise ValueError(f"max_labels_per_class must be >= 1, got {max_labels_per_class}")
-        keep = _keep_rows(resolved.rows, resolved.values, int(max_labels_per_class), seed)
+        keep = _keep_rows(rows, resolved.counts, int(max_labels_per_class), seed)
         rows = rows.map_blocks(_only_rows, keep, dtype=rows.dtype)
     return rows, resolved.class_names
 
@@ -1067,51 +1083,51 @@ def _resolve_labels(
             f"got {type(labels).__name__}"
         )
 
-    # one pass over the label map: which rows are labelled, with which class
+    # summaries computed on the workers (per-chunk reductions): the labelled rows never
+    # travel to the client, whatever the density of the labels
     lab_rows = _spatial_to_rows(lab_map)
-    row_idx = da.arange(stack.n_pixels, chunks=lab_rows.chunks, dtype=np.int64)
-    sel = lab_rows != -1
     raw_rows = _spatial_to_rows(raw_map)
-    idx, values, raw = engine.compute(row_idx[sel], lab_rows[sel], raw_rows[sel])
-    idx = np.asarray(idx)
-    values = np.asarray(values)
-    if idx.size == 0:
+    lo, hi, n_labelled = engine.compute(lab_rows.min(), lab_rows.max(), (lab_rows >= 0).sum())
+    lo, hi = int(lo), int(hi)
+    if int(n_labelled) == 0 and lo >= -1:
         raise ValueError(f"{what} holds no labelled pixel")
     if names is None:
-        top = int(values.max()) + 1 if n_classes is None else n_classes
+        top = max(hi, 0) + 1 if n_classes is None else n_classes
         names = [f"class_{c}" for c in range(max(top, 0))]
     C = len(names) if n_classes is None else n_classes
-    bad = np.unique(np.asarray(raw)[(values < 0) | (values >= C)])
-    if bad.size:
-        shown = [v.item() for v in bad[:10]]
+    if lo < -1 or hi >= C:  # the error path: the offending values, a few of them
+        bad_rows = (lab_rows < -1) | (lab_rows >= C)
+        (bad,) = engine.compute(da.unique(raw_rows[bad_rows]))
+        shown = [v.item() for v in np.asarray(bad)[:10]]
         valid = f"[0, {C})" if flag_values is None else f"flag_values {flag_values.tolist()}"
         raise ValueError(
             f"{what} holds class ids {shown} outside the valid range {valid}; "
             "use -1 (or the unlabelled_value attribute) for unlabelled pixels"
         )
-    counts = np.bincount(values, minlength=C)
-    if require_every_class and int((counts > 0).sum()) < 2:
+    sink = C  # unlabelled rows are counted in a last bin, dropped
+    binned = da.where(lab_rows >= 0, lab_rows, sink).astype(np.int64)
+    counts_d = da.bincount(binned, minlength=C + 1)
+    if not require_every_class:  # posterior clamping: the counts are all it needs
+        (counts,) = engine.compute(counts_d)
+        return _Labels(lab_map, list(names), np.asarray(counts)[:C], 0)
+    marginalize = nan_policy == "marginalize"
+    finite = da.isfinite(stack.rows())
+    usable = finite.any(axis=1) if marginalize else finite.all(axis=1)
+    good_d = da.bincount(da.where(usable, binned, sink), minlength=C + 1)
+    counts, good = engine.compute(counts_d, good_d)
+    counts, good = np.asarray(counts)[:C], np.asarray(good)[:C]
+    if int((counts > 0).sum()) < 2:
         raise ValueError(
             f"{what} labels only {int((counts > 0).sum())} class "
             f"({[names[c] for c in np.flatnonzero(counts)]}): a semi-supervised fit needs "
             "labels of at least 2 classes (fit without labels for an unsupervised model)"
         )
-    if require_every_class:
-        empty = [f"{names[c]!r} (id {c})" for c in range(C) if counts[c] == 0]
-        if empty:
-            raise ValueError(
-                f"class {', '.join(empty)} has no labelled pixels in {what}; label at least "
-                "one pixel of every class, or leave the class out of class_names"
-            )
-    if not require_every_class:  # posterior clamping: nothing more to check
-        return _Labels(lab_map, list(names), counts, 0)
-    # the attribute values of the labelled pixels (only chunks holding labels are read)
-    (Xl,) = engine.compute(stack.rows()[idx])
-    Xl = np.asarray(Xl)
-    marginalize = nan_policy == "marginalize"
-    finite = np.isfinite(Xl)
-    usable = finite.any(axis=1) if marginalize else finite.all(axis=1)
-    good = np.bincount(values[usable], minlength=C)
+    empty = [f"{names[c]!r} (id {c})" for c in range(C) if counts[c] == 0]
+    if empty:
+        raise ValueError(
+            f"class {', '.join(empty)} has no labelled pixels in {what}; label at least "
+            "one pixel of every class, or leave the class out of class_names"
+        )
     lost = [f"{names[c]!r} (id {c})" for c in range(C) if counts[c] > 0 and good[c] == 0]
     if lost:
         valid = "some attribute is observed" if marginalize else "every attribute is valid"
@@ -1119,7 +1135,7 @@ def _resolve_labels(
             f"class {', '.join(lost)} has labels only on masked (NaN) pixels in {what}; "
             f"label pixels where {valid}"
         )
-    n_masked = int((~usable).sum())
+    n_masked = int(counts.sum() - good.sum())
     if n_masked:
         why = "no attribute" if marginalize else "missing attributes (NaN)"
         warnings.warn(
@@ -1127,7 +1143,7 @@ def _resolve_labels(
             UserWarning,
             stacklevel=3,
         )
-    return _Labels(lab_map, list(names), counts, n_masked, idx, values)
+    return _Labels(lab_map, list(names), counts, n_masked)
 
 
 #: file name endings read as vector label files (pyogrio / GDAL)
