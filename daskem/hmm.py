@@ -97,7 +97,7 @@ def _check_covars(covars: np.ndarray, covariance_type: str, K: int, D: int) -> n
     c = np.asarray(covars, dtype=np.float64)
     if covariance_type == "spherical" and c.shape == (K, D):  # hmmlearn's tiled form
         c = c[:, 0]
-    if covariance_type in ("full", "tied") and c.shape == (K, D, D) and covariance_type == "tied":
+    if covariance_type == "tied" and c.shape == (K, D, D):  # hmmlearn's covars_ of tied
         c = c[0]
     if c.shape != shape:
         raise ValueError(

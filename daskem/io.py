@@ -1262,7 +1262,7 @@ def _label_map_from_vector(stack: Stack, path: str, class_column: str | None):
             UserWarning,
             stacklevel=4,
         )
-    transform, ydim, xdim = _grid_transform(stack)
+    transform, _, _ = _grid_transform(stack)
     ny, nx = stack.shape
     c0, c1 = transform * (0, 0), transform * (nx, ny)
     grid = shapely.box(min(c0[0], c1[0]), min(c0[1], c1[1]), max(c0[0], c1[0]), max(c0[1], c1[1]))
@@ -1945,11 +1945,9 @@ def _truth_map(post: xr.Dataset, truth: Any, class_column: str | None, what: str
         )
     except ValueError as e:
         raise ValueError(f"{what}: {e}") from e
-    names = list(resolved.class_names)
-    raw_ids = None
-    if isinstance(truth, xr.DataArray) and "flag_values" not in truth.attrs:
-        raw_ids = True  # plain integer ids: named by their values
-    return resolved.map, names, raw_ids
+    # a label raster without CF flags holds plain integer ids (named by their values)
+    plain_ids = isinstance(truth, xr.DataArray) and "flag_values" not in truth.attrs
+    return resolved.map, list(resolved.class_names), plain_ids
 
 
 def assess(
