@@ -120,6 +120,12 @@ def _n_empty(result: engine.EMResult) -> int:
     return _count(result, "n_empty")
 
 
+def _pad(a: np.ndarray, n: int) -> np.ndarray:
+    """``a`` (1-D) padded with zeros to length ``n``."""
+    a = np.asarray(a)
+    return a if len(a) >= n else np.concatenate([a, np.zeros(n - len(a), a.dtype)])
+
+
 def _fill_by_class(X: np.ndarray, y: np.ndarray) -> np.ndarray:
     """``X`` with each missing value replaced by its class's mean of that attribute
     (the mean over every row where the class has none observed)."""
@@ -387,46 +393,60 @@ class EMEstimator(BaseEstimator):
             )
 
     def _setup_labels(
-        self, data: engine.ChunkedData
-    ) -> tuple[engine.ChunkedData, tuple[np.ndarray, np.ndarray] | None, np.ndarray | None]:
-        """Data with class ids, the labelled rows and each component's class.
+        self, data: engine.ChunkedData, summary: engine.LabelSummary | None = None
+    ) -> tuple[engine.ChunkedData, tuple | None, np.ndarray | None]:
+        """Data with class ids, the labelled sample ``(X, y, weight)`` and each
+        component's class, from the preparatory pass's label ``summary``.
 
         The unsupervised mixture has none of these; the classifier overrides this.
         """
         return data, None, None
 
+    def _label_rule(self) -> str | None:
+        """Which labelled rows the labelled sample may hold (:func:`engine.prepare`)."""
+        return "any" if self.nan_policy == "marginalize" else "all"
+
     def _fixed_start(self, component_class: np.ndarray | None) -> bool:
         """Whether every restart would get the same start (so one is enough)."""
         return False
 
-    def _labelled_rows(self, data: engine.ChunkedData) -> tuple[np.ndarray, np.ndarray]:
-        """Every labelled row (X, y), read from the chunks that hold them, validated."""
-        Xl, yl, ymin, ymax = engine.labelled_rows(data)
-        Xl = np.asarray(Xl, dtype=np.float64)
-        yl = np.asarray(yl)
-        if int(ymin) < -1:
-            raise ValueError(f"y holds {int(ymin)}: use -1 for unlabelled and ids >= 0 for classes")
-        finite = np.isfinite(Xl).all(axis=1)
-        if not finite.all():
-            if self.nan_policy == "raise":
-                raise ValueError(
-                    "Some labelled rows of X contain non-finite values; use "
-                    "nan_policy='marginalize' or 'omit'"
-                )
-            if self.nan_policy == "marginalize":
-                seen = np.isfinite(Xl).any(axis=1)
-                Xl, yl = _fill_by_class(Xl[seen], yl[seen]), yl[seen]
-                if not len(Xl):
-                    raise ValueError("Every labelled row of X has every attribute missing")
-                return Xl, yl
-            lost = sorted(set(yl[~finite].tolist()) - set(yl[finite].tolist()))
-            if lost:
-                raise ValueError(
-                    f"Every label of class(es) {lost} is on a row with missing values "
-                    "(masked pixels): label valid pixels"
-                )
-            Xl, yl = Xl[finite], yl[finite]
-        return Xl, yl
+    def _labelled_rows(
+        self, summary: engine.LabelSummary
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The labelled sample ``(X, y, weight)`` of the summary, validated.
+
+        Every labelled row of a class is in the sample up to
+        :data:`engine.LABEL_SAMPLE_PER_CLASS`, beyond that a random sample whose rows
+        stand for ``weight`` labelled rows each.
+        """
+        if int(summary.y_min) < -1:
+            raise ValueError(
+                f"y holds {int(summary.y_min)}: use -1 for unlabelled and ids >= 0 for classes"
+            )
+        counts = np.asarray(summary.counts)
+        if self.nan_policy == "raise" and int(summary.complete.sum()) < int(summary.n_rows):
+            raise ValueError(
+                "Some labelled rows of X contain non-finite values; use "
+                "nan_policy='marginalize' or 'omit'"
+            )
+        usable = summary.observed if self.nan_policy == "marginalize" else summary.complete
+        if int(counts.sum()) and not int(usable.sum()) and self.nan_policy == "marginalize":
+            raise ValueError("Every labelled row of X has every attribute missing")
+        lost = [int(c) for c in np.flatnonzero((counts > 0) & (_pad(usable, len(counts)) == 0))]
+        if lost:
+            where = (
+                "with nothing observed"
+                if self.nan_policy == "marginalize"
+                else ("with missing values")
+            )
+            raise ValueError(
+                f"Every label of class(es) {lost} is on a row {where} (masked pixels): "
+                "label valid pixels"
+            )
+        Xl, yl, wl = summary.X, np.asarray(summary.y), np.asarray(summary.weight, np.float64)
+        if self.nan_policy == "marginalize":
+            Xl = _fill_by_class(Xl, yl)
+        return np.asarray(Xl, dtype=np.float64), yl, wl
 
     def _start_sample(self, sample, K: int) -> tuple[np.ndarray, np.ndarray | None]:
         """The sampled rows a start is computed from (float64, positive weights).
@@ -496,10 +516,11 @@ class EMEstimator(BaseEstimator):
         mean = ll @ w
         share, lab = 1.0, np.zeros(len(candidates))
         if labelled is not None and len(labelled[0]):
-            Xl, yl = labelled
-            lw = float(getattr(self, "label_weight", 1.0)) * len(Xl)
+            Xl, yl, wl = labelled
+            # the labelled sample stands for sum(wl) labelled rows
+            lw = float(getattr(self, "label_weight", 1.0)) * float(wl.sum())
             share = n_total / (n_total + lw)
-            lab = np.array([model.log_density(p, Xl, yl).mean() for p in candidates])
+            lab = np.array([model.log_density(p, Xl, yl) @ wl / wl.sum() for p in candidates])
         mean = share * mean + (1.0 - share) * lab
         best = int(np.argmax(mean))
         keep = []
@@ -561,11 +582,12 @@ class EMEstimator(BaseEstimator):
             if stride > 1 and len(Xs) // stride < max(PREFIT_MIN_ROWS, 50 * self._n_comp):
                 continue
             Xt, wt, yt = Xs[::stride], None if ws is None else ws[::stride], None
-            if labelled is not None and labelled[0].shape[0]:  # every labelled row, always
-                Xl, yl = labelled
+            if labelled is not None and labelled[0].shape[0]:  # the labelled sample, always
+                Xl, yl, wl = labelled
                 yt = np.concatenate([np.full((len(Xt), *np.shape(yl)[1:]), -1), yl])
+                if wt is not None or (wl != 1.0).any():
+                    wt = np.concatenate([np.ones(len(Xt)) if wt is None else wt, wl])
                 Xt = np.concatenate([Xt, Xl])
-                wt = None if wt is None else np.concatenate([wt, np.ones(len(Xl))])
             result = engine.fit_em_local(
                 model,
                 Xt,
@@ -586,6 +608,31 @@ class EMEstimator(BaseEstimator):
         )
         return params
 
+    def _prepare_pass(
+        self, data: engine.ChunkedData, seed: int, with_sample: bool
+    ) -> tuple[engine.ChunkedData, tuple | None, np.ndarray | None, tuple | None]:
+        """The one pass over the data before EM (:func:`engine.prepare`): fills the
+        cache, draws the start's sample (one sample serves every restart) and
+        summarises the labels. Returns the (cached, relabelled) data, the labelled
+        sample, each component's class and the sample."""
+        what = []
+        if with_sample:
+            what.append(f"drawing {min(self.init_sample_size, data.n_samples)} sampled rows")
+        if data.labels is not None:
+            what.append("summarising the labels")
+        if what:
+            logger.info("one pass before EM: %s", ", ".join(what))
+        prep = engine.prepare(
+            data,
+            cache=self.cache if self.max_iter > 0 else False,
+            sample_size=self.init_sample_size if with_sample else 0,
+            seed=seed,
+            usable=self._label_rule(),
+            split_every=int(self.split_every),
+        )
+        data, labelled, component_class = self._setup_labels(prep.data, prep.labels)
+        return data, labelled, component_class, prep.sample
+
     def _fit(
         self,
         X: Any,
@@ -598,22 +645,27 @@ class EMEstimator(BaseEstimator):
         if resume and checkpoint_dir is None:
             raise ValueError("resume=True needs a checkpoint_dir")
         data = self._prepare(X, sample_weight, y, for_fit=True)
-        data, labelled, component_class = self._setup_labels(data)
+        if data.labels is None:  # K is known: refuse bad parameters before any pass
+            self._check_parameters(data.n_features, self.n_components)
+            self._check_n_samples(data.n_samples, self.n_components)
+        do_init = not (self.warm_start and hasattr(self, "converged_"))
+        rng = _check_random_state(self.random_state)
+        # one seed per initialisation, drawn up front so a resumed run draws the same ones
+        n_seeds = self.n_init if do_init else 1
+        seeds = [int(rng.randint(np.iinfo(np.int32).max)) for _ in range(n_seeds)]
+        data, labelled, component_class, sample = self._prepare_pass(
+            data, seeds[0], do_init and not self._user_init_complete()
+        )
         K = self.n_components if component_class is None else len(component_class)
         self._check_parameters(data.n_features, K)
         self._check_n_samples(data.n_samples, K)
         self._n_comp, self._component_class = K, component_class
         n_classes = K if component_class is None else int(component_class.max()) + 1
 
-        if self.max_iter > 0:
-            data = engine.cache_data(data, self.cache)
-        do_init = not (self.warm_start and hasattr(self, "converged_"))
-        n_init = self.n_init if do_init else 1
+        n_init = len(seeds)
         if labelled is not None and self._fixed_start(component_class):
             n_init = 1  # every restart would start from the same labelled start
-        rng = _check_random_state(self.random_state)
-        # one seed per initialisation, drawn up front so a resumed run draws the same ones
-        seeds = [int(rng.randint(np.iinfo(np.int32).max)) for _ in range(n_init)]
+            seeds = seeds[:1]
         model = self._model()
         fingerprint = self._fingerprint(data)
         ckpt = self._read_checkpoint(checkpoint_dir, fingerprint) if resume else None
@@ -636,15 +688,6 @@ class EMEstimator(BaseEstimator):
             else:
                 starts[init] = engine.Start(self._fitted_params(component_class), self.lower_bound_)
         if to_init:
-            sample = None
-            if not self._user_init_complete():
-                # one chunk-wise sample serves every restart: a single read of the data
-                logger.info(
-                    "drawing %d sampled rows for the start%s",
-                    min(self.init_sample_size, data.n_samples),
-                    "" if len(to_init) == 1 else f" of {len(to_init)} restarts",
-                )
-                sample = engine.draw_sample(data, self.init_sample_size, seeds[0])
             if self.verbose:
                 for init in to_init:
                     print(f"Initialization {init}")
@@ -1024,14 +1067,23 @@ def select_n_components(
         raise ValueError(f"the numbers of components must be integers >= 1, got {ks}")
     models = {k: make(k) for k in ks}
     first = models[ks[0]]
-    labelled = None
     layouts: dict[int, Any] = dict.fromkeys(ks)
+    seed = int(_check_random_state(first.random_state).randint(np.iinfo(np.int32).max))
     if y is not None:
         y = first._encode_y(y) if not isinstance(y, da.Array) else y
-        first._classes_from_data = isinstance(y, da.Array)
         data = first._prepare(X, None, y, for_fit=True)
-        data, labelled, _ = first._setup_labels(data)  # one read of the labels
+    else:
+        data = first._prepare(X, None, None, for_fit=True)
+        for k, est in models.items():  # refused before any pass
+            est._check_parameters(data.n_features, k)
+            est._check_n_samples(data.n_samples, k)
+    # one pass: the cache, the sample every start is drawn from, the labels' summary
+    first._classes_from_data = isinstance(y, da.Array)
+    try:
+        data, labelled, _, sample = first._prepare_pass(data, seed, True)
+    finally:
         first.__dict__.pop("_classes_from_data", None)
+    if y is not None:
         C = len(first.classes_)
         if ks[0] < C:
             raise ValueError(
@@ -1041,15 +1093,9 @@ def select_n_components(
         for k, est in models.items():
             est.classes_ = first.classes_
             layouts[k] = est._layout(first.classes_)
-    else:
-        data = first._prepare(X, None, None, for_fit=True)
     for k, est in models.items():
         est._check_parameters(data.n_features, k)
         est._check_n_samples(data.n_samples, k)
-    if first.max_iter > 0:
-        data = engine.cache_data(data, first.cache)
-    seed = int(_check_random_state(first.random_state).randint(np.iinfo(np.int32).max))
-    sample = engine.draw_sample(data, first.init_sample_size, seed)
     starts = []
     for k in ks:
         est = models[k]

@@ -71,7 +71,10 @@ __all__ = [
     "fit_em",
     "fit_em_local",
     "fit_em_many",
-    "labelled_rows",
+    "LabelSummary",
+    "Prepared",
+    "prepare",
+    "row_keys",
     "Start",
     "map_rows",
     "pass_graph",
@@ -983,51 +986,6 @@ def _fit_em_local_squarem(model, X, params, w, labels, tol, max_iter) -> EMResul
 # --------------------------------------------------------------------------- sampling
 
 
-def _take_rows(block, idx):
-    return None if block is None else np.asarray(block)[idx]
-
-
-def _label_summary(y):
-    y = np.asarray(y)
-    if y.size == 0:
-        return np.empty(0, dtype=np.int64), None, None
-    lab = y >= 0
-    rows = lab if y.ndim == 1 else lab.any(axis=tuple(range(1, y.ndim)))
-    return np.flatnonzero(rows), y.min(), y.max()
-
-
-def labelled_rows(data: ChunkedData) -> tuple[np.ndarray, np.ndarray, int, int]:
-    """The rows that carry a label, read from the chunks that hold them only.
-
-    One compute reads the labels (small integers) to find the labelled rows and their
-    range; a second reads just the chunks of ``X`` that contain labelled rows.
-
-    Returns
-    -------
-    X, labels : ndarrays of the labelled rows, in row order (labels of shape (n, L): the
-        rows with any label, and all their labels)
-    y_min, y_max : int
-        Smallest and largest label value anywhere (for validation).
-    """
-    if data.labels is None:
-        raise ValueError("the data has no labels")
-    (summaries,) = compute([delayed(_label_summary, pure=True)(y) for _, _, y in data._blocks])
-    extremes = [(lo, hi) for _, lo, hi in summaries if lo is not None]
-    y_min = int(min(lo for lo, _ in extremes)) if extremes else -1
-    y_max = int(max(hi for _, hi in extremes)) if extremes else -1
-    parts = [
-        (delayed(_take_rows, pure=True)(x, idx), delayed(_take_rows, pure=True)(y, idx))
-        for (x, _, y), (idx, _, _) in zip(data._blocks, summaries, strict=True)
-        if idx.size
-    ]
-    (taken,) = compute(parts)
-    if not taken:
-        return np.empty((0, data.n_features)), np.empty(0, dtype=np.int64), y_min, y_max
-    X = np.concatenate([t[0] for t in taken])
-    y = np.concatenate([t[1] for t in taken])
-    return X, y, y_min, y_max
-
-
 def _relabel_block(y: np.ndarray, classes: np.ndarray) -> np.ndarray:
     y = np.asarray(y)
     out = np.full(y.shape, -1, dtype=np.int64)
@@ -1060,47 +1018,335 @@ def draw_sample(
 
     The row indices are drawn on the client from ``seed`` alone, so the sample does
     not depend on the chunking; each chunk task returns only its selected rows.
+    (:func:`prepare` draws the same sample in the pass that also reads the labels and
+    fills the cache.)
 
     Returns
     -------
     X, sample_weight, labels : ndarrays (``None`` where the data has none), in row order
     """
-    n = data.n_samples
-    rng = np.random.default_rng(seed)
-    if size >= n:
-        idx = np.arange(n)
-    else:
-        idx = np.sort(rng.choice(n, size=size, replace=False))
-    bounds = np.cumsum((0,) + tuple(data.row_chunks))
-    order = None
-    if data.layout is not None:
-        # ``idx`` are pixels of the grid in C order: the sample (and its order) does not
-        # depend on the chunking
-        idx, order = _grid_rows(data.layout, idx)
-    parts = []
-    for i, (x, w, y) in enumerate(data._blocks):
-        lo, hi = bounds[i], bounds[i + 1]
-        sel = idx[(idx >= lo) & (idx < hi)] - lo
-        if sel.size == 0:
-            continue
-        parts.append(
-            (
-                delayed(_take_rows, pure=True)(x, sel),
-                delayed(_take_rows, pure=True)(w, sel),
-                delayed(_take_rows, pure=True)(y, sel),
-            )
+    return prepare(data, sample_size=size, seed=seed, summarise_labels=False).sample
+
+
+#: labelled rows per class that :func:`prepare` brings to the client at most
+LABEL_SAMPLE_PER_CLASS = 5_000
+
+
+@dataclass
+class LabelSummary:
+    """What the preparatory pass learns about the labels, small whatever their density.
+
+    Attributes
+    ----------
+    y_min, y_max : int
+        Smallest and largest label value anywhere (``-1`` if there is none).
+    counts : ndarray of int64 (y_max + 1,)
+        Labels of each class id (rows; label entries for per-date labels of shape (n, L)).
+    observed, complete : ndarray of int64 (y_max + 1,)
+        Labelled rows of each class with some / every attribute observed (row labels).
+    n_rows : int
+        Rows that carry a label.
+    X, y : ndarrays
+        A random sample of the labelled rows that the pass's ``usable`` rule keeps: every
+        such row of a class with at most ``per_class`` of them, else ``per_class`` drawn
+        at random (the rows of smallest pseudo-random key, a hash of the row's position
+        in the data, or its pixel in the grid, and the seed: the same draw for any
+        chunking). In row order.
+    weight : ndarray of float64
+        How many usable labelled rows each sampled row stands for: 1 where its class was
+        kept whole, else the class's usable rows over its sampled ones (for per-date
+        labels, the labelled rows over the sampled rows).
+    capped : bool
+        Whether some class was sampled rather than kept whole.
+    """
+
+    y_min: int
+    y_max: int
+    counts: np.ndarray
+    observed: np.ndarray
+    complete: np.ndarray
+    n_rows: int
+    X: np.ndarray
+    y: np.ndarray
+    weight: np.ndarray
+    capped: bool = False
+
+
+@dataclass
+class Prepared:
+    """The outcome of :func:`prepare`."""
+
+    data: ChunkedData
+    sample: tuple[np.ndarray, np.ndarray | None, np.ndarray | None] | None
+    labels: LabelSummary | None
+
+
+def _hash_unit(ids: np.ndarray, seed: int) -> np.ndarray:
+    """A pseudo-random number in [0, 1) per id (splitmix64 of ``id + seed``)."""
+    z = (ids.astype(np.uint64) + np.uint64(seed % 2**64)) * np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+def row_keys(start: int, n: int, seed: int) -> np.ndarray:
+    """The pseudo-random keys of rows ``start .. start + n - 1`` (:func:`_hash_unit`)."""
+    return _hash_unit(np.arange(start, start + n, dtype=np.uint64), seed)
+
+
+def _chunk_ids(spec: tuple, n: int) -> np.ndarray:
+    """Position of each row of a chunk: its row in the data (``("rows", start)``) or its
+    pixel in the grid's C order (``("grid", block start, block shape, grid shape)``)."""
+    if spec[0] == "rows":
+        return np.arange(spec[1], spec[1] + n, dtype=np.uint64)
+    _, lo, shape, grid = spec
+    idx = np.indices(shape).reshape(len(shape), -1) + np.asarray(lo, dtype=np.int64)[:, None]
+    return np.ravel_multi_index(idx, grid).astype(np.uint64)
+
+
+def _pad_add(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    if len(a) < len(b):
+        a, b = b, a
+    out = a.copy()
+    out[: len(b)] += b
+    return out
+
+
+class _PrepPart:
+    """One chunk's (or a subtree's) share of :func:`prepare`: associative ``+``."""
+
+    def __init__(self, cap: int, sample=(), lo=None, hi=None, counts=None, observed=None,
+                 complete=None, n_rows=0, picks=None):  # fmt: skip
+        self.cap = cap
+        self.sample = list(sample)  # (chunk index, X, w, y) per chunk with sampled rows
+        self.lo, self.hi = lo, hi
+        z = np.zeros(0, dtype=np.int64)
+        self.counts = z if counts is None else counts
+        self.observed = z if observed is None else observed
+        self.complete = z if complete is None else complete
+        self.n_rows = n_rows
+        self.picks = {} if picks is None else picks  # class -> (keys, ids, X, y)
+
+    def __add__(self, other: _PrepPart) -> _PrepPart:
+        picks = dict(self.picks)
+        for c, theirs in other.picks.items():
+            mine = picks.get(c)
+            if mine is None:
+                picks[c] = theirs
+                continue
+            joined = tuple(np.concatenate([a, b]) for a, b in zip(mine, theirs, strict=True))
+            picks[c] = _smallest_keys(joined, self.cap)
+        ext = [v for v in (self.lo, other.lo) if v is not None]
+        ext_hi = [v for v in (self.hi, other.hi) if v is not None]
+        return _PrepPart(
+            self.cap,
+            self.sample + other.sample,
+            min(ext) if ext else None,
+            max(ext_hi) if ext_hi else None,
+            _pad_add(self.counts, other.counts),
+            _pad_add(self.observed, other.observed),
+            _pad_add(self.complete, other.complete),
+            self.n_rows + other.n_rows,
+            picks,
         )
-    (computed,) = compute(parts)
-    if not computed:
-        return np.empty((0, data.n_features)), None, None
-    X = np.concatenate([c[0] for c in computed])
-    w = None if data.sample_weight is None else np.concatenate([c[1] for c in computed])
-    y = None if data.labels is None else np.concatenate([c[2] for c in computed])
-    if order is not None:  # back to the grid's C order
-        X = X[order]
-        w = None if w is None else w[order]
-        y = None if y is None else y[order]
-    return X, w, y
+
+
+def _smallest_keys(pick: tuple, cap: int) -> tuple:
+    keys = pick[0]
+    if len(keys) <= cap:
+        return pick
+    keep = np.argpartition(keys, cap - 1)[:cap]
+    return tuple(a[keep] for a in pick)
+
+
+def _prep_block(x, w, y, index, sel, spec, seed, rule, cap, summarise):
+    """A chunk's :class:`_PrepPart`: its sampled rows, and a summary of its labels with
+    at most ``cap`` usable labelled rows per class (those of smallest key)."""
+    part = _PrepPart(cap)
+    if sel is not None and len(sel):
+        part.sample = [
+            (index, np.asarray(x)[sel], None if w is None else np.asarray(w)[sel],
+             None if y is None else np.asarray(y)[sel])
+        ]  # fmt: skip
+    if y is None or not summarise:
+        return (part,)
+    y = np.asarray(y)
+    if y.size == 0:
+        return (part,)
+    part.lo, part.hi = int(y.min()), int(y.max())
+    valid = y >= 0
+    if not valid.any():
+        return (part,)
+    part.counts = np.bincount(y[valid])
+    rows = valid if y.ndim == 1 else valid.any(axis=1)
+    part.n_rows = int(rows.sum())
+    x = np.asarray(x)
+    if y.ndim == 1:
+        finite = np.isfinite(x)
+        seen, full = finite.any(axis=1), finite.all(axis=1)
+        part.observed = np.bincount(y[valid & seen])
+        part.complete = np.bincount(y[valid & full])
+        eligible = {"any": valid & seen, "all": valid & full}.get(rule, valid)
+        members = [(int(c), np.flatnonzero(eligible & (y == c))) for c in np.unique(y[eligible])]
+    else:
+        part.observed = part.complete = part.counts
+        members = [(int(c), np.flatnonzero((y == c).any(axis=1))) for c in np.unique(y[valid])]
+    if not members:
+        return (part,)
+    ids = _chunk_ids(spec, len(y))
+    keys = _hash_unit(ids, seed)
+    for c, r in members:
+        kr = keys[r]
+        if len(r) > cap:
+            r = r[np.argpartition(kr, cap - 1)[:cap]]
+            kr = keys[r]
+        part.picks[c] = (kr, ids[r], x[r], y[r])
+    return (part,)
+
+
+def _chunk_specs(data: ChunkedData) -> list[tuple]:
+    if data.layout is None:
+        starts = np.cumsum((0,) + tuple(data.row_chunks))[:-1]
+        return [("rows", int(s)) for s in starts]
+    lay = data.layout
+    bounds = [np.cumsum((0,) + tuple(c)) for c in lay.chunks]
+    return [
+        (
+            "grid",
+            tuple(int(b[i]) for b, i in zip(bounds, index, strict=True)),
+            tuple(int(c[i]) for c, i in zip(lay.chunks, index, strict=True)),
+            tuple(lay.shape),
+        )
+        for index in np.ndindex(*[len(c) for c in lay.chunks])
+    ]
+
+
+def prepare(
+    data: ChunkedData,
+    *,
+    cache: bool | str = False,
+    sample_size: int = 0,
+    seed: int = 0,
+    summarise_labels: bool = True,
+    usable: str | None = "any",
+    per_class: int = LABEL_SAMPLE_PER_CLASS,
+    split_every: int = 16,
+) -> Prepared:
+    """Everything a fit needs before EM, in one pass over the data.
+
+    In one read of every chunk: the cache is filled (:func:`cache_data`, when
+    ``cache`` asks for it; the other tasks then read the cached chunks), ``sample_size``
+    random rows are drawn (as :func:`draw_sample`), and the labels are summarised on
+    the workers (:class:`LabelSummary`: counts per class and a bounded random sample of
+    the labelled rows, tree-reduced), so no labelled row beyond the sample and no row
+    index travels to the client or into a graph, whatever the density of the labels.
+
+    Parameters
+    ----------
+    data : ChunkedData
+    cache : bool or "auto"
+        As :func:`cache_data`.
+    sample_size, seed : int
+        Rows to draw (0: none) and the seed of the draw and of the labelled sample.
+    summarise_labels : bool
+        Summarise ``data.labels`` (if any).
+    usable : {"any", "all", None}
+        Which labelled rows the labelled sample may hold: with some attribute observed,
+        with every attribute observed, or any (row labels of shape (n,) only).
+    per_class : int
+        Labelled rows per class in the sample at most.
+    """
+    data = cache_data(data, cache)
+    n = data.n_samples
+    order = None
+    sels: list[np.ndarray | None] = [None] * data.n_chunks
+    if sample_size > 0 and n > 0:
+        rng = np.random.default_rng(seed)
+        if sample_size >= n:
+            idx = np.arange(n)
+        else:
+            idx = np.sort(rng.choice(n, size=sample_size, replace=False))
+        if data.layout is not None:
+            # ``idx`` are pixels of the grid in C order: the sample (and its order) does
+            # not depend on the chunking
+            idx, order = _grid_rows(data.layout, idx)
+        bounds = np.cumsum((0,) + tuple(data.row_chunks))
+        cuts = np.searchsorted(idx, bounds)
+        sels = [idx[a:b] - lo for a, b, lo in zip(cuts[:-1], cuts[1:], bounds[:-1], strict=True)]
+    with_labels = summarise_labels and data.labels is not None
+    specs = _chunk_specs(data)
+    name = f"daskem-prepare-{uuid.uuid4().hex[:12]}"
+    leaves = [
+        delayed(_prep_block, pure=True)(
+            x,
+            w if sels[i] is not None and len(sels[i]) else None,
+            y if (with_labels or (sels[i] is not None and len(sels[i]))) else None,
+            i,
+            sels[i],
+            specs[i],
+            int(seed),
+            usable,
+            int(per_class),
+            with_labels,
+            dask_key_name=(f"{name}-chunk", i),
+        )
+        for i, (x, w, y) in enumerate(data._blocks)
+        if with_labels or (sels[i] is not None and len(sels[i]))
+    ]
+    part = _compute(_tree(leaves, split_every, name))[0] if leaves else _PrepPart(per_class)
+    sample = None
+    if sample_size > 0:
+        chunks = sorted(part.sample, key=lambda c: c[0])
+        if not chunks:
+            sample = (np.empty((0, data.n_features)), None, None)
+        else:
+            X = np.concatenate([c[1] for c in chunks])
+            w = None if data.sample_weight is None else np.concatenate([c[2] for c in chunks])
+            y = None if data.labels is None else np.concatenate([c[3] for c in chunks])
+            if order is not None:  # back to the grid's C order
+                X = X[order]
+                w = None if w is None else w[order]
+                y = None if y is None else y[order]
+            sample = (X, w, y)
+    labels = _label_summary(part, data, usable) if with_labels else None
+    return Prepared(data, sample, labels)
+
+
+def _label_summary(part: _PrepPart, data: ChunkedData, usable: str | None) -> LabelSummary:
+    L = data.labels
+    tail = L.shape[1:]
+    empty_x = np.empty((0, data.n_features))
+    if not part.picks:
+        return LabelSummary(
+            -1 if part.lo is None else part.lo,
+            -1 if part.hi is None else part.hi,
+            part.counts, part.observed, part.complete, part.n_rows,
+            empty_x, np.empty((0, *tail), dtype=np.int64), np.empty(0), False,
+        )  # fmt: skip
+    classes = sorted(part.picks)
+    ids = np.concatenate([part.picks[c][1] for c in classes])
+    X = np.concatenate([part.picks[c][2] for c in classes])
+    y = np.concatenate([part.picks[c][3] for c in classes])
+    capped = False
+    if L.ndim == 1:
+        pool = {"any": part.observed, "all": part.complete}.get(usable, part.counts)
+        weight = np.concatenate(
+            [np.full(len(part.picks[c][0]), pool[c] / len(part.picks[c][0])) for c in classes]
+        )
+        capped = bool((weight > 1).any())
+    # a row of per-date labels may be drawn for several classes: once is enough
+    ids, first = np.unique(ids, return_index=True)
+    X, y = X[first], y[first]
+    if L.ndim != 1:
+        capped = len(ids) < part.n_rows
+        weight = np.full(len(ids), part.n_rows / max(len(ids), 1))
+    else:
+        weight = weight[first]
+    return LabelSummary(
+        part.lo, part.hi, part.counts, part.observed, part.complete, part.n_rows,
+        X, y, weight, capped,
+    )  # fmt: skip
 
 
 def _grid_rows(layout: GridLayout, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

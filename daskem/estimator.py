@@ -197,7 +197,7 @@ class _BaseGaussianMixture(EMEstimator):
             )
         if labelled is not None:
             params = labelled_start(
-                Xs, ws, *labelled, component_class, ct, float(self.reg_covar), gen
+                Xs, ws, *labelled[:2], component_class, ct, float(self.reg_covar), gen
             )
         else:
             resp = initial_responsibilities(Xs, K, self.init_params, gen, ws)
@@ -700,18 +700,23 @@ class GaussianMixtureClassifier(ClassifierMixin, ClassLabelsMixin, _BaseGaussian
         if K is not None and (not isinstance(K, numbers.Integral) or K < 1):
             raise ValueError(f"n_components must be None or an integer >= 1, got {K!r}")
 
-    def _setup_labels(self, data):
+    def _setup_labels(self, data, summary):
         self._check_classifier_options()
-        Xl, yl = self._labelled_rows(data)
+        Xl, yl, wl = self._labelled_rows(summary)
         if getattr(self, "_classes_from_data", False):
-            classes = np.unique(yl)
+            classes = np.flatnonzero(np.asarray(summary.counts) > 0)
             self._check_classes(classes)
             if not np.array_equal(classes, np.arange(len(classes))):
                 data = engine.relabel(data, classes)
                 yl = np.searchsorted(classes, yl)
             self.classes_ = classes
+        elif int(summary.y_max) >= len(self.classes_):
+            raise ValueError(
+                f"y holds class id {int(summary.y_max)} but the classifier has "
+                f"{len(self.classes_)} classes"
+            )
         component_class = self._layout(self.classes_)
-        return data, (Xl, yl), component_class
+        return data, (Xl, yl, wl), component_class
 
     def _fixed_start(self, component_class: np.ndarray) -> bool:
         return len(component_class) == len(np.unique(component_class))

@@ -882,18 +882,24 @@ class GaussianHMMClassifier(ClassifierMixin, ClassLabelsMixin, GaussianHMM):
             raise ValueError(f"n_components must be None or an integer >= 1, got {K!r}")
         super()._check_parameters(n_features, K if K is not None else 1)
 
-    def _setup_labels(self, data: engine.ChunkedData):
-        Xl, yl, ymin, _ = engine.labelled_rows(data)
-        if int(ymin) < -1:
-            raise ValueError(f"y holds {int(ymin)}: use -1 for unlabelled and ids >= 0 for classes")
+    def _label_rule(self) -> None:
+        return None  # a row is a whole sequence: missing dates are part of the model
+
+    def _setup_labels(self, data: engine.ChunkedData, summary: engine.LabelSummary):
+        if int(summary.y_min) < -1:
+            raise ValueError(
+                f"y holds {int(summary.y_min)}: use -1 for unlabelled and ids >= 0 for classes"
+            )
+        Xl, yl = summary.X, np.asarray(summary.y)
         if self._classes_from_data:
-            classes = np.unique(yl[yl >= 0])
+            classes = np.flatnonzero(np.asarray(summary.counts) > 0)
             self._check_classes(classes)
             if not np.array_equal(classes, np.arange(len(classes))):
                 data = engine.relabel(data, classes)
                 yl = np.where(yl >= 0, np.searchsorted(classes, yl), -1)
             self.classes_ = classes
-        return data, (np.asarray(Xl, dtype=np.float64), np.asarray(yl)), self._layout(self.classes_)
+        labelled = (np.asarray(Xl, dtype=np.float64), yl, np.asarray(summary.weight, np.float64))
+        return data, labelled, self._layout(self.classes_)
 
     def _fixed_start(self, component_class: np.ndarray) -> bool:
         return len(component_class) == len(np.unique(component_class))
@@ -907,7 +913,7 @@ class GaussianHMMClassifier(ClassifierMixin, ClassLabelsMixin, GaussianHMM):
         C = int(cc.max()) + 1
         T, D, _ = self._seq_layout
         model = self._model()
-        Xl, yl = labelled
+        Xl, yl, _ = labelled
         lab = model.sequences(Xl).X.reshape(-1, D)
         ylf = np.asarray(yl).reshape(-1)
         ok = np.isfinite(lab).all(axis=1)
