@@ -29,12 +29,14 @@ know xarray.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import numbers
 import os
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -58,6 +60,24 @@ __all__ = [
 ]
 
 logger = logging.getLogger("daskem")
+
+_LABEL_CHECK: contextvars.ContextVar[Callable[[engine.LabelSummary], Any] | None] = (
+    contextvars.ContextVar("daskem_label_check", default=None)
+)
+
+
+@contextlib.contextmanager
+def checking_labels(check: Callable[[engine.LabelSummary], Any]) -> Iterator[None]:
+    """Within this context, fits call ``check(summary)`` with the summary of their labels
+    from the pass before EM (:class:`daskem.engine.LabelSummary`), before anything else
+    looks at them: a caller that knows more about the labels than the estimator (their
+    source, class names, the valid ids) refuses bad labels without a pass of its own.
+    ``check`` raises ``ValueError`` to refuse them."""
+    token = _LABEL_CHECK.set(check)
+    try:
+        yield
+    finally:
+        _LABEL_CHECK.reset(token)
 
 
 class ConvergenceWarning(_SklearnConvergenceWarning):
@@ -617,11 +637,12 @@ class EMEstimator(BaseEstimator):
         sample, each component's class and the sample."""
         what = []
         if with_sample:
-            what.append(f"drawing {min(self.init_sample_size, data.n_samples)} sampled rows")
+            n = min(self.init_sample_size, data.n_samples)
+            what.append(f"drawing {n} sampled rows for the start")
         if data.labels is not None:
             what.append("summarising the labels")
         if what:
-            logger.info("one pass before EM: %s", ", ".join(what))
+            logger.info("one pass over the data before EM: %s", ", ".join(what))
         prep = engine.prepare(
             data,
             cache=self.cache if self.max_iter > 0 else False,
@@ -630,6 +651,9 @@ class EMEstimator(BaseEstimator):
             usable=self._label_rule(),
             split_every=int(self.split_every),
         )
+        check = _LABEL_CHECK.get()
+        if check is not None and prep.labels is not None:
+            check(prep.labels)
         data, labelled, component_class = self._setup_labels(prep.data, prep.labels)
         return data, labelled, component_class, prep.sample
 

@@ -602,7 +602,7 @@ class _StageLines(logging.Handler):
     the screening of restarts) as progress lines and --log-json records; the per-pass
     lines come from the iteration callback instead."""
 
-    STAGES = ("_fit", "_initialise", "_initial_params", "_prefit", "_screen")
+    STAGES = ("_fit", "_prepare_pass", "_initialise", "_initial_params", "_prefit", "_screen")
 
     def __init__(self, rep: Reporter) -> None:
         super().__init__(logging.INFO)
@@ -1069,7 +1069,9 @@ def _fit(rep: Reporter, stack: Any, *, labels: str | None, opts: dict[str, Any])
         )
     except (*BAD_INPUT, KeyError) as e:
         if labels is not None and (
-            _raised_in(e, "_resolve_labels") or _raised_in(e, "sequence_labels")
+            _raised_in(e, "_resolve_labels")
+            or _raised_in(e, "_check_labels")
+            or _raised_in(e, "sequence_labels")
         ):
             raise BadInput(f"--labels {labels}: {_message(e)}") from e
         if str(e).startswith("n_components="):
@@ -1831,7 +1833,9 @@ def select_cmd(
             )  # fmt: skip
         except (*BAD_INPUT, KeyError) as e:
             if labels is not None and (
-                _raised_in(e, "_resolve_labels") or _raised_in(e, "labels_for_stack")
+                _raised_in(e, "_resolve_labels")
+                or _raised_in(e, "_check_labels")
+                or _raised_in(e, "labels_for_stack")
             ):
                 raise BadInput(f"--labels {labels}: {_message(e)}") from e
             if str(e).startswith("K = "):

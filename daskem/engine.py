@@ -1046,12 +1046,13 @@ class LabelSummary:
         Labelled rows of each class with some / every attribute observed (row labels).
     n_rows : int
         Rows that carry a label.
-    X, y : ndarrays
+    X, y, rows : ndarrays
         A random sample of the labelled rows that the pass's ``usable`` rule keeps: every
         such row of a class with at most ``per_class`` of them, else ``per_class`` drawn
         at random (the rows of smallest pseudo-random key, a hash of the row's position
         in the data, or its pixel in the grid, and the seed: the same draw for any
-        chunking). In row order.
+        chunking). In row order; ``rows``: their positions (rows of the data, or grid
+        pixels in C order with a grid layout).
     weight : ndarray of float64
         How many usable labelled rows each sampled row stands for: 1 where its class was
         kept whole, else the class's usable rows over its sampled ones (for per-date
@@ -1070,6 +1071,7 @@ class LabelSummary:
     y: np.ndarray
     weight: np.ndarray
     capped: bool = False
+    rows: np.ndarray | None = None
 
 
 @dataclass
@@ -1323,6 +1325,7 @@ def _label_summary(part: _PrepPart, data: ChunkedData, usable: str | None) -> La
             -1 if part.hi is None else part.hi,
             part.counts, part.observed, part.complete, part.n_rows,
             empty_x, np.empty((0, *tail), dtype=np.int64), np.empty(0), False,
+            np.empty(0, dtype=np.int64),
         )  # fmt: skip
     classes = sorted(part.picks)
     ids = np.concatenate([part.picks[c][1] for c in classes])
@@ -1345,7 +1348,7 @@ def _label_summary(part: _PrepPart, data: ChunkedData, usable: str | None) -> La
         weight = weight[first]
     return LabelSummary(
         part.lo, part.hi, part.counts, part.observed, part.complete, part.n_rows,
-        X, y, weight, capped,
+        X, y, weight, capped, ids.astype(np.int64),
     )  # fmt: skip
 
 

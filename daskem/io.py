@@ -29,6 +29,7 @@ operations such as ``blockwise`` and ``map_blocks`` are used), or create a
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import errno
 import json
@@ -51,6 +52,7 @@ import xarray as xr
 
 from . import engine
 from ._version import __version__
+from .base import checking_labels
 from .estimator import GaussianMixture, GaussianMixtureClassifier
 from .modelfile import params_to_dict
 
@@ -924,36 +926,19 @@ class _Labels:
 
     map: da.Array  # int32 (*spatial), stack chunks, -1 unlabelled
     class_names: list[str]
-    counts: np.ndarray  # labelled pixels per class
+    counts: np.ndarray | None  # labelled pixels per class (None: not checked yet)
     n_on_masked: int  # labelled pixels with some missing attribute
+    check: _LabelCheck | None = None  # for labels whose check is deferred to the fit
 
 
-def _row_keys(block, seed, block_info=None):
-    """A pseudo-random key per row from its index in :meth:`Stack.rows` and ``seed``
-    (splitmix64): the same draw for the same stack, chunks and seed."""
-    lo = block_info[0]["array-location"][0][0]
-    z = (np.arange(lo, lo + block.shape[0], dtype=np.uint64) + np.uint64(seed)) * np.uint64(
-        0x9E3779B97F4A7C15
-    )
-    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    z = z ^ (z >> np.uint64(31))
-    return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53)
-
-
-def _keep_rows(rows: da.Array, counts: np.ndarray, at_most: int, seed: int) -> np.ndarray:
+def _keep_rows(rows: da.Array, at_most: int, seed: int) -> np.ndarray:
     """At most ``at_most`` labelled rows per class, drawn at random on the workers (the
-    rows of smallest pseudo-random key, :func:`_row_keys`); only those indices come to
-    the client (sorted). ``counts``: the labelled rows of each class."""
-    keys = rows.map_blocks(_row_keys, seed, dtype=np.float64)
-    picks = []
-    for c in range(len(counts)):
-        kc = da.where(rows == c, keys, 2.0)  # keys are < 1: other rows come last
-        picks.append(da.argtopk(-kc, min(at_most, int(rows.shape[0]))))
-    (found,) = engine.compute(picks)
-    # argtopk sorts from the largest -key: a class's own rows first, then filler
-    out = [np.asarray(idx)[: min(at_most, int(n))] for idx, n in zip(found, counts, strict=True)]
-    return np.sort(np.concatenate(out)) if out else np.empty(0, dtype=np.int64)
+    rows of smallest pseudo-random key, a hash of the row and ``seed``: the same draw for
+    the same stack, chunks and seed); only their indices come to the client (sorted).
+    One read of the labels."""
+    nothing = da.zeros((rows.shape[0], 0), chunks=(rows.chunks[0], 0))
+    data = engine.ChunkedData(nothing, None, rows)
+    return np.sort(engine.prepare(data, usable=None, per_class=at_most, seed=seed).labels.rows)
 
 
 def _only_rows(block, keep, block_info=None):
@@ -1023,19 +1008,47 @@ def labels_for_stack(
 
     Notes
     -----
-    Validation computes the labelled pixels once (a pass over the label map only)
-    and then reads the attribute values of the chunks that hold labels.
+    Validation is one pass over the label map and the attributes, summarised on the
+    workers (:func:`daskem.engine.prepare`): no labelled pixel travels to the client.
+    (:func:`fit_stack` checks the labels in the fit's own pass before EM instead.)
     """
+    rows, resolved = _stack_labels(
+        stack, labels, class_names, nan_policy, class_column, max_labels_per_class, seed
+    )
+    return rows, resolved.class_names
+
+
+def _stack_labels(
+    stack: Stack,
+    labels: Any,
+    class_names: Any,
+    nan_policy: str,
+    class_column: str | None,
+    max_labels_per_class: int | None,
+    seed: int,
+    deferred: bool = False,
+) -> tuple[da.Array, _Labels]:
+    """:func:`labels_for_stack`'s rows and resolved labels; with ``deferred``, unchecked
+    (``_Labels.check`` then takes the summary of the fit's pass before EM)."""
+    if max_labels_per_class is not None and int(max_labels_per_class) < 1:
+        raise ValueError(f"max_labels_per_class must be >= 1, got {max_labels_per_class}")
     resolved = _resolve_labels(
-        stack, labels, class_names, nan_policy=nan_policy, class_column=class_column
+        stack,
+        labels,
+        class_names,
+        nan_policy=nan_policy,
+        class_column=class_column,
+        deferred=deferred or max_labels_per_class is not None,
     )
     rows = _spatial_to_rows(resolved.map)
     if max_labels_per_class is not None:
-        if int(max_labels_per_class) < 1:
-            raise ValueError(f"max_labels_per_class must be >= 1, got {max_labels_per_class}")
-        keep = _keep_rows(rows, resolved.counts, int(max_labels_per_class), seed)
+        keep = _keep_rows(rows, int(max_labels_per_class), seed)
         rows = rows.map_blocks(_only_rows, keep, dtype=rows.dtype)
-    return rows, resolved.class_names
+        if not deferred:  # checked now, on the labels kept
+            data = engine.ChunkedData(stack.rows(), None, rows)
+            rule = "any" if nan_policy == "marginalize" else "all"
+            resolved = resolved.check(engine.prepare(data, usable=rule, per_class=1).labels)
+    return rows, resolved
 
 
 def _resolve_labels(
@@ -1047,7 +1060,10 @@ def _resolve_labels(
     require_every_class: bool = True,
     nan_policy: str = "marginalize",
     class_column: str | None = None,
+    deferred: bool = False,
 ) -> _Labels:
+    """Labels on the stack's grid, checked (a summary computed on the workers), or with
+    ``deferred`` unchecked with their check (``_Labels.check``) for the fit's pass."""
     what = "labels"
     if isinstance(labels, str) and labels in stack.dataset.data_vars:
         what = f"label variable {labels!r}"
@@ -1083,67 +1099,109 @@ def _resolve_labels(
             f"got {type(labels).__name__}"
         )
 
+    lab_rows = _spatial_to_rows(lab_map)
+    check = _LabelCheck(
+        what, names, n_classes, flag_values, lab_map, _spatial_to_rows(raw_map), lab_rows,
+        require_every_class, nan_policy,
+    )  # fmt: skip
+    if deferred:  # checked by the fit, from its pass before EM
+        return _Labels(lab_map, names, None, 0, check)
     # summaries computed on the workers (per-chunk reductions): the labelled rows never
     # travel to the client, whatever the density of the labels
-    lab_rows = _spatial_to_rows(lab_map)
-    raw_rows = _spatial_to_rows(raw_map)
-    lo, hi, n_labelled = engine.compute(lab_rows.min(), lab_rows.max(), (lab_rows >= 0).sum())
-    lo, hi = int(lo), int(hi)
-    if int(n_labelled) == 0 and lo >= -1:
-        raise ValueError(f"{what} holds no labelled pixel")
-    if names is None:
-        top = max(hi, 0) + 1 if n_classes is None else n_classes
-        names = [f"class_{c}" for c in range(max(top, 0))]
-    C = len(names) if n_classes is None else n_classes
-    if lo < -1 or hi >= C:  # the error path: the offending values, a few of them
-        bad_rows = (lab_rows < -1) | (lab_rows >= C)
-        (bad,) = engine.compute(da.unique(raw_rows[bad_rows]))
-        shown = [v.item() for v in np.asarray(bad)[:10]]
-        valid = f"[0, {C})" if flag_values is None else f"flag_values {flag_values.tolist()}"
-        raise ValueError(
-            f"{what} holds class ids {shown} outside the valid range {valid}; "
-            "use -1 (or the unlabelled_value attribute) for unlabelled pixels"
-        )
-    sink = C  # unlabelled rows are counted in a last bin, dropped
-    binned = da.where(lab_rows >= 0, lab_rows, sink).astype(np.int64)
-    counts_d = da.bincount(binned, minlength=C + 1)
-    if not require_every_class:  # posterior clamping: the counts are all it needs
-        (counts,) = engine.compute(counts_d)
-        return _Labels(lab_map, list(names), np.asarray(counts)[:C], 0)
-    marginalize = nan_policy == "marginalize"
-    finite = da.isfinite(stack.rows())
-    usable = finite.any(axis=1) if marginalize else finite.all(axis=1)
-    good_d = da.bincount(da.where(usable, binned, sink), minlength=C + 1)
-    counts, good = engine.compute(counts_d, good_d)
-    counts, good = np.asarray(counts)[:C], np.asarray(good)[:C]
-    if int((counts > 0).sum()) < 2:
-        raise ValueError(
-            f"{what} labels only {int((counts > 0).sum())} class "
-            f"({[names[c] for c in np.flatnonzero(counts)]}): a semi-supervised fit needs "
-            "labels of at least 2 classes (fit without labels for an unsupervised model)"
-        )
-    empty = [f"{names[c]!r} (id {c})" for c in range(C) if counts[c] == 0]
-    if empty:
-        raise ValueError(
-            f"class {', '.join(empty)} has no labelled pixels in {what}; label at least "
-            "one pixel of every class, or leave the class out of class_names"
-        )
-    lost = [f"{names[c]!r} (id {c})" for c in range(C) if counts[c] > 0 and good[c] == 0]
-    if lost:
-        valid = "some attribute is observed" if marginalize else "every attribute is valid"
-        raise ValueError(
-            f"class {', '.join(lost)} has labels only on masked (NaN) pixels in {what}; "
-            f"label pixels where {valid}"
-        )
-    n_masked = int(counts.sum() - good.sum())
-    if n_masked:
-        why = "no attribute" if marginalize else "missing attributes (NaN)"
-        warnings.warn(
-            f"{n_masked} labelled pixels have {why} and are left out of the fit",
-            UserWarning,
-            stacklevel=3,
-        )
-    return _Labels(lab_map, list(names), counts, n_masked)
+    if require_every_class:  # and the attributes, for the labels on masked pixels
+        data = engine.ChunkedData(stack.rows(), None, lab_rows)
+        rule = "any" if nan_policy == "marginalize" else "all"
+        summary = engine.prepare(data, usable=rule, per_class=1).labels
+    else:  # posterior clamping: the labels alone
+        lo, hi, n = engine.compute(lab_rows.min(), lab_rows.max(), (lab_rows >= 0).sum())
+        summary = engine.LabelSummary(int(lo), int(hi), None, None, None, int(n), *([None] * 3))
+    return check(summary)
+
+
+@dataclass
+class _LabelCheck:
+    """The validation of resolved labels, from the labels' summary
+    (:class:`daskem.engine.LabelSummary`: computed on the workers, by the fit's pass
+    before EM or by :func:`_resolve_labels`). Calling it returns the :class:`_Labels`
+    (class names included) or raises ``ValueError`` naming the problem."""
+
+    what: str
+    names: list[str] | None
+    n_classes: int | None
+    flag_values: np.ndarray | None
+    lab_map: da.Array
+    raw_rows: da.Array
+    lab_rows: da.Array
+    require_every_class: bool
+    nan_policy: str
+
+    resolved: _Labels | None = None  # what the last call found
+
+    def __call__(self, summary: engine.LabelSummary) -> _Labels:
+        return self._check_labels(summary)
+
+    def _check_labels(self, summary: engine.LabelSummary) -> _Labels:
+        what, names, lab_rows = self.what, self.names, self.lab_rows
+        lo, hi = int(summary.y_min), int(summary.y_max)
+        if int(summary.n_rows) == 0 and lo >= -1:
+            raise ValueError(f"{what} holds no labelled pixel")
+        if names is None:
+            top = max(hi, 0) + 1 if self.n_classes is None else self.n_classes
+            names = [f"class_{c}" for c in range(max(top, 0))]
+        C = len(names) if self.n_classes is None else self.n_classes
+        if lo < -1 or hi >= C:  # the error path: the offending values, a few of them
+            bad_rows = (lab_rows < -1) | (lab_rows >= C)
+            (bad,) = engine.compute(da.unique(self.raw_rows[bad_rows]))
+            shown = [v.item() for v in np.asarray(bad)[:10]]
+            fv = self.flag_values
+            valid = f"[0, {C})" if fv is None else f"flag_values {fv.tolist()}"
+            raise ValueError(
+                f"{what} holds class ids {shown} outside the valid range {valid}; "
+                "use -1 (or the unlabelled_value attribute) for unlabelled pixels"
+            )
+        lab_map = self.lab_map
+        if not self.require_every_class:  # posterior clamping: the range is all it needs
+            return _Labels(lab_map, list(names), None, 0)
+        counts = _padded(summary.counts, C)
+        marginalize = self.nan_policy == "marginalize"
+        good = _padded(summary.observed if marginalize else summary.complete, C)
+        if int((counts > 0).sum()) < 2:
+            raise ValueError(
+                f"{what} labels only {int((counts > 0).sum())} class "
+                f"({[names[c] for c in np.flatnonzero(counts)]}): a semi-supervised fit needs "
+                "labels of at least 2 classes (fit without labels for an unsupervised model)"
+            )
+        empty = [f"{names[c]!r} (id {c})" for c in range(C) if counts[c] == 0]
+        if empty:
+            raise ValueError(
+                f"class {', '.join(empty)} has no labelled pixels in {what}; label at least "
+                "one pixel of every class, or leave the class out of class_names"
+            )
+        lost = [f"{names[c]!r} (id {c})" for c in range(C) if counts[c] > 0 and good[c] == 0]
+        if lost:
+            valid = "some attribute is observed" if marginalize else "every attribute is valid"
+            raise ValueError(
+                f"class {', '.join(lost)} has labels only on masked (NaN) pixels in {what}; "
+                f"label pixels where {valid}"
+            )
+        n_masked = int(counts.sum() - good.sum())
+        if n_masked:
+            why = "no attribute" if marginalize else "missing attributes (NaN)"
+            warnings.warn(
+                f"{n_masked} labelled pixels have {why} and are left out of the fit",
+                UserWarning,
+                stacklevel=3,
+            )
+        self.resolved = _Labels(lab_map, list(names), counts, n_masked)
+        return self.resolved
+
+
+def _padded(a: np.ndarray | None, n: int) -> np.ndarray:
+    out = np.zeros(n, dtype=np.int64)
+    if a is not None:
+        a = np.asarray(a)[:n]
+        out[: len(a)] = a
+    return out
 
 
 #: file name endings read as vector label files (pyogrio / GDAL)
@@ -1601,8 +1659,10 @@ def fit_stack(
 
     Notes
     -----
-    Besides the EM passes, labels cost one pass over the label map (see
-    :func:`labels_for_stack`). ``excluded_counts_`` comes from the last pass's
+    Besides the EM passes, the fit makes one pass over the stack (and the labels)
+    before EM: the cache, the initialisation sample and the labels' summary, from which
+    the labels are checked (``max_labels_per_class`` adds one read of the label map).
+    ``excluded_counts_`` comes from the last pass's
     statistics: ``partially_missing`` pixels are fitted under ``"marginalize"`` and left
     out (counted in ``total``) under ``"omit"``.
     """
@@ -1639,18 +1699,23 @@ def fit_stack(
     if gm_kwargs.get("nan_policy") is None:  # fit through observed attributes if it can
         policies = estimator_class(method, semi_supervised=labels is not None).nan_policies
         gm_kwargs["nan_policy"] = "marginalize" if "marginalize" in policies else "omit"
+    check = None
     if labels is not None:
-        y, names = labels_for_stack(
+        # checked by the fit's pass before EM (no pass of their own), unless the classes
+        # must be known by name before it
+        y, resolved = _stack_labels(
             stack,
             labels,
-            class_names=class_names,
-            nan_policy=gm_kwargs["nan_policy"],
-            class_column=class_column,
-            max_labels_per_class=max_labels_per_class,
-            seed=int(gm_kwargs.get("random_state") or 0),
+            class_names,
+            gm_kwargs["nan_policy"],
+            class_column,
+            max_labels_per_class,
+            int(gm_kwargs.get("random_state") or 0),
+            deferred=not isinstance(components_per_class, Mapping),
         )
-        C = len(names)
-        if n_components is not None and n_components < C:
+        names, check = resolved.class_names, resolved.check
+        C = None if names is None else len(names)
+        if C is not None and n_components is not None and n_components < C:
             raise ValueError(
                 f"n_components={n_components} is smaller than the number of classes ({C}: "
                 f"{names}); every class needs at least one component"
@@ -1689,8 +1754,13 @@ def fit_stack(
         if names is None:
             names = [f"class_{c}" for c in range(n_components)]
         gm.fit(X, sample_weight=sample_weight, class_names=names, **fit_kwargs)
-    else:
+    elif check is None:
         gm.fit(X, y, sample_weight, class_names=names, **fit_kwargs)
+    else:
+        with checking_labels(check):
+            gm.fit(X, y, sample_weight, class_names=names, **fit_kwargs)
+        if names is None:  # the classes were found by the check
+            gm._set_names(None, check.resolved.class_names)
     gm.input_path_ = stack.path
     return gm
 
@@ -2101,14 +2171,17 @@ def select_k(
     if kwargs.get("nan_policy") is None:
         kwargs["nan_policy"] = "marginalize" if "marginalize" in cls.nan_policies else "omit"
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
-    y, names = None, None
-    if labels is not None:
-        y, names = labels_for_stack(
-            stack, labels, nan_policy=kwargs["nan_policy"], class_column=class_column
+    y, check = None, None
+    if labels is not None:  # checked by the pass before EM
+        y, resolved = _stack_labels(
+            stack, labels, None, kwargs["nan_policy"], class_column, None, 0, deferred=True
         )
-    out = select_n_components(
-        lambda k: cls(k, **kwargs), stack.rows(), ks, y, criterion=criterion, callback=callback
-    )
+        check = resolved.check
+    with checking_labels(check) if check is not None else contextlib.nullcontext():
+        out = select_n_components(
+            lambda k: cls(k, **kwargs), stack.rows(), ks, y, criterion=criterion, callback=callback
+        )
+    names = None if check is None else check.resolved.class_names
     for est in out["models"].values():
         est._set_names(list(stack.variables), names)
         est.input_path_ = stack.path
@@ -2194,8 +2267,11 @@ def _fit_sequences(
         if v is not None and v is not False
     }
     if labels is not None:
-        y, names = sequence_labels(stack, labels, class_names=class_names)
-        if n_components is not None and n_components < len(names):
+        # checked by the fit's pass before EM, unless the classes must be known by name
+        deferred = not isinstance(components_per_class, Mapping)
+        y, got = sequence_labels(stack, labels, class_names=class_names, deferred=deferred)
+        check, names = (got, got.names) if deferred else (None, got)
+        if names is not None and n_components is not None and n_components < len(names):
             raise ValueError(
                 f"n_components={n_components} is smaller than the number of classes "
                 f"({len(names)}: {names}); every class needs at least one state"
@@ -2203,13 +2279,16 @@ def _fit_sequences(
         if components_per_class is not None:
             kwargs["components_per_class"] = _components_per_class_ids(components_per_class, names)
         gm = estimator_class(method, semi_supervised=True)(n_components, **kwargs)
-        gm.fit(
-            stack.sequences(),
-            y,
-            feature_names=list(stack.variables),
-            class_names=names,
-            **fit_kwargs,
-        )
+        with checking_labels(check) if check is not None else contextlib.nullcontext():
+            gm.fit(
+                stack.sequences(),
+                y,
+                feature_names=list(stack.variables),
+                class_names=names,
+                **fit_kwargs,
+            )
+        if names is None:  # the classes were found by the check
+            gm._set_names(None, check.resolved)
         gm.input_path_ = stack.path
         return gm
     if components_per_class is not None:
@@ -2237,7 +2316,8 @@ def sequence_labels(
     *,
     class_names: Sequence[str] | Mapping[int, str] | None = None,
     map_only: bool = False,
-) -> tuple[da.Array, list[str]]:
+    deferred: bool = False,
+) -> tuple[da.Array, Any]:
     """Training labels of a time stack, aligned with :meth:`Stack.sequences`.
 
     Parameters
@@ -2255,6 +2335,10 @@ def sequence_labels(
     map_only : bool
         Return the class ids on the stack's grid and chunks instead (the time axis one
         chunk), unvalidated (``-2`` marks values that are not class ids).
+    deferred : bool
+        Return the labels unchecked, with their check instead of the class names: a
+        callable taking the fit's label summary (:func:`daskem.base.checking_labels`),
+        so the labels cost no pass of their own.
 
     Returns
     -------
@@ -2324,19 +2408,41 @@ def sequence_labels(
         return lab, names
     pix = [i for i in range(len(stack.dims)) if i != t]
     seq = da.reshape_blockwise(lab.transpose(*pix, t), (stack.n_sequences, stack.n_times))
+    check = _SequenceLabelCheck(flag_values, None if names is None else list(names))
+    if deferred:  # checked by the fit, from its pass before EM
+        return seq, check
     lo, hi = engine.compute(seq.min(), seq.max())
-    if int(lo) < -1:
-        raise ValueError(
-            "labels hold values that are neither -1 (unlabelled) nor a class id"
-            + ("" if flag_values is None else f" among flag_values {flag_values.tolist()}")
-        )
-    if int(hi) < 0:
-        raise ValueError("the labels label no date (every entry is unlabelled)")
-    if names is None:
-        names = [f"class_{c}" for c in range(int(hi) + 1)]
-    elif int(hi) >= len(names):
-        raise ValueError(f"labels hold class id {int(hi)} but there are {len(names)} classes")
-    return seq, list(names)
+    return seq, check(engine.LabelSummary(int(lo), int(hi), *([None] * 7)))
+
+
+@dataclass
+class _SequenceLabelCheck:
+    """The validation of a time stack's labels from their summary (the range of the
+    values): returns the class names or raises ``ValueError``."""
+
+    flag_values: np.ndarray | None
+    names: list[str] | None
+    resolved: list[str] | None = None  # the class names the last call found
+
+    def __call__(self, summary: engine.LabelSummary) -> list[str]:
+        return self._check_labels(summary)
+
+    def _check_labels(self, summary: engine.LabelSummary) -> list[str]:
+        lo, hi, names = int(summary.y_min), int(summary.y_max), self.names
+        if lo < -1:
+            fv = self.flag_values
+            raise ValueError(
+                "labels hold values that are neither -1 (unlabelled) nor a class id"
+                + ("" if fv is None else f" among flag_values {fv.tolist()}")
+            )
+        if hi < 0:
+            raise ValueError("the labels label no date (every entry is unlabelled)")
+        if names is None:
+            names = [f"class_{c}" for c in range(hi + 1)]
+        elif hi >= len(names):
+            raise ValueError(f"labels hold class id {hi} but there are {len(names)} classes")
+        self.resolved = list(names)
+        return self.resolved
 
 
 def estimator_class(method: str = "gmm", *, semi_supervised: bool = False) -> type:

@@ -30,6 +30,18 @@ class _Reads:
         # a fresh name: no other graph shares these keys
         return a.map_blocks(read, dtype=a.dtype, name=f"source-{id(self)}")
 
+    def wrap2d(self, a: da.Array) -> da.Array:
+        """The same for a 2-D array, its chunks numbered in C order."""
+        grid = a.numblocks
+
+        def read(block, block_info=None):
+            i = int(np.ravel_multi_index(block_info[0]["chunk-location"], grid))
+            with self.lock:
+                self.by_chunk[i] = self.by_chunk.get(i, 0) + 1
+            return block
+
+        return a.map_blocks(read, dtype=a.dtype, name=f"source-{id(self)}")
+
     def passes(self) -> int:
         """Reads of the most-read chunk (a pass reads every chunk once)."""
         return max(self.by_chunk.values(), default=0)
@@ -207,3 +219,45 @@ def test_label_errors_come_from_the_summary():
         GaussianMixtureClassifier(max_iter=2, nan_policy="raise").fit(
             da.from_array(masked, chunks=(1000, 3)), da.from_array(z, chunks=1000)
         )
+
+
+@pytest.mark.parametrize("density", ["few", "every"])
+def test_fit_stack_reads_the_stack_and_its_labels_once_before_em(density):
+    """io.fit_stack: the labels are checked from the fit's pass before EM (no pass of
+    their own), so each chunk of every attribute and of the label map is read once
+    before the first EM iteration."""
+    import xarray as xr
+
+    from daskem import io
+
+    ny, nx, ch = 120, 100, 40
+    X, z = _mixture(ny * nx, seed=5)
+    lab = np.where(np.arange(ny * nx) % 211 == 0, z, -1) if density == "few" else z
+    reads = {name: _Reads() for name in ("a", "b", "c", "lc")}
+    arrays = dict(zip("abc", X.T.reshape(3, ny, nx), strict=True))
+    arrays["lc"] = lab.reshape(ny, nx).astype(np.int32)
+    ds = xr.Dataset(
+        {
+            name: (("y", "x"), reads[name].wrap2d(da.from_array(a, chunks=ch)))
+            for name, a in arrays.items()
+        },
+        coords={"y": np.arange(ny), "x": np.arange(nx)},
+    )
+    ds["lc"].attrs["unlabelled_value"] = -1
+    stack = io.open_stack(ds, ["a", "b", "c"])
+    at_first = {}
+
+    def callback(info):
+        at_first.setdefault("reads", {k: r.snapshot() for k, r in reads.items()})
+
+    with dask.config.set(scheduler="threads"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gm = io.fit_stack(
+            stack, labels="lc", max_iter=2, tol=0.0, cache=True, callback=callback,
+            check_nodata_values=False,
+        )  # fmt: skip
+    assert gm.class_names_ == ["class_0", "class_1", "class_2"]
+    n_chunks = 3 * 3
+    for name in "abc":
+        assert at_first["reads"][name] == dict.fromkeys(range(n_chunks), 1), name
+    assert at_first["reads"]["lc"] == dict.fromkeys(range(n_chunks), 1)
