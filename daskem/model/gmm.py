@@ -972,6 +972,18 @@ def _block_stats_fast(
         lab = np.asarray(labels)
         if not np.any(lab >= 0):
             lab = None
+    if lab is not None:
+        # per label value (-1 unlabelled, then each class id, then "no class": an id no
+        # component has), additive log-masks and 0/1 factors of every component (in the
+        # plan's order): a labelled row may only belong to its class's components
+        cc = params.component_class
+        cc_ord = (np.arange(K) if cc is None else np.asarray(cc))[order]
+        n_ids = int(cc_ord.max()) + 1
+        allowed_by_id = np.ones((K, n_ids + 2), dtype=bool)
+        allowed_by_id[:, 1 : n_ids + 1] = cc_ord[:, None] == np.arange(n_ids)[None, :]
+        allowed_by_id[:, n_ids + 1] = False
+        log_mask_by_id = np.where(allowed_by_id, 0.0, -np.inf).astype(dt)
+        keep_by_id = allowed_by_id.astype(dt)
     flagged = []
     w_in, wd = w, None
     if w is not None:
@@ -1019,15 +1031,16 @@ def _block_stats_fast(
                     lp += plan.c_res[j]
                     if dt != rdt:  # only the rounding of the result to float32
                         np.copyto(logp[nq + j], lp, casting="same_kind")
-            barred = None
+            allowed = None  # (K, m) 0/1 factors of the rows' allowed components
             if lab is not None:
-                allowed = _allowed_components(lab[s:e], params)
-                if allowed is not None:
-                    barred = ~allowed[:, order].T
-                    logp[barred] = -np.inf
+                lb = lab[s:e]
+                if (lb >= 0).any():
+                    ids = np.clip(lb, -1, n_ids) + 1
+                    logp += np.take(log_mask_by_id, ids, axis=1)
+                    allowed = np.take(keep_by_id, ids, axis=1)
             np.max(logp, axis=0, out=top)
             np.less_equal(r2, r2min, out=ok)
-            if barred is not None:
+            if allowed is not None:
                 ok &= top > -np.inf
             zeroed = not ok.all()
             if zeroed:
@@ -1036,7 +1049,7 @@ def _block_stats_fast(
                 relevant = logp[:nq, bad] > top[bad] + _RELEVANT
                 trouble = (relevant & (far > r2max)).any(axis=0) | ~(far <= plan.r2safe)
                 trouble |= ~(far < np.inf)
-                if barred is not None:
+                if allowed is not None:
                     trouble |= ~(top[bad] > -np.inf)
                 bad = bad[trouble]
                 zeroed = bad.size > 0
@@ -1050,8 +1063,8 @@ def _block_stats_fast(
                 np.copyto(logp, e32)
             else:
                 np.exp(logp, out=logp)
-            if barred is not None:
-                logp[barred] = 0.0
+            if allowed is not None:
+                logp *= allowed
             if dead is not None:
                 logp[dead] = 0.0
             np.sum(logp, axis=0, out=norm)
