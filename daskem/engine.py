@@ -34,9 +34,11 @@ Optionally, ``to_vector(params) -> ndarray`` and ``from_vector(vector, like) -> 
 None`` (None: not a valid parameter set) let :func:`fit_em_local` extrapolate EM steps
 (SQUAREM) on in-memory samples.
 
-Other public helpers: :func:`draw_sample` (reproducible random rows drawn chunk-wise
-without loading the array) and :func:`map_rows` (apply a row-wise NumPy function to
-every block, lazily, with the parameters shipped once).
+Other public helpers: :func:`prepare` (everything a fit needs before EM in one pass:
+the cache, a reproducible random sample drawn chunk-wise, and a bounded summary of the
+labels reduced on the workers), :func:`draw_sample` (the sample alone) and
+:func:`map_rows` (apply a row-wise NumPy function to every block, lazily, with the
+parameters shipped once).
 """
 
 from __future__ import annotations
