@@ -454,11 +454,8 @@ class EMEstimator(BaseEstimator):
             raise ValueError("Every labelled row of X has every attribute missing")
         lost = [int(c) for c in np.flatnonzero((counts > 0) & (_pad(usable, len(counts)) == 0))]
         if lost:
-            where = (
-                "with nothing observed"
-                if self.nan_policy == "marginalize"
-                else ("with missing values")
-            )
+            marginalize = self.nan_policy == "marginalize"
+            where = "with nothing observed" if marginalize else "with missing values"
             raise ValueError(
                 f"Every label of class(es) {lost} is on a row {where} (masked pixels): "
                 "label valid pixels"
