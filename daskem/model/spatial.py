@@ -64,6 +64,8 @@ from .gmm import (
     GMMModel,
     GMMParams,
     GMMStats,
+    _full_like,
+    _stats_from_shifted_sums,
     class_membership,
     observed_weighted_log_prob,
 )
@@ -170,10 +172,16 @@ def pixel_uniforms(shape: tuple[int, ...], origin: tuple[int, ...]) -> np.ndarra
     """A fixed pseudo-random number in [0, 1) for every pixel, from its global grid index
     only (a hash: the same in any chunk, at every iteration)."""
     idx = np.indices(shape, dtype=np.uint64)
+    return _uniforms_at([idx[d] + np.uint64(origin[d]) for d in range(len(shape))])
+
+
+def _uniforms_at(coords: list[np.ndarray]) -> np.ndarray:
+    """:func:`pixel_uniforms` of the pixels at global indices ``coords`` (one uint64
+    array per dim, broadcastable)."""
     with np.errstate(over="ignore"):
-        h = np.zeros(shape, dtype=np.uint64)
-        for d in range(len(shape)):
-            g = idx[d] + np.uint64(origin[d]) + np.uint64(1)
+        h = np.zeros(np.broadcast_shapes(*(c.shape for c in coords)), dtype=np.uint64)
+        for d, c in enumerate(coords):
+            g = c + np.uint64(1)
             h ^= g * np.uint64(_HASH_MULT[d % 3])
             h = (h << np.uint64(31)) | (h >> np.uint64(33))
         # splitmix64 finaliser
@@ -207,7 +215,6 @@ def mean_field(
     origin: tuple[int, ...],
     sweeps: int,
     active: np.ndarray | None = None,
-    overwrite: bool = False,
 ) -> np.ndarray:
     """Mean-field responsibilities of a grid block, shape ``(*grid, K)``.
 
@@ -229,56 +236,27 @@ def mean_field(
     active : bool ndarray (*grid) or None
         Pixels of the field; others (e.g. zero sample weight) have ``q = 0`` and are not
         neighbours of anyone.
-    overwrite : bool, default False
-        Turn ``log_emission`` into the logits ``log_emission + alpha`` (``-inf`` where
-        not allowed) in place, saving a copy.
+
+    Returns
+    -------
+    ndarray (*grid, K) float64
+        Computed in float32 if ``log_emission`` is float32 (:func:`work_dtype`).
     """
-    grid = log_emission.shape[:-1]
-    if overwrite:  # the logits take the place of the log emissions
-        logits = log_emission
-        logits += alpha
-    else:
-        logits = log_emission + alpha
-    if allowed is not None:
-        logits[~allowed] = -np.inf
-    q = _softmax_rows(logits.copy())
-    if active is not None:
-        q[~active] = 0.0
-    if beta == 0.0 or sweeps == 0:
-        return q
-    ndim = len(grid)
-    identity = membership.shape[0] == membership.shape[1] and np.array_equal(
-        membership, np.eye(membership.shape[0])
-    )
-    C = membership.shape[1]
-    # Q (class probabilities) inside a zero border, so every neighbour is a strided view
-    Qp = np.zeros(tuple(n + 2 for n in grid) + (C,))
-    inner = tuple(slice(1, n + 1) for n in grid)
-    Qp[inner] = q if identity else q @ membership
-    offsets = neighbour_offsets(ndim, neighbourhood)
-    for _ in range(sweeps):
-        for lattices in _colour_lattices(grid, origin, neighbourhood):
-            for start in lattices:  # parity sub-lattices of one colour: no two are neighbours
-                sub = tuple(slice(a, None, 2) for a in start)
-                shape = logits[sub].shape[:-1]
-                if not all(shape):
-                    continue
-                N = np.zeros((*shape, C))
-                for o in offsets:
-                    view = tuple(
-                        slice(1 + a + d, 1 + a + d + 2 * (n - 1) + 1, 2)
-                        for a, d, n in zip(start, o, shape, strict=True)
-                    )
-                    N += Qp[view]
-                lg = logits[sub] + beta * (N if identity else N @ membership.T)
-                qc = _softmax_rows(lg)
-                if active is not None:
-                    qc[~active[sub]] = 0.0
-                q[sub] = qc
-                Qp[tuple(slice(1 + a, None, 2) for a in start)][
-                    tuple(slice(0, n) for n in shape)
-                ] = qc if identity else qc @ membership
-    return q
+    grid = tuple(log_emission.shape[:-1])
+    K = log_emission.shape[-1]
+    dtype = work_dtype(log_emission.dtype)
+
+    def emission(sub, m):
+        return np.asarray(log_emission[sub], dtype=np.float64).reshape(m, K)
+
+    def ok(sub, m):
+        return None if allowed is None else np.asarray(allowed[sub]).reshape(m, K)
+
+    lat = _Lattice(grid, origin, neighbourhood)
+    f = _build_field(emission, ok, membership, alpha, beta, active, lat, dtype)
+    if beta != 0.0 and sweeps:
+        _sweep(f, float(beta), int(sweeps))
+    return _field_to_grid(f, K)
 
 
 def _colour_lattices(
@@ -350,6 +328,271 @@ def local_free_energy(
         safe = np.where(q > 0, q, 1.0)
         per = np.where(q > 0, q * (log_emission + log_prior - np.log(safe)), 0.0)
     return float((per.sum(axis=-1) * weight)[core].sum())
+
+
+# --------------------------------------------------------------------------- the kernel
+#
+# A block is split into its 2 ** ndim parity sub-lattices (pixels whose local index has
+# the parities ``start``), each stored class-major and contiguous: ``(C, *counts)`` with
+# a zero border of one element on every spatial side. A pixel's neighbour at offset ``o``
+# lies on the sub-lattice of parities ``(start + o) % 2``, at the same index shifted by
+# ``(start + o) // 2`` (-1, 0 or 1 per dim), so the neighbour sums of a whole sub-lattice
+# are sums of contiguous slices of the others (no strided views, no masks), and every
+# reduction over the classes runs across K contiguous planes. Sub-lattices are processed
+# in strips of about _STRIP pixels so their temporaries stay in cache.
+#
+# q_ik = G_ik exp(beta N_ik) / S_i with G_ik = exp(L_ik - max_k L_ik), L the pixel-wise
+# logits log p(x_i | k) + alpha_k (-inf where not allowed): max_k G_ik = 1, so while
+# beta times the number of neighbours stays below _EXP_LIMIT no per-pixel maximum is
+# needed in the sweeps (else they take the log-sum-exp route). Blocks of float32
+# attributes are swept in float32 (SIMD exp); sums over pixels are float64.
+
+# pixels per strip of a sub-lattice (temporaries of K x _STRIP elements stay in cache)
+_STRIP = 8192
+# largest beta * (number of neighbours) swept without a per-pixel maximum, per dtype
+_EXP_LIMIT = {np.dtype(np.float32): 60.0, np.dtype(np.float64): 600.0}
+
+
+def work_dtype(dtype: Any) -> np.dtype:
+    """Arithmetic of the sweeps for attributes of ``dtype``: float32 for float32 data,
+    else float64 (sums over pixels are float64 either way)."""
+    return np.dtype(np.float32) if np.dtype(dtype) == np.float32 else np.dtype(np.float64)
+
+
+class _Lattice:
+    """The parity sub-lattices of a block and how their neighbours map onto each other.
+
+    Attributes
+    ----------
+    starts : list of tuple
+        Local parities of each sub-lattice (its pixels are ``[a::2, b::2, ...]``), in
+        colour order.
+    counts : list of tuple
+        Its shape.
+    views : list of list of (int, tuple)
+        Per sub-lattice, per neighbour offset: the neighbour's sub-lattice and the index
+        shift.
+    """
+
+    def __init__(self, grid: tuple[int, ...], origin: tuple[int, ...], neighbourhood: int):
+        ndim = len(grid)
+        self.grid = tuple(int(n) for n in grid)
+        self.n_neighbours = len(neighbour_offsets(ndim, neighbourhood))
+        subs = []
+        for colour, lattices in enumerate(_colour_lattices(self.grid, origin, neighbourhood)):
+            for start in lattices:
+                subs.append((colour, start))
+        self.colours = [c for c, _ in subs]
+        self.starts = [s for _, s in subs]
+        self.counts = [
+            tuple((n - a + 1) // 2 for n, a in zip(self.grid, s, strict=True)) for s in self.starts
+        ]
+        index = {s: j for j, s in enumerate(self.starts)}
+        self.views = []
+        for start in self.starts:
+            v = []
+            for o in neighbour_offsets(ndim, neighbourhood):
+                par = tuple((a + d) % 2 for a, d in zip(start, o, strict=True))
+                shift = tuple((a + d - p) // 2 for a, d, p in zip(start, o, par, strict=True))
+                v.append((index[par], shift))
+            self.views.append(v)
+
+    def sub(self, j: int) -> tuple[slice, ...]:
+        """Slices of sub-lattice ``j`` in the block."""
+        return tuple(slice(a, None, 2) for a in self.starts[j])
+
+    def core_range(self, j: int, core: tuple[slice, ...]) -> tuple[slice, ...]:
+        """Index ranges of sub-lattice ``j`` inside the block's ``core``."""
+        return tuple(
+            slice((c.start - a + 1) // 2, (c.stop - a + 1) // 2)
+            for c, a in zip(core, self.starts[j], strict=True)
+        )
+
+    def strips(self, j: int, ranges: tuple[slice, ...] | None = None):
+        """Row ranges (first dim) of sub-lattice ``j`` within ``ranges`` (default: all)."""
+        cnt = self.counts[j]
+        if ranges is None:
+            ranges = tuple(slice(0, n) for n in cnt)
+        if any(r.stop <= r.start for r in ranges):
+            return []
+        inner = math.prod(r.stop - r.start for r in ranges[1:])
+        step = max(1, _STRIP // max(1, inner))
+        r = ranges[0]
+        return [(a, min(r.stop, a + step)) for a in range(r.start, r.stop, step)]
+
+    def neighbours(self, j: int, F: list[np.ndarray], rows, rest: tuple[slice, ...], out):
+        """``out`` = sum of the neighbours' values of sub-lattice ``j``'s pixels
+        ``[rows, *rest]`` in the bordered arrays ``F`` (leading class axis)."""
+        r0, r1 = rows
+        v = []
+        for jj, s in self.views[j]:
+            idx = (slice(None), slice(1 + s[0] + r0, 1 + s[0] + r1)) + tuple(
+                slice(1 + d + r.start, 1 + d + r.stop) for d, r in zip(s[1:], rest, strict=True)
+            )
+            v.append(F[jj][idx])
+        np.add(v[0], v[1], out=out)
+        for a in v[2:]:
+            out += a
+        return out
+
+
+@dataclass
+class _Field:
+    """The mean-field state of one block, per sub-lattice (see the comment above)."""
+
+    lat: _Lattice
+    dtype: np.dtype
+    cc: np.ndarray | None  # (K,) class of each component; None: component k is class k
+    MT: np.ndarray | None  # (C, K) one-hot, in ``dtype`` (None with ``cc``)
+    n_classes: int
+    Q: list[np.ndarray]  # bordered (C, *counts + 2): class probabilities
+    q: list[np.ndarray] | None  # (K, *counts): component probabilities (None: Q's inner)
+    G: list[np.ndarray]  # (K, *counts): exp(L - max L), or L - max L on the log route
+    maxL: list[np.ndarray]  # (*counts) float64: max_k L
+    act: list[np.ndarray | None]  # (*counts) 0/1 in ``dtype`` (None: all active)
+    lnS: list[np.ndarray]  # (*counts): log normaliser of the pixel's last update
+    qN: list[np.ndarray]  # (*counts): sum_c Q_c N_c of the pixel's last update
+    log_route: bool
+
+    def inner(self, j: int, rows=None, rest=None) -> tuple[slice, ...]:
+        cnt = self.lat.counts[j]
+        r0, r1 = rows if rows is not None else (0, cnt[0])
+        rest = rest if rest is not None else tuple(slice(0, n) for n in cnt[1:])
+        return (slice(None), slice(1 + r0, 1 + r1)) + tuple(
+            slice(1 + r.start, 1 + r.stop) for r in rest
+        )
+
+    def comp(self, j: int, rows, rest) -> np.ndarray:
+        """Component probabilities of pixels ``[rows, *rest]`` of sub-lattice ``j``."""
+        if self.q is None:
+            return self.Q[j][self.inner(j, rows, rest)]
+        return self.q[j][(slice(None), slice(*rows), *rest)]
+
+
+def _build_field(
+    emission,
+    allowed,
+    M: np.ndarray,
+    alpha: np.ndarray,
+    beta: float,
+    active: np.ndarray | None,
+    lat: _Lattice,
+    dtype: np.dtype,
+) -> _Field:
+    """The pixel-wise start ``q_ik ∝ p(x_i | k) exp(alpha_k)`` of a block, per sub-lattice.
+
+    ``emission(sub, m)`` gives ``log p(x | k)`` (m, K) float64 of the pixels of the
+    block's slices ``sub`` (0 where nothing is observed), ``allowed(sub, m)`` the
+    components they may take (m, K) or None; ``M`` is the (K, C) class membership.
+    """
+    K, C = M.shape
+    identity = C == K and np.array_equal(M, np.eye(K))
+    cc = None if identity else np.argmax(M, axis=1)
+    log_route = beta * lat.n_neighbours > _EXP_LIMIT[dtype]
+    f = _Field(
+        lat, dtype, cc, None if identity else np.ascontiguousarray(M.T, dtype=dtype), C,
+        [], None if identity else [], [], [], [], [], [], log_route,
+    )  # fmt: skip
+    alpha = np.asarray(alpha, dtype=np.float64)
+    for j, cnt in enumerate(lat.counts):
+        sub = lat.sub(j)
+        m = math.prod(cnt)
+        L = emission(sub, m).T + alpha[:, None]
+        ok = allowed(sub, m)
+        if ok is not None:
+            L[~ok.T] = -np.inf
+        mx = L.max(axis=0)
+        mx[~np.isfinite(mx)] = 0.0
+        L -= mx
+        if not log_route:
+            with np.errstate(under="ignore"):
+                np.exp(L, out=L)
+        G = L.astype(dtype).reshape(K, *cnt)
+        act = None
+        if active is not None:
+            a = np.asarray(active[sub])
+            if not a.all():
+                act = a.astype(dtype)
+        f.G.append(G)
+        f.maxL.append(mx.reshape(cnt))
+        f.act.append(act)
+        f.Q.append(np.zeros((C, *(n + 2 for n in cnt)), dtype=dtype))
+        if not identity:
+            f.q.append(np.empty((K, *cnt), dtype=dtype))
+        f.lnS.append(np.empty(cnt, dtype=dtype))
+        f.qN.append(np.zeros(cnt, dtype=dtype))
+        for rows in lat.strips(j):
+            rest = tuple(slice(0, n) for n in cnt[1:])
+            _update(f, j, rows, rest, None, 0.0, True)
+    return f
+
+
+def _update(f: _Field, j: int, rows, rest, N: np.ndarray | None, beta: float, last: bool):
+    """Set ``q`` of pixels ``[rows, *rest]`` of sub-lattice ``j`` from the neighbour sums
+    ``N`` (C, ...) of the classes (None: the pixel-wise start)."""
+    sl = (slice(None), slice(*rows), *rest)
+    G = f.G[j][sl]
+    if N is None:
+        T = np.exp(G) if f.log_route else G.copy()
+    else:
+        Nk = N if f.cc is None else N[f.cc]
+        T = np.multiply(Nk, f.dtype.type(beta))
+        if f.log_route:
+            T += G
+            top = T.max(axis=0)
+            T -= top
+        np.exp(T, out=T)
+        if not f.log_route:
+            T *= G
+    S = T.sum(axis=0)
+    # max_k G = 1 for a pixel with an allowed component, so S >= 1 there; S = 0 (nothing
+    # allowed) gives q = 0 rather than NaN
+    np.maximum(S, f.dtype.type(1e-30), out=S)
+    if last:
+        lnS = f.lnS[j][sl[1:]]
+        np.log(S, out=lnS)
+        if f.log_route and N is not None:
+            lnS += top
+    act = f.act[j]
+    if act is None:
+        np.reciprocal(S, out=S)
+    else:
+        np.divide(act[sl[1:]], S, out=S)
+    T *= S
+    if f.cc is None:
+        QT = T
+    else:
+        f.q[j][sl] = T
+        QT = np.matmul(f.MT, T.reshape(T.shape[0], -1)).reshape(f.n_classes, *T.shape[1:])
+    if last and N is not None:
+        f.qN[j][sl[1:]] = np.einsum("c...,c...->...", QT, N)
+    f.Q[j][f.inner(j, rows, rest)] = QT
+
+
+def _sweep(f: _Field, beta: float, sweeps: int) -> None:
+    """``sweeps`` colour sweeps of the mean-field update over the whole block."""
+    lat = f.lat
+    for s in range(sweeps):
+        last = s == sweeps - 1
+        for j, cnt in enumerate(lat.counts):
+            rest = tuple(slice(0, n) for n in cnt[1:])
+            for rows in lat.strips(j):
+                shape = (f.n_classes, rows[1] - rows[0], *cnt[1:])
+                N = lat.neighbours(j, f.Q, rows, rest, np.empty(shape, dtype=f.dtype))
+                _update(f, j, rows, rest, N, beta, last)
+
+
+def _field_to_grid(f: _Field, K: int) -> np.ndarray:
+    """``q`` of the whole block, shape ``(*grid, K)`` float64."""
+    lat = f.lat
+    q = np.zeros((*lat.grid, K))
+    for j, cnt in enumerate(lat.counts):
+        if not all(cnt):
+            continue
+        rows = (0, cnt[0])
+        rest = tuple(slice(0, n) for n in cnt[1:])
+        q[lat.sub(j)] = np.moveaxis(f.comp(j, rows, rest), 0, -1)
+    return q
 
 
 # --------------------------------------------------------------------------- blocks
@@ -457,30 +700,80 @@ def _allowed(labels: np.ndarray | None, gmm: GMMParams) -> np.ndarray | None:
     return allowed
 
 
-def _pl_terms(q, N, alpha, beta, w, estimate_beta, Ns=None):
-    """Gradient and Hessian of the pseudo-likelihood at ``(alpha, beta)`` (core pixels)."""
-    K = q.shape[1]
-    Nd = N
-    if Ns is not None:
-        N = Ns
-    p = _softmax_rows(alpha + beta * N)
-    g = np.empty(K + 1)
-    H = np.zeros((K + 1, K + 1))
-    wq = w[:, None] * (q - p)
-    g[:K] = wq.sum(axis=0)
-    wp = w[:, None] * p
-    H[:K, :K] = -(np.diag(wp.sum(axis=0)) - wp.T @ p)
-    if estimate_beta:
-        g[K] = (w[:, None] * (q * Nd - p * N)).sum()
-        nbar = (p * N).sum(axis=1)
-        dn = N - nbar[:, None]
-        H[K, K] = -(w * (p * dn * dn).sum(axis=1)).sum()
-        hab = -(wp * dn).sum(axis=0)
-        H[:K, K] = hab
-        H[K, :K] = hab
+def _drawn_field(f: _Field, origin: tuple[int, ...], active: np.ndarray | None) -> list:
+    """One draw of the class field from ``q`` (one-hot, bordered like ``f.Q``), by each
+    pixel's fixed uniform (:func:`pixel_uniforms`); inactive pixels draw nothing."""
+    lat, C = f.lat, f.n_classes
+    out = []
+    for j, cnt in enumerate(lat.counts):
+        Z = np.zeros((C, *(n + 2 for n in cnt)), dtype=f.dtype)
+        out.append(Z)
+        if not all(cnt):
+            continue
+        ndim = len(cnt)
+        coords = []
+        for d, (a, n) in enumerate(zip(lat.starts[j], cnt, strict=True)):
+            g = np.uint64(int(origin[d]) + a) + np.uint64(2) * np.arange(n, dtype=np.uint64)
+            coords.append(g.reshape((n,) + (1,) * (ndim - 1 - d)))
+        u = _uniforms_at(coords)
+        cum = np.cumsum(f.Q[j][f.inner(j)], axis=0)
+        z = np.minimum((cum < u).sum(axis=0), C - 1)
+        one = z == np.arange(C).reshape((C,) + (1,) * ndim)
+        if active is not None:
+            one &= np.asarray(active[lat.sub(j)])
+        Z[f.inner(j)] = one
+    return out
+
+
+def _shift(gmm: GMMParams) -> np.ndarray:
+    """The common shift of the statistics GEMM: the components' weighted mean."""
+    w = np.asarray(gmm.weights, dtype=np.float64)
+    means = np.asarray(gmm.means, dtype=np.float64)
+    if not (w > 0).any():
+        return means.mean(axis=0)
+    return (w[:, None] * means).sum(axis=0) / w.sum()
+
+
+def _quad_features(xc: np.ndarray, full: bool) -> np.ndarray:
+    """``[1, x, x^2, x_a x_b (a < b)]`` of feature-major rows ``xc`` (D, m), float64."""
+    D, m = xc.shape
+    M = 1 + D + D * (D + 1) // 2 if full else 1 + 2 * D
+    phi = np.empty((M, m))
+    phi[0] = 1.0
+    phi[1 : 1 + D] = xc
+    np.square(xc, out=phi[1 + D : 1 + 2 * D])
+    if full:
+        o = 1 + 2 * D
+        for a in range(D - 1):
+            np.multiply(xc[a], xc[a + 1 :], out=phi[o : o + D - 1 - a])
+            o += D - 1 - a
+    return phi
+
+
+def _gmm_stats_from_sums(
+    acc: np.ndarray, shift: np.ndarray, gmm: GMMParams, weight: float, count: int
+) -> GMMStats:
+    """GMMStats from the statistics GEMM's sums ``acc`` (K, M) about ``shift``."""
+    K, D = gmm.means.shape
+    full = acc.shape[1] > 1 + 2 * D
+    S0 = acc[:, 0].copy()
+    S1 = acc[:, 1 : 1 + D]
+    if full:
+        S2 = np.empty((K, D, D))
+        di = np.arange(D)
+        S2[:, di, di] = acc[:, 1 + D : 1 + 2 * D]
+        iu, ju = np.triu_indices(D, 1)
+        S2[:, iu, ju] = acc[:, 1 + 2 * D :]
+        S2[:, ju, iu] = acc[:, 1 + 2 * D :]
     else:
-        g[K] = 0.0
-    return g, H
+        S2 = acc[:, 1 + D :].copy()
+    means = np.asarray(gmm.means, dtype=np.float64)
+    mean, m2 = _stats_from_shifted_sums(S0, S1, S2, shift, means)
+    n_worst = max(16, K)
+    return GMMStats(
+        n=S0, mean=mean, m2=m2, weight=weight, count=count, n_worst=n_worst,
+        worst_score=np.empty(0), worst_rows=np.empty((0, D)),
+    )  # fmt: skip
 
 
 def newton_prior(
@@ -517,35 +810,46 @@ class SpatialGMMModel:
 
     # ---- the EM iteration --------------------------------------------------------
 
+    def _field(
+        self,
+        params: SpatialParams,
+        data: np.ndarray,
+        origin: tuple[int, ...],
+        labels: np.ndarray | None,
+        active: np.ndarray | None,
+    ) -> _Field:
+        """The mean-field state of a block after the sweeps."""
+        gmm = params.gmm
+        D = data.shape[-1]
+        lab = None if labels is None else np.asarray(labels)
+
+        def emission(sub, m):
+            return log_emission(gmm, data[sub].reshape(m, D))
+
+        def ok(sub, m):
+            return None if lab is None else _allowed(lab[sub], gmm)
+
+        beta = float(params.beta)
+        lat = _Lattice(data.shape[:-1], origin, self.neighbourhood)
+        dtype = work_dtype(data.dtype)
+        M = class_membership(gmm)
+        f = _build_field(emission, ok, M, params.alpha, beta, active, lat, dtype)
+        if beta != 0.0 and self.sweeps:
+            _sweep(f, beta, int(self.sweeps))
+        return f
+
     def responsibilities(
         self,
         params: SpatialParams,
         block: SpatialBlock,
         labels: np.ndarray | None = None,
         active: np.ndarray | None = None,
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Mean-field ``q`` (*ext, K) and the pixel-wise logits ``log p(x | k) + alpha_k``
-        (*ext, K; ``-inf`` for components a labelled pixel may not take) of a block."""
+    ) -> np.ndarray:
+        """Mean-field ``q`` of a block, shape (*ext, K) float64 (swept in float32 for
+        float32 attributes, :func:`work_dtype`)."""
         data = np.asarray(block.data)
-        grid = data.shape[:-1]
-        X = data.reshape(-1, data.shape[-1])
-        E = log_emission(params.gmm, X)
-        allowed = _allowed(labels, params.gmm)
-        K = params.n_components
-        M = class_membership(params.gmm)
-        q = mean_field(
-            E.reshape(*grid, K),
-            params.alpha,
-            float(params.beta),
-            M,
-            allowed=None if allowed is None else allowed.reshape(*grid, K),
-            neighbourhood=self.neighbourhood,
-            origin=block.origin,
-            sweeps=self.sweeps,
-            active=active,
-            overwrite=True,
-        )
-        return q, E.reshape(*grid, K)
+        f = self._field(params, data, block.origin, labels, active)
+        return _field_to_grid(f, params.n_components)
 
     def block_stats(
         self,
@@ -561,55 +865,134 @@ class SpatialGMMModel:
         w = np.where(active, w, 0.0)
         if labels is not None and self.emission.label_weight != 1.0:
             w = np.where(np.asarray(labels) >= 0, w * self.emission.label_weight, w)
-        q, logits = self.responsibilities(params, block, labels, active)
-        M = class_membership(params.gmm)
-        offsets = neighbour_offsets(len(grid), self.neighbourhood)
-        D = data.shape[-1]
-        alpha, beta = params.alpha, float(params.beta)
+        every = bool(active.all())
+        f = self._field(params, data, block.origin, labels, None if every else active)
+        gmm = params.gmm
+        K, D = gmm.means.shape
+        C = f.n_classes
+        alpha = np.asarray(params.alpha, dtype=np.float64)
+        beta = float(params.beta)
+        dt = f.dtype
+        cc = f.cc
+        lat = f.lat
         core = tuple(slice(*c.indices(n)[:2]) for c, n in zip(block.core, grid, strict=True))
-        c0, c1 = core[0].start, core[0].stop
-        rest = core[1:]
-        stats: SpatialStats | None = None
-        # the core in slabs along the first axis, so the per-pixel temporaries stay small
-        step = max(1, _SLAB_PIXELS // max(1, math.prod(s.stop - s.start for s in rest)))
-        for a in range(c0, c1, step):
-            b = min(c1, a + step)
-            lo, hi = max(0, a - 1), min(grid[0], b + 1)  # one ring for the neighbour sums
-            inner = (slice(a - lo, b - lo), *rest)
-            qs = q[lo:hi]
-            Qs = qs @ M
-            Qn = (neighbour_sum(Qs, offsets) @ M.T)[inner].reshape(-1, q.shape[-1])
-            # one draw of the class field from q (fixed per pixel), for the pseudo-likelihood
-            u = pixel_uniforms(Qs.shape[:-1], (block.origin[0] + lo, *block.origin[1:]))
-            z = np.minimum((np.cumsum(Qs, axis=-1) < u[..., None]).sum(axis=-1), M.shape[1] - 1)
-            Z = np.zeros_like(Qs)
-            np.put_along_axis(Z, z[..., None], 1.0, axis=-1)
-            Z[~active[lo:hi]] = 0.0
-            Ns = (neighbour_sum(Z, offsets) @ M.T)[inner].reshape(-1, q.shape[-1])
-            qc = qs[inner].reshape(-1, q.shape[-1])
-            wc = w[lo:hi][inner].reshape(-1)
-            act = active[lo:hi][inner].reshape(-1)
-            Xc = data[lo:hi][inner].reshape(-1, D)
-            Ec = logits[lo:hi][inner].reshape(-1, q.shape[-1]) - alpha
-            seen = np.isfinite(Xc).any(axis=1)
-            energy = local_free_energy(qc, Ec, alpha, beta, Qn, wc, (slice(None),))
-            every = bool(act.all())
-            sel = slice(None) if every else act
-            emission = resp_stats(Xc[sel], qc[sel], params.gmm, wc[sel])
-            g, H = _pl_terms(qc[sel], Qn[sel], alpha, beta, wc[sel], self.estimate_beta, Ns[sel])
-            part = SpatialStats(
-                emission,
-                energy,
-                float(wc.sum()),
-                g,
-                H,
-                n_excluded=int((~(act & seen)).sum()),
-                n_empty=int((~seen).sum()),
-                n_partial=emission.n_partial,
-            )
-            stats = part if stats is None else stats + part
-        assert stats is not None
-        return stats
+        need_pl = self.estimate_beta or beta != 0.0
+        Z = _drawn_field(f, block.origin, None if every else active) if need_pl else None
+        # the prior's normaliser: sum_k exp(alpha_k + beta N_class(k)) = b @ exp(beta N)
+        amax = float(alpha.max())
+        a = np.exp(alpha - amax)
+        b = np.zeros(C)
+        np.add.at(b, np.arange(K) if cc is None else cc, a)
+        a_dt, b_dt, beta_dt = a.astype(dt), b.astype(dt), dt.type(beta)
+        full = _full_like(gmm.covariance_type, K)
+        shift = _shift(gmm)
+        acc = np.zeros((K, 1 + D + D * (D + 1) // 2 if full else 1 + 2 * D))
+        energy = weight = w_used = 0.0
+        count = n_excluded = n_empty = 0
+        g = np.zeros(K + 1)
+        H = np.zeros((K + 1, K + 1))
+        partial = None
+        for j in range(len(lat.counts)):
+            cr = lat.core_range(j, core)
+            sub = lat.sub(j)
+            for rows in lat.strips(j, cr):
+                rest = cr[1:]
+                sl = (slice(*rows), *rest)
+                shape = (rows[1] - rows[0], *(r.stop - r.start for r in rest))
+                m = math.prod(shape)
+                qK = np.ascontiguousarray(f.comp(j, rows, rest)).reshape(K, m)
+                QC = qK if cc is None else np.matmul(f.MT, qK)
+                N = lat.neighbours(j, f.Q, rows, rest, np.empty((C, *shape), dtype=dt))
+                N = N.reshape(C, m)
+                wj = w[sub][sl].reshape(m)
+                actj = None if every else active[sub][sl].reshape(m)
+                # the local free energy of each pixel (module docstring), from the
+                # normaliser of its last update: log q_ik = L_ik - max L + beta N'_ik - lnS
+                qN = np.einsum("cm,cm->m", QC, N)
+                if f.log_route:
+                    lg = alpha[:, None] + beta * (N if cc is None else N[cc])
+                    top = lg.max(axis=0)
+                    logZ = np.log(np.exp(lg - top).sum(axis=0)) + top
+                else:
+                    eN = np.multiply(N, beta_dt)
+                    np.exp(eN, out=eN)
+                    logZ = np.log(b_dt @ eN).astype(np.float64) + amax
+                e = f.maxL[j][sl].reshape(m) + f.lnS[j][sl].reshape(m) - logZ
+                e += beta * (qN.astype(np.float64) - f.qN[j][sl].reshape(m))
+                if actj is not None:
+                    e[actj == 0] = 0.0
+                energy += float(wj @ e)
+                weight += float(wj.sum())
+                wd = wj.astype(dt)
+                if need_pl:  # the pseudo-likelihood's gradient and Hessian
+                    Ns = lat.neighbours(j, Z, rows, rest, np.empty((C, *shape), dtype=dt))
+                    Ns = Ns.reshape(C, m)
+                    Nsk = Ns if cc is None else Ns[cc]
+                    if f.log_route:
+                        p = alpha[:, None] + beta * Nsk
+                        p -= p.max(axis=0)
+                        np.exp(p, out=p)
+                        p /= p.sum(axis=0)
+                        p = p.astype(dt)
+                    else:
+                        eNs = np.multiply(Ns, beta_dt)
+                        np.exp(eNs, out=eNs)
+                        p = a_dt[:, None] * (eNs if cc is None else eNs[cc])
+                        p *= np.reciprocal(b_dt @ eNs)
+                    g[:K] += (qK - p) @ wd
+                    wp = p * wd
+                    H[:K, :K] -= np.diag(wp.sum(axis=1, dtype=np.float64)) - wp @ p.T
+                    if self.estimate_beta:
+                        PC = p if cc is None else np.matmul(f.MT, p)
+                        nbar = np.einsum("cm,cm->m", PC, Ns)
+                        g[K] += float(wj @ (qN - nbar).astype(np.float64))
+                        v = np.einsum("cm,cm->m", PC * Ns, Ns).astype(np.float64)
+                        v -= np.square(nbar, dtype=np.float64)
+                        H[K, K] -= float(wj @ v)
+                        hab = (p * (Nsk - nbar)) @ wd
+                        H[:K, K] -= hab
+                        H[K, :K] -= hab
+                # the emission statistics with q as responsibilities
+                xs = data[sub][sl].reshape(m, D)
+                fin = np.isfinite(xs)
+                complete = fin.all(axis=1)
+                seen = complete | fin.any(axis=1)
+                used = complete if actj is None else complete & (actj > 0)
+                n_excluded += int(m - (seen if actj is None else seen & (actj > 0)).sum())
+                n_empty += int(m - seen.sum())
+                R = np.multiply(qK, wj, dtype=np.float64)
+                if used.all():
+                    xc = xs.T - shift[:, None]
+                else:
+                    R[:, ~used] = 0.0
+                    xc = np.where(used, xs.T, shift[:, None]) - shift[:, None]
+                    rest_rows = np.flatnonzero(~complete & seen & (wj > 0))
+                    if rest_rows.size:  # partly observed: conditional expectations
+                        part = resp_stats(
+                            xs[rest_rows],
+                            qK[:, rest_rows].T.astype(np.float64),
+                            gmm,
+                            wj[rest_rows],
+                        )
+                        partial = part if partial is None else partial + part
+                acc += R @ _quad_features(xc, full).T
+                w_used += float(wj[used].sum())
+                count += int(np.count_nonzero(wj[used]))
+        emission = _gmm_stats_from_sums(acc, shift, gmm, w_used, count)
+        if partial is not None:
+            emission = emission + partial
+        if not self.estimate_beta:
+            g[K] = 0.0
+        return SpatialStats(
+            emission,
+            energy,
+            weight,
+            g,
+            H,
+            n_excluded=n_excluded,
+            n_empty=n_empty,
+            n_partial=emission.n_partial,
+        )
 
     def m_step(self, stats: SpatialStats, params: SpatialParams) -> tuple[SpatialParams, list]:
         gmm, events = gmm_m_step(
@@ -646,7 +1029,7 @@ class SpatialGMMModel:
         class; pixels with nothing observed take their class from the prior."""
         data = np.asarray(block.data)
         D = data.shape[-1]
-        q, _ = self.responsibilities(params, block, labels)
+        q = self.responsibilities(params, block, labels)
         M = class_membership(params.gmm, n_classes)
         P = (q @ M)[block.core]
         core_shape = P.shape[:-1]
