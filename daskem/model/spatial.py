@@ -61,9 +61,11 @@ from typing import Any
 import numpy as np
 
 from .gmm import (
+    _RELEVANT,
     GMMModel,
     GMMParams,
     GMMStats,
+    _fast_plan,
     _full_like,
     _stats_from_shifted_sums,
     class_membership,
@@ -247,7 +249,7 @@ def mean_field(
     dtype = work_dtype(log_emission.dtype)
 
     def emission(sub, m):
-        return np.asarray(log_emission[sub], dtype=np.float64).reshape(m, K)
+        return np.asarray(log_emission[sub], dtype=np.float64).reshape(m, K).T.copy()
 
     def ok(sub, m):
         return None if allowed is None else np.asarray(allowed[sub]).reshape(m, K)
@@ -481,9 +483,10 @@ def _build_field(
 ) -> _Field:
     """The pixel-wise start ``q_ik ∝ p(x_i | k) exp(alpha_k)`` of a block, per sub-lattice.
 
-    ``emission(sub, m)`` gives ``log p(x | k)`` (m, K) float64 of the pixels of the
-    block's slices ``sub`` (0 where nothing is observed), ``allowed(sub, m)`` the
-    components they may take (m, K) or None; ``M`` is the (K, C) class membership.
+    ``emission(sl, m)`` gives ``log p(x | k)`` (K, m) float64 of the ``m`` pixels of the
+    block's slices ``sl`` (0 where nothing is observed; the array is consumed),
+    ``allowed(sl, m)`` the components they may take (m, K) or None; ``M`` is the (K, C)
+    class membership. The pixels are taken in strips of each sub-lattice.
     """
     K, C = M.shape
     identity = C == K and np.array_equal(M, np.eye(K))
@@ -495,34 +498,41 @@ def _build_field(
     )  # fmt: skip
     alpha = np.asarray(alpha, dtype=np.float64)
     for j, cnt in enumerate(lat.counts):
-        sub = lat.sub(j)
-        m = math.prod(cnt)
-        L = emission(sub, m).T + alpha[:, None]
-        ok = allowed(sub, m)
-        if ok is not None:
-            L[~ok.T] = -np.inf
-        mx = L.max(axis=0)
-        mx[~np.isfinite(mx)] = 0.0
-        L -= mx
-        if not log_route:
-            with np.errstate(under="ignore"):
-                np.exp(L, out=L)
-        G = L.astype(dtype).reshape(K, *cnt)
+        f.G.append(np.empty((K, *cnt), dtype=dtype))
+        f.maxL.append(np.empty(cnt))
         act = None
         if active is not None:
-            a = np.asarray(active[sub])
+            a = np.asarray(active[lat.sub(j)])
             if not a.all():
                 act = a.astype(dtype)
-        f.G.append(G)
-        f.maxL.append(mx.reshape(cnt))
         f.act.append(act)
         f.Q.append(np.zeros((C, *(n + 2 for n in cnt)), dtype=dtype))
         if not identity:
             f.q.append(np.empty((K, *cnt), dtype=dtype))
         f.lnS.append(np.empty(cnt, dtype=dtype))
         f.qN.append(np.zeros(cnt, dtype=dtype))
+        rest = tuple(slice(0, n) for n in cnt[1:])
+        start = lat.starts[j]
         for rows in lat.strips(j):
-            rest = tuple(slice(0, n) for n in cnt[1:])
+            sl = (slice(start[0] + 2 * rows[0], start[0] + 2 * rows[1], 2),) + tuple(
+                slice(a, None, 2) for a in start[1:]
+            )
+            shape = (rows[1] - rows[0], *cnt[1:])
+            m = math.prod(shape)
+            L = emission(sl, m)
+            L += alpha[:, None]
+            ok = allowed(sl, m)
+            if ok is not None:
+                L[~ok.T] = -np.inf
+            mx = L.max(axis=0)
+            mx[~np.isfinite(mx)] = 0.0
+            L -= mx
+            f.maxL[j][slice(*rows)] = mx.reshape(shape)
+            G = f.G[j][:, slice(*rows)]
+            np.copyto(G, L.reshape(K, *shape), casting="same_kind")
+            if not log_route:
+                with np.errstate(under="ignore"):
+                    np.exp(G, out=G)
             _update(f, j, rows, rest, None, 0.0, True)
     return f
 
@@ -687,6 +697,52 @@ def log_emission(gmm: GMMParams, X: np.ndarray) -> np.ndarray:
     return out
 
 
+def log_emission_t(gmm: GMMParams, X: np.ndarray) -> np.ndarray:
+    """:func:`log_emission` of rows ``X`` (m, D), class-major: (K, m) float64.
+
+    By the pixel-wise kernel's float64 plan (:mod:`daskem.model.gmm`): one GEMM of the
+    expanded quadratic form for the components it bounds (every log-density within 1e-8),
+    the exact residual form for the others; rows the plan cannot bound (far from every
+    component's bulk, or with missing attributes) by :func:`log_emission`. Every step
+    is float64, so a pixel's value does not depend on the block around it beyond
+    float64 rounding.
+    """
+    X = np.asarray(X)
+    m, D = X.shape
+    weights = np.asarray(gmm.weights, dtype=np.float64)
+    plan = _fast_plan(gmm, np.dtype(np.float64), None) if np.all(weights > 0) else None
+    if plan is None or m == 0:
+        return np.ascontiguousarray(log_emission(gmm, X).T)
+    xc = X.T - plan.shift[:, None]
+    if plan.scale is not None:
+        xc *= (1.0 / plan.scale)[:, None]
+    phi = _quad_features(xc, plan.full)
+    logp = plan.A @ phi
+    r2 = phi[1 + D : 1 + 2 * D].sum(axis=0)
+    nq = plan.n_quad
+    for j in range(plan.n_res):  # components outside the bound: exact residual form
+        y = plan.PT_res[j] @ (X.T - plan.mu_res[j][:, None])
+        logp[nq + j] = plan.c_res[j] - 0.5 * np.einsum("dm,dm->m", y, y)
+    with np.errstate(invalid="ignore"):
+        ok = r2 <= plan.r2min
+    bad = np.empty(0, dtype=np.intp)
+    if not ok.all():  # as the kernel: rows beyond a relevant component's radius
+        bad = np.flatnonzero(~ok)
+        far = r2[bad]
+        top = logp[:, bad].max(axis=0)
+        relevant = logp[:nq, bad] > top + _RELEVANT
+        with np.errstate(invalid="ignore"):
+            trouble = (relevant & (far > plan.r2max[:, None])).any(axis=0)
+            trouble |= ~(far <= plan.r2safe) | ~np.isfinite(top)
+        bad = bad[trouble]
+    out = np.empty((gmm.n_components, m))
+    out[plan.order] = logp
+    out -= np.log(weights)[:, None]
+    if bad.size:
+        out[:, bad] = log_emission(gmm, X[bad]).T
+    return out
+
+
 def _allowed(labels: np.ndarray | None, gmm: GMMParams) -> np.ndarray | None:
     if labels is None:
         return None
@@ -824,7 +880,7 @@ class SpatialGMMModel:
         lab = None if labels is None else np.asarray(labels)
 
         def emission(sub, m):
-            return log_emission(gmm, data[sub].reshape(m, D))
+            return log_emission_t(gmm, data[sub].reshape(m, D))
 
         def ok(sub, m):
             return None if lab is None else _allowed(lab[sub], gmm)
