@@ -438,6 +438,40 @@ class _Lattice:
         return out
 
 
+class _Workspace:
+    """Reused strip buffers, by name (grown, never shrunk)."""
+
+    def __init__(self) -> None:
+        self._flat: dict[tuple[str, str], np.ndarray] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+        dtype = np.dtype(dtype)
+        n = math.prod(shape)
+        key = (name, dtype.str)
+        flat = self._flat.get(key)
+        if flat is None or flat.size < n:
+            flat = self._flat[key] = np.empty(max(n, 1), dtype=dtype)
+        return flat[:n].reshape(shape)
+
+
+def _lead_sum(A: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """``out`` = the sum of ``A`` over its leading axis, element by element in a fixed
+    order (so a pixel's value does not depend on the strip it is computed in)."""
+    np.copyto(out, A[0])
+    for a in A[1:]:
+        out += a
+    return out
+
+
+def _lead_dot(b: np.ndarray, A: np.ndarray, out: np.ndarray, tmp: np.ndarray) -> np.ndarray:
+    """``out = sum_c b[c] * A[c]`` element by element in a fixed order (no BLAS)."""
+    np.multiply(A[0], b[0], out=out)
+    for c in range(1, A.shape[0]):
+        np.multiply(A[c], b[c], out=tmp)
+        out += tmp
+    return out
+
+
 @dataclass
 class _Field:
     """The mean-field state of one block, per sub-lattice (see the comment above)."""
@@ -445,7 +479,7 @@ class _Field:
     lat: _Lattice
     dtype: np.dtype
     cc: np.ndarray | None  # (K,) class of each component; None: component k is class k
-    MT: np.ndarray | None  # (C, K) one-hot, in ``dtype`` (None with ``cc``)
+    groups: list[list[int]] | None  # per class, its components (None with ``cc``)
     n_classes: int
     Q: list[np.ndarray]  # bordered (C, *counts + 2): class probabilities
     q: list[np.ndarray] | None  # (K, *counts): component probabilities (None: Q's inner)
@@ -455,6 +489,21 @@ class _Field:
     lnS: list[np.ndarray]  # (*counts): log normaliser of the pixel's last update
     qN: list[np.ndarray]  # (*counts): sum_c Q_c N_c of the pixel's last update
     log_route: bool
+    ws: _Workspace = field(default_factory=lambda: _Workspace())
+
+    def class_sums(self, T: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """Class sums ``out`` (C, ...) of component values ``T`` (K, ...)."""
+        if self.groups is None:
+            np.copyto(out, T)
+            return out
+        for c, ks in enumerate(self.groups):
+            if not ks:
+                out[c] = 0.0
+                continue
+            np.copyto(out[c], T[ks[0]])
+            for k in ks[1:]:
+                out[c] += T[k]
+        return out
 
     def inner(self, j: int, rows=None, rest=None) -> tuple[slice, ...]:
         cnt = self.lat.counts[j]
@@ -491,11 +540,11 @@ def _build_field(
     K, C = M.shape
     identity = C == K and np.array_equal(M, np.eye(K))
     cc = None if identity else np.argmax(M, axis=1)
+    groups = None if identity else [np.flatnonzero(M[:, c]).tolist() for c in range(C)]
     log_route = beta * lat.n_neighbours > _EXP_LIMIT[dtype]
     f = _Field(
-        lat, dtype, cc, None if identity else np.ascontiguousarray(M.T, dtype=dtype), C,
-        [], None if identity else [], [], [], [], [], [], log_route,
-    )  # fmt: skip
+        lat, dtype, cc, groups, C, [], None if identity else [], [], [], [], [], [], log_route
+    )
     alpha = np.asarray(alpha, dtype=np.float64)
     for j, cnt in enumerate(lat.counts):
         f.G.append(np.empty((K, *cnt), dtype=dtype))
@@ -539,14 +588,19 @@ def _build_field(
 
 def _update(f: _Field, j: int, rows, rest, N: np.ndarray | None, beta: float, last: bool):
     """Set ``q`` of pixels ``[rows, *rest]`` of sub-lattice ``j`` from the neighbour sums
-    ``N`` (C, ...) of the classes (None: the pixel-wise start)."""
+    ``N`` (C, ...) of the classes (None: the pixel-wise start). Every operation is
+    element-wise, in a fixed order."""
     sl = (slice(None), slice(*rows), *rest)
     G = f.G[j][sl]
+    shape = G.shape[1:]
+    T = f.ws.get("T", G.shape, f.dtype)
     if N is None:
-        T = np.exp(G) if f.log_route else G.copy()
+        if f.log_route:
+            np.exp(G, out=T)
+        else:
+            np.copyto(T, G)
     else:
-        Nk = N if f.cc is None else N[f.cc]
-        T = np.multiply(Nk, f.dtype.type(beta))
+        np.multiply(N if f.cc is None else N[f.cc], f.dtype.type(beta), out=T)
         if f.log_route:
             T += G
             top = T.max(axis=0)
@@ -554,7 +608,7 @@ def _update(f: _Field, j: int, rows, rest, N: np.ndarray | None, beta: float, la
         np.exp(T, out=T)
         if not f.log_route:
             T *= G
-    S = T.sum(axis=0)
+    S = _lead_sum(T, f.ws.get("S", shape, f.dtype))
     # max_k G = 1 for a pixel with an allowed component, so S >= 1 there; S = 0 (nothing
     # allowed) gives q = 0 rather than NaN
     np.maximum(S, f.dtype.type(1e-30), out=S)
@@ -568,15 +622,26 @@ def _update(f: _Field, j: int, rows, rest, N: np.ndarray | None, beta: float, la
         np.reciprocal(S, out=S)
     else:
         np.divide(act[sl[1:]], S, out=S)
-    T *= S
+    Qv = f.Q[j][f.inner(j, rows, rest)]
     if f.cc is None:
-        QT = T
+        np.multiply(T, S, out=Qv)
+        QT = Qv
     else:
-        f.q[j][sl] = T
-        QT = np.matmul(f.MT, T.reshape(T.shape[0], -1)).reshape(f.n_classes, *T.shape[1:])
+        qv = f.q[j][sl]
+        np.multiply(T, S, out=qv)
+        QT = f.class_sums(qv, f.ws.get("QT", (f.n_classes, *shape), f.dtype))
+        np.copyto(Qv, QT)
     if last and N is not None:
-        f.qN[j][sl[1:]] = np.einsum("c...,c...->...", QT, N)
-    f.Q[j][f.inner(j, rows, rest)] = QT
+        _lead_dot_arrays(QT, N, f.qN[j][sl[1:]], f.ws.get("tmp", shape, f.dtype))
+
+
+def _lead_dot_arrays(A: np.ndarray, B: np.ndarray, out: np.ndarray, tmp: np.ndarray):
+    """``out = sum_c A[c] * B[c]`` element by element in a fixed order."""
+    np.multiply(A[0], B[0], out=out)
+    for c in range(1, A.shape[0]):
+        np.multiply(A[c], B[c], out=tmp)
+        out += tmp
+    return out
 
 
 def _sweep(f: _Field, beta: float, sweeps: int) -> None:
@@ -588,7 +653,7 @@ def _sweep(f: _Field, beta: float, sweeps: int) -> None:
             rest = tuple(slice(0, n) for n in cnt[1:])
             for rows in lat.strips(j):
                 shape = (f.n_classes, rows[1] - rows[0], *cnt[1:])
-                N = lat.neighbours(j, f.Q, rows, rest, np.empty(shape, dtype=f.dtype))
+                N = lat.neighbours(j, f.Q, rows, rest, f.ws.get("N", shape, f.dtype))
                 _update(f, j, rows, rest, N, beta, last)
 
 
@@ -790,11 +855,12 @@ def _shift(gmm: GMMParams) -> np.ndarray:
     return (w[:, None] * means).sum(axis=0) / w.sum()
 
 
-def _quad_features(xc: np.ndarray, full: bool) -> np.ndarray:
-    """``[1, x, x^2, x_a x_b (a < b)]`` of feature-major rows ``xc`` (D, m), float64."""
+def _quad_features(xc: np.ndarray, full: bool, out: np.ndarray | None = None) -> np.ndarray:
+    """``[1, x, x^2, x_a x_b (a < b)]`` of feature-major rows ``xc`` (D, m), float64
+    (into ``out`` if given)."""
     D, m = xc.shape
     M = 1 + D + D * (D + 1) // 2 if full else 1 + 2 * D
-    phi = np.empty((M, m))
+    phi = np.empty((M, m)) if out is None else out
     phi[0] = 1.0
     phi[1 : 1 + D] = xc
     np.square(xc, out=phi[1 + D : 1 + 2 * D])
@@ -843,7 +909,13 @@ def newton_prior(
     K = alpha.shape[0]
     n = K + 1 if estimate_beta else K
     H, g = -hess[:n, :n], grad[:n]
-    step = np.linalg.lstsq(H, g, rcond=1e-10)[0]
+    # solved on the complement of the null direction (alpha + constant), explicitly: the
+    # minimum-norm step, without relying on the Hessian's rounding to reveal that direction
+    U = np.zeros((n, n - 1))
+    U[:K, : K - 1] = np.linalg.svd(np.eye(K) - 1.0 / K)[0][:, : K - 1]
+    if estimate_beta:
+        U[K, K - 1] = 1.0
+    step = U @ np.linalg.lstsq(U.T @ H @ U, U.T @ g, rcond=1e-10)[0]
     big = np.abs(step).max() if step.size else 0.0
     if big > _MAX_STEP:
         step *= _MAX_STEP / big
@@ -851,6 +923,170 @@ def newton_prior(
     a = a - a.mean()
     b = max(0.0, beta + float(step[K])) if estimate_beta else beta
     return a, b
+
+
+def _block_statistics(
+    f: _Field,
+    params: SpatialParams,
+    data: np.ndarray,
+    w: np.ndarray,
+    active: np.ndarray | None,
+    core: tuple[slice, ...],
+    origin: tuple[int, ...],
+    estimate_beta: bool,
+) -> SpatialStats:
+    """The statistics of a block's core from its swept field ``f``.
+
+    Per strip of each sub-lattice: the local free energy, the pseudo-likelihood's
+    gradient and Hessian, and the emission statistics (one float64 GEMM on quadratic
+    features about a common shift; partly observed pixels through
+    :func:`~daskem.model.missing.resp_stats`). Per-pixel values are computed element by
+    element in the sweeps' dtype, every sum over pixels in float64.
+    """
+    gmm = params.gmm
+    K, D = gmm.means.shape
+    C = f.n_classes
+    alpha = np.asarray(params.alpha, dtype=np.float64)
+    beta = float(params.beta)
+    dt, cc, lat, ws = f.dtype, f.cc, f.lat, f.ws
+    need_pl = estimate_beta or beta != 0.0
+    Z = _drawn_field(f, origin, active) if need_pl else None
+    # the prior's normaliser: sum_k exp(alpha_k + beta N_class(k)) = sum_c b_c exp(beta N_c)
+    amax = float(alpha.max())
+    a = np.exp(alpha - amax)
+    b = np.zeros(C)
+    np.add.at(b, np.arange(K) if cc is None else cc, a)
+    a_dt, b_dt, beta_dt = a.astype(dt), b.astype(dt), dt.type(beta)
+    full = _full_like(gmm.covariance_type, K)
+    shift = _shift(gmm)
+    acc = np.zeros((K, 1 + D + D * (D + 1) // 2 if full else 1 + 2 * D))
+    energy = weight = w_used = 0.0
+    count = n_excluded = n_empty = 0
+    g = np.zeros(K + 1)
+    H = np.zeros((K + 1, K + 1))
+    partial = None
+    for j in range(len(lat.counts)):
+        cr = lat.core_range(j, core)
+        sub = lat.sub(j)
+        for rows in lat.strips(j, cr):
+            rest = cr[1:]
+            sl = (slice(*rows), *rest)
+            shape = (rows[1] - rows[0], *(r.stop - r.start for r in rest))
+            m = math.prod(shape)
+            qK = ws.get("qK", (K, *shape), dt)
+            np.copyto(qK, f.comp(j, rows, rest))
+            qK = qK.reshape(K, m)
+            QC = qK if cc is None else f.class_sums(qK, ws.get("QC", (C, m), dt))
+            N = lat.neighbours(j, f.Q, rows, rest, ws.get("Nc", (C, *shape), dt)).reshape(C, m)
+            wj = w[sub][sl].reshape(m)
+            actj = None if active is None else active[sub][sl].reshape(m)
+            tmp = ws.get("tmp", (m,), dt)
+            # the local free energy of each pixel (module docstring), from the normaliser
+            # of its last update: log q_ik = L_ik - max_k L_ik + beta N'_ik - lnS_i
+            qN = _lead_dot_arrays(QC, N, ws.get("qN", (m,), dt), tmp)
+            if f.log_route:
+                lg = alpha[:, None] + beta * (N if cc is None else N[cc]).astype(np.float64)
+                top = lg.max(axis=0)
+                logZ = np.log(_lead_sum(np.exp(lg - top), np.empty(m))) + top
+            else:
+                eN = np.multiply(N, beta_dt, out=ws.get("eN", (C, m), dt))
+                np.exp(eN, out=eN)
+                den = _lead_dot(b_dt, eN, ws.get("den", (m,), dt), tmp)
+                logZ = np.log(den).astype(np.float64)
+                logZ += amax
+            e = f.maxL[j][sl].reshape(m) + f.lnS[j][sl].reshape(m)
+            e -= logZ
+            e += beta * (qN.astype(np.float64) - f.qN[j][sl].reshape(m))
+            if actj is not None:
+                e[~actj] = 0.0
+            energy += float(wj @ e)
+            weight += float(wj.sum())
+            R = np.multiply(qK, wj, out=ws.get("R", (K, m), np.float64))
+            if need_pl:  # the pseudo-likelihood's gradient and Hessian
+                Ns = lat.neighbours(j, Z, rows, rest, ws.get("Ns", (C, *shape), dt))
+                Ns = Ns.reshape(C, m)
+                if f.log_route:
+                    lp = alpha[:, None] + beta * (Ns if cc is None else Ns[cc]).astype(np.float64)
+                    lp -= lp.max(axis=0)
+                    np.exp(lp, out=lp)
+                    p = (lp / _lead_sum(lp, np.empty(m))).astype(dt)
+                else:
+                    eNs = np.multiply(Ns, beta_dt, out=ws.get("eNs", (C, m), dt))
+                    np.exp(eNs, out=eNs)
+                    den = _lead_dot(b_dt, eNs, ws.get("den", (m,), dt), tmp)
+                    np.reciprocal(den, out=den)
+                    p = ws.get("p", (K, m), dt)
+                    np.multiply(eNs if cc is None else eNs[cc], den, out=p)
+                    p *= a_dt[:, None]
+                wp = np.multiply(p, wj, out=ws.get("wp", (K, m), np.float64))
+                swp = wp.sum(axis=1)
+                g[:K] += R.sum(axis=1) - swp
+                H[:K, :K] -= np.diag(swp) - wp @ p.T.astype(np.float64)
+                if estimate_beta:
+                    PC = p if cc is None else f.class_sums(p, ws.get("PC", (C, m), dt))
+                    nbar = _lead_dot_arrays(PC, Ns, ws.get("nbar", (m,), dt), tmp)
+                    g[K] += float(wj @ (qN.astype(np.float64) - nbar))
+                    dN = np.subtract(Ns, nbar, out=ws.get("dN", (C, m), dt))
+                    # sum_c P_c (Ns_c - nbar)^2: the local variance, without cancellation
+                    sq = np.multiply(dN, dN, out=ws.get("sq", (C, m), dt))
+                    v = _lead_dot_arrays(PC, sq, ws.get("v", (m,), dt), tmp)
+                    H[K, K] -= float(wj @ v.astype(np.float64))
+                    hab = (wp * (dN if cc is None else dN[cc])).sum(axis=1)
+                    H[:K, K] -= hab
+                    H[K, :K] -= hab
+            # the emission statistics with q as responsibilities
+            xv = data[sub][sl]
+            xT = np.moveaxis(xv, -1, 0).reshape(D, m)
+            with np.errstate(invalid="ignore", over="ignore"):
+                complete_all = bool(np.isfinite(xT.sum()))
+            if complete_all:
+                used = None if actj is None else actj
+                seen_n = m
+            else:
+                fin = np.isfinite(xT)
+                complete = fin.all(axis=0)
+                seen = complete | fin.any(axis=0)
+                seen_n = int(seen.sum())
+                used = complete if actj is None else complete & actj
+            n_empty += m - seen_n
+            if actj is None:
+                n_excluded += m - seen_n
+            else:
+                n_excluded += m - int((actj if complete_all else seen & actj).sum())
+            xc = ws.get("xc", (D, m), np.float64)
+            np.subtract(xT, shift[:, None], out=xc)
+            if used is not None and not complete_all:
+                xc[:, ~used] = 0.0
+                R[:, ~used] = 0.0
+                rest_rows = np.flatnonzero(~complete & seen & (wj > 0))
+                if rest_rows.size:  # partly observed: conditional expectations
+                    part = resp_stats(
+                        xT[:, rest_rows].T,
+                        qK[:, rest_rows].T.astype(np.float64),
+                        gmm,
+                        wj[rest_rows],
+                    )
+                    partial = part if partial is None else partial + part
+            phi = _quad_features(xc, full, ws.get("phi", (acc.shape[1], m), np.float64))
+            acc += R @ phi.T
+            wu = wj if used is None else wj[used]
+            w_used += float(wu.sum())
+            count += int(np.count_nonzero(wu))
+    emission = _gmm_stats_from_sums(acc, shift, gmm, w_used, count)
+    if partial is not None:
+        emission = emission + partial
+    if not estimate_beta:
+        g[K] = 0.0
+    return SpatialStats(
+        emission,
+        energy,
+        weight,
+        g,
+        H,
+        n_excluded=n_excluded,
+        n_empty=n_empty,
+        n_partial=emission.n_partial,
+    )
 
 
 @dataclass(frozen=True)
@@ -923,132 +1159,11 @@ class SpatialGMMModel:
             w = np.where(np.asarray(labels) >= 0, w * self.emission.label_weight, w)
         every = bool(active.all())
         f = self._field(params, data, block.origin, labels, None if every else active)
-        gmm = params.gmm
-        K, D = gmm.means.shape
-        C = f.n_classes
-        alpha = np.asarray(params.alpha, dtype=np.float64)
-        beta = float(params.beta)
-        dt = f.dtype
-        cc = f.cc
-        lat = f.lat
         core = tuple(slice(*c.indices(n)[:2]) for c, n in zip(block.core, grid, strict=True))
-        need_pl = self.estimate_beta or beta != 0.0
-        Z = _drawn_field(f, block.origin, None if every else active) if need_pl else None
-        # the prior's normaliser: sum_k exp(alpha_k + beta N_class(k)) = b @ exp(beta N)
-        amax = float(alpha.max())
-        a = np.exp(alpha - amax)
-        b = np.zeros(C)
-        np.add.at(b, np.arange(K) if cc is None else cc, a)
-        a_dt, b_dt, beta_dt = a.astype(dt), b.astype(dt), dt.type(beta)
-        full = _full_like(gmm.covariance_type, K)
-        shift = _shift(gmm)
-        acc = np.zeros((K, 1 + D + D * (D + 1) // 2 if full else 1 + 2 * D))
-        energy = weight = w_used = 0.0
-        count = n_excluded = n_empty = 0
-        g = np.zeros(K + 1)
-        H = np.zeros((K + 1, K + 1))
-        partial = None
-        for j in range(len(lat.counts)):
-            cr = lat.core_range(j, core)
-            sub = lat.sub(j)
-            for rows in lat.strips(j, cr):
-                rest = cr[1:]
-                sl = (slice(*rows), *rest)
-                shape = (rows[1] - rows[0], *(r.stop - r.start for r in rest))
-                m = math.prod(shape)
-                qK = np.ascontiguousarray(f.comp(j, rows, rest)).reshape(K, m)
-                QC = qK if cc is None else np.matmul(f.MT, qK)
-                N = lat.neighbours(j, f.Q, rows, rest, np.empty((C, *shape), dtype=dt))
-                N = N.reshape(C, m)
-                wj = w[sub][sl].reshape(m)
-                actj = None if every else active[sub][sl].reshape(m)
-                # the local free energy of each pixel (module docstring), from the
-                # normaliser of its last update: log q_ik = L_ik - max L + beta N'_ik - lnS
-                qN = np.einsum("cm,cm->m", QC, N)
-                if f.log_route:
-                    lg = alpha[:, None] + beta * (N if cc is None else N[cc])
-                    top = lg.max(axis=0)
-                    logZ = np.log(np.exp(lg - top).sum(axis=0)) + top
-                else:
-                    eN = np.multiply(N, beta_dt)
-                    np.exp(eN, out=eN)
-                    logZ = np.log(b_dt @ eN).astype(np.float64) + amax
-                e = f.maxL[j][sl].reshape(m) + f.lnS[j][sl].reshape(m) - logZ
-                e += beta * (qN.astype(np.float64) - f.qN[j][sl].reshape(m))
-                if actj is not None:
-                    e[actj == 0] = 0.0
-                energy += float(wj @ e)
-                weight += float(wj.sum())
-                wd = wj.astype(dt)
-                if need_pl:  # the pseudo-likelihood's gradient and Hessian
-                    Ns = lat.neighbours(j, Z, rows, rest, np.empty((C, *shape), dtype=dt))
-                    Ns = Ns.reshape(C, m)
-                    Nsk = Ns if cc is None else Ns[cc]
-                    if f.log_route:
-                        p = alpha[:, None] + beta * Nsk
-                        p -= p.max(axis=0)
-                        np.exp(p, out=p)
-                        p /= p.sum(axis=0)
-                        p = p.astype(dt)
-                    else:
-                        eNs = np.multiply(Ns, beta_dt)
-                        np.exp(eNs, out=eNs)
-                        p = a_dt[:, None] * (eNs if cc is None else eNs[cc])
-                        p *= np.reciprocal(b_dt @ eNs)
-                    g[:K] += (qK - p) @ wd
-                    wp = p * wd
-                    H[:K, :K] -= np.diag(wp.sum(axis=1, dtype=np.float64)) - wp @ p.T
-                    if self.estimate_beta:
-                        PC = p if cc is None else np.matmul(f.MT, p)
-                        nbar = np.einsum("cm,cm->m", PC, Ns)
-                        g[K] += float(wj @ (qN - nbar).astype(np.float64))
-                        v = np.einsum("cm,cm->m", PC * Ns, Ns).astype(np.float64)
-                        v -= np.square(nbar, dtype=np.float64)
-                        H[K, K] -= float(wj @ v)
-                        hab = (p * (Nsk - nbar)) @ wd
-                        H[:K, K] -= hab
-                        H[K, :K] -= hab
-                # the emission statistics with q as responsibilities
-                xs = data[sub][sl].reshape(m, D)
-                fin = np.isfinite(xs)
-                complete = fin.all(axis=1)
-                seen = complete | fin.any(axis=1)
-                used = complete if actj is None else complete & (actj > 0)
-                n_excluded += int(m - (seen if actj is None else seen & (actj > 0)).sum())
-                n_empty += int(m - seen.sum())
-                R = np.multiply(qK, wj, dtype=np.float64)
-                if used.all():
-                    xc = xs.T - shift[:, None]
-                else:
-                    R[:, ~used] = 0.0
-                    xc = np.where(used, xs.T, shift[:, None]) - shift[:, None]
-                    rest_rows = np.flatnonzero(~complete & seen & (wj > 0))
-                    if rest_rows.size:  # partly observed: conditional expectations
-                        part = resp_stats(
-                            xs[rest_rows],
-                            qK[:, rest_rows].T.astype(np.float64),
-                            gmm,
-                            wj[rest_rows],
-                        )
-                        partial = part if partial is None else partial + part
-                acc += R @ _quad_features(xc, full).T
-                w_used += float(wj[used].sum())
-                count += int(np.count_nonzero(wj[used]))
-        emission = _gmm_stats_from_sums(acc, shift, gmm, w_used, count)
-        if partial is not None:
-            emission = emission + partial
-        if not self.estimate_beta:
-            g[K] = 0.0
-        return SpatialStats(
-            emission,
-            energy,
-            weight,
-            g,
-            H,
-            n_excluded=n_excluded,
-            n_empty=n_empty,
-            n_partial=emission.n_partial,
-        )
+        return _block_statistics(
+            f, params, data, w, None if every else active, core, block.origin,
+            self.estimate_beta,
+        )  # fmt: skip
 
     def m_step(self, stats: SpatialStats, params: SpatialParams) -> tuple[SpatialParams, list]:
         gmm, events = gmm_m_step(
