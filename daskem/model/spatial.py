@@ -823,7 +823,9 @@ def _allowed(labels: np.ndarray | None, gmm: GMMParams) -> np.ndarray | None:
 
 def _drawn_field(f: _Field, origin: tuple[int, ...], active: np.ndarray | None) -> list:
     """One draw of the class field from ``q`` (one-hot, bordered like ``f.Q``), by each
-    pixel's fixed uniform (:func:`pixel_uniforms`); inactive pixels draw nothing."""
+    pixel's fixed uniform (:func:`pixel_uniforms`): the first class whose cumulative
+    probability reaches it (the last if rounding leaves every one below); inactive
+    pixels draw nothing."""
     lat, C = f.lat, f.n_classes
     out = []
     for j, cnt in enumerate(lat.counts):
@@ -837,12 +839,18 @@ def _drawn_field(f: _Field, origin: tuple[int, ...], active: np.ndarray | None) 
             g = np.uint64(int(origin[d]) + a) + np.uint64(2) * np.arange(n, dtype=np.uint64)
             coords.append(g.reshape((n,) + (1,) * (ndim - 1 - d)))
         u = _uniforms_at(coords)
-        cum = np.cumsum(f.Q[j][f.inner(j)], axis=0)
-        z = np.minimum((cum < u).sum(axis=0), C - 1)
-        one = z == np.arange(C).reshape((C,) + (1,) * ndim)
-        if active is not None:
-            one &= np.asarray(active[lat.sub(j)])
-        Z[f.inner(j)] = one
+        Q = f.Q[j][f.inner(j)]
+        Zi = Z[f.inner(j)]
+        cum = np.zeros(cnt, dtype=f.dtype)  # as np.cumsum over the classes adds them
+        below = np.ones(cnt, dtype=bool) if active is None else np.asarray(active[lat.sub(j)])
+        lt = np.empty(cnt, dtype=bool)
+        for c in range(C - 1):
+            cum += Q[c]
+            np.less(cum, u, out=lt)
+            lt &= below  # below: every class before c stays under u (and active)
+            np.greater(below, lt, out=Zi[c], casting="unsafe")  # below and not lt
+            below, lt = lt, below
+        np.copyto(Zi[C - 1], below)
     return out
 
 
