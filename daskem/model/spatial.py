@@ -61,7 +61,6 @@ from typing import Any
 import numpy as np
 
 from .gmm import (
-    _RELEVANT,
     GMMModel,
     GMMParams,
     GMMStats,
@@ -249,13 +248,14 @@ def mean_field(
     dtype = work_dtype(log_emission.dtype)
 
     def emission(sub, m):
-        return np.asarray(log_emission[sub], dtype=np.float64).reshape(m, K).T.copy()
+        E = np.asarray(log_emission[sub], dtype=np.float64).reshape(m, K).T
+        return E + np.asarray(alpha, dtype=np.float64)[:, None]
 
     def ok(sub, m):
         return None if allowed is None else np.asarray(allowed[sub]).reshape(m, K)
 
     lat = _Lattice(grid, origin, neighbourhood)
-    f = _build_field(emission, ok, membership, alpha, beta, active, lat, dtype)
+    f = _build_field(emission, ok, membership, beta, active, lat, dtype)
     if beta != 0.0 and sweeps:
         _sweep(f, float(beta), int(sweeps))
     return _field_to_grid(f, K)
@@ -351,6 +351,8 @@ def local_free_energy(
 
 # pixels per strip of a sub-lattice (temporaries of K x _STRIP elements stay in cache)
 _STRIP = 8192
+# columns per GEMM on quadratic features (a float64 feature block of D = 8 stays in L2)
+_GEMM_COLS = 2048
 # largest beta * (number of neighbours) swept without a per-pixel maximum, per dtype
 _EXP_LIMIT = {np.dtype(np.float32): 60.0, np.dtype(np.float64): 600.0}
 
@@ -555,7 +557,6 @@ def _build_field(
     emission,
     allowed,
     M: np.ndarray,
-    alpha: np.ndarray,
     beta: float,
     active: np.ndarray | None,
     lat: _Lattice,
@@ -563,8 +564,9 @@ def _build_field(
 ) -> _Field:
     """The pixel-wise start ``q_ik ∝ p(x_i | k) exp(alpha_k)`` of a block, per sub-lattice.
 
-    ``emission(sl, m)`` gives ``log p(x | k)`` (K, m) float64 of the ``m`` pixels of the
-    block's slices ``sl`` (0 where nothing is observed; the array is consumed),
+    ``emission(sl, m)`` gives the pixel-wise logits ``log p(x | k) + alpha_k`` (K, m)
+    float64 of the ``m`` pixels of the block's slices ``sl`` (``log p`` = 0 where nothing
+    is observed; the array is consumed),
     ``allowed(sl, m)`` the components they may take (m, K) or None; ``M`` is the (K, C)
     class membership. The pixels are taken in strips of each sub-lattice.
     """
@@ -576,7 +578,6 @@ def _build_field(
     f = _Field(
         lat, dtype, cc, groups, C, [], None if identity else [], [], [], [], [], [], log_route
     )
-    alpha = np.asarray(alpha, dtype=np.float64)
     for j, cnt in enumerate(lat.counts):
         f.G.append(np.empty((K, *cnt), dtype=dtype))
         f.maxL.append(np.empty(cnt))
@@ -600,7 +601,6 @@ def _build_field(
             shape = (rows[1] - rows[0], *cnt[1:])
             m = math.prod(shape)
             L = emission(sl, m)
-            L += alpha[:, None]
             ok = allowed(sl, m)
             if ok is not None:
                 L[~ok.T] = -np.inf
@@ -655,7 +655,8 @@ def _update(f: _Field, j: int, rows, rest, N: np.ndarray | None, beta: float, la
         np.divide(act[sl[1:]], S, out=S)
     Qv = f.Q[j][f.inner(j, rows, rest)]
     if f.cc is None:
-        np.multiply(T, S, out=Qv)
+        for k in range(T.shape[0]):  # class by class: a strided out with a broadcast S
+            np.multiply(T[k], S, out=Qv[k])  # would make NumPy loop over the classes
         QT = Qv
     else:
         qv = f.q[j][sl]
@@ -793,49 +794,57 @@ def log_emission(gmm: GMMParams, X: np.ndarray) -> np.ndarray:
     return out
 
 
-def log_emission_t(gmm: GMMParams, X: np.ndarray) -> np.ndarray:
-    """:func:`log_emission` of rows ``X`` (m, D), class-major: (K, m) float64.
+def log_emission_t(gmm: GMMParams, X: np.ndarray, offset: np.ndarray | None = None) -> np.ndarray:
+    """:func:`log_emission` of rows ``X`` (m, D) plus ``offset`` (K,), class-major: (K, m)
+    float64.
 
-    By the pixel-wise kernel's float64 plan (:mod:`daskem.model.gmm`): one GEMM of the
-    expanded quadratic form for the components it bounds (every log-density within 1e-8),
-    the exact residual form for the others; rows the plan cannot bound (far from every
-    component's bulk, or with missing attributes) by :func:`log_emission`. Every step
-    is float64, so a pixel's value does not depend on the block around it beyond
-    float64 rounding.
+    By the pixel-wise kernel's float64 plan (:mod:`daskem.model.gmm`), in sub-blocks of
+    _GEMM_COLS rows: one GEMM of the expanded quadratic form for the components it
+    bounds (every log-density within 1e-8), the exact residual form for the others;
+    rows beyond the radius where a component's bound holds, or with missing attributes,
+    by :func:`log_emission`. Every step is float64, so a pixel's value does not depend
+    on the block around it beyond float64 rounding.
     """
     X = np.asarray(X)
     m, D = X.shape
+    K = gmm.n_components
     weights = np.asarray(gmm.weights, dtype=np.float64)
+    offset = np.zeros(K) if offset is None else np.asarray(offset, dtype=np.float64)
     plan = _fast_plan(gmm, np.dtype(np.float64), None) if np.all(weights > 0) else None
     if plan is None or m == 0:
-        return np.ascontiguousarray(log_emission(gmm, X).T)
-    xc = X.T - plan.shift[:, None]
-    if plan.scale is not None:
-        xc *= (1.0 / plan.scale)[:, None]
-    phi = _quad_features(xc, plan.full)
-    logp = plan.A @ phi
-    r2 = phi[1 + D : 1 + 2 * D].sum(axis=0)
+        return np.ascontiguousarray(log_emission(gmm, X).T) + offset[:, None]
+    const = offset - np.log(weights)
+    A = np.empty_like(plan.A)
+    A[plan.order] = plan.A  # natural order; the residual-form rows are zero
+    A[:, 0] += const
     nq = plan.n_quad
-    for j in range(plan.n_res):  # components outside the bound: exact residual form
-        y = plan.PT_res[j] @ (X.T - plan.mu_res[j][:, None])
-        logp[nq + j] = plan.c_res[j] - 0.5 * np.einsum("dm,dm->m", y, y)
-    with np.errstate(invalid="ignore"):
-        ok = r2 <= plan.r2min
-    bad = np.empty(0, dtype=np.intp)
-    if not ok.all():  # as the kernel: rows beyond a relevant component's radius
-        bad = np.flatnonzero(~ok)
-        far = r2[bad]
-        top = logp[:, bad].max(axis=0)
-        relevant = logp[:nq, bad] > top + _RELEVANT
+    res = plan.order[nq:]
+    inv_scale = None if plan.scale is None else (1.0 / plan.scale)[:, None]
+    out = np.empty((K, m))
+    bad = []
+    for s in range(0, m, _GEMM_COLS):
+        e = min(m, s + _GEMM_COLS)
+        xT = X[s:e].T
+        xc = xT - plan.shift[:, None]
+        if inv_scale is not None:
+            xc *= inv_scale
+        phi = _quad_features(xc, plan.full)
+        o = out[:, s:e]
+        np.matmul(A, phi, out=o)
+        for j, k in enumerate(res):  # components outside the bound: exact residual form
+            y = plan.PT_res[j] @ (xT - plan.mu_res[j][:, None])
+            o[k] = plan.c_res[j] + const[k] - 0.5 * np.einsum("dm,dm->m", y, y)
+        r2 = phi[1 + D : 1 + 2 * D].sum(axis=0)
         with np.errstate(invalid="ignore"):
-            trouble = (relevant & (far > plan.r2max[:, None])).any(axis=0)
-            trouble |= ~(far <= plan.r2safe) | ~np.isfinite(top)
-        bad = bad[trouble]
-    out = np.empty((gmm.n_components, m))
-    out[plan.order] = logp
-    out -= np.log(weights)[:, None]
+            ok = r2 <= plan.r2min
+            if not ok.all():  # beyond a component's radius, or not finite
+                far = np.flatnonzero(~ok)
+                r = r2[far]
+                trouble = (r > plan.r2max[:, None]).any(axis=0) | ~(r <= plan.r2safe)
+                bad.append(s + far[trouble])
+    bad = np.concatenate(bad) if bad else np.empty(0, dtype=np.intp)
     if bad.size:
-        out[:, bad] = log_emission(gmm, X[bad]).T
+        out[:, bad] = log_emission(gmm, X[bad]).T + offset[:, None]
     return out
 
 
@@ -1107,8 +1116,10 @@ def _block_statistics(
                         wj[rest_rows],
                     )
                     partial = part if partial is None else partial + part
-            phi = _quad_features(xc, full, ws.get("phi", (acc.shape[1], m), np.float64))
-            acc += R @ phi.T
+            for s in range(0, m, _GEMM_COLS):
+                e = min(m, s + _GEMM_COLS)
+                phi = ws.get("phi", (acc.shape[1], e - s), np.float64)
+                acc += R[:, s:e] @ _quad_features(xc[:, s:e], full, phi).T
             wu = wj if used is None else wj[used]
             w_used += float(wu.sum())
             count += int(np.count_nonzero(wu))
@@ -1156,7 +1167,7 @@ class SpatialGMMModel:
         lab = None if labels is None else np.asarray(labels)
 
         def emission(sub, m):
-            return log_emission_t(gmm, data[sub].reshape(m, D))
+            return log_emission_t(gmm, data[sub].reshape(m, D), params.alpha)
 
         def ok(sub, m):
             return None if lab is None else _allowed(lab[sub], gmm)
@@ -1165,7 +1176,7 @@ class SpatialGMMModel:
         lat = _Lattice(data.shape[:-1], origin, self.neighbourhood)
         dtype = work_dtype(data.dtype)
         M = class_membership(gmm)
-        f = _build_field(emission, ok, M, params.alpha, beta, active, lat, dtype)
+        f = _build_field(emission, ok, M, beta, active, lat, dtype)
         if beta != 0.0 and self.sweeps:
             _sweep(f, beta, int(self.sweeps))
         return f
