@@ -1203,18 +1203,20 @@ class SpatialGMMModel:
     ) -> SpatialStats:
         data = np.asarray(block.data)
         grid = data.shape[:-1]
-        w = np.ones(grid) if sample_weight is None else np.asarray(sample_weight, np.float64)
-        active = np.isfinite(w) & (w > 0)
-        w = np.where(active, w, 0.0)
+        active = None
+        if sample_weight is None:
+            w = np.broadcast_to(np.float64(1.0), grid)
+        else:
+            w = np.asarray(sample_weight, np.float64)
+            active = np.isfinite(w) & (w > 0)
+            w = np.where(active, w, 0.0)
+            if active.all():
+                active = None
         if labels is not None and self.emission.label_weight != 1.0:
             w = np.where(np.asarray(labels) >= 0, w * self.emission.label_weight, w)
-        every = bool(active.all())
-        f = self._field(params, data, block.origin, labels, None if every else active)
+        f = self._field(params, data, block.origin, labels, active)
         core = tuple(slice(*c.indices(n)[:2]) for c, n in zip(block.core, grid, strict=True))
-        return _block_statistics(
-            f, params, data, w, None if every else active, core, block.origin,
-            self.estimate_beta,
-        )  # fmt: skip
+        return _block_statistics(f, params, data, w, active, core, block.origin, self.estimate_beta)
 
     def m_step(self, stats: SpatialStats, params: SpatialParams) -> tuple[SpatialParams, list]:
         gmm, events = gmm_m_step(
