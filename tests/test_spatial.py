@@ -189,6 +189,41 @@ def test_free_energy_never_decreases_through_sweeps_and_m_step():
     assert free_energy(q, E2, sp.alpha, 1.0, M, 8) >= free_energy(q, E, sp.alpha, 1.0, M, 8)
 
 
+def ref_mean_field(E, alpha, beta, M, nb, sweeps):
+    """Whole-image colour sweeps with several components per class (membership M)."""
+    H, W, K = E.shape
+    lg = E + alpha
+    q = np.exp(lg - logsumexp(lg, axis=-1, keepdims=True))
+    yy, xx = np.indices((H, W))
+    colours = (yy % 2) + 2 * (xx % 2) if nb == 8 else (yy + xx) % 2
+    for _ in range(sweeps):
+        for c in range(4 if nb == 8 else 2):
+            s = colours == c
+            lg2 = lg + beta * ref_neighbours(q @ M, nb) @ M.T
+            q[s] = np.exp(lg2 - logsumexp(lg2, axis=-1, keepdims=True))[s]
+    return q
+
+
+@pytest.mark.parametrize("nb", [4, 8])
+@pytest.mark.parametrize("beta", [0.7, 120.0])  # 120: the sweeps' log-sum-exp route
+def test_mean_field_matches_reference_with_classes_of_several_components(nb, beta):
+    rng = np.random.default_rng(11)
+    E = rng.normal(scale=3.0, size=(23, 18, 5))
+    alpha = rng.normal(size=5)
+    M = np.eye(3)[[0, 2, 0, 1, 2]]  # components 0, 2 -> class 0; 3 -> 1; 1, 4 -> 2
+    ref = ref_mean_field(E, alpha, beta, M, nb, 3)
+    q = mean_field(E, alpha, beta, M, allowed=None, neighbourhood=nb, origin=(0, 0), sweeps=3)
+    np.testing.assert_allclose(q, ref, atol=1e-12)
+    # float32 emissions are swept in float32: the same iteration to float32 rounding, which
+    # beta amplifies (the logits carry beta * N)
+    q32 = mean_field(
+        E.astype(np.float32), alpha, beta, M, allowed=None, neighbourhood=nb,
+        origin=(0, 0), sweeps=3,
+    )  # fmt: skip
+    ref32 = ref_mean_field(E.astype(np.float32).astype(float), alpha, beta, M, nb, 3)
+    np.testing.assert_allclose(q32, ref32, atol=2e-5 * max(1.0, beta))
+
+
 def test_colouring_separates_neighbours():
     for nb in (4, 8):
         col = colour_map((9, 11), (3, 4), nb)
@@ -242,6 +277,37 @@ def test_same_fit_and_posterior_for_any_chunking():
         np.testing.assert_allclose(p, proba, atol=1e-10)
     # the hole gets classes from the prior
     assert np.isfinite(proba[3:9, 5:12]).all()
+
+
+def test_float32_stack_is_chunking_invariant_and_close_to_float64():
+    """float32 attributes: emissions in float64, sweeps in float32 element by element,
+    sums in float64, so the fit does not depend on the chunking either."""
+    X, ds = _image(shape=(33, 28))
+    X[3:9, 5:12] = np.nan
+    X[20:30, 10:20, 1] = np.nan
+    X32 = X.astype(np.float32)
+    y = ds["labels"].values.astype(int)
+    kw = dict(spatial_beta="auto", random_state=0, max_iter=5, tol=0, neighbourhood=8)
+    fits = [
+        SpatialGaussianMixtureClassifier(components_per_class=2, **kw).fit(
+            da.from_array(X32, chunks=(*chunks, 3)), da.from_array(y, chunks=chunks)
+        )
+        for chunks in [(33, 28), (7, 30), (5, 4)]
+    ]
+    ref = fits[0]
+    proba = np.asarray(ref.predict_proba(X32))
+    for other in fits[1:]:
+        np.testing.assert_allclose(other.means_, ref.means_, rtol=1e-10, atol=1e-10)
+        np.testing.assert_allclose(other.covariances_, ref.covariances_, rtol=1e-10)
+        assert other.spatial_beta_ == pytest.approx(ref.spatial_beta_, rel=1e-10)
+        p = other.predict_proba(da.from_array(X32, chunks=(11, 9, 3))).compute()
+        np.testing.assert_allclose(p, proba, atol=1e-10)
+    f64 = SpatialGaussianMixtureClassifier(components_per_class=2, **kw).fit(
+        X32.astype(np.float64), y
+    )
+    np.testing.assert_allclose(f64.means_, ref.means_, atol=1e-4)
+    assert f64.spatial_beta_ == pytest.approx(ref.spatial_beta_, abs=1e-4)
+    np.testing.assert_allclose(f64.predict_proba(X32.astype(np.float64)), proba, atol=1e-4)
 
 
 # --------------------------------------------------------------------------- quality
