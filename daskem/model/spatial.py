@@ -36,10 +36,12 @@ holds) and does not depend on the chunking.
 **M-step.** Emission parameters: the Gaussian mixture's M-step with ``q`` as
 responsibilities (missing attributes through their conditional expectations), which
 maximises F at fixed ``q``. Prior parameters: one Newton step on the pseudo-likelihood
-``sum_i w_i sum_k q_ik log softmax_k(alpha + beta n_i)`` (Besag 1975, with the mean-field
-``q`` in place of the unobserved field) from its gradient and Hessian, which are sums over
-pixels reduced like every other statistic. ``alpha`` is always estimated; ``beta`` only
-when asked (``spatial_beta="auto"``), else fixed.
+``sum_i w_i sum_k q_ik log softmax_k(alpha + beta n_i)`` (Besag 1975; ``n_i`` the
+neighbours' classes in one draw of the field from ``q`` by fixed per-pixel uniforms,
+Celeux, Forbes & Peyrard 2003) from its gradient and Hessian, which are sums over pixels
+reduced like every other statistic; ``alpha`` is defined up to a constant, and the step
+is solved on the complement of that direction. ``alpha`` is always estimated; ``beta``
+only when asked (``spatial_beta="auto"``), else fixed.
 
 Guarantee (tested): at fixed parameters F never decreases through the sweeps, and the
 emission M-step never decreases F at fixed ``q``. Restarting the sweeps from the
@@ -49,6 +51,18 @@ The objective reported per iteration, on whose change the fit converges, is ther
 :func:`local_free_energy` per unit weight: the free energy of each pixel's mixture with
 prior ``softmax(alpha + beta n_i)`` (no partition function needed); it is monitored, not
 guaranteed to increase.
+
+**Computation.** A block is split into its ``2 ** ndim`` parity sub-lattices, each stored
+class-major and contiguous with a zero border, so a sub-lattice's neighbour sums are sums
+of contiguous slices of the others (on 2-D 8-neighbourhoods a separable 3 x 3 box), and
+the sweeps, the free energy and the pseudo-likelihood terms run over strips of about
+8,192 pixels that stay in cache. The log-emissions come from the pixel-wise kernel's
+float64 plan (one GEMM on quadratic features, :func:`log_emission_t`); the sweeps and the
+per-pixel terms run in float32 for float32 attributes (SIMD ``exp``), in float64
+otherwise; every sum over pixels is float64. Per-pixel values are computed element by
+element in a fixed order (no BLAS or ``einsum`` across classes), so a pixel's value does
+not depend on the strip or chunk it is computed in: float32 stacks are chunking-invariant
+too, and give the float64 fit to about 1e-5 (tested).
 """
 
 from __future__ import annotations
