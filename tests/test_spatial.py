@@ -310,6 +310,54 @@ def test_float32_stack_is_chunking_invariant_and_close_to_float64():
     np.testing.assert_allclose(f64.predict_proba(X32.astype(np.float64)), proba, atol=1e-4)
 
 
+def test_carried_q_prototype_is_chunking_invariant_and_ascends():
+    """The prototype of q kept between iterations (one sweep each): the same iteration on
+    halo blocks (halo of one sweep) as on the whole image, and at fixed alpha and beta F
+    never decreases through the emission M-step and the sweeps."""
+    from daskem.model.spatial import halo_depth, log_emission
+
+    X, _ = _image(seed=6, shape=(31, 26))
+    w, mu, cov = _start(X)
+    gm = GaussianMixture(3, random_state=0, max_iter=2).fit(X.reshape(-1, 3))
+    model = SpatialGMMModel(GMMModel("full", 1e-6), neighbourhood=8, sweeps=1)
+    H, W, _ = X.shape
+    h = halo_depth(2, 8, 1)
+    alpha, beta = np.log(gm.weights_) - np.log(gm.weights_).mean(), 2.0
+    M = np.eye(3)
+
+    def run(chunks):
+        gmm, q, out = gm._fitted_params(), None, []
+        for _ in range(4):
+            sp = SpatialParams(gmm, alpha, beta)
+            total, q_new = None, np.empty((H, W, 3))
+            for y0 in range(0, H, chunks[0]):
+                for x0 in range(0, W, chunks[1]):
+                    y1, x1 = min(H, y0 + chunks[0]), min(W, x0 + chunks[1])
+                    e0, e1 = max(0, y0 - h), max(0, x0 - h)
+                    ext = (slice(e0, min(H, y1 + h)), slice(e1, min(W, x1 + h)))
+                    core = (slice(y0 - e0, y1 - e0), slice(x0 - e1, x1 - e1))
+                    blk = SpatialBlock(X[ext], core, (e0, e1))
+                    st, qc = model.block_stats_carried(sp, blk, None if q is None else q[ext])
+                    q_new[y0:y1, x0:x1] = qc
+                    total = st if total is None else total + st
+            q = q_new
+            F_before = free_energy(q, log_emission(gmm, X.reshape(-1, 3)).reshape(H, W, 3),
+                                   alpha, beta, M, 8)  # fmt: skip
+            gmm, _ = model.emission.m_step(total.emission, gmm)
+            F_after = free_energy(q, log_emission(gmm, X.reshape(-1, 3)).reshape(H, W, 3),
+                                  alpha, beta, M, 8)  # fmt: skip
+            out.append((total.energy, gmm.means.copy(), q.copy(), F_before, F_after))
+        return out
+
+    whole, tiled = run((H, W)), run((7, 9))
+    for (e_a, m_a, q_a, *_), (e_b, m_b, q_b, *_) in zip(whole, tiled, strict=True):
+        assert e_b == pytest.approx(e_a, rel=1e-10)
+        np.testing.assert_allclose(m_b, m_a, rtol=1e-10, atol=1e-10)
+        np.testing.assert_allclose(q_b, q_a, atol=1e-10)
+    Fs = [F for *_, fb, fa in whole for F in (fb, fa)]
+    assert np.all(np.diff(Fs) >= -1e-9 * abs(Fs[0])), Fs
+
+
 # --------------------------------------------------------------------------- quality
 
 

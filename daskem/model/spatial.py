@@ -537,6 +537,7 @@ class _Field:
     qN: list[np.ndarray]  # (*counts): sum_c Q_c N_c of the pixel's last update
     log_route: bool
     ws: _Workspace = field(default_factory=lambda: _Workspace())
+    core: tuple[slice, ...] | None = None
 
     def class_sums(self, T: np.ndarray, out: np.ndarray) -> np.ndarray:
         """Class sums ``out`` (C, ...) of component values ``T`` (K, ...)."""
@@ -575,6 +576,7 @@ def _build_field(
     active: np.ndarray | None,
     lat: _Lattice,
     dtype: np.dtype,
+    initial=None,
 ) -> _Field:
     """The pixel-wise start ``q_ik ∝ p(x_i | k) exp(alpha_k)`` of a block, per sub-lattice.
 
@@ -582,7 +584,9 @@ def _build_field(
     float64 of the ``m`` pixels of the block's slices ``sl`` (``log p`` = 0 where nothing
     is observed; the array is consumed),
     ``allowed(sl, m)`` the components they may take (m, K) or None; ``M`` is the (K, C)
-    class membership. The pixels are taken in strips of each sub-lattice.
+    class membership. The pixels are taken in strips of each sub-lattice. ``initial(sl, m)``,
+    if given, is the ``q`` (K, m) to start from instead (a carried ``q``; the normaliser
+    bookkeeping then only holds after a sweep).
     """
     K, C = M.shape
     identity = C == K and np.array_equal(M, np.eye(K))
@@ -620,14 +624,24 @@ def _build_field(
                 L[~ok.T] = -np.inf
             mx = L.max(axis=0)
             mx[~np.isfinite(mx)] = 0.0
-            L -= mx
             f.maxL[j][slice(*rows)] = mx.reshape(shape)
             G = f.G[j][:, slice(*rows)]
-            np.copyto(G, L.reshape(K, *shape), casting="same_kind")
+            np.subtract(L.reshape(K, *shape), mx.reshape(shape), out=G, casting="same_kind")
             if not log_route:
                 with np.errstate(under="ignore"):
                     np.exp(G, out=G)
             _update(f, j, rows, rest, None, 0.0, True)
+            if initial is not None:  # a carried q replaces the pixel-wise start
+                T = f.ws.get("T", (K, *shape), dtype)
+                np.copyto(T, initial(sl, m).reshape(K, *shape), casting="same_kind")
+                if act is not None:
+                    T *= act[slice(*rows)]
+                Qv = f.Q[j][f.inner(j, rows, rest)]
+                if f.cc is None:
+                    np.copyto(Qv, T)
+                else:
+                    f.q[j][:, slice(*rows)] = T
+                    np.copyto(Qv, f.class_sums(T, f.ws.get("QT", (C, *shape), dtype)))
     return f
 
 
@@ -1027,6 +1041,8 @@ def _block_statistics(
     g = np.zeros(K + 1)
     H = np.zeros((K + 1, K + 1))
     partial = None
+    with np.errstate(invalid="ignore", over="ignore"):
+        complete_block = bool(np.isfinite(np.sum(data[core])))
     for j in range(len(lat.counts)):
         cr = lat.core_range(j, core)
         sub = lat.sub(j)
@@ -1100,8 +1116,10 @@ def _block_statistics(
             # the emission statistics with q as responsibilities
             xv = data[sub][sl]
             xT = np.moveaxis(xv, -1, 0).reshape(D, m)
-            with np.errstate(invalid="ignore", over="ignore"):
-                complete_all = bool(np.isfinite(xT.sum()))
+            complete_all = complete_block
+            if not complete_all:
+                with np.errstate(invalid="ignore", over="ignore"):
+                    complete_all = bool(np.isfinite(xT.sum()))
             if complete_all:
                 used = None if actj is None else actj
                 seen_n = m
@@ -1174,8 +1192,10 @@ class SpatialGMMModel:
         origin: tuple[int, ...],
         labels: np.ndarray | None,
         active: np.ndarray | None,
+        q_start: np.ndarray | None = None,
     ) -> _Field:
-        """The mean-field state of a block after the sweeps."""
+        """The mean-field state of a block after the sweeps (from ``q_start`` (*ext, K) if
+        given, else from the pixel-wise posterior)."""
         gmm = params.gmm
         D = data.shape[-1]
         lab = None if labels is None else np.asarray(labels)
@@ -1190,7 +1210,14 @@ class SpatialGMMModel:
         lat = _Lattice(data.shape[:-1], origin, self.neighbourhood)
         dtype = work_dtype(data.dtype)
         M = class_membership(gmm)
-        f = _build_field(emission, ok, M, beta, active, lat, dtype)
+        start = None
+        if q_start is not None and beta != 0.0 and self.sweeps:
+            K = gmm.n_components
+
+            def start(sub, m):
+                return np.asarray(q_start[sub]).reshape(m, K).T
+
+        f = _build_field(emission, ok, M, beta, active, lat, dtype, start)
         if beta != 0.0 and self.sweeps:
             _sweep(f, beta, int(self.sweeps))
         return f
@@ -1215,6 +1242,34 @@ class SpatialGMMModel:
         sample_weight: np.ndarray | None = None,
         labels: np.ndarray | None = None,
     ) -> SpatialStats:
+        return self._stats(params, block, sample_weight, labels)[0]
+
+    def block_stats_carried(
+        self,
+        params: SpatialParams,
+        block: SpatialBlock,
+        q_start: np.ndarray | None,
+        sample_weight: np.ndarray | None = None,
+        labels: np.ndarray | None = None,
+    ) -> tuple[SpatialStats, np.ndarray]:
+        """Prototype of the E-step with ``q`` carried between iterations (not yet used
+        by the engine, which keeps no per-pixel state).
+
+        The sweeps start from ``q_start`` (*ext, K), the previous iteration's final
+        ``q`` over the extended block (None: the pixel-wise posterior, the first
+        iteration), instead of the pixel-wise posterior. Returns the statistics and the
+        new ``q`` of the core, (*core, K) in :func:`work_dtype`, for the next
+        iteration. With the whole image's ``q`` kept between iterations the halo is
+        still :func:`halo_depth` of the sweeps per iteration: one sweep per iteration
+        needs ``n_colours + 1`` pixels instead of ``3 * n_colours + 1`` for three. At
+        fixed ``alpha`` and ``beta`` the iteration is a coordinate ascent of F (sweeps,
+        then the emission M-step at fixed ``q``; tested).
+        """
+        stats, f = self._stats(params, block, sample_weight, labels, q_start)
+        q = _field_to_grid(f, params.n_components)[f.core]
+        return stats, q.astype(f.dtype)
+
+    def _stats(self, params, block, sample_weight, labels, q_start=None):
         data = np.asarray(block.data)
         grid = data.shape[:-1]
         active = None
@@ -1228,9 +1283,12 @@ class SpatialGMMModel:
                 active = None
         if labels is not None and self.emission.label_weight != 1.0:
             w = np.where(np.asarray(labels) >= 0, w * self.emission.label_weight, w)
-        f = self._field(params, data, block.origin, labels, active)
+        f = self._field(params, data, block.origin, labels, active, q_start)
         core = tuple(slice(*c.indices(n)[:2]) for c, n in zip(block.core, grid, strict=True))
-        return _block_statistics(f, params, data, w, active, core, block.origin, self.estimate_beta)
+        f.core = core
+        beta_terms = self.estimate_beta
+        stats = _block_statistics(f, params, data, w, active, core, block.origin, beta_terms)
+        return stats, f
 
     def m_step(self, stats: SpatialStats, params: SpatialParams) -> tuple[SpatialParams, list]:
         gmm, events = gmm_m_step(
