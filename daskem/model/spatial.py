@@ -56,7 +56,7 @@ guaranteed to increase.
 class-major and contiguous with a zero border, so a sub-lattice's neighbour sums are sums
 of contiguous slices of the others (on 2-D 8-neighbourhoods a separable 3 x 3 box), and
 the sweeps, the free energy and the pseudo-likelihood terms run over strips of about
-8,192 pixels that stay in cache. The log-emissions come from the pixel-wise kernel's
+65,536 / K pixels that stay in cache. The log-emissions come from the pixel-wise kernel's
 float64 plan (one GEMM on quadratic features, :func:`log_emission_t`); the sweeps and the
 per-pixel terms run in float32 for float32 attributes (SIMD ``exp``), in float64
 otherwise; every sum over pixels is float64. Per-pixel values are computed element by
@@ -355,7 +355,7 @@ def local_free_energy(
 # ``(start + o) // 2`` (-1, 0 or 1 per dim), so the neighbour sums of a whole sub-lattice
 # are sums of contiguous slices of the others (no strided views, no masks), and every
 # reduction over the classes runs across K contiguous planes. Sub-lattices are processed
-# in strips of about _STRIP pixels so their temporaries stay in cache.
+# in strips of about _STRIP / K pixels so their temporaries stay in cache.
 #
 # q_ik = G_ik exp(beta N_ik) / S_i with G_ik = exp(L_ik - max_k L_ik), L the pixel-wise
 # logits log p(x_i | k) + alpha_k (-inf where not allowed): max_k G_ik = 1, so while
@@ -363,8 +363,8 @@ def local_free_energy(
 # needed in the sweeps (else they take the log-sum-exp route). Blocks of float32
 # attributes are swept in float32 (SIMD exp); sums over pixels are float64.
 
-# pixels per strip of a sub-lattice (temporaries of K x _STRIP elements stay in cache)
-_STRIP = 8192
+# elements (pixels x components) per strip of a sub-lattice: its temporaries stay in cache
+_STRIP = 65536
 # columns per GEMM on quadratic features (a float64 feature block of D = 8 stays in L2)
 _GEMM_COLS = 2048
 # largest beta * (number of neighbours) swept without a per-pixel maximum, per dtype
@@ -396,6 +396,7 @@ class _Lattice:
         ndim = len(grid)
         self.grid = tuple(int(n) for n in grid)
         self.n_neighbours = len(neighbour_offsets(ndim, neighbourhood))
+        self.strip = _STRIP // 8  # pixels per strip (set per number of components)
         subs = []
         for colour, lattices in enumerate(_colour_lattices(self.grid, origin, neighbourhood)):
             for start in lattices:
@@ -441,7 +442,7 @@ class _Lattice:
         if any(r.stop <= r.start for r in ranges):
             return []
         inner = math.prod(r.stop - r.start for r in ranges[1:])
-        step = max(1, _STRIP // max(1, inner))
+        step = max(1, self.strip // max(1, inner))
         r = ranges[0]
         return [(a, min(r.stop, a + step)) for a in range(r.start, r.stop, step)]
 
@@ -589,6 +590,7 @@ def _build_field(
     bookkeeping then only holds after a sweep).
     """
     K, C = M.shape
+    lat.strip = max(1024, _STRIP // max(K, C))
     identity = C == K and np.array_equal(M, np.eye(K))
     cc = None if identity else np.argmax(M, axis=1)
     groups = None if identity else [np.flatnonzero(M[:, c]).tolist() for c in range(C)]
