@@ -22,7 +22,8 @@ a fixed number of iterations (``tol=0``), and is reported in pixel-iterations pe
 * the spatial prior (``SpatialGaussianMixture``, ``spatial_beta=1``, 8-neighbourhood, 3
   mean-field sweeps: chunks read with a halo of 13 pixels) against the pixel-wise
   ``GaussianMixture`` on the same pixels as a square image in a Zarr store (1024 x 1024
-  chunks, read every pass), threads, back to back;
+  chunks, read every pass), threads, back to back; the cost ratio in wall time and in
+  the process's CPU time per iteration (steadier on a shared host);
 * Spark MLlib ``GaussianMixture`` (full covariance, ``local[2]``, ``--spark-n`` pixels)
   if pyspark and pyarrow are installed (``pip install ".[spark]"``; needs Java 17+);
 * the hidden Markov model (section ``hmm``, :mod:`bench_hmm`): ``GaussianHMM`` on
