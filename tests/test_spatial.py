@@ -224,6 +224,30 @@ def test_mean_field_matches_reference_with_classes_of_several_components(nb, bet
     np.testing.assert_allclose(q32, ref32, atol=2e-5 * max(1.0, beta))
 
 
+@pytest.mark.parametrize("components_per_class", [1, 2])
+def test_log_sum_exp_route_gives_the_same_statistics(monkeypatch, components_per_class):
+    """Large beta * (number of neighbours) takes the per-pixel log-sum-exp route in the
+    sweeps and the statistics; where both routes are safe they agree."""
+    from daskem.model import spatial
+
+    X, ds = _image(seed=8, shape=(29, 24))
+    y = ds["labels"].values.astype(int)
+    sg = SpatialGaussianMixtureClassifier(
+        components_per_class=components_per_class, random_state=0, max_iter=2
+    ).fit(X, y)
+    params = sg._fitted_params()
+    model = SpatialGMMModel(GMMModel("full", 1e-6), neighbourhood=8, sweeps=2, estimate_beta=True)
+    blk = SpatialBlock(X, (slice(3, 25), slice(2, 20)), (0, 0))
+    sp = SpatialParams(params.gmm, params.alpha, 4.0)
+    fast = model.block_stats(sp, blk, labels=y)
+    monkeypatch.setitem(spatial._EXP_LIMIT, np.dtype(np.float64), 0.0)
+    slow = model.block_stats(sp, blk, labels=y)
+    assert slow.energy == pytest.approx(fast.energy, rel=1e-12)
+    np.testing.assert_allclose(slow.grad, fast.grad, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(slow.hess, fast.hess, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(slow.emission.mean, fast.emission.mean, rtol=1e-12)
+
+
 def test_colouring_separates_neighbours():
     for nb in (4, 8):
         col = colour_map((9, 11), (3, 4), nb)
