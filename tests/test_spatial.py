@@ -382,6 +382,30 @@ def test_carried_q_prototype_is_chunking_invariant_and_ascends():
     assert np.all(np.diff(Fs) >= -1e-9 * abs(Fs[0])), Fs
 
 
+def test_sample_weights_zero_patches_and_chunking():
+    """Pixels of zero weight are not part of the field (q = 0, no neighbours); fractional
+    weights scale their statistics; the fit does not depend on the chunking."""
+    X, _ = _image(seed=9, shape=(30, 27))
+    w = np.ones(X.shape[:2])
+    w[5:12, 4:9] = 0.0
+    w[20:, 15:] = 0.5
+    fits = [
+        SpatialGaussianMixture(3, spatial_beta="auto", random_state=0, max_iter=4, tol=0).fit(
+            da.from_array(X, chunks=(*c, 3)), sample_weight=da.from_array(w, chunks=c)
+        )
+        for c in ((30, 27), (7, 9))
+    ]
+    np.testing.assert_allclose(fits[1].means_, fits[0].means_, rtol=1e-10, atol=1e-10)
+    assert fits[1].spatial_beta_ == pytest.approx(fits[0].spatial_beta_, rel=1e-10)
+    np.testing.assert_allclose(fits[1].lower_bounds_, fits[0].lower_bounds_, rtol=1e-10)
+    assert np.all(np.isfinite(fits[0].lower_bounds_))
+    # zero weight is not the same as weight one: the statistics see the weights
+    unweighted = SpatialGaussianMixture(
+        3, spatial_beta="auto", random_state=0, max_iter=4, tol=0
+    ).fit(X)
+    assert np.abs(unweighted.means_ - fits[0].means_).max() > 1e-6
+
+
 # --------------------------------------------------------------------------- quality
 
 

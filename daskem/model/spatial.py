@@ -912,7 +912,8 @@ def _drawn_field(f: _Field, origin: tuple[int, ...], active: np.ndarray | None) 
         Q = f.Q[j][f.inner(j)]
         Zi = Z[f.inner(j)]
         cum = np.zeros(cnt, dtype=f.dtype)  # as np.cumsum over the classes adds them
-        below = np.ones(cnt, dtype=bool) if active is None else np.asarray(active[lat.sub(j)])
+        # a copy: the buffers are swapped and written below (never the caller's mask)
+        below = np.ones(cnt, dtype=bool) if active is None else np.array(active[lat.sub(j)])
         lt = np.empty(cnt, dtype=bool)
         for c in range(C - 1):
             cum += Q[c]
