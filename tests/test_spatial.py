@@ -184,9 +184,68 @@ def test_free_energy_never_decreases_through_sweeps_and_m_step():
     blk = SpatialBlock(X, (slice(None), slice(None)), (0, 0))
     stats = model.block_stats(sp, blk)
     new, _ = model.m_step(stats, sp)
-    q, _ = model.responsibilities(sp, blk)
+    q = model.responsibilities(sp, blk)
     E2 = log_emission(new.gmm, X.reshape(-1, 3)).reshape(E.shape)
     assert free_energy(q, E2, sp.alpha, 1.0, M, 8) >= free_energy(q, E, sp.alpha, 1.0, M, 8)
+
+
+def ref_mean_field(E, alpha, beta, M, nb, sweeps):
+    """Whole-image colour sweeps with several components per class (membership M)."""
+    H, W, K = E.shape
+    lg = E + alpha
+    q = np.exp(lg - logsumexp(lg, axis=-1, keepdims=True))
+    yy, xx = np.indices((H, W))
+    colours = (yy % 2) + 2 * (xx % 2) if nb == 8 else (yy + xx) % 2
+    for _ in range(sweeps):
+        for c in range(4 if nb == 8 else 2):
+            s = colours == c
+            lg2 = lg + beta * ref_neighbours(q @ M, nb) @ M.T
+            q[s] = np.exp(lg2 - logsumexp(lg2, axis=-1, keepdims=True))[s]
+    return q
+
+
+@pytest.mark.parametrize("nb", [4, 8])
+@pytest.mark.parametrize("beta", [0.7, 120.0])  # 120: the sweeps' log-sum-exp route
+def test_mean_field_matches_reference_with_classes_of_several_components(nb, beta):
+    rng = np.random.default_rng(11)
+    E = rng.normal(scale=3.0, size=(23, 18, 5))
+    alpha = rng.normal(size=5)
+    M = np.eye(3)[[0, 2, 0, 1, 2]]  # components 0, 2 -> class 0; 3 -> 1; 1, 4 -> 2
+    ref = ref_mean_field(E, alpha, beta, M, nb, 3)
+    q = mean_field(E, alpha, beta, M, allowed=None, neighbourhood=nb, origin=(0, 0), sweeps=3)
+    np.testing.assert_allclose(q, ref, atol=1e-12)
+    # float32 emissions are swept in float32: the same iteration to float32 rounding, which
+    # beta amplifies (the logits carry beta * N)
+    q32 = mean_field(
+        E.astype(np.float32), alpha, beta, M, allowed=None, neighbourhood=nb,
+        origin=(0, 0), sweeps=3,
+    )  # fmt: skip
+    ref32 = ref_mean_field(E.astype(np.float32).astype(float), alpha, beta, M, nb, 3)
+    np.testing.assert_allclose(q32, ref32, atol=2e-5 * max(1.0, beta))
+
+
+@pytest.mark.parametrize("components_per_class", [1, 2])
+def test_log_sum_exp_route_gives_the_same_statistics(monkeypatch, components_per_class):
+    """Large beta * (number of neighbours) takes the per-pixel log-sum-exp route in the
+    sweeps and the statistics; where both routes are safe they agree."""
+    from daskem.model import spatial
+
+    X, ds = _image(seed=8, shape=(29, 24))
+    y = ds["labels"].values.astype(int)
+    sg = SpatialGaussianMixtureClassifier(
+        components_per_class=components_per_class, random_state=0, max_iter=2
+    ).fit(X, y)
+    params = sg._fitted_params()
+    model = SpatialGMMModel(GMMModel("full", 1e-6), neighbourhood=8, sweeps=2, estimate_beta=True)
+    blk = SpatialBlock(X, (slice(3, 25), slice(2, 20)), (0, 0))
+    sp = SpatialParams(params.gmm, params.alpha, 4.0)
+    fast = model.block_stats(sp, blk, labels=y)
+    monkeypatch.setitem(spatial._EXP_LIMIT, np.dtype(np.float64), 0.0)
+    slow = model.block_stats(sp, blk, labels=y)
+    assert slow.energy == pytest.approx(fast.energy, rel=1e-12)
+    np.testing.assert_allclose(slow.grad, fast.grad, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(slow.hess, fast.hess, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(slow.emission.mean, fast.emission.mean, rtol=1e-12)
 
 
 def test_colouring_separates_neighbours():
@@ -242,6 +301,109 @@ def test_same_fit_and_posterior_for_any_chunking():
         np.testing.assert_allclose(p, proba, atol=1e-10)
     # the hole gets classes from the prior
     assert np.isfinite(proba[3:9, 5:12]).all()
+
+
+def test_float32_stack_is_chunking_invariant_and_close_to_float64():
+    """float32 attributes: emissions in float64, sweeps in float32 element by element,
+    sums in float64, so the fit does not depend on the chunking either."""
+    X, ds = _image(shape=(33, 28))
+    X[3:9, 5:12] = np.nan
+    X[20:30, 10:20, 1] = np.nan
+    X32 = X.astype(np.float32)
+    y = ds["labels"].values.astype(int)
+    kw = dict(spatial_beta="auto", random_state=0, max_iter=5, tol=0, neighbourhood=8)
+    fits = [
+        SpatialGaussianMixtureClassifier(components_per_class=2, **kw).fit(
+            da.from_array(X32, chunks=(*chunks, 3)), da.from_array(y, chunks=chunks)
+        )
+        for chunks in [(33, 28), (7, 30), (5, 4)]
+    ]
+    ref = fits[0]
+    proba = np.asarray(ref.predict_proba(X32))
+    for other in fits[1:]:
+        np.testing.assert_allclose(other.means_, ref.means_, rtol=1e-10, atol=1e-10)
+        np.testing.assert_allclose(other.covariances_, ref.covariances_, rtol=1e-10)
+        assert other.spatial_beta_ == pytest.approx(ref.spatial_beta_, rel=1e-10)
+        p = other.predict_proba(da.from_array(X32, chunks=(11, 9, 3))).compute()
+        np.testing.assert_allclose(p, proba, atol=1e-10)
+    f64 = SpatialGaussianMixtureClassifier(components_per_class=2, **kw).fit(
+        X32.astype(np.float64), y
+    )
+    np.testing.assert_allclose(f64.means_, ref.means_, atol=1e-4)
+    assert f64.spatial_beta_ == pytest.approx(ref.spatial_beta_, abs=1e-4)
+    np.testing.assert_allclose(f64.predict_proba(X32.astype(np.float64)), proba, atol=1e-4)
+
+
+def test_carried_q_prototype_is_chunking_invariant_and_ascends():
+    """The prototype of q kept between iterations (one sweep each): the same iteration on
+    halo blocks (halo of one sweep) as on the whole image, and at fixed alpha and beta F
+    never decreases through the emission M-step and the sweeps."""
+    from daskem.model.spatial import halo_depth, log_emission
+
+    X, _ = _image(seed=6, shape=(31, 26))
+    w, mu, cov = _start(X)
+    gm = GaussianMixture(3, random_state=0, max_iter=2).fit(X.reshape(-1, 3))
+    model = SpatialGMMModel(GMMModel("full", 1e-6), neighbourhood=8, sweeps=1)
+    H, W, _ = X.shape
+    h = halo_depth(2, 8, 1)
+    alpha, beta = np.log(gm.weights_) - np.log(gm.weights_).mean(), 2.0
+    M = np.eye(3)
+
+    def run(chunks):
+        gmm, q, out = gm._fitted_params(), None, []
+        for _ in range(4):
+            sp = SpatialParams(gmm, alpha, beta)
+            total, q_new = None, np.empty((H, W, 3))
+            for y0 in range(0, H, chunks[0]):
+                for x0 in range(0, W, chunks[1]):
+                    y1, x1 = min(H, y0 + chunks[0]), min(W, x0 + chunks[1])
+                    e0, e1 = max(0, y0 - h), max(0, x0 - h)
+                    ext = (slice(e0, min(H, y1 + h)), slice(e1, min(W, x1 + h)))
+                    core = (slice(y0 - e0, y1 - e0), slice(x0 - e1, x1 - e1))
+                    blk = SpatialBlock(X[ext], core, (e0, e1))
+                    st, qc = model.block_stats_carried(sp, blk, None if q is None else q[ext])
+                    q_new[y0:y1, x0:x1] = qc
+                    total = st if total is None else total + st
+            q = q_new
+            F_before = free_energy(q, log_emission(gmm, X.reshape(-1, 3)).reshape(H, W, 3),
+                                   alpha, beta, M, 8)  # fmt: skip
+            gmm, _ = model.emission.m_step(total.emission, gmm)
+            F_after = free_energy(q, log_emission(gmm, X.reshape(-1, 3)).reshape(H, W, 3),
+                                  alpha, beta, M, 8)  # fmt: skip
+            out.append((total.energy, gmm.means.copy(), q.copy(), F_before, F_after))
+        return out
+
+    whole, tiled = run((H, W)), run((7, 9))
+    for (e_a, m_a, q_a, *_), (e_b, m_b, q_b, *_) in zip(whole, tiled, strict=True):
+        assert e_b == pytest.approx(e_a, rel=1e-10)
+        np.testing.assert_allclose(m_b, m_a, rtol=1e-10, atol=1e-10)
+        np.testing.assert_allclose(q_b, q_a, atol=1e-10)
+    Fs = [F for *_, fb, fa in whole for F in (fb, fa)]
+    assert np.all(np.diff(Fs) >= -1e-9 * abs(Fs[0])), Fs
+
+
+def test_sample_weights_zero_patches_and_chunking():
+    """Pixels of zero weight are not part of the field (q = 0, no neighbours); fractional
+    weights scale their statistics; the fit does not depend on the chunking."""
+    X, _ = _image(seed=9, shape=(30, 27))
+    w = np.ones(X.shape[:2])
+    w[5:12, 4:9] = 0.0
+    w[20:, 15:] = 0.5
+    fits = [
+        SpatialGaussianMixture(3, spatial_beta="auto", random_state=0, max_iter=4, tol=0).fit(
+            da.from_array(X, chunks=(*c, 3)), sample_weight=da.from_array(w, chunks=c)
+        )
+        for c in ((30, 27), (7, 9))
+    ]
+    np.testing.assert_allclose(fits[1].means_, fits[0].means_, rtol=1e-10, atol=1e-10)
+    assert fits[1].spatial_beta_ == pytest.approx(fits[0].spatial_beta_, rel=1e-10)
+    np.testing.assert_allclose(fits[1].lower_bounds_, fits[0].lower_bounds_, rtol=1e-10)
+    assert np.all(np.isfinite(fits[0].lower_bounds_))
+    # zero weight is not the same as weight one: the statistics see the weights
+    unweighted = SpatialGaussianMixture(
+        3, spatial_beta="auto", random_state=0, max_iter=4, tol=0
+    ).fit(X)
+    assert np.abs(unweighted.means_ - fits[0].means_).max() > 1e-6
 
 
 # --------------------------------------------------------------------------- quality
