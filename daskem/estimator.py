@@ -301,60 +301,9 @@ class _BaseGaussianMixture(EMEstimator):
         else:
             prec_chol, cov = params.precisions_cholesky, params.covariances
         params = GMMParams(weights, means, prec_chol, ct, cov, component_class)
-        prior = self._label_prior(labelled, component_class)
-        if prior is not None:
-            params = self._guide(params, prior, Xs, ws, labelled)
-        # after the label prior's guided EM, plain EM on the sample always: the passes
-        # then start at (a sample's estimate of) the plain-EM optimum the guide led to
-        if self._use_prefit(data.n_samples) or prior is not None:
+        if self._use_prefit(data.n_samples):
             params = self._prefit(params, Xs, ws, labelled)
         return params
-
-    def _label_prior(self, labelled, component_class) -> LabelPrior | None:
-        """The label prior of a semi-supervised start (None: none), recorded in
-        ``label_prior_``."""
-        lp = getattr(self, "label_prior", 0.0)
-        if labelled is None or (lp != "auto" and float(lp) == 0.0):
-            return None
-        Xl, yl, wl = labelled
-        prior = label_prior(Xl, yl, wl, int(np.max(component_class)) + 1, lp)
-        if prior is None or prior.temperature == 0.0:
-            return None
-        self.label_prior_ = {
-            "temperature": prior.temperature,
-            "shrinkage": prior.shrinkage,
-            "held_out_log_loss": prior.held_out_log_loss,
-        }
-        return prior
-
-    def _guide(self, params: GMMParams, prior: LabelPrior, Xs, ws, labelled) -> GMMParams:
-        """EM to convergence on the sampled and labelled rows with the label prior in the
-        E-step (:func:`_prior_block_stats`): the start the passes over all the data take
-        (plain EM) instead of the labelled start itself."""
-        base = self._model()
-        cls = _LabelPriorMissingModel if isinstance(base, MissingGMMModel) else _LabelPriorModel
-        model = cls(
-            base.covariance_type,
-            base.reg_covar,
-            allow_excluded=base.allow_excluded,
-            precision=base.precision,
-            label_weight=base.label_weight,
-            prior=prior,
-        )
-        Xl, yl, wl = labelled
-        Xt = np.concatenate([Xs, Xl])
-        yt = np.concatenate([np.full(len(Xs), -1), yl])
-        wt = np.concatenate([np.ones(len(Xs)) if ws is None else ws, wl])
-        result = engine.fit_em_local(
-            model, Xt, params, wt, yt, tol=self._prefit_tol(len(Xt)), max_iter=500, accelerate=True
-        )
-        logger.info(
-            "label prior (temperature %.3g): %d iterations on %d sampled rows",
-            prior.temperature,
-            result.n_iter,
-            len(Xs),
-        )
-        return result.params
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -750,16 +699,18 @@ class GaussianMixtureClassifier(ClassifierMixin, ClassLabelsMixin, _BaseGaussian
         of unlabelled pixels and the classes are not Gaussian; 1 is plain EM on the
         joint likelihood.
     label_prior : "auto" or float in [0, 1], default="auto"
-        Strength of the class prior that guides the start: a Gaussian classifier is
-        fitted on the labelled samples alone (:func:`daskem.model.init.label_prior`:
-        class means, class covariances shrunk towards a multiple of the identity by
-        leave-one-out on the labels), and EM on the initialisation sample weighs each
-        sample's components by that classifier's class probabilities raised to the
-        power ``t`` (the temperature) before plain EM takes over (see Notes).
-        ``"auto"``: ``t`` in [0, 1] minimising the held-out log-loss of the labels
-        (temperature scaling; an unreliable classifier gets ``t`` near 0, and ``t = 0``
-        means no prior); a number: that ``t``; 0: no prior (the labelled start goes
-        straight to plain semi-supervised EM, as before).
+        Strength of a class prior for every sample from a Gaussian classifier fitted on
+        the labelled samples alone (:func:`daskem.model.init.label_prior`: class means,
+        class covariances shrunk towards a multiple of the identity by leave-one-out on
+        the labels). In the E-step a sample's components are weighted by its class
+        probabilities under that classifier raised to the power ``t`` (the
+        temperature), so the classes stay where their labels put them unless the
+        unlabelled samples say otherwise: EM can no longer hand a class's pixels to
+        another class's component just because the unlabelled clusters fit better that
+        way. ``"auto"``: ``t`` in [0, 1] minimising the held-out log-loss of the labels
+        (temperature scaling of the classifier; an unreliable classifier gets ``t``
+        near 0); a number: that ``t``; 0: no prior (plain semi-supervised EM, as
+        before). See Notes.
 
     The other parameters are those of :class:`GaussianMixture` (``covariance_type``,
     ``tol``, ``reg_covar``, ``max_iter``, ``n_init``, ``random_state``, ``chunk_size``,
@@ -778,7 +729,8 @@ class GaussianMixtureClassifier(ClassifierMixin, ClassLabelsMixin, _BaseGaussian
     n_empty_
         As in :class:`GaussianMixture`; the lower bound is the semi-supervised
         objective (log p(x) of unlabelled samples plus ``label_weight`` times
-        log p(x, class) of labelled ones, per unit of weight).
+        log p(x, class) of labelled ones, per unit of weight; with the label prior,
+        ``p(k)`` of every sample is ``pi_k q(c_k | x)^t`` normalised).
     label_prior_ : dict
         The label prior used: ``temperature`` (0: none), and if one was used its
         ``shrinkage`` and the ``held_out_log_loss`` of the labels (nats per label).
@@ -797,18 +749,17 @@ class GaussianMixtureClassifier(ClassifierMixin, ClassLabelsMixin, _BaseGaussian
 
     The label prior (``label_prior``): with a few labels per class, plain
     semi-supervised EM follows the unlabelled samples, and where the classes are not
-    the Gaussian clusters of the data (satellite scenes), a class's component can end
-    on another class's pixels -- most often when two classes' labels fall in one data
-    cluster, which EM then splits its own way. So the start is guided: from the
-    labelled start, EM runs on the initialisation sample (and the labelled sample) with
-    each sample's mixing proportions ``pi_k q(c_k | x)^t`` (normalised), ``q`` the
-    classifier of the labels alone -- a mixture whose proportions vary by sample, so
-    that EM never lowers its log-likelihood either. Then plain semi-supervised EM runs
-    to convergence on the sample (as the prefit does) and over all the data. The prior
-    only chooses which optimum of the semi-supervised likelihood EM climbs to: the
-    fitted model is a fixed point of plain EM, and ``predict`` uses the mixture alone.
-    On well-separated classes it is the optimum the labelled start reaches anyway.
-    The temperature is chosen on the labels alone, never on the unlabelled data.
+    the Gaussian clusters of the data (satellite scenes), a class's component can drift
+    onto another class's pixels -- most often when two classes' labels fall in one data
+    cluster, which EM then splits its own way. The prior ``q(c | x)^t`` from the labels
+    alone makes every sample's E-step lean towards the classes its labels point to; the
+    objective stays a log-likelihood (of a mixture whose proportions vary by sample,
+    ``pi_k q(c_k | x)^t``), so EM still never lowers it. The temperature is chosen on
+    the labels, not on the data. Only the fit uses the prior: ``predict`` and
+    ``predict_proba`` are those of the fitted mixture. Its E-step runs the per-component
+    float64 kernel (slower per pass than the fused kernel of the plain E-step). On the
+    real data of ``scripts/eval_semisup.py`` it is what lifts the scene and wine
+    with 3 labels per class (README, "Semi-supervised maps on real data").
 
     Examples
     --------
@@ -886,8 +837,37 @@ class GaussianMixtureClassifier(ClassifierMixin, ClassLabelsMixin, _BaseGaussian
                 f"{len(self.classes_)} classes"
             )
         component_class = self._layout(self.classes_)
-        self.label_prior_ = {"temperature": 0.0}  # set by the start if it uses one
+        self._prior = None
+        lp = getattr(self, "label_prior", 0.0)
+        if lp == "auto" or float(lp) > 0:
+            prior = label_prior(Xl, yl, wl, len(self.classes_), lp)
+            if prior is not None and prior.temperature > 0:
+                self._prior = prior
+        self.label_prior_ = (
+            {"temperature": 0.0}
+            if self._prior is None
+            else {
+                "temperature": self._prior.temperature,
+                "shrinkage": self._prior.shrinkage,
+                "held_out_log_loss": self._prior.held_out_log_loss,
+            }
+        )
         return data, (Xl, yl, wl), component_class
+
+    def _model(self) -> GMMModel:
+        model = super()._model()
+        prior = getattr(self, "_prior", None)
+        if prior is None:
+            return model
+        cls = _LabelPriorMissingModel if isinstance(model, MissingGMMModel) else _LabelPriorModel
+        return cls(
+            model.covariance_type,
+            model.reg_covar,
+            allow_excluded=model.allow_excluded,
+            precision=model.precision,
+            label_weight=model.label_weight,
+            prior=prior,
+        )
 
     def _fingerprint_extra(self) -> dict[str, Any]:
         lp = getattr(self, "label_prior", 0.0)
