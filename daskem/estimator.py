@@ -698,19 +698,20 @@ class GaussianMixtureClassifier(ClassifierMixin, ClassLabelsMixin, _BaseGaussian
         components closer to their labelled samples when a few labels face millions
         of unlabelled pixels and the classes are not Gaussian; 1 is plain EM on the
         joint likelihood.
-    label_prior : "auto" or float in [0, 1], default="auto"
-        Strength of a class prior for every sample from a Gaussian classifier fitted on
-        the labelled samples alone (:func:`daskem.model.init.label_prior`: class means,
+    label_prior : float in [0, 1] or "auto", default=0.0
+        A class prior for every sample from a Gaussian classifier fitted on the
+        labelled samples alone (:func:`daskem.model.init.label_prior`: class means,
         class covariances shrunk towards a multiple of the identity by leave-one-out on
-        the labels). In the E-step a sample's components are weighted by its class
-        probabilities under that classifier raised to the power ``t`` (the
-        temperature), so the classes stay where their labels put them unless the
-        unlabelled samples say otherwise: EM can no longer hand a class's pixels to
-        another class's component just because the unlabelled clusters fit better that
-        way. ``"auto"``: ``t`` in [0, 1] minimising the held-out log-loss of the labels
-        (temperature scaling of the classifier; an unreliable classifier gets ``t``
-        near 0); a number: that ``t``; 0: no prior (plain semi-supervised EM, as
-        before). See Notes.
+        the labels). In every E-step a sample's components are weighted by that
+        classifier's class probabilities raised to the power ``t`` (the temperature),
+        so the classes stay nearer where their labels put them. 0 (the default): no
+        prior, plain semi-supervised EM. A number: that ``t``. ``"auto"``: ``t`` in
+        [0, 1] minimising the held-out (leave-one-out) log-loss of the labels
+        (temperature scaling). Not the default: it helps with a few labels where the
+        classes are not the data's clusters and costs accuracy where they are (see
+        Notes and the README, "Semi-supervised maps on real data").
+        Its E-step runs the per-component float64 kernel, slower per pass than the
+        fused kernel of the plain E-step.
 
     The other parameters are those of :class:`GaussianMixture` (``covariance_type``,
     ``tol``, ``reg_covar``, ``max_iter``, ``n_init``, ``random_state``, ``chunk_size``,
@@ -747,19 +748,19 @@ class GaussianMixtureClassifier(ClassifierMixin, ClassLabelsMixin, _BaseGaussian
     restarts vary the seeded components and the one with the highest objective is
     kept.
 
-    The label prior (``label_prior``): with a few labels per class, plain
+    The label prior (``label_prior > 0``): with a few labels per class, plain
     semi-supervised EM follows the unlabelled samples, and where the classes are not
-    the Gaussian clusters of the data (satellite scenes), a class's component can drift
-    onto another class's pixels -- most often when two classes' labels fall in one data
-    cluster, which EM then splits its own way. The prior ``q(c | x)^t`` from the labels
-    alone makes every sample's E-step lean towards the classes its labels point to; the
-    objective stays a log-likelihood (of a mixture whose proportions vary by sample,
-    ``pi_k q(c_k | x)^t``), so EM still never lowers it. The temperature is chosen on
-    the labels, not on the data. Only the fit uses the prior: ``predict`` and
-    ``predict_proba`` are those of the fitted mixture. Its E-step runs the per-component
-    float64 kernel (slower per pass than the fused kernel of the plain E-step). On the
-    real data of ``scripts/eval_semisup.py`` it is what lifts the scene and wine
-    with 3 labels per class (README, "Semi-supervised maps on real data").
+    the Gaussian clusters of the data a class's component can end on another class's
+    pixels -- most often when two classes' labels fall in one data cluster, which EM
+    then splits its own way. With the prior, every sample's mixing proportions are
+    ``pi_k q(c_k | x)^t`` (normalised), ``q`` the classifier of the labels alone: the
+    objective is the log-likelihood of a mixture whose proportions vary by sample, and
+    EM never lowers it. ``predict`` and ``predict_proba`` use the fitted mixture alone.
+    Measured on real data (README): with 3 labels per class it lifts wine from 78.5 %
+    to 92.8 % and the Landsat scene from 42.3 % to 46.7 % (``"auto"``; 53.4 % with
+    ``t = 1``), but with 10 labels per class it lowers the scene from 57.4 % to 51.8 %,
+    and on well-separated synthetic classes it moves the fit off the likelihood's
+    optimum (85.0 % against 90.4 %).
 
     Examples
     --------
@@ -780,7 +781,7 @@ class GaussianMixtureClassifier(ClassifierMixin, ClassLabelsMixin, _BaseGaussian
         *,
         components_per_class: Any = None,
         label_weight: float = 1.0,
-        label_prior: float | str = "auto",
+        label_prior: float | str = 0.0,
         covariance_type: str = "full",
         tol: float = 1e-3,
         reg_covar: float = 1e-6,

@@ -117,9 +117,6 @@ def test_label_weight_counts_a_labelled_row_that_many_times():
         precisions_init=np.repeat(np.eye(2)[None], 3, axis=0),
         max_iter=5,
         tol=0,
-        # the label prior is a classifier of the labelled rows themselves, validated by
-        # leave-one-out: repeated rows would change it, so it is off here
-        label_prior=0.0,
     )
     weighted = GaussianMixtureClassifier(label_weight=3.0, **init).fit(X, y)
     Xr = np.concatenate([X, X[lab], X[lab]])
@@ -191,15 +188,27 @@ def test_label_prior_temperature_is_zero_for_labels_a_classifier_cannot_predict(
     X[:4] = [[2.0, 0.0], [-2.0, 0.0], [0.0, 2.0], [0.0, -2.0]]
     y = np.full(len(X), -1)
     y[:4] = [0, 0, 1, 1]  # each held-out label is nearer the other class's labels
-    auto = GaussianMixtureClassifier(random_state=0).fit(X, y)
+    auto = GaussianMixtureClassifier(label_prior="auto", random_state=0).fit(X, y)
     assert auto.label_prior_ == {"temperature": 0.0}
     plain = GaussianMixtureClassifier(label_prior=0.0, random_state=0).fit(X, y)
     np.testing.assert_array_equal(auto.means_, plain.means_)
 
 
+def test_label_prior_fit_does_not_depend_on_chunks():
+    X, y, _ = _blobs()
+    ref = GaussianMixtureClassifier(label_prior="auto", random_state=0).fit(X, y)
+    lazy = GaussianMixtureClassifier(label_prior="auto", random_state=0).fit(
+        da.from_array(X, chunks=170), da.from_array(y, chunks=170)
+    )
+    assert lazy.label_prior_ == ref.label_prior_
+    np.testing.assert_allclose(lazy.means_, ref.means_, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(lazy.lower_bounds_, ref.lower_bounds_, rtol=1e-10)
+
+
 def test_label_prior_auto_on_separable_labels():
     X, y, truth = _blobs()
-    clf = GaussianMixtureClassifier(random_state=0).fit(X, y)
+    assert GaussianMixtureClassifier().label_prior == 0.0  # off by default
+    clf = GaussianMixtureClassifier(label_prior="auto", random_state=0).fit(X, y)
     assert 0.0 < clf.label_prior_["temperature"] <= 1.0
     assert clf.label_prior_["shrinkage"] in (0.01, 0.03, 0.1, 0.3, 0.6, 1.0)
     assert np.mean(clf.predict(X) == truth) > 0.95

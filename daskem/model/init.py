@@ -4,7 +4,9 @@ The driver draws a reproducible random subsample of rows chunk by chunk
 (:func:`daskem.engine.draw_sample`); everything here works on that sample only:
 k-means++ seeding, a few weighted Lloyd iterations, random responsibilities,
 and turning hard or soft assignments into a first set of parameters with the
-same statistics code as the EM pass (:func:`daskem.model.gmm.block_stats`).
+same statistics code as the EM pass (:func:`daskem.model.gmm.block_stats`); and, from
+the labelled sample alone, the optional class prior of a semi-supervised fit
+(:func:`label_prior`).
 
 No Dask, no xarray.
 """
