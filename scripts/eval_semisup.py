@@ -18,9 +18,7 @@ Methods
 ``daskem``
     ``GaussianMixtureClassifier(random_state=seed)`` (one full-covariance component per
     class, label_weight 1, its default labelled start: class means and the ``"auto"``
-    common covariance of :func:`daskem.model.init.common_covariance`; the default
-    ``label_prior="auto"``: a per-sample class prior from a shrunk Gaussian classifier
-    of the labels, tempered by leave-one-out, :func:`daskem.model.init.label_prior`)
+    common covariance of :func:`daskem.model.init.common_covariance`; no label prior)
     fitted on ALL samples (every pixel of the scene) with ``y=-1`` except the few
     labels; prediction is the most probable class.
 ``reference EM``
@@ -43,9 +41,10 @@ Methods
     on the confusion matrix *of the test samples*, so this figure is optimistic (it uses
     the test labels).
 daskem variants (to help pick defaults)
-    ``label_prior=0`` (no label prior: plain semi-supervised EM from the labelled
-    start, the default before the label prior) and ``label_prior=1`` (the prior
-    untempered); ``label_weight`` 5 and 20, and scaled so that the labelled rows carry
+    ``label_prior="auto"`` and ``label_prior=1`` (a per-sample class prior in every
+    E-step from a shrunk Gaussian classifier of the labels,
+    :func:`daskem.model.init.label_prior`, tempered by leave-one-out or untempered);
+    ``label_weight`` 5 and 20, and scaled so that the labelled rows carry
     1 % and 10 % of the total weight; ``covariance_type`` "diag" and "tied";
     ``components_per_class=2``; the start with the plain pooled within-class covariance
     of the labels instead of the default one (:func:`daskem.model.init.labelled_start`
@@ -464,8 +463,8 @@ def _unsupervised(ctx: Context) -> tuple[np.ndarray, dict]:
 # (key, label in the table, function)
 METHODS: list[tuple[str, str, Callable[[Context], tuple[np.ndarray | None, dict]]]] = [
     ("daskem", "daskem default", _daskem()),
-    ("lp0", "daskem label_prior=0 (no label prior)", _daskem(label_prior=0.0)),
-    ("lp1", "daskem label_prior=1 (untempered)", _daskem(label_prior=1.0)),
+    ("lpauto", "daskem label_prior='auto'", _daskem(label_prior="auto")),
+    ("lp1", "daskem label_prior=1", _daskem(label_prior=1.0)),
     ("reference", "reference EM (NumPy)", _reference),
     ("qda", "QDA on labels (LOO shrinkage)", _qda_method),
     ("lda", "LDA on labels (Ledoit-Wolf)", _lda_method),
@@ -694,7 +693,7 @@ def main(argv: list[str] | None = None) -> int:
     if "nc_landsat" in loaded:
         keys = [
             k
-            for k in ("daskem", "lp0", "lp1", "reference", "qda", "unsup")
+            for k in ("daskem", "lpauto", "lp1", "reference", "qda", "unsup")
             if k in summary.get("nc_landsat", {}).get(str(labels[0]), {})
         ]
         print("\nnc_landsat: mean recall (%) per class on held-out polygons\n")
