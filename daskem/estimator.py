@@ -35,13 +35,26 @@ from .model.gmm import (
     PRECISIONS,
     GMMModel,
     GMMParams,
+    GMMStats,
+    _allowed_components,
+    _block_stats_reference,
+    _normalise,
     class_posterior,
     covariances_from_precision_cholesky,
+    observed_weighted_log_prob,
     precisions_from_cholesky,
 )
-from .model.init import INIT_METHODS, initial_responsibilities, labelled_start, params_from_resp
-from .model.missing import MissingGMMModel
+from .model.init import (
+    INIT_METHODS,
+    LabelPrior,
+    initial_responsibilities,
+    label_prior,
+    labelled_start,
+    params_from_resp,
+)
+from .model.missing import MissingGMMModel, resp_stats
 from .model.missing import impute as _impute
+from .model.stats import merge_lowest
 from .modelfile import register_estimator
 
 __all__ = ["NAN_POLICIES", "ConvergenceWarning", "GaussianMixture", "GaussianMixtureClassifier"]
@@ -81,6 +94,76 @@ def _rows_class_index(state, X: np.ndarray) -> np.ndarray:
 
 def _take_classes(idx: np.ndarray, classes: np.ndarray) -> np.ndarray:
     return classes[idx]
+
+
+def _prior_block_stats(
+    params: GMMParams,
+    X: np.ndarray,
+    sample_weight: np.ndarray | None,
+    labels: np.ndarray | None,
+    prior: LabelPrior,
+    marginalize: bool,
+    n_worst: int = 16,
+) -> GMMStats:
+    """E-step and statistics of a block with a per-row class prior (the label prior).
+
+    Row ``i``'s responsibilities are ``pi_k p(c_k | i) N(x_i | k)`` normalised (clamped
+    to its class's components if labelled), with ``p(c | i)`` from ``prior``; the
+    objective adds ``log sum_k pi_k p(c_k | i) N(x_i | k)`` of every row (weighted). It is
+    the log-likelihood of a mixture whose mixing proportions vary by row, so EM still
+    never lowers it.
+    """
+    X = np.asarray(X)
+    n = X.shape[0]
+    cc = np.asarray(params.component_class)
+    w = np.ones(n) if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
+    wlp = observed_weighted_log_prob(X, params) + prior.log_prior(X)[:, cc]
+    valid = ~np.isnan(wlp[:, 0]) if n else np.zeros(0, dtype=bool)
+    if not marginalize:
+        valid &= np.isfinite(X).all(axis=1)
+    wlp[~valid] = 0.0
+    log_norm, log_resp = _normalise(wlp, _allowed_components(labels, params))
+    with np.errstate(under="ignore"):
+        resp = np.exp(log_resp)
+    resp[~valid] = 0.0
+    if marginalize:
+        out = resp_stats(X, resp, params, w, n_worst=n_worst)
+    else:
+        out = _block_stats_reference(X, params, w, resp=resp, n_worst=n_worst)
+    used = valid & (w > 0)
+    out.loglik = float(w[used] @ log_norm[used])
+    if used.any():
+        sc = log_norm[used]
+        take = min(max(n_worst, params.n_components), sc.shape[0])
+        idx = np.argpartition(sc, take - 1)[:take]
+        rows = np.where(np.isfinite(X[used][idx]), X[used][idx], params.means.mean(0))
+        out.worst_score, out.worst_rows = merge_lowest(
+            np.empty(0), np.empty((0, X.shape[1])), sc[idx], rows, out.n_worst
+        )
+    return out
+
+
+class _LabelPriorModel(GMMModel):
+    """:class:`~daskem.model.gmm.GMMModel` whose E-step weighs each row's components by
+    a class prior from the labels (:func:`daskem.model.init.label_prior`)."""
+
+    def __init__(self, *args: Any, prior: LabelPrior, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        object.__setattr__(self, "prior", prior)
+
+    def _block_stats(self, params, X, sample_weight, labels) -> GMMStats:
+        return _prior_block_stats(params, X, sample_weight, labels, self.prior, False)
+
+
+class _LabelPriorMissingModel(MissingGMMModel):
+    """:class:`_LabelPriorModel` with missing attributes marginalised."""
+
+    def __init__(self, *args: Any, prior: LabelPrior, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        object.__setattr__(self, "prior", prior)
+
+    def _block_stats(self, params, X, sample_weight, labels) -> GMMStats:
+        return _prior_block_stats(params, X, sample_weight, labels, self.prior, True)
 
 
 class _BaseGaussianMixture(EMEstimator):
@@ -615,6 +698,20 @@ class GaussianMixtureClassifier(ClassifierMixin, ClassLabelsMixin, _BaseGaussian
         components closer to their labelled samples when a few labels face millions
         of unlabelled pixels and the classes are not Gaussian; 1 is plain EM on the
         joint likelihood.
+    label_prior : float in [0, 1] or "auto", default=0.0
+        A class prior for every sample from a Gaussian classifier fitted on the
+        labelled samples alone (:func:`daskem.model.init.label_prior`: class means,
+        class covariances shrunk towards a multiple of the identity by leave-one-out on
+        the labels). In every E-step a sample's components are weighted by that
+        classifier's class probabilities raised to the power ``t`` (the temperature),
+        so the classes stay nearer where their labels put them. 0 (the default): no
+        prior, plain semi-supervised EM. A number: that ``t``. ``"auto"``: ``t`` in
+        [0, 1] minimising the held-out (leave-one-out) log-loss of the labels
+        (temperature scaling). Not the default: it helps with a few labels where the
+        classes are not the data's clusters and costs accuracy where they are (see
+        Notes and the README, "Semi-supervised maps on real data").
+        Its E-step runs the per-component float64 kernel, slower per pass than the
+        fused kernel of the plain E-step.
 
     The other parameters are those of :class:`GaussianMixture` (``covariance_type``,
     ``tol``, ``reg_covar``, ``max_iter``, ``n_init``, ``random_state``, ``chunk_size``,
@@ -633,7 +730,11 @@ class GaussianMixtureClassifier(ClassifierMixin, ClassLabelsMixin, _BaseGaussian
     n_empty_
         As in :class:`GaussianMixture`; the lower bound is the semi-supervised
         objective (log p(x) of unlabelled samples plus ``label_weight`` times
-        log p(x, class) of labelled ones, per unit of weight).
+        log p(x, class) of labelled ones, per unit of weight; with the label prior,
+        ``p(k)`` of every sample is ``pi_k q(c_k | x)^t`` normalised).
+    label_prior_ : dict
+        The label prior used: ``temperature`` (0: none), and if one was used its
+        ``shrinkage`` and the ``held_out_log_loss`` of the labels (nats per label).
 
     Notes
     -----
@@ -646,6 +747,20 @@ class GaussianMixtureClassifier(ClassifierMixin, ClassLabelsMixin, _BaseGaussian
     per class every restart has this same start, so ``n_init`` is then 1; otherwise
     restarts vary the seeded components and the one with the highest objective is
     kept.
+
+    The label prior (``label_prior > 0``): with a few labels per class, plain
+    semi-supervised EM follows the unlabelled samples, and where the classes are not
+    the Gaussian clusters of the data a class's component can end on another class's
+    pixels -- most often when two classes' labels fall in one data cluster, which EM
+    then splits its own way. With the prior, every sample's mixing proportions are
+    ``pi_k q(c_k | x)^t`` (normalised), ``q`` the classifier of the labels alone: the
+    objective is the log-likelihood of a mixture whose proportions vary by sample, and
+    EM never lowers it. ``predict`` and ``predict_proba`` use the fitted mixture alone.
+    Measured on real data (README): with 3 labels per class it lifts wine from 78.5 %
+    to 92.8 % and the Landsat scene from 42.3 % to 46.7 % (``"auto"``; 53.4 % with
+    ``t = 1``), but with 10 labels per class it lowers the scene from 57.4 % to 51.8 %,
+    and on well-separated synthetic classes it moves the fit off the likelihood's
+    optimum (85.0 % against 90.4 %).
 
     Examples
     --------
@@ -666,6 +781,7 @@ class GaussianMixtureClassifier(ClassifierMixin, ClassLabelsMixin, _BaseGaussian
         *,
         components_per_class: Any = None,
         label_weight: float = 1.0,
+        label_prior: float | str = 0.0,
         covariance_type: str = "full",
         tol: float = 1e-3,
         reg_covar: float = 1e-6,
@@ -699,6 +815,12 @@ class GaussianMixtureClassifier(ClassifierMixin, ClassLabelsMixin, _BaseGaussian
         K = self.n_components
         if K is not None and (not isinstance(K, numbers.Integral) or K < 1):
             raise ValueError(f"n_components must be None or an integer >= 1, got {K!r}")
+        lp = getattr(self, "label_prior", 0.0)  # a subclass may not have the option
+        if not (
+            (isinstance(lp, str) and lp == "auto")
+            or (isinstance(lp, numbers.Real) and not isinstance(lp, bool) and 0 <= lp <= 1)
+        ):
+            raise ValueError(f"label_prior must be 'auto' or a number in [0, 1], got {lp!r}")
 
     def _setup_labels(self, data, summary):
         self._check_classifier_options()
@@ -716,7 +838,41 @@ class GaussianMixtureClassifier(ClassifierMixin, ClassLabelsMixin, _BaseGaussian
                 f"{len(self.classes_)} classes"
             )
         component_class = self._layout(self.classes_)
+        self._prior = None
+        lp = getattr(self, "label_prior", 0.0)
+        if lp == "auto" or float(lp) > 0:
+            prior = label_prior(Xl, yl, wl, len(self.classes_), lp)
+            if prior is not None and prior.temperature > 0:
+                self._prior = prior
+        self.label_prior_ = (
+            {"temperature": 0.0}
+            if self._prior is None
+            else {
+                "temperature": self._prior.temperature,
+                "shrinkage": self._prior.shrinkage,
+                "held_out_log_loss": self._prior.held_out_log_loss,
+            }
+        )
         return data, (Xl, yl, wl), component_class
+
+    def _model(self) -> GMMModel:
+        model = super()._model()
+        prior = getattr(self, "_prior", None)
+        if prior is None:
+            return model
+        cls = _LabelPriorMissingModel if isinstance(model, MissingGMMModel) else _LabelPriorModel
+        return cls(
+            model.covariance_type,
+            model.reg_covar,
+            allow_excluded=model.allow_excluded,
+            precision=model.precision,
+            label_weight=model.label_weight,
+            prior=prior,
+        )
+
+    def _fingerprint_extra(self) -> dict[str, Any]:
+        lp = getattr(self, "label_prior", 0.0)
+        return {**super()._fingerprint_extra(), "label_prior": lp if lp == "auto" else float(lp)}
 
     def _fixed_start(self, component_class: np.ndarray) -> bool:
         return len(component_class) == len(np.unique(component_class))

@@ -18,9 +18,9 @@ Methods
 ``daskem``
     ``GaussianMixtureClassifier(random_state=seed)`` (one full-covariance component per
     class, label_weight 1, its default labelled start: class means and the ``"auto"``
-    common covariance of :func:`daskem.model.init.common_covariance`) fitted on ALL
-    samples (every pixel of the scene) with ``y=-1`` except the few labels; prediction
-    is the most probable class.
+    common covariance of :func:`daskem.model.init.common_covariance`; no label prior)
+    fitted on ALL samples (every pixel of the scene) with ``y=-1`` except the few
+    labels; prediction is the most probable class.
 ``reference EM``
     Semi-supervised EM written here in NumPy, independent of daskem: start at the class
     means of the labelled rows, one common covariance (of all samples, plus ``reg_covar``)
@@ -41,12 +41,16 @@ Methods
     on the confusion matrix *of the test samples*, so this figure is optimistic (it uses
     the test labels).
 daskem variants (to help pick defaults)
-    ``label_weight`` 5 and 20, and scaled so that the labelled rows carry 1 % and 10 % of
-    the total weight; ``covariance_type`` "diag" and "tied"; ``components_per_class=2``;
-    the start with the plain pooled within-class covariance of the labels instead of the
-    default one (:func:`daskem.model.init.labelled_start` with
-    ``covariance="pooled"``, passed as ``weights_init``/``means_init``/``precisions_init``),
-    run only when every class has more labels than there are features.
+    ``label_prior="auto"`` and ``label_prior=1`` (a per-sample class prior in every
+    E-step from a shrunk Gaussian classifier of the labels,
+    :func:`daskem.model.init.label_prior`, tempered by leave-one-out or untempered);
+    ``label_weight`` 5 and 20, and scaled so that the labelled rows carry
+    1 % and 10 % of the total weight; ``covariance_type`` "diag" and "tied";
+    ``components_per_class=2``; the start with the plain pooled within-class covariance
+    of the labels instead of the default one (:func:`daskem.model.init.labelled_start`
+    with ``covariance="pooled"``, passed as ``weights_init``/``means_init``/
+    ``precisions_init``), run only when every class has more labels than there are
+    features.
 
 Output: a markdown table of mean ± std (ddof=1, over seeds) accuracy in percent, a table
 of per-class recall on the scene, and with ``--json PATH`` every run's numbers (accuracy,
@@ -390,6 +394,7 @@ def _daskem(**kw: Any) -> Callable[[Context], tuple[np.ndarray, dict]]:
             "lower_bound": float(clf.lower_bound_),
             "reseeds": len(getattr(clf, "reseeds_", []) or []),
             "weights": np.round(clf.weights_, 5).tolist(),
+            "label_prior": getattr(clf, "label_prior_", None),
         }
         if "label_weight" in params:
             info["label_weight"] = float(params["label_weight"])
@@ -458,6 +463,8 @@ def _unsupervised(ctx: Context) -> tuple[np.ndarray, dict]:
 # (key, label in the table, function)
 METHODS: list[tuple[str, str, Callable[[Context], tuple[np.ndarray | None, dict]]]] = [
     ("daskem", "daskem default", _daskem()),
+    ("lpauto", "daskem label_prior='auto'", _daskem(label_prior="auto")),
+    ("lp1", "daskem label_prior=1", _daskem(label_prior=1.0)),
     ("reference", "reference EM (NumPy)", _reference),
     ("qda", "QDA on labels (LOO shrinkage)", _qda_method),
     ("lda", "LDA on labels (Ledoit-Wolf)", _lda_method),
@@ -686,7 +693,7 @@ def main(argv: list[str] | None = None) -> int:
     if "nc_landsat" in loaded:
         keys = [
             k
-            for k in ("daskem", "reference", "qda", "lw20", "unsup")
+            for k in ("daskem", "lpauto", "lp1", "reference", "qda", "unsup")
             if k in summary.get("nc_landsat", {}).get(str(labels[0]), {})
         ]
         print("\nnc_landsat: mean recall (%) per class on held-out polygons\n")

@@ -129,6 +129,91 @@ def test_label_weight_counts_a_labelled_row_that_many_times():
     assert not np.allclose(plain.means_, weighted.means_)
 
 
+def _numpy_label_prior_em_step(X, y, start, log_prior):
+    """One EM step with a per-row class prior, in NumPy: responsibilities proportional to
+    ``w_k q(c_k | x) N(x | k)`` (labelled rows clamped), the standard M-step."""
+    n, D = X.shape
+    K = len(start.weights_)
+    logp = np.empty((n, K))
+    for k in range(K):
+        L = np.linalg.cholesky(start.covariances_[k])
+        z = np.linalg.solve(L, (X - start.means_[k]).T)
+        logp[:, k] = (
+            np.log(start.weights_[k])
+            - 0.5 * (z**2).sum(0)
+            - np.log(np.diag(L)).sum()
+            - 0.5 * D * np.log(2 * np.pi)
+        )
+    logp += log_prior[:, start.component_classes_]
+    lab = y >= 0
+    logp[lab] = np.where(start.component_classes_ == y[lab, None], logp[lab], -np.inf)
+    norm = logsumexp(logp, axis=1)
+    resp = np.exp(logp - norm[:, None])
+    nk = resp.sum(0)
+    means = resp.T @ X / nk[:, None]
+    covs = np.stack(
+        [(resp[:, k, None] * (X - means[k])).T @ (X - means[k]) / nk[k] for k in range(K)]
+    )
+    return nk / n, means, covs + 1e-6 * np.eye(D), norm.mean()
+
+
+@pytest.mark.parametrize("nan_policy", ["raise", "marginalize"])
+def test_label_prior_em_step_matches_numpy(nan_policy):
+    from daskem.model.init import label_prior
+
+    X, y, _ = _blobs()
+    kw = dict(label_prior=1.0, prefit=False, random_state=0, tol=0, nan_policy=nan_policy)
+    start = GaussianMixtureClassifier(max_iter=0, **kw).fit(X, y)
+    one = GaussianMixtureClassifier(max_iter=1, **kw).fit(X, y)
+    lab = y >= 0
+    prior = label_prior(X[lab], y[lab], None, 3, 1.0)
+    assert one.label_prior_["temperature"] == 1.0
+    assert one.label_prior_["shrinkage"] == prior.shrinkage
+    weights, means, covs, objective = _numpy_label_prior_em_step(X, y, start, prior.log_prior(X))
+    np.testing.assert_allclose(one.weights_, weights, rtol=1e-10)
+    np.testing.assert_allclose(one.means_, means, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(one.covariances_, covs, rtol=1e-9)
+    np.testing.assert_allclose(one.lower_bound_, objective, rtol=1e-12)
+    # without the prior the same step is a different one
+    plain = GaussianMixtureClassifier(max_iter=1, **{**kw, "label_prior": 0.0}).fit(X, y)
+    assert plain.label_prior_ == {"temperature": 0.0}
+    assert not np.allclose(plain.means_, one.means_)
+
+
+def test_label_prior_temperature_is_zero_for_labels_a_classifier_cannot_predict():
+    """Labels that a classifier of the labels alone gets wrong when held out give the
+    prior temperature 0: the fit is then plain semi-supervised EM."""
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(600, 2))
+    X[:4] = [[2.0, 0.0], [-2.0, 0.0], [0.0, 2.0], [0.0, -2.0]]
+    y = np.full(len(X), -1)
+    y[:4] = [0, 0, 1, 1]  # each held-out label is nearer the other class's labels
+    auto = GaussianMixtureClassifier(label_prior="auto", random_state=0).fit(X, y)
+    assert auto.label_prior_ == {"temperature": 0.0}
+    plain = GaussianMixtureClassifier(label_prior=0.0, random_state=0).fit(X, y)
+    np.testing.assert_array_equal(auto.means_, plain.means_)
+
+
+def test_label_prior_fit_does_not_depend_on_chunks():
+    X, y, _ = _blobs()
+    ref = GaussianMixtureClassifier(label_prior="auto", random_state=0).fit(X, y)
+    lazy = GaussianMixtureClassifier(label_prior="auto", random_state=0).fit(
+        da.from_array(X, chunks=170), da.from_array(y, chunks=170)
+    )
+    assert lazy.label_prior_ == ref.label_prior_
+    np.testing.assert_allclose(lazy.means_, ref.means_, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(lazy.lower_bounds_, ref.lower_bounds_, rtol=1e-10)
+
+
+def test_label_prior_auto_on_separable_labels():
+    X, y, truth = _blobs()
+    assert GaussianMixtureClassifier().label_prior == 0.0  # off by default
+    clf = GaussianMixtureClassifier(label_prior="auto", random_state=0).fit(X, y)
+    assert 0.0 < clf.label_prior_["temperature"] <= 1.0
+    assert clf.label_prior_["shrinkage"] in (0.01, 0.03, 0.1, 0.3, 0.6, 1.0)
+    assert np.mean(clf.predict(X) == truth) > 0.95
+
+
 def test_components_per_class_layouts():
     X, y, _ = _blobs()
     ys = np.array(["-"] * len(y), dtype=object)
@@ -155,6 +240,10 @@ def test_components_per_class_layouts():
         (dict(components_per_class=0), "components_per_class must be an integer >= 1"),
         (dict(components_per_class={0: 0}), r"components_per_class\[0\] must be an integer"),
         (dict(n_components=4, components_per_class=2), "asks for 6 components but n_comp"),
+        (dict(label_prior=-0.1), "label_prior must be 'auto' or a number in"),
+        (dict(label_prior=1.5), "label_prior must be 'auto' or a number in"),
+        (dict(label_prior="yes"), "label_prior must be 'auto' or a number in"),
+        (dict(label_prior=True), "label_prior must be 'auto' or a number in"),
     ],
 )
 def test_bad_options_name_the_option(kw, message):

@@ -4,12 +4,16 @@ The driver draws a reproducible random subsample of rows chunk by chunk
 (:func:`daskem.engine.draw_sample`); everything here works on that sample only:
 k-means++ seeding, a few weighted Lloyd iterations, random responsibilities,
 and turning hard or soft assignments into a first set of parameters with the
-same statistics code as the EM pass (:func:`daskem.model.gmm.block_stats`).
+same statistics code as the EM pass (:func:`daskem.model.gmm.block_stats`); and, from
+the labelled sample alone, the optional class prior of a semi-supervised fit
+(:func:`label_prior`).
 
 No Dask, no xarray.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -17,9 +21,11 @@ from .gmm import GMMParams, block_stats, m_step
 
 __all__ = [
     "INIT_METHODS",
+    "LabelPrior",
     "initial_responsibilities",
     "kmeans",
     "kmeans_plusplus",
+    "label_prior",
     "labelled_start",
     "params_from_resp",
 ]
@@ -339,3 +345,199 @@ def labelled_start(
         covariances=covariances,
         component_class=np.asarray(component_class),
     )
+
+
+# --------------------------------------------------------------------------- label prior
+
+#: Shrinkage grid of :func:`label_prior`'s Gaussian classifier (fraction of the target).
+LABEL_PRIOR_SHRINKAGE = (0.01, 0.03, 0.1, 0.3, 0.6, 1.0)
+#: Labelled rows up to which :func:`label_prior` validates by leave-one-out (beyond:
+#: ``LABEL_PRIOR_FOLDS``-fold cross-validation).
+LABEL_PRIOR_LOO_ROWS = 300
+LABEL_PRIOR_FOLDS = 10
+_LOG_FLOOR = -50.0  # a single held-out miss costs at most 50 nats
+
+
+@dataclass(frozen=True)
+class LabelPrior:
+    """Class prior of every sample from a Gaussian classifier fitted on the labels alone.
+
+    ``log_prior(X)[i, c] = temperature * log q(c | x_i) - log Z_i``: the classifier's class
+    posterior ``q`` (equal class priors), raised to the power ``temperature`` and
+    normalised over classes. Rows with nothing observed get a uniform prior; rows with
+    some attributes missing use the classifier's marginal Gaussians over the observed
+    ones.
+
+    Attributes
+    ----------
+    classifier : GMMParams
+        One full-covariance Gaussian per class (equal weights), in the units of ``X``.
+    temperature : float
+        Exponent in [0, 1] (0: no information).
+    shrinkage : float
+        The shrinkage of the class covariances chosen on the labels.
+    held_out_log_loss : float
+        Mean held-out log-loss of the labels at that shrinkage and temperature (nats).
+    """
+
+    classifier: GMMParams
+    temperature: float
+    shrinkage: float
+    held_out_log_loss: float
+
+    def log_prior(self, X: np.ndarray) -> np.ndarray:
+        """Log prior probability of each class for each row, shape (n, n_classes)."""
+        from .gmm import observed_weighted_log_prob
+
+        C = self.classifier.n_components
+        if self.temperature == 0.0:
+            return np.full((X.shape[0], C), -np.log(C))
+        lq = np.maximum(_log_softmax(observed_weighted_log_prob(X, self.classifier)), _LOG_FLOOR)
+        out = _log_softmax(self.temperature * lq)
+        return np.where(np.isfinite(out), out, -np.log(C))
+
+
+def _log_softmax(a: np.ndarray) -> np.ndarray:
+    mx = a.max(axis=1, keepdims=True)
+    mx = np.where(np.isfinite(mx), mx, 0.0)
+    with np.errstate(under="ignore", divide="ignore"):
+        return a - (mx + np.log(np.exp(a - mx).sum(axis=1, keepdims=True)))
+
+
+def _shrunk_class_gaussians(
+    Z: np.ndarray, y: np.ndarray, w: np.ndarray, C: int, s: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Class means and covariances ``(1 - s) S_c + s tr(S_c)/D I`` (weighted; a class
+    with one row uses the pooled within-class trace), plus 1e-6 on the diagonal."""
+    D = Z.shape[1]
+    means = np.zeros((C, D))
+    scatter = np.zeros((C, D, D))
+    single = np.zeros(C, dtype=bool)
+    for c in range(C):
+        rows = y == c
+        wc = w[rows] / w[rows].sum()
+        means[c] = wc @ Z[rows]
+        d = Z[rows] - means[c]
+        scatter[c] = (d * wc[:, None]).T @ d
+        single[c] = rows.sum() < 2
+    pooled = np.trace(scatter[~single].sum(0)) / (D * max(int((~single).sum()), 1))
+    covs = np.empty((C, D, D))
+    eye = np.eye(D)
+    for c in range(C):
+        t = pooled if single[c] else np.trace(scatter[c]) / D
+        covs[c] = (1.0 - s) * scatter[c] + (s * t + 1e-6) * eye
+    return means, covs
+
+
+def _class_log_posterior(Z: np.ndarray, means: np.ndarray, covs: np.ndarray) -> np.ndarray:
+    C = len(means)
+    out = np.empty((len(Z), C))
+    for c in range(C):
+        L = np.linalg.cholesky(covs[c])
+        z = np.linalg.solve(L, (Z - means[c]).T)
+        out[:, c] = -0.5 * (z * z).sum(0) - np.log(np.diag(L)).sum()
+    return _log_softmax(out)
+
+
+def label_prior(
+    Xl: np.ndarray,
+    yl: np.ndarray,
+    wl: np.ndarray | None,
+    n_classes: int,
+    temperature: float | str = "auto",
+) -> LabelPrior | None:
+    """The per-sample class prior of a semi-supervised fit, from its labelled rows alone.
+
+    A Gaussian classifier is fitted on the labelled rows (standardised by their weighted
+    standard deviations): the class means and each class's covariance shrunk towards a
+    multiple of the identity, ``(1 - s) S_c + s tr(S_c)/D I``, with ``s`` from
+    :data:`LABEL_PRIOR_SHRINKAGE` minimising the held-out log-loss of the labels
+    (leave-one-out, or ``LABEL_PRIOR_FOLDS``-fold cross-validation beyond
+    ``LABEL_PRIOR_LOO_ROWS`` labelled rows; ties: the larger ``s``). With
+    ``temperature="auto"`` its held-out class probabilities are then calibrated by a
+    temperature ``t`` in [0, 1] (``q^t``, renormalised), chosen to minimise the same
+    held-out log-loss (temperature scaling): an overconfident or unreliable classifier
+    gets a small ``t`` and so a weak prior, a reliable one ``t`` near 1.
+
+    Parameters
+    ----------
+    Xl : ndarray (m, D)
+        The labelled rows (finite); ``yl`` (m,) their class ids in ``0 .. n_classes-1``.
+    wl : ndarray (m,) or None
+        How many labelled rows each row stands for.
+    n_classes : int
+    temperature : float in [0, 1] or "auto"
+
+    Returns
+    -------
+    LabelPrior or None
+        None when a class has no labelled row (no classifier can be fitted).
+    """
+    Xl = np.asarray(Xl, dtype=np.float64)
+    yl = np.asarray(yl)
+    m, D = Xl.shape
+    w = np.ones(m) if wl is None else np.asarray(wl, dtype=np.float64)
+    counts = np.bincount(yl, minlength=n_classes)
+    if m == 0 or np.any(counts[:n_classes] == 0):
+        return None
+    loc = w @ Xl / w.sum()
+    scale = np.sqrt(w @ (Xl - loc) ** 2 / w.sum())
+    scale = np.where(scale > 0, scale, 1.0)
+    Z = (Xl - loc) / scale
+    if m <= LABEL_PRIOR_LOO_ROWS:
+        folds = np.arange(m)
+    else:  # the labelled sample's order is a hash order: interleaved folds are random
+        folds = np.arange(m) % LABEL_PRIOR_FOLDS
+    best = (np.inf, LABEL_PRIOR_SHRINKAGE[-1], np.zeros((0, n_classes)), np.zeros(0, int))
+    for s in LABEL_PRIOR_SHRINKAGE:
+        held, rows = [], []
+        for f in np.unique(folds):
+            test = folds == f
+            train = ~test
+            if np.any(np.bincount(yl[train], minlength=n_classes)[:n_classes] == 0):
+                continue  # a class would have no labelled row left: skip this fold
+            try:
+                means, covs = _shrunk_class_gaussians(Z[train], yl[train], w[train], n_classes, s)
+                held.append(_class_log_posterior(Z[test], means, covs))
+            except np.linalg.LinAlgError:
+                held = []
+                break
+            rows.append(np.flatnonzero(test))
+        if not held:
+            continue
+        lq = np.maximum(np.concatenate(held), _LOG_FLOOR)
+        idx = np.concatenate(rows)
+        loss = -float(w[idx] @ lq[np.arange(len(idx)), yl[idx]] / w[idx].sum())
+        if loss <= best[0]:  # the grid increases: ties go to the larger shrinkage
+            best = (loss, s, lq, idx)
+    loss, s, lq, idx = best
+    if not np.isfinite(loss):
+        return None
+    if temperature == "auto":
+        from scipy.optimize import minimize_scalar
+
+        def held_out(t: float) -> float:
+            p = _log_softmax(t * lq)[np.arange(len(idx)), yl[idx]]
+            return -float(w[idx] @ p / w[idx].sum())
+
+        t = float(minimize_scalar(held_out, bounds=(0.0, 1.0), method="bounded").x)
+        if held_out(0.0) <= held_out(t):
+            t = 0.0
+        loss = held_out(t)
+    else:
+        t = float(temperature)
+    means, covs = _shrunk_class_gaussians(Z, yl, w, n_classes, s)
+    # back to the units of X: x = loc + scale * z
+    means = loc + means * scale
+    covs = covs * np.outer(scale, scale)[None]
+    from .gmm import compute_precision_cholesky
+
+    prec_chol, _ = compute_precision_cholesky(covs, "full")
+    classifier = GMMParams(
+        weights=np.full(n_classes, 1.0 / n_classes),
+        means=means,
+        precisions_cholesky=prec_chol,
+        covariance_type="full",
+        covariances=covs,
+    )
+    return LabelPrior(classifier, t, float(s), float(loss))
