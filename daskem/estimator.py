@@ -35,26 +35,20 @@ from .model.gmm import (
     PRECISIONS,
     GMMModel,
     GMMParams,
-    GMMStats,
-    _allowed_components,
-    _block_stats_reference,
-    _normalise,
     class_posterior,
     covariances_from_precision_cholesky,
-    observed_weighted_log_prob,
     precisions_from_cholesky,
 )
 from .model.init import (
     INIT_METHODS,
-    LabelPrior,
     initial_responsibilities,
     label_prior,
     labelled_start,
     params_from_resp,
 )
-from .model.missing import MissingGMMModel, resp_stats
+from .model.missing import MissingGMMModel
 from .model.missing import impute as _impute
-from .model.stats import merge_lowest
+from .model.prior import LabelPriorMissingModel, LabelPriorModel
 from .modelfile import register_estimator
 
 __all__ = ["NAN_POLICIES", "ConvergenceWarning", "GaussianMixture", "GaussianMixtureClassifier"]
@@ -94,76 +88,6 @@ def _rows_class_index(state, X: np.ndarray) -> np.ndarray:
 
 def _take_classes(idx: np.ndarray, classes: np.ndarray) -> np.ndarray:
     return classes[idx]
-
-
-def _prior_block_stats(
-    params: GMMParams,
-    X: np.ndarray,
-    sample_weight: np.ndarray | None,
-    labels: np.ndarray | None,
-    prior: LabelPrior,
-    marginalize: bool,
-    n_worst: int = 16,
-) -> GMMStats:
-    """E-step and statistics of a block with a per-row class prior (the label prior).
-
-    Row ``i``'s responsibilities are ``pi_k p(c_k | i) N(x_i | k)`` normalised (clamped
-    to its class's components if labelled), with ``p(c | i)`` from ``prior``; the
-    objective adds ``log sum_k pi_k p(c_k | i) N(x_i | k)`` of every row (weighted). It is
-    the log-likelihood of a mixture whose mixing proportions vary by row, so EM still
-    never lowers it.
-    """
-    X = np.asarray(X)
-    n = X.shape[0]
-    cc = np.asarray(params.component_class)
-    w = np.ones(n) if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
-    wlp = observed_weighted_log_prob(X, params) + prior.log_prior(X)[:, cc]
-    valid = ~np.isnan(wlp[:, 0]) if n else np.zeros(0, dtype=bool)
-    if not marginalize:
-        valid &= np.isfinite(X).all(axis=1)
-    wlp[~valid] = 0.0
-    log_norm, log_resp = _normalise(wlp, _allowed_components(labels, params))
-    with np.errstate(under="ignore"):
-        resp = np.exp(log_resp)
-    resp[~valid] = 0.0
-    if marginalize:
-        out = resp_stats(X, resp, params, w, n_worst=n_worst)
-    else:
-        out = _block_stats_reference(X, params, w, resp=resp, n_worst=n_worst)
-    used = valid & (w > 0)
-    out.loglik = float(w[used] @ log_norm[used])
-    if used.any():
-        sc = log_norm[used]
-        take = min(max(n_worst, params.n_components), sc.shape[0])
-        idx = np.argpartition(sc, take - 1)[:take]
-        rows = np.where(np.isfinite(X[used][idx]), X[used][idx], params.means.mean(0))
-        out.worst_score, out.worst_rows = merge_lowest(
-            np.empty(0), np.empty((0, X.shape[1])), sc[idx], rows, out.n_worst
-        )
-    return out
-
-
-class _LabelPriorModel(GMMModel):
-    """:class:`~daskem.model.gmm.GMMModel` whose E-step weighs each row's components by
-    a class prior from the labels (:func:`daskem.model.init.label_prior`)."""
-
-    def __init__(self, *args: Any, prior: LabelPrior, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        object.__setattr__(self, "prior", prior)
-
-    def _block_stats(self, params, X, sample_weight, labels) -> GMMStats:
-        return _prior_block_stats(params, X, sample_weight, labels, self.prior, False)
-
-
-class _LabelPriorMissingModel(MissingGMMModel):
-    """:class:`_LabelPriorModel` with missing attributes marginalised."""
-
-    def __init__(self, *args: Any, prior: LabelPrior, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        object.__setattr__(self, "prior", prior)
-
-    def _block_stats(self, params, X, sample_weight, labels) -> GMMStats:
-        return _prior_block_stats(params, X, sample_weight, labels, self.prior, True)
 
 
 class _BaseGaussianMixture(EMEstimator):
@@ -860,7 +784,7 @@ class GaussianMixtureClassifier(ClassifierMixin, ClassLabelsMixin, _BaseGaussian
         prior = getattr(self, "_prior", None)
         if prior is None:
             return model
-        cls = _LabelPriorMissingModel if isinstance(model, MissingGMMModel) else _LabelPriorModel
+        cls = LabelPriorMissingModel if isinstance(model, MissingGMMModel) else LabelPriorModel
         return cls(
             model.covariance_type,
             model.reg_covar,
