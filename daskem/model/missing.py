@@ -522,10 +522,11 @@ def _separable_stats(X, rows, params: GMMParams, w, labels, n_worst: int, D: int
         m = idx.size
         ph, fin = phi[:, :m], fin_buf[:, :m]
         obs, d, d2 = ph[1 : 1 + D], ph[1 + D : 1 + 2 * D], ph[1 + 2 * D :]
-        np.subtract(np.take(XT, idx, axis=1), c[:, None], out=d)  # feature-major gather
-        np.isfinite(d, out=fin)
+        xb = np.take(XT, idx, axis=1)  # feature-major gather
+        np.isfinite(xb, out=fin)
         np.copyto(obs, fin)
-        np.copyto(d, 0.0, where=~fin)
+        np.subtract(xb, c[:, None], out=d)
+        d[...] = np.where(fin, d, 0.0)  # branch-free, unlike a masked copy
         np.multiply(d, d, out=d2)
         return ph, fin
 
