@@ -10,7 +10,18 @@ few all-missing holes). On each stack, with the true parameters known, three
 * ``marginalize`` -- every pixel with an observed attribute (EM with missing data);
 * ``omit`` -- only the pixels with every attribute observed;
 * ``complete`` -- the same stack before the clouds hid anything (the best any method
-  could do with these pixels; a yardstick, not a method).
+  could do with these pixels; a yardstick, not a method);
+* with ``--spatial``, the same three under the spatial prior
+  (:class:`~daskem.SpatialGaussianMixture`, ``spatial_beta="auto"``, a fixed
+  ``--spatial-iters`` iterations: its objective is monitored, not monotone). Its
+  emissions always marginalise, so ``omit`` there is the stack with every attribute of
+  the partly missing pixels removed (they keep a class from the prior, no emission).
+
+``--missingness shuffled`` permutes the pixels of the cloud mask (same attributes hidden,
+same counts, no longer in blobs over the class regions): a control that separates the
+effect of clouds being spatially clustered from that of the patterns themselves. Per
+seed, the differences ``marginalize - omit`` of every error are tabulated with the
+number of seeds where ``marginalize`` is closer and a paired t-test.
 
 Each fit runs to ``tol=1e-7`` (the default 1e-3 stops early where classes overlap, an
 error larger than the ones compared here). Components are matched to the true classes
@@ -39,6 +50,8 @@ would try). Standardised RMSE as above, and daskem's ±2 std coverage.
 Usage::
 
     python scripts/eval_missing.py                   # 5 seeds, ~3 min on 2 cores
+    python scripts/eval_missing.py --seeds 10 --spatial --datasets none
+    python scripts/eval_missing.py --seeds 10 --missingness shuffled --datasets none
     python scripts/eval_missing.py --quick           # 2 seeds, small stacks
     python scripts/eval_missing.py --datasets wine --seeds 2 --json out.json
 """
@@ -68,6 +81,16 @@ HIDE_FRACTION = 0.3
 # parameters are compared at the optimum: EM's default tol (1e-3 of the mean
 # log-likelihood) stops early when classes overlap, and that error would swamp the others
 TOL = 1e-7
+# iterations of every spatial-prior fit (its objective is not monotone: no tol stopping)
+SPATIAL_ITERS = 60
+FITS = {
+    "marginalize": "marginalize",
+    "omit": "omit",
+    "complete": "complete (before the clouds)",
+    "marginalize_spatial": "marginalize + spatial prior",
+    "omit_spatial": "omit + spatial prior",
+    "complete_spatial": "complete + spatial prior",
+}
 
 
 def _match(means: np.ndarray, true_means: np.ndarray, sd: np.ndarray) -> np.ndarray:
@@ -121,27 +144,76 @@ def _fill_scores(filled, std, hidden, truth, observed_sd) -> dict[str, float]:
     return out
 
 
+def _hide_cloud_pixels(ds, names: list[str]) -> None:
+    """Every attribute of every partly missing pixel of ``ds`` set to NaN, in place."""
+    obs = np.stack([np.isfinite(ds[v].values) for v in names], axis=-1)
+    partial = obs.any(axis=-1) & ~obs.all(axis=-1)
+    for v in names:
+        ds[v] = ds[v].where(~partial)
+
+
+def _shuffle_clouds(ds, names: list[str], rng: np.random.Generator) -> None:
+    """The cloud mask of ``ds`` with its pixels permuted, in place: the same patterns in
+    the same numbers, no longer in blobs over the class regions."""
+    hidden = np.stack(
+        [
+            np.isnan(ds[v].values) & np.isfinite(ds[f"{v}_true"].values)
+            if f"{v}_true" in ds
+            else np.zeros(ds[v].shape, dtype=bool)
+            for v in names
+        ],
+        axis=-1,
+    )
+    shape = hidden.shape[:-1]
+    flat = hidden.reshape(-1, len(names))
+    hidden = flat[rng.permutation(flat.shape[0])].reshape(*shape, len(names))
+    for k, v in enumerate(names):
+        if f"{v}_true" in ds:
+            ds[v] = ds[f"{v}_true"].where(~hidden[..., k])
+
+
 def synthetic_run(
-    seed: int, shape: tuple[int, int], clouds: float, n_classes: int, random: bool = False
+    seed: int,
+    shape: tuple[int, int],
+    clouds: float,
+    n_classes: int,
+    missingness: str = "clouds",
+    spatial_iters: int = 0,
 ) -> dict:
-    """One stack; ``random``: instead of clouds, one random attribute is hidden on a
-    random ``clouds`` fraction of the pixels (missingness independent of the class)."""
+    """One stack and its fits.
+
+    Parameters
+    ----------
+    seed, shape, clouds, n_classes
+        The stack (:func:`daskem.synthetic.make_stack`) and the fraction of partly
+        missing pixels.
+    missingness : {"clouds", "shuffled", "random"}
+        ``clouds``: the generator's cloud blobs; ``shuffled``: the same cloud mask with
+        its pixels permuted (same patterns and counts, independent of the class map);
+        ``random``: one random attribute hidden on a random ``clouds`` fraction of the
+        pixels.
+    spatial_iters : int
+        If > 0, also fit the spatial prior (:class:`~daskem.SpatialGaussianMixture`,
+        ``spatial_beta="auto"``) for this many iterations under each policy.
+    """
     ds = make_stack(
         shape,
         n_classes=n_classes,
         n_features=4,
-        clouds=0.0 if random else clouds,
+        clouds=0.0 if missingness == "random" else clouds,
         nan_fraction=0.02,
         seed=seed,
     )
     names = [f"attr_{k}" for k in range(4)]
     complete = ds.copy(deep=True)
-    if random:
+    if missingness == "random":
         rng = np.random.default_rng(1000 + seed)
         hide = rng.random(shape) < clouds
         which = rng.integers(0, len(names), size=shape)
         for k, v in enumerate(names):
             ds[v] = ds[v].where(~(hide & (which == k)))
+    elif missingness == "shuffled":
+        _shuffle_clouds(ds, names, np.random.default_rng(2000 + seed))
     for v in names:
         if f"{v}_true" in ds:
             complete[v] = ds[f"{v}_true"]
@@ -151,24 +223,46 @@ def synthetic_run(
     true_weights = np.bincount(t[t >= 0], minlength=n_classes) / (t >= 0).sum()
     chunks = max(shape) // 2
     stack = open_stack(ds, variables=names, chunks=chunks)
-    out: dict = {"seed": seed}
+    out: dict = {"seed": seed, "missingness": missingness}
     X = np.stack([ds[v].values.ravel() for v in names], axis=1)
     obs = np.isfinite(X)
     out["partly_missing"] = float((obs.any(1) & ~obs.all(1)).mean())
-    for policy, src in (("marginalize", stack), ("omit", stack), ("complete", None)):
-        st = open_stack(complete, variables=names, chunks=chunks) if src is None else src
+    complete_stack = open_stack(complete, variables=names, chunks=chunks)
+    fits = [
+        ("marginalize", stack, "marginalize", {}),
+        ("omit", stack, "omit", {}),
+        ("complete", complete_stack, "omit", {}),
+    ]
+    if spatial_iters > 0:
+        # The spatial prior's objective is monitored, not guaranteed to increase (it
+        # wobbles by ~1e-3 per pixel between iterations), so every spatial fit runs the
+        # same fixed number of iterations. Its emissions always marginalise missing
+        # attributes; "omit" is therefore a stack whose partly missing pixels have
+        # nothing observed (no emission term: their class from the prior alone).
+        omitted = ds.copy(deep=True)
+        _hide_cloud_pixels(omitted, names)
+        prior = {"spatial_beta": "auto", "tol": 0.0, "max_iter": spatial_iters}
+        fits += [
+            ("marginalize_spatial", stack, "marginalize", prior),
+            (
+                "omit_spatial",
+                open_stack(omitted, variables=names, chunks=chunks),
+                "marginalize",
+                prior,
+            ),
+            ("complete_spatial", complete_stack, "marginalize", prior),
+        ]
+    for name, st, policy, extra in fits:
         t0 = time.perf_counter()
-        gm = fit_stack(
-            st,
-            n_classes,
-            random_state=seed,
-            nan_policy="omit" if src is None else policy,
-            tol=TOL,
-            max_iter=2000,
-        )
-        out[policy] = {**_param_errors(gm, true_means, true_covs, true_weights)}
-        out[policy]["time"] = time.perf_counter() - t0
-        if policy == "marginalize":
+        kwargs = {"tol": TOL, "max_iter": 2000, **extra}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # fixed iteration counts of the spatial fits
+            gm = fit_stack(st, n_classes, random_state=seed, nan_policy=policy, **kwargs)
+        out[name] = {**_param_errors(gm, true_means, true_covs, true_weights)}
+        out[name]["time"] = time.perf_counter() - t0
+        if name.endswith("_spatial"):
+            out[name]["beta"] = float(gm.spatial_beta_)
+        if name == "marginalize":
             post = posterior(gm, stack, impute=True)[[*names, *(f"{v}_std" for v in names)]]
             post = post.compute()
             filled = np.stack([post[v].values.ravel() for v in names], axis=1)
@@ -180,6 +274,29 @@ def synthetic_run(
             mean_fill = np.where(obs, X, np.nanmean(X, axis=0))
             out["mean_fill"] = _fill_scores(mean_fill, None, hidden, truth, sd)
     return out
+
+
+def _paired(runs: list[dict], a: str, b: str) -> list[str]:
+    """Table rows of the per-seed differences ``a - b`` of every error (negative: ``a``
+    closer): mean ± sd, seeds where ``a`` is closer, two-sided paired t-test p-value."""
+    from scipy.stats import ttest_rel
+
+    rows = []
+    for key, label, scale in METRICS:
+        x = np.array([scale * r[a][key] for r in runs])
+        y = np.array([scale * r[b][key] for r in runs])
+        d = x - y
+        p = float(ttest_rel(x, y).pvalue) if len(runs) > 1 and np.any(d != d[0]) else float("nan")
+        rows.append(f"| {label} | {_ms(d)} | {int((d < 0).sum())} of {len(d)} | {p:.3f} |")
+    return rows
+
+
+METRICS = (
+    ("mean", "mean error (sd)", 1.0),
+    ("cov", "covariance error (rel.)", 1.0),
+    ("weight", "weight error", 1.0),
+    ("kl", "KL (1e-3 nats)", 1e3),
+)
 
 
 def _hide(X: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -236,10 +353,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clouds", type=float, default=0.3, help="fraction of partly missing pixels")
     ap.add_argument(
         "--missingness",
-        choices=("clouds", "random"),
+        choices=("clouds", "shuffled", "random"),
         default="clouds",
-        help="synthetic part: cloud blobs (correlated in space, hence with the classes), or "
-        "one random attribute hidden on random pixels (independent of the class)",
+        help="synthetic part: cloud blobs (correlated in space, hence with the class "
+        "regions), the same cloud mask with its pixels permuted (same patterns, independent "
+        "of the class map), or one random attribute hidden on random pixels",
+    )
+    ap.add_argument(
+        "--spatial",
+        action="store_true",
+        help="synthetic part: also fit the spatial prior (spatial_beta='auto') per policy",
+    )
+    ap.add_argument(
+        "--spatial-iters",
+        type=int,
+        default=SPATIAL_ITERS,
+        help="iterations of each spatial fit (its objective is monitored, not monotone)",
     )
     ap.add_argument(
         "--datasets",
@@ -256,7 +385,14 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_synthetic:
             for s in seeds:
                 result["synthetic"].append(
-                    synthetic_run(s, shape, args.clouds, 4, args.missingness == "random")
+                    synthetic_run(
+                        s,
+                        shape,
+                        args.clouds,
+                        4,
+                        args.missingness,
+                        args.spatial_iters if args.spatial else 0,
+                    )
                 )
     runs = result["synthetic"]
     if runs:
@@ -268,12 +404,23 @@ def main(argv: list[str] | None = None) -> int:
         )
         print("| fit | mean error (sd) | covariance error (rel.) | weight error | KL (1e-3 nats) |")
         print("| --- | --- | --- | --- | --- |")
-        for p in ("marginalize", "omit", "complete"):
+        fits = [p for p in FITS if p in runs[0]]
+        for p in fits:
             e = [r[p] for r in runs]
             print(
-                f"| {p} | {_ms([x['mean'] for x in e])} | {_ms([x['cov'] for x in e])} "
-                f"| {_ms([x['weight'] for x in e])} | {_ms([1e3 * x['kl'] for x in e])} |"
+                f"| {FITS[p]} | "
+                + " | ".join(_ms([s * x[k] for x in e]) for k, _, s in METRICS)
+                + " |"
             )
+        pairs = [("marginalize", "omit")]
+        if "marginalize_spatial" in runs[0]:
+            pairs += [("marginalize_spatial", "omit_spatial"), ("marginalize_spatial", "omit")]
+            print(f"\nspatial_beta fitted: {_ms([r['marginalize_spatial']['beta'] for r in runs])}")
+        for a, b in pairs:
+            print(f"\nPaired per seed: {FITS[a]} minus {FITS[b]} (negative: {FITS[a]} closer)\n")
+            print(f"| error | difference | seeds where {FITS[a]} is closer | paired t-test p |")
+            print("| --- | --- | --- | --- |")
+            print("\n".join(_paired(runs, a, b)))
         print("\n| gap filling | RMSE (sd) | ±2 std coverage |")
         print("| --- | --- | --- |")
         print(

@@ -434,6 +434,7 @@ def block_stats(
     block_rows: int = DEFAULT_BLOCK_ROWS,
     n_worst: int = 16,
     precision: str = "auto",
+    rows: np.ndarray | None = None,
 ) -> GMMStats:
     """Fused E-step and sufficient statistics of one block of rows.
 
@@ -461,6 +462,10 @@ def block_stats(
         GEMMs per sub-block, summed in float64: about twice as fast, with statistics
         accurate to about 1e-5 instead of 1e-9. Components or rows outside the bound are
         computed in float64 either way.
+    rows : ndarray of int, optional
+        Only these rows of ``X`` (``sample_weight``, ``labels`` and ``resp`` are then
+        given for them, in this order). The fast kernel gathers them sub-block by
+        sub-block, without a copy of the selected rows.
 
     Returns
     -------
@@ -475,6 +480,8 @@ def block_stats(
     per-component float64 kernel (:func:`_block_stats_reference`).
     """
     X = np.asarray(X)
+    if rows is not None and (resp is not None or rows.size == 0):
+        X, rows = np.take(X, rows, axis=0), None
     if resp is not None or X.shape[0] == 0:
         return _block_stats_reference(
             X, params, sample_weight, labels, resp=resp, block_rows=block_rows, n_worst=n_worst
@@ -486,8 +493,12 @@ def block_stats(
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     plan = _fast_plan(params, X.dtype, w, precision == "single")
     if plan is None:
+        if rows is not None:
+            X = np.take(X, rows, axis=0)
         return _block_stats_reference(X, params, w, labels, block_rows=block_rows, n_worst=n_worst)
-    return _block_stats_fast(X, params, plan, w, labels, block_rows=block_rows, n_worst=n_worst)
+    return _block_stats_fast(
+        X, params, plan, w, labels, block_rows=block_rows, n_worst=n_worst, rows=rows
+    )
 
 
 def _stats_from_shifted_sums(
@@ -937,14 +948,20 @@ def _block_stats_fast(
     *,
     block_rows: int,
     n_worst: int,
+    rows: np.ndarray | None = None,
 ) -> GMMStats:
     """:func:`block_stats` by the expanded quadratic form (see the comment above).
 
     ``w`` is float64 and non-negative (checked by the caller). Rows the plan cannot
     bound are zeroed out of both GEMMs and passed to :func:`_block_stats_reference`.
     Components are processed in ``plan.order`` and put back in order at the end.
+    ``rows``: only these rows of ``X`` (``w`` and ``labels`` given for them), gathered
+    one sub-block at a time.
     """
     n, D = X.shape
+    XT = X.T
+    if rows is not None:
+        n = rows.size
     K = params.n_components
     M = 1 + D + D * (D + 1) // 2 if plan.full else 1 + 2 * D
     dt = plan.dtype
@@ -1003,7 +1020,8 @@ def _block_stats_fast(
             top, norm, r2, ok = ws.top[:m], ws.norm[:m], ws.r2[:m], ws.ok[:m]
             xc = phi[1 : 1 + D]
             sq = phi[1 + D : 1 + 2 * D]
-            np.subtract(X[s:e].T, shift, out=xc)
+            xs = X[s:e].T if rows is None else np.take(XT, rows[s:e], axis=1)  # (D, m)
+            np.subtract(xs, shift, out=xc)
             if inv_scale is not None:
                 xc *= inv_scale
             np.square(xc, out=sq)
@@ -1016,10 +1034,10 @@ def _block_stats_fast(
             np.matmul(A, phi, out=logp)  # all K rows: BLAS is slow on odd row counts
             if nr:  # per-component residual form, like the reference (float64 unless single)
                 if rdt == X.dtype:
-                    src = X[s:e].T
+                    src = xs
                 else:
                     src = raw[:, :m]
-                    np.copyto(src, X[s:e].T)
+                    np.copyto(src, xs)
                 for j in range(nr):
                     d, y = diff[j, :, :m], scratch[:, :m]
                     lp = logp[nq + j] if dt == rdt else ws.resp64[nq + j, :m]
@@ -1131,7 +1149,11 @@ def _block_stats_fast(
         idx = _lowest(score, take)
         idx = idx[np.isfinite(score[idx])]
         worst_score, worst_rows = merge_lowest(
-            worst_score, worst_rows, score[idx], np.asarray(X[idx], dtype=np.float64), n_worst
+            worst_score,
+            worst_rows,
+            score[idx],
+            np.asarray(X[idx if rows is None else rows[idx]], dtype=np.float64),
+            n_worst,
         )
     sums = np.empty_like(acc)
     sums[order] = acc
@@ -1171,7 +1193,7 @@ def _block_stats_fast(
     )
     if fidx.size:
         out = out + _block_stats_reference(
-            X[fidx],
+            X[fidx if rows is None else rows[fidx]],
             params,
             None if w_in is None else w_in[fidx],
             None if labels is None else np.asarray(labels)[fidx],

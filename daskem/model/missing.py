@@ -52,6 +52,7 @@ from .gmm import (
     _block_stats_fast,
     _block_stats_reference,
     _log_weights,
+    _lowest,
     _make_plan,
     _normalise,
     _stats_from_shifted_sums,
@@ -61,6 +62,7 @@ from .gmm import (
 from .stats import merge_lowest
 
 __all__ = [
+    "finite_codes",
     "pattern_code",
     "pattern_codes",
     "MissingGMMModel",
@@ -132,6 +134,27 @@ def pattern_codes(obs: np.ndarray) -> np.ndarray:
     return code
 
 
+def finite_codes(X: np.ndarray) -> np.ndarray:
+    """:func:`pattern_codes` of ``np.isfinite(X)``.
+
+    For a feature-major block of at most 16 features, one pass per contiguous column,
+    without the (n, D) boolean mask in between.
+    """
+    X = np.asarray(X)
+    n, D = X.shape
+    if D > 16 or not (X.flags.f_contiguous and not X.flags.c_contiguous):
+        return pattern_codes(np.isfinite(X))
+    dtype = np.uint8 if D <= 8 else np.uint16
+    code = np.zeros(n, dtype=dtype)
+    fin = np.empty(n, dtype=bool)
+    bit = np.empty(n, dtype=dtype)
+    for j in range(D):
+        np.isfinite(X[:, j], out=fin)
+        np.left_shift(fin.view(np.uint8), dtype(_BIT_OF_BYTE[j % 8] + 8 * (j // 8)), out=bit)
+        code |= bit
+    return code
+
+
 def pattern_code(pattern: np.ndarray) -> int:
     """The code :func:`pattern_codes` gives a row observed on ``pattern`` (bool (D,))."""
     return int(pattern_codes(np.asarray(pattern, dtype=bool)[None])[0])
@@ -173,7 +196,6 @@ _FORMS_CACHE: dict = {}
 # about as fast as the complete-data kernel, without its plan (~1.3 ms per pattern and
 # parameter set, measured for K = 8, 6 observed features)
 _PLAN_MIN_ROWS = 32768
-_RESP_FLOOR = float(np.exp(_LOG_RESP_FLOOR))
 _DIRECT_ROWS = 2048  # sub-block of the direct path: phi (M x rows float64) stays in L2
 
 
@@ -371,7 +393,7 @@ def partial_block_stats(
     if w is not None and np.any(w < 0):
         raise ValueError("sample_weight must be non-negative; got negative weights")
     if codes is None:
-        codes = pattern_codes(np.isfinite(X))
+        codes = finite_codes(X)
     if rows is None:
         rows = np.arange(n)
     sub = codes[rows]
@@ -389,34 +411,35 @@ def partial_block_stats(
         out.n_empty = int((sub == 0).sum())
         return out
     lab_all = None if labels is None else np.asarray(labels)
-    # one gather of the usable rows, sorted by pattern: each pattern's rows are a slice
+    # the usable rows sorted by pattern: each pattern's rows are a slice of ``use``, and
+    # its observed features are gathered feature-major, one contiguous row per feature
+    # (``XT[j]`` is contiguous for feature-major blocks, strided otherwise)
     use, use_codes = rows[usable], sub[usable]
     order = np.argsort(use_codes, kind="stable")
     use, use_codes = use[order], use_codes[order]
     starts = np.flatnonzero(np.r_[True, use_codes[1:] != use_codes[:-1]]) if use.size else []
     ends = np.r_[starts[1:], use.size] if use.size else []
-    Xs = _take_rows(X, use)
-    with np.errstate(invalid="ignore"):  # feature ranges, NaN ignored
-        lo = np.fmin.reduce(Xs, axis=0, initial=np.inf)
-        hi = np.fmax.reduce(Xs, axis=0, initial=-np.inf)
+    XT = X.T
     worst: list = []  # (scores, observed rows, pattern, forms) of each pattern
     for a, b in zip(starts, ends, strict=True):
-        pattern = np.isfinite(Xs[a])
-        forms = _forms(params, pattern, int(use_codes[a]))
-        xo = np.take(Xs[a:b], np.flatnonzero(pattern), axis=1)
         group = use[a:b]
+        pattern = np.isfinite(X[group[0]])
+        cols = np.flatnonzero(pattern)
+        forms = _forms(params, pattern, int(use_codes[a]))
+        xoT = np.empty((cols.size, group.size), dtype=X.dtype)
+        for i, j in enumerate(cols):
+            np.take(XT[j], group, out=xoT[i], mode="clip")  # indices are valid
         wp = None if w is None else w[group]
         lab = None if lab_all is None else lab_all[group]
         if b - a < _PLAN_MIN_ROWS:
-            cols = np.flatnonzero(pattern)
-            st = _direct_stats(xo, forms, wp, lab, n_worst, (lo[cols], hi[cols]))
+            st = _direct_stats(xoT, forms, wp, lab, n_worst)
         elif (plan := forms.plan(f32, single)) is None:
             st = _block_stats_reference(
-                xo, forms.marginal, wp, lab, block_rows=block_rows, n_worst=n_worst
+                xoT.T, forms.marginal, wp, lab, block_rows=block_rows, n_worst=n_worst
             )
         else:
             st = _block_stats_fast(
-                xo, forms.marginal, plan, wp, lab, block_rows=block_rows, n_worst=n_worst
+                xoT.T, forms.marginal, plan, wp, lab, block_rows=block_rows, n_worst=n_worst
             )
         out = out + _fill_stats(st, forms, means, pattern, D)
         if st.worst_rows.shape[0]:
@@ -439,10 +462,15 @@ def partial_block_stats(
 
 
 def _responsibilities_inplace(e: np.ndarray, labels, params: GMMParams, f32: bool) -> np.ndarray:
-    """Log-densities ``e`` (K, m) -> responsibilities in place (labelled rows clamped,
-    below e^-80 set to 0); returns ``log p(x)`` (m,). ``f32``: exponentiate in float32
+    """Log-densities ``e`` (K, m) -> responsibilities in place (labelled rows clamped); returns
+    ``log p(x)`` (m,).
+
+    A component whose log-density is more than 80 below the row's best gets exactly 0
+    (floored before ``exp``, so no subnormals, and masked out by a multiplication, not a
+    branchy masked copy); its share would be below e^-80. ``f32``: exponentiate in float32
     (SIMD; float64 exp is scalar on AVX2), each responsibility to ~1e-7 relative, as the
-    complete-data kernel does for float32 input."""
+    complete-data kernel does for float32 input.
+    """
     if labels is not None:
         allowed = _allowed_components(labels, params)
         if allowed is not None:
@@ -450,18 +478,22 @@ def _responsibilities_inplace(e: np.ndarray, labels, params: GMMParams, f32: boo
     top = e.max(axis=0)
     top[~np.isfinite(top)] = 0.0
     e -= top
+    keep = e > _LOG_RESP_FLOOR
+    np.maximum(e, _LOG_RESP_FLOOR, out=e)
     with np.errstate(under="ignore"):
         if f32:
-            e32 = np.maximum(e, _LOG_RESP_FLOOR).astype(np.float32)
+            e32 = e.astype(np.float32)
             np.exp(e32, out=e32)
+            e32 *= keep
             np.copyto(e, e32)
         else:
             np.exp(e, out=e)
+            e *= keep
     total = e.sum(axis=0)
     with np.errstate(divide="ignore"):
-        log_norm = np.log(total) + top
+        log_norm = np.log(total)
+    log_norm += top
     e /= total
-    np.copyto(e, 0.0, where=e < _RESP_FLOOR)
     return log_norm
 
 
@@ -472,9 +504,10 @@ def _separable_stats(X, rows, params: GMMParams, w, labels, n_worst: int, D: int
     per-feature terms over its observed features, and a missing feature's conditional
     moments are the component's own (``mu_kj``, ``mu_kj^2 + sigma_kj^2``). With the
     observation indicators ``o``, every component's log-density of every row is one GEMM
-    of ``[o, o d, o d^2]`` (``d = x - c``, ``c`` the weighted centre of the means), and
+    of ``[1, o, o d, o d^2]`` (``d = x - c``, ``c`` the weighted centre of the means), and
     every statistic one more, whatever the rows' patterns (no grouping); float64, in
-    sub-blocks of ``_DIRECT_ROWS`` rows.
+    sub-blocks of ``_DIRECT_ROWS`` rows. The worst-explained rows are picked once at the
+    end, from every row's log-likelihood.
     """
     K = params.n_components
     means = np.asarray(params.means, dtype=np.float64)
@@ -487,60 +520,75 @@ def _separable_stats(X, rows, params: GMMParams, w, labels, n_worst: int, D: int
     delta = means - c
     coef = np.concatenate(
         [
+            _log_weights(weights)[:, None],  # x 1
             -0.5 * prec * delta**2 + 0.5 * np.log(prec) - 0.5 * _LOG_2PI,  # x 1[observed]
             prec * delta,  # x d
             -0.5 * prec,  # x d^2
         ],
         axis=1,
-    )  # (K, 3D)
-    logw = _log_weights(weights)[:, None]
+    )  # (K, 1 + 3D)
     n = rows.size
-    G = np.zeros((K, 3 * D))
-    S0 = np.zeros(K)
-    loglik = weight = 0.0
-    count = 0
-    worst_score, worst_rows = np.empty(0), np.empty((0, D))
+    G = np.zeros((K, 1 + 3 * D))
+    log_norm = np.empty(n)
     nb = max(1, min(n, _DIRECT_ROWS))
-    phi = np.empty((3 * D, nb))
+    phi = np.empty((1 + 3 * D, nb))
+    phi[0] = 1.0
+    e_buf = np.empty((K, nb))
+    fin_buf = np.empty((D, nb), dtype=bool)
     lab_all = None if labels is None else np.asarray(labels)
     f32 = X.dtype == np.float32
+    XT = X.T
+
+    def features(idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """phi of rows ``idx`` (in the buffer) and their observed mask."""
+        m = idx.size
+        ph, fin = phi[:, :m], fin_buf[:, :m]
+        obs, d, d2 = ph[1 : 1 + D], ph[1 + D : 1 + 2 * D], ph[1 + 2 * D :]
+        xb = np.take(XT, idx, axis=1)  # feature-major gather
+        np.isfinite(xb, out=fin)
+        np.copyto(obs, fin)
+        np.subtract(xb, c[:, None], out=d)
+        d[...] = np.where(fin, d, 0.0)  # branch-free, unlike a masked copy
+        np.multiply(d, d, out=d2)
+        return ph, fin
+
     for s in range(0, n, nb):
         idx = rows[s : s + nb]
         m = idx.size
-        xb = _take_rows(X, idx)
-        ph = phi[:, :m]
-        obs, d, d2 = ph[:D], ph[D : 2 * D], ph[2 * D :]
-        np.subtract(xb.T, c[:, None], out=d)
-        fin = np.isfinite(d)
-        obs[...] = fin
-        np.copyto(d, 0.0, where=~fin)
-        np.multiply(d, d, out=d2)
-        e = coef @ ph + logw  # (K, m) log-densities
+        ph, _ = features(idx)
+        e = e_buf[:, :m]
+        np.matmul(coef, ph, out=e)  # (K, m) log-densities
         lab = None if lab_all is None else lab_all[idx]
-        log_norm = _responsibilities_inplace(e, lab, params, f32)
-        wb = np.ones(m) if w is None else w[idx]
+        log_norm[s : s + m] = _responsibilities_inplace(e, lab, params, f32)
         if w is not None:
-            r_low = e.copy()
-            e *= wb
-        else:
-            r_low = e
-        S0 += e.sum(axis=1)
+            e *= w[idx]
         G += e @ ph.T
+    if w is None:
+        weight, count = float(n), n
+        loglik = float(log_norm.sum())
+        score = log_norm
+    else:
+        wb = w[rows]
         lw = wb * log_norm
         lw[wb == 0] = 0.0
-        loglik += float(lw.sum())
-        weight += float(wb.sum())
-        used = np.flatnonzero(wb > 0)
-        count += used.size
-        if used.size:
-            take = min(n_worst, used.size)
-            low = used[np.argpartition(log_norm[used], take - 1)[:take]]
-            expected = r_low[:, low].T @ means  # missing values: their conditional mean
-            filled = np.where(fin[:, low].T, np.asarray(xb[low], dtype=np.float64), expected)
-            worst_score, worst_rows = merge_lowest(
-                worst_score, worst_rows, log_norm[low], filled, n_worst
-            )
-    N, S1, S2 = G[:, :D], G[:, D : 2 * D], G[:, 2 * D :]
+        loglik, weight = float(lw.sum()), float(wb.sum())
+        count = int(np.count_nonzero(wb > 0))
+        score = np.where(wb > 0, log_norm, np.inf)
+    worst_score, worst_rows = np.empty(0), np.empty((0, D))
+    take = min(n_worst, count)
+    if take:
+        low = _lowest(score, take)
+        low = low[score[low] < np.inf]
+        idx = rows[low]
+        ph, fin = features(idx)
+        e = e_buf[:, : idx.size]
+        np.matmul(coef, ph, out=e)
+        _responsibilities_inplace(e, None if lab_all is None else lab_all[idx], params, f32)
+        expected = e.T @ means  # missing values: their conditional mean
+        filled = np.where(fin.T, np.asarray(_take_rows(X, idx), dtype=np.float64), expected)
+        worst_score, worst_rows = merge_lowest(worst_score, worst_rows, score[low], filled, n_worst)
+    S0, N = G[:, 0], G[:, 1 : 1 + D]
+    S1, S2 = G[:, 1 + D : 1 + 2 * D], G[:, 1 + 2 * D :]
     gone = S0[:, None] - N  # responsibility mass of the rows missing feature j
     S1 = S1 + gone * delta
     S2 = S2 + gone * (delta**2 + var)
@@ -559,72 +607,70 @@ def _separable_stats(X, rows, params: GMMParams, w, labels, n_worst: int, D: int
     )
 
 
-def _direct_stats(xo, forms: _Forms, w, labels, n_worst: int, ranges) -> GMMStats:
+def _direct_stats(xoT, forms: _Forms, w, labels, n_worst: int) -> GMMStats:
     """Statistics over the observed features of rows of one pattern, without a kernel plan.
 
-    Rows are centred on a point ``c`` near them; every component's log-density is then
-    one float64 GEMM of the quadratic features ``phi = [1, d, d_i d_j (i <= j)]``
-    (``d = x_o - c``) and every statistic one more GEMM of the responsibilities with
-    ``phi``, in feature-major sub-blocks of ``_DIRECT_ROWS`` rows that stay in cache.
-    Where that expanded form could lose more than 1e-9 to cancellation (components far
-    from ``c`` against their spread), the per-component residual form is used instead;
-    ``ranges`` (lowest, highest value of each observed feature, over these rows or more)
-    bound the rows' distance from ``c``.
+    ``xoT`` (o, n) holds the rows' observed features, feature-major. Rows are centred on a
+    point ``c`` near them; every component's log-density is then one float64 GEMM of the
+    quadratic features ``phi = [1, d, d_i d_j (i <= j)]`` (``d = x_o - c``) and every
+    statistic one more GEMM of the responsibilities with ``phi``, in sub-blocks of
+    ``_DIRECT_ROWS`` rows that stay in cache. A component whose expanded form could lose
+    more than 1e-9 to cancellation over a sub-block (far from ``c`` against its spread,
+    bounded with the sub-block's largest ``|x - c|^2``) gets its log-density from the
+    residual form ``|W_k (x_o - mu_k)|^2`` instead, in that sub-block only.
     """
     params = forms.params
     K, o = forms.whiten.shape[:2]
     full = params.covariance_type in ("full", "tied")
-    n = xo.shape[0]
-    c = np.asarray(xo[:64], dtype=np.float64).mean(axis=0)  # near the rows is enough
+    n = xoT.shape[1]
+    c = np.asarray(xoT[:, :64], dtype=np.float64).mean(axis=1)  # near the rows is enough
     iu, ju = _pairs(o, full)
+    squares = 1 + o + np.flatnonzero(iu == ju)  # rows of phi holding d_i^2
     M = 1 + o + iu.size
     P = forms.precision  # (K, o, o)
-    delta = params.means[:, forms.pattern] - c  # (K, o)
+    mu_o = params.means[:, forms.pattern]
+    delta = mu_o - c  # (K, o)
     Pd = np.einsum("kij,kj->ki", P, delta)
     quad = np.einsum("ki,ki->k", delta, Pd)
-    # a bound on max |x - c|^2 from the feature ranges of the block
-    lo, hi = ranges
-    r2 = float(np.square(np.maximum(hi - c, c - lo)).sum()) if n else 0.0
-    p_norm = np.sqrt(np.einsum("kij,kij->k", P, P))
-    bound = (
-        1e-15 * (M + 4) * (np.abs(quad) + np.linalg.norm(Pd, axis=1) * np.sqrt(r2) + p_norm * r2)
-    )
-    wp = np.ones(n) if w is None else w
+    # rounding error of the expanded form for rows within sqrt(r2) of c:
+    # 1e-15 (M + 4) (|quad_k| + |P_k delta_k| sqrt(r2) + |P_k| r2)
+    lead = 1e-15 * (M + 4)
+    err0, err1 = lead * np.abs(quad), lead * np.linalg.norm(Pd, axis=1)
+    err2 = lead * np.sqrt(np.einsum("kij,kij->k", P, P))
+    const = -0.5 * o * _LOG_2PI + forms.log_det + _log_weights(params.weights)
+    coef = np.empty((K, M))
+    coef[:, 0] = const - 0.5 * quad
+    coef[:, 1 : 1 + o] = Pd
+    coef[:, 1 + o :] = P[:, iu, ju] * np.where(iu == ju, -0.5, -1.0)
+    G = np.zeros((K, M))
     log_norm = np.empty(n)
-    if np.all(bound < 1e-9):
-        coef = np.empty((K, M))
-        coef[:, 0] = -0.5 * (o * _LOG_2PI + quad) + forms.log_det + _log_weights(params.weights)
-        coef[:, 1 : 1 + o] = Pd
-        coef[:, 1 + o :] = P[:, iu, ju] * np.where(iu == ju, -0.5, -1.0)
-        G = np.zeros((K, M))
-        nb = min(n, _DIRECT_ROWS)
-        phi_buf = np.empty((M, nb))
-        phi_buf[0] = 1.0
-        e_buf = np.empty((K, nb))
-        f32 = xo.dtype == np.float32
-        for s in range(0, n, nb):
-            m = min(n, s + nb) - s
-            phi, e = phi_buf[:, :m], e_buf[:, :m]
-            dT = phi[1 : 1 + o]
-            np.subtract(xo[s : s + m].T, c[:, None], out=dT)
-            np.multiply(dT[iu], dT[ju], out=phi[1 + o :])
-            np.matmul(coef, phi, out=e)  # (K, m) log-densities
-            lab = None if labels is None else labels[s : s + m]
-            log_norm[s : s + m] = _responsibilities_inplace(e, lab, params, f32)
-            if w is not None:
-                e *= w[s : s + m]
-            G += e @ phi.T  # (K, M): S0, S1, S2 about c
-        S0, S1, S2v = G[:, 0], G[:, 1 : 1 + o], G[:, 1 + o :]
-    else:  # the exact residual form (components far from c against their spread)
-        x64 = np.asarray(xo, dtype=np.float64)
-        log_norm, r = _posterior(x64, params, forms.pattern, forms, labels)
-        rw = r * wp[:, None]
-        d = x64 - c
-        S0, S1, S2v = rw.sum(axis=0), rw.T @ d, rw.T @ (d[:, iu] * d[:, ju])
+    nb = max(1, min(n, _DIRECT_ROWS))
+    phi_buf = np.empty((M, nb))
+    phi_buf[0] = 1.0
+    e_buf = np.empty((K, nb))
+    f32 = xoT.dtype == np.float32
+    for s in range(0, n, nb):
+        m = min(n, s + nb) - s
+        phi, e = phi_buf[:, :m], e_buf[:, :m]
+        dT = phi[1 : 1 + o]
+        np.subtract(xoT[:, s : s + m], c[:, None], out=dT)
+        np.multiply(dT[iu], dT[ju], out=phi[1 + o :])
+        np.matmul(coef, phi, out=e)  # (K, m) log-densities
+        r2 = float(phi[squares].sum(axis=0).max())
+        for k in np.flatnonzero(err0 + err1 * np.sqrt(r2) + err2 * r2 >= 1e-9):
+            y = forms.whiten[k] @ (xoT[:, s : s + m] - mu_o[k][:, None])
+            e[k] = const[k] - 0.5 * np.einsum("jm,jm->m", y, y)
+        lab = None if labels is None else labels[s : s + m]
+        log_norm[s : s + m] = _responsibilities_inplace(e, lab, params, f32)
+        if w is not None:
+            e *= w[s : s + m]
+        G += e @ phi.T  # (K, M): S0, S1, S2 about c
+    S0, S1, S2v = G[:, 0], G[:, 1 : 1 + o], G[:, 1 + o :]
+    wp = np.ones(n) if w is None else w
     lw = wp * log_norm
     lw[wp == 0] = 0.0
     off = S1 / np.where(S0 > 0, S0, 1.0)[:, None]
-    mean = np.where(S0[:, None] > 0, c + off, params.means[:, forms.pattern])
+    mean = np.where(S0[:, None] > 0, c + off, mu_o)
     if full:
         S2 = np.empty((K, o, o))
         S2[:, iu, ju] = S2v
@@ -643,7 +689,7 @@ def _direct_stats(xo, forms: _Forms, w, labels, n_worst: int, ranges) -> GMMStat
         weight=float(wp.sum()),
         count=int(used.size),
         worst_score=log_norm[idx],
-        worst_rows=np.asarray(xo[idx], dtype=np.float64),
+        worst_rows=np.asarray(xoT[:, idx].T, dtype=np.float64),
         n_worst=n_worst,
     )
 
@@ -756,20 +802,21 @@ def marginal_block_stats(
     X = np.asarray(X)
     if X.shape[0] == 0:
         return block_stats(X, params, sample_weight, labels, **kwargs)
-    codes = pattern_codes(np.isfinite(X))  # about the cost of one sum over the block
+    codes = finite_codes(X)  # about the cost of one sum over the block
     complete = codes == pattern_code(np.ones(X.shape[1], dtype=bool))
     if complete.all():
         return block_stats(X, params, sample_weight, labels, **kwargs)
     rows, keep = np.flatnonzero(~complete), np.flatnonzero(complete)
     w = None if sample_weight is None else np.asarray(sample_weight)
     lab = None if labels is None else np.asarray(labels)
-    # the complete rows alone: the fast kernel sends non-finite rows to its slow path
-    # (np.take: several times faster than boolean or fancy row indexing)
+    # the complete rows alone (the fast kernel would send non-finite rows to its slow
+    # path), gathered by the kernel one sub-block at a time
     base = block_stats(
-        _take_rows(X, keep),
+        X,
         params,
         None if w is None else w[keep],
         None if lab is None else lab[keep],
+        rows=keep,
         **kwargs,
     )
     part = partial_block_stats(X, params, w, lab, rows=rows, codes=codes, **kwargs)
