@@ -277,7 +277,7 @@ _ANY = "Fit (any --method)"
 _GMM = "Options of --method gmm (Gaussian mixtures)"
 _HMRF = "Spatial prior (--method hmrf: a Gaussian mixture whose neighbouring pixels share classes)"
 #: the options that belong to the Gaussian mixtures, by parameter name
-_GMM_OPTIONS = ("components_per_class", "label_weight", "covariance", "precision")
+_GMM_OPTIONS = ("components_per_class", "label_weight", "label_prior", "covariance", "precision")
 
 
 def _fit_options(f: Callable) -> Callable:
@@ -396,6 +396,18 @@ def _fit_options(f: Callable) -> Callable:
             group=_GMM,
             help="With --labels: how many unlabelled pixels a labelled pixel counts for in "
             "the fit (> 0).",
+        ),
+        click.option(
+            "--label-prior",
+            default="0",
+            show_default=True,
+            metavar="auto|T",
+            cls=_Opt,
+            group=_GMM,
+            help="With --labels: weigh every pixel's classes by a classifier of the labels "
+            "alone, its probabilities to the power T in [0, 1] (auto: T by leave-one-out on "
+            "the labels; 0: plain semi-supervised EM). Can help with very few labels per "
+            "class; see the README.",
         ),
         click.option(
             "--covariance",
@@ -853,6 +865,11 @@ def _check_fit_options(
         raise BadInput("--components-per-class needs --labels (a semi-supervised fit)")
     if labels is not None:
         _parse_components_per_class(opts.get("components_per_class"))
+    prior = _parse_label_prior(opts.get("label_prior"))
+    if prior != 0.0 and (labels is None or method != "gmm"):
+        raise BadInput(
+            "--label-prior: for semi-supervised Gaussian mixtures (--labels, --method gmm)"
+        )
 
     ckpt = opts["checkpoint"]
     if opts["resume"] and not ckpt:
@@ -1031,6 +1048,9 @@ def _fit(rep: Reporter, stack: Any, *, labels: str | None, opts: dict[str, Any])
                 opts.get("components_per_class")
             )
             extra["label_weight"] = opts.get("label_weight", 1.0)
+            prior = _parse_label_prior(opts.get("label_prior"))
+            if prior != 0.0:
+                extra["label_prior"] = prior
     if method == "hmrf":
         extra.update(_spatial_options(opts))
     callback = rep.iteration
@@ -1141,6 +1161,19 @@ def _parse_params(items: Any) -> list[tuple[str, Any]]:
     return out
 
 
+def _parse_label_prior(text: str | None) -> float | str:
+    """``--label-prior``: "auto" or a temperature in [0, 1]."""
+    if text is None or str(text).strip().lower() == "auto":
+        return 0.0 if text is None else "auto"
+    try:
+        t = float(text)
+    except ValueError:
+        t = float("nan")
+    if not 0.0 <= t <= 1.0:
+        raise BadInput(f"--label-prior {text}: give auto or a number in [0, 1]")
+    return t
+
+
 def _parse_components_per_class(text: str | None) -> int | dict[str, int] | None:
     """``--components-per-class``: ``N`` or ``CLASS=N,CLASS=N``."""
     if text is None:
@@ -1184,6 +1217,7 @@ def _save_model(rep: Reporter, gm: Any, path: Path, stack: Any, labels, opts) ->
             "n_components": opts["n_components"],
             "components_per_class": opts.get("components_per_class"),
             "label_weight": opts.get("label_weight", 1.0),
+            "label_prior": opts.get("label_prior", "0"),
             "covariance_type": opts["covariance"],
             "tol": opts["tol"],
             "max_iter": opts["max_iter"],
@@ -2051,6 +2085,7 @@ def _demo_options(seed: int, **given: Any) -> dict[str, Any]:
         "n_components": None,
         "components_per_class": None,
         "label_weight": 1.0,
+        "label_prior": "0",
         "covariance": "full",
         "tol": 1e-3,
         "max_iter": 100,

@@ -268,6 +268,16 @@ BAD_INPUTS = [
         "Invalid value for '--label-weight'",
     ),
     (
+        "bad-label-prior",
+        "fit {stack} --labels labels --label-prior 2 --model {tmp}/m.json",
+        "--label-prior 2: give auto or a number in [0, 1]",
+    ),
+    (
+        "label-prior-without-labels",
+        "fit {stack} -k 4 --label-prior auto --model {tmp}/m.json",
+        "--label-prior: for semi-supervised Gaussian mixtures",
+    ),
+    (
         "components-per-class-unknown",
         "fit {stack} --labels labels --components-per-class lava=2 --model {tmp}/m.json "
         "--scheduler {scheduler}",
@@ -589,3 +599,19 @@ def test_downsample_is_bounded_and_takes_the_first_slice():
     np.testing.assert_allclose(small["confidence"].values[0, 0], expect, rtol=1e-5)
     assert plot.coarsen_factor(100_000, 256, 1000) == 128
     assert plot.coarsen_factor(100_000, 64, 1000) == 128
+
+
+def test_label_prior_reaches_the_classifier(data, scheduler, tmp_path):
+    means = {}
+    for prior in ("0", "1"):
+        model = tmp_path / f"m{prior}.json"
+        r = invoke(
+            "fit", data["stack"], "--labels", "labels", "--label-prior", prior, "--model",
+            model, "--scheduler", scheduler, "--quiet", "--seed", "0",
+        )  # fmt: skip
+        assert r.exit_code == 0, r.output
+        saved = json.loads(model.read_text())
+        assert saved["provenance"]["options"]["label_prior"] == prior
+        means[prior] = np.asarray(saved["fitted"]["means"])
+    # the labels' classifier weighs every pixel's classes: another fixed point
+    assert not np.allclose(means["0"], means["1"], rtol=1e-6)
