@@ -501,6 +501,23 @@ def block_stats(
     )
 
 
+def _moment_sums(acc: np.ndarray, D: int, full: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Zeroth, first and second moment sums (K,), (K, D), (K, D, D) or (K, D) from the
+    statistics GEMM's columns ``[1, x, x**2, x_i x_j (i < j, full only)]``."""
+    K = acc.shape[0]
+    S0 = acc[:, 0].copy()
+    S1 = acc[:, 1 : 1 + D]
+    if not full:
+        return S0, S1, acc[:, 1 + D : 1 + 2 * D].copy()
+    S2 = np.empty((K, D, D))
+    di = np.arange(D)
+    S2[:, di, di] = acc[:, 1 + D : 1 + 2 * D]
+    iu, ju = np.triu_indices(D, 1)
+    S2[:, iu, ju] = acc[:, 1 + 2 * D :]
+    S2[:, ju, iu] = acc[:, 1 + 2 * D :]
+    return S0, S1, S2
+
+
 def _stats_from_shifted_sums(
     S0: np.ndarray, S1: np.ndarray, S2: np.ndarray, shift: np.ndarray, means: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -1157,17 +1174,7 @@ def _block_stats_fast(
         )
     sums = np.empty_like(acc)
     sums[order] = acc
-    S0 = sums[:, 0].copy()
-    S1 = sums[:, 1 : 1 + D]
-    if plan.full:
-        S2 = np.empty((K, D, D))
-        di = np.arange(D)
-        S2[:, di, di] = sums[:, 1 + D : 1 + 2 * D]
-        iu, ju = np.triu_indices(D, 1)
-        S2[:, iu, ju] = sums[:, 1 + 2 * D :]
-        S2[:, ju, iu] = sums[:, 1 + 2 * D :]
-    else:
-        S2 = sums[:, 1 + D : 1 + 2 * D].copy()
+    S0, S1, S2 = _moment_sums(sums, D, plan.full)
     if plan.scale is not None:  # back to data units (exact: powers of two)
         S1 = S1 * plan.scale
         S2 *= np.outer(plan.scale, plan.scale) if plan.full else plan.scale**2

@@ -80,6 +80,7 @@ from .gmm import (
     GMMStats,
     _fast_plan,
     _full_like,
+    _moment_sums,
     _stats_from_shifted_sums,
     class_membership,
     observed_weighted_log_prob,
@@ -956,18 +957,7 @@ def _gmm_stats_from_sums(
 ) -> GMMStats:
     """GMMStats from the statistics GEMM's sums ``acc`` (K, M) about ``shift``."""
     K, D = gmm.means.shape
-    full = acc.shape[1] > 1 + 2 * D
-    S0 = acc[:, 0].copy()
-    S1 = acc[:, 1 : 1 + D]
-    if full:
-        S2 = np.empty((K, D, D))
-        di = np.arange(D)
-        S2[:, di, di] = acc[:, 1 + D : 1 + 2 * D]
-        iu, ju = np.triu_indices(D, 1)
-        S2[:, iu, ju] = acc[:, 1 + 2 * D :]
-        S2[:, ju, iu] = acc[:, 1 + 2 * D :]
-    else:
-        S2 = acc[:, 1 + D :].copy()
+    S0, S1, S2 = _moment_sums(acc, D, acc.shape[1] > 1 + 2 * D)
     means = np.asarray(gmm.means, dtype=np.float64)
     mean, m2 = _stats_from_shifted_sums(S0, S1, S2, shift, means)
     n_worst = max(16, K)
