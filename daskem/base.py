@@ -286,11 +286,7 @@ class EMEstimator(BaseEstimator):
             raise ValueError(f"cache must be True, False or 'auto', got {self.cache!r}")
         if self.prefit not in ("auto", True, False):
             raise ValueError(f"prefit must be True, False or 'auto', got {self.prefit!r}")
-        if self.nan_policy not in self.nan_policies:
-            raise ValueError(
-                f"nan_policy must be one of {self.nan_policies} for a {type(self).__name__}, "
-                f"got {self.nan_policy!r}"
-            )
+        self._check_nan_policy()
         sa = self.select_after
         if not (sa is None or sa == "auto" or (isinstance(sa, numbers.Integral) and sa >= 1)):
             raise ValueError(f"select_after must be an integer >= 1, None or 'auto', got {sa!r}")
@@ -410,6 +406,13 @@ class EMEstimator(BaseEstimator):
         if not hasattr(self, self._fitted_marker):
             raise NotFittedError(
                 f"This {type(self).__name__} instance is not fitted yet. Call 'fit' first."
+            )
+
+    def _check_nan_policy(self) -> None:
+        if self.nan_policy not in self.nan_policies:
+            raise ValueError(
+                f"nan_policy must be one of {self.nan_policies} for a {type(self).__name__}, "
+                f"got {self.nan_policy!r}"
             )
 
     def _setup_labels(
@@ -665,6 +668,7 @@ class EMEstimator(BaseEstimator):
     ) -> engine.ChunkedData:
         if resume and checkpoint_dir is None:
             raise ValueError("resume=True needs a checkpoint_dir")
+        self._check_nan_policy()  # before the pass, whose labelled sample depends on it
         data = self._prepare(X, sample_weight, y, for_fit=True)
         if data.labels is None:  # K is known: refuse bad parameters before any pass
             self._check_parameters(data.n_features, self.n_components)

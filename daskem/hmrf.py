@@ -49,6 +49,10 @@ class _SpatialMixin:
     kind = "hmrf"
     #: fit/predict take images (*spatial, n_features); io.fit_stack passes them so
     spatial_input = True
+    #: the mean-field E-step fits every pixel through its observed attributes (a pixel
+    #: with none takes its class from its neighbours): "omit" and "raise" are refused
+    #: rather than silently fitted the same way
+    nan_policies = ("marginalize",)
 
     # ------------------------------------------------------------------ options
 

@@ -625,3 +625,13 @@ def test_checkpoint_resume_gives_the_uninterrupted_fit(tmp_path):
     np.testing.assert_allclose(resumed.means_, full.means_, rtol=1e-12)
     assert resumed.spatial_beta_ == pytest.approx(full.spatial_beta_, rel=1e-12)
     np.testing.assert_allclose(resumed.lower_bounds_, full.lower_bounds_, rtol=1e-12)
+
+
+@pytest.mark.parametrize("policy", ["omit", "raise"])
+def test_nan_policies_other_than_marginalize_are_refused(policy):
+    """The mean-field E-step fits partly observed pixels through their observed
+    attributes whatever the policy: "omit" and "raise" were silently the same fit."""
+    X = np.random.default_rng(0).normal(size=(20, 15, 3))
+    X[3:6, 4:8, 0] = np.nan
+    with pytest.raises(ValueError, match=r"nan_policy must be one of \('marginalize',\)"):
+        SpatialGaussianMixture(2, nan_policy=policy, spatial_beta=1.0).fit(X)
