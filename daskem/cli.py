@@ -1088,11 +1088,7 @@ def _fit(rep: Reporter, stack: Any, *, labels: str | None, opts: dict[str, Any])
             **extra,
         )
     except (*BAD_INPUT, KeyError) as e:
-        if labels is not None and (
-            _raised_in(e, "_resolve_labels")
-            or _raised_in(e, "_check_labels")
-            or _raised_in(e, "sequence_labels")
-        ):
+        if labels is not None and _label_error(e):
             raise BadInput(f"--labels {labels}: {_message(e)}") from e
         if str(e).startswith("n_components="):
             raise BadInput(f"-k/--n-components: {_message(e)}") from e
@@ -1190,6 +1186,15 @@ def _parse_components_per_class(text: str | None) -> int | dict[str, int] | None
         return n
 
     return _parse_named(text, option, count, "N or CLASS=N,CLASS=N")
+
+
+#: where the labels are read and checked: an error raised there is about --labels
+_LABEL_FUNCTIONS = ("_resolve_labels", "_check_labels", "labels_for_stack", "sequence_labels")
+
+
+def _label_error(e: BaseException) -> bool:
+    """Whether ``e`` was raised reading or checking the labels (to name --labels)."""
+    return any(_raised_in(e, f) for f in _LABEL_FUNCTIONS)
 
 
 def _raised_in(e: BaseException, function: str) -> bool:
@@ -1866,11 +1871,7 @@ def select_cmd(
                 max_iter=max_iter, random_state=seed, callback=None, class_column=class_column,
             )  # fmt: skip
         except (*BAD_INPUT, KeyError) as e:
-            if labels is not None and (
-                _raised_in(e, "_resolve_labels")
-                or _raised_in(e, "_check_labels")
-                or _raised_in(e, "labels_for_stack")
-            ):
+            if labels is not None and _label_error(e):
                 raise BadInput(f"--labels {labels}: {_message(e)}") from e
             if str(e).startswith("K = "):
                 raise BadInput(f"-k {ks}: {_message(e)}") from e
