@@ -429,6 +429,17 @@ def _fit_options(f: Callable) -> Callable:
             "EM; the gmm options apply too).",
         ),
         click.option(
+            "--spatial-fit",
+            "spatial_fit",
+            type=click.Choice(("staged", "joint")),
+            default=None,
+            cls=_Opt,
+            group=_HMRF,
+            help="staged (default): the pixel-wise mixture, then the prior at its emissions "
+            "(beta estimated there for 'auto'); joint: every parameter by mean-field EM "
+            "(emissions fitted to the smoothed classes).",
+        ),
+        click.option(
             "--neighbourhood",
             type=click.Choice(("4", "8", "6", "26")),
             default=None,
@@ -908,11 +919,13 @@ def _sequence_method(method: str) -> bool:
 def _method(opts: dict[str, Any]) -> str:
     """--method, or hmrf when --spatial-beta / --neighbourhood ask for a spatial prior."""
     method = opts.get("method", "gmm")
-    spatial = opts.get("spatial_beta") is not None or opts.get("neighbourhood") is not None
+    spatial = any(opts.get(k) is not None for k in ("spatial_beta", "neighbourhood", "spatial_fit"))
     if spatial and method == "gmm":
         return "hmrf"
     if spatial and method != "hmrf":
-        raise BadInput(f"--spatial-beta/--neighbourhood: options of --method hmrf, not {method}")
+        raise BadInput(
+            f"--spatial-beta/--spatial-fit/--neighbourhood: options of --method hmrf, not {method}"
+        )
     return method
 
 
@@ -933,6 +946,8 @@ def _spatial_options(opts: dict[str, Any]) -> dict[str, Any]:
             out["spatial_beta"] = value
     if opts.get("neighbourhood") is not None:
         out["neighbourhood"] = int(opts["neighbourhood"])
+    if opts.get("spatial_fit") is not None:
+        out["spatial_fit"] = opts["spatial_fit"]
     return out
 
 

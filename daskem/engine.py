@@ -810,7 +810,7 @@ def fit_em_many(
             changes = {}
             for i, stats in zip(active, stats_all, strict=True):
                 n_iter[i] += 1
-                prev = lower[i]
+                prev, before = lower[i], params[i]
                 lower[i] = float(model.objective(stats))
                 params[i], new_events = model.m_step(stats, params[i])
                 for e in new_events:
@@ -818,7 +818,9 @@ def fit_em_many(
                 events[i].extend(new_events)
                 hist[i].append(lower[i])
                 changes[i] = (lower[i] - prev, new_events)
-                converged[i] = _converged(model, changes[i][0], tol) and not new_events
+                converged[i] = (
+                    _converged(model, changes[i][0], tol, before, params[i]) and not new_events
+                )
                 last_stats[i] = stats
                 done[i] = converged[i] or n_iter[i] >= max_iter
             _select(select_after, n_iter, lower, done, stopped)
@@ -864,10 +866,14 @@ def fit_em_many(
     ]
 
 
-def _converged(model: EMModel, change: float, tol: float) -> bool:
+def _converged(model: EMModel, change: float, tol: float, old=None, new=None) -> bool:
     """Whether a change of the objective ends EM: ``|change| < tol``, or for models with
     priors whose objective is the likelihood alone (``stop_on_decrease``, hmmlearn's
-    rule) ``change < tol``."""
+    rule) ``change < tol``; models that define ``converged(change, tol, old, new)`` (the
+    parameters before and after the M-step) decide themselves."""
+    rule = getattr(model, "converged", None)
+    if rule is not None and old is not None:
+        return bool(rule(change, tol, old, new))
     if getattr(model, "stop_on_decrease", False):
         return change < tol
     return abs(change) < tol

@@ -1671,10 +1671,10 @@ def fit_stack(
     X = stack.rows()
     y = None
     names: list[str] | None = None
-    for key in ("spatial_beta", "neighbourhood", "mean_field_sweeps"):
+    for key in ("spatial_beta", "neighbourhood", "mean_field_sweeps", "spatial_fit"):
         if gm_kwargs.get(key) is None:
             gm_kwargs.pop(key, None)
-    if method == "gmm" and "spatial_beta" in gm_kwargs:
+    if method == "gmm" and ("spatial_beta" in gm_kwargs or "spatial_fit" in gm_kwargs):
         method = "hmrf"  # a spatial prior was asked for
     spatial = getattr(estimator_class(method), "spatial_input", False)
     if getattr(estimator_class(method), "sequence_input", False):

@@ -125,6 +125,7 @@ def test_matches_whole_image_reference(nb):
     sg = SpatialGaussianMixture(
         3,
         spatial_beta=beta,
+        spatial_fit="joint",
         neighbourhood=nb,
         mean_field_sweeps=2,
         weights_init=w,
@@ -274,6 +275,36 @@ def test_beta_zero_is_the_pixelwise_mixture():
     )
 
 
+@pytest.mark.parametrize("beta", [1.2, "auto"])
+def test_staged_fit_keeps_the_pixelwise_emissions(beta):
+    """spatial_fit="staged": stage 1 is the beta=0 fit; stage 2 keeps its emissions,
+    sets alpha to their weights' log and (for "auto") fits beta alone, stopping on its
+    step; a fixed beta needs no second stage."""
+    X, ds = _image(seed=4)
+    y = ds["labels"].values.astype(int)
+    kw = dict(random_state=0, tol=1e-3, max_iter=50)
+    pw = SpatialGaussianMixtureClassifier(spatial_beta=0.0, **kw).fit(X, y)
+    st = SpatialGaussianMixtureClassifier(spatial_beta=beta, **kw).fit(X, y)
+    np.testing.assert_array_equal(st.means_, pw.means_)
+    np.testing.assert_array_equal(st.covariances_, pw.covariances_)
+    np.testing.assert_array_equal(st.weights_, pw.weights_)
+    lw = np.log(pw.weights_)
+    np.testing.assert_allclose(st.spatial_alpha_, lw - lw.mean(), rtol=1e-12)
+    if beta == "auto":
+        assert st.n_iter_ > pw.n_iter_ and st.converged_
+        assert 0.2 < st.spatial_beta_ < 3.0
+        # the last step of beta was below tol (the stage's stopping rule)
+        seen = []
+        SpatialGaussianMixtureClassifier(spatial_beta=beta, **kw).fit(
+            X, y, callback=lambda info: seen.append(float(info.params.beta))
+        )
+        assert abs(seen[-1] - seen[-2]) < 1e-3 and seen[-1] == st.spatial_beta_
+    else:
+        assert st.n_iter_ == pw.n_iter_ and st.spatial_beta_ == beta
+    # the posterior runs the sweeps at the fitted beta: it differs from the pixel-wise one
+    assert (st.predict(X) != pw.predict(X)).any()
+
+
 # --------------------------------------------------------------------------- chunking
 
 
@@ -419,12 +450,13 @@ def _accuracy(pred, truth, match):
     return C[r, c].sum() / C.sum()
 
 
-def test_prior_beats_pixelwise_on_synthetic_maps():
+@pytest.mark.parametrize("fit", ["staged", "joint"])
+def test_prior_beats_pixelwise_on_synthetic_maps(fit):
     ds = make_stack((128, 128), n_classes=4, n_features=4, seed=3, separation=2.0, nan_fraction=0)
     X = np.stack([ds[f"attr_{k}"].values for k in range(4)], -1).astype(np.float64)
     t, y = ds["truth"].values, ds["labels"].values.astype(int)
     gm = daskem.GaussianMixtureClassifier(random_state=0).fit(X.reshape(-1, 4), y.ravel())
-    sg = SpatialGaussianMixtureClassifier(random_state=0).fit(X, y)
+    sg = SpatialGaussianMixtureClassifier(random_state=0, spatial_fit=fit).fit(X, y)
     pw = gm.predict_proba(X.reshape(-1, 4)).reshape(*t.shape, 4)
     sp = sg.predict_proba(X)
     acc_pw, acc_sp = _accuracy(pw.argmax(-1), t, False), _accuracy(sp.argmax(-1), t, False)
@@ -438,10 +470,11 @@ def test_prior_beats_pixelwise_on_synthetic_maps():
         sel = (lab != t) & (same <= 2)
         iso[name] = (int(sel.sum()), float(P.max(-1)[sel].mean()) if sel.any() else 0.0)
     assert iso["sp"][0] < 0.05 * iso["pw"][0], iso
-    assert iso["sp"][1] < iso["pw"][1], iso
+    if fit == "joint":  # the staged fit's few left keep about their pixel-wise confidence
+        assert iso["sp"][1] < iso["pw"][1], iso
     # unsupervised too
     u_pw = GaussianMixture(4, random_state=0).fit(X.reshape(-1, 4)).predict(X.reshape(-1, 4))
-    u_sp = SpatialGaussianMixture(4, random_state=0).fit(X).predict(X)
+    u_sp = SpatialGaussianMixture(4, random_state=0, spatial_fit=fit).fit(X).predict(X)
     assert _accuracy(u_sp, t, True) > _accuracy(u_pw.reshape(t.shape), t, True) + 0.1
 
 
@@ -458,13 +491,17 @@ def _potts(shape, K, beta, nb, rng, sweeps=200):
     return z
 
 
-@pytest.mark.parametrize(("nb", "beta"), [(4, 0.4), (4, 0.8), (8, 0.3)])
-def test_auto_beta_recovers_the_true_beta(nb, beta):
+@pytest.mark.parametrize(
+    ("nb", "beta", "fit"),
+    [(4, 0.4, "staged"), (4, 0.8, "staged"), (8, 0.3, "staged"), (4, 0.8, "joint")],
+)
+def test_auto_beta_recovers_the_true_beta(nb, beta, fit):
     rng = np.random.default_rng(0)
     z = _potts((120, 120), 3, beta, nb, rng)
     means = np.array([[0.0, 0.0], [3.5, 0.0], [0.0, 3.5]])
     X = means[z] + rng.standard_normal((*z.shape, 2))
-    sg = SpatialGaussianMixture(3, neighbourhood=nb, random_state=0, tol=1e-6).fit(X)
+    sg = SpatialGaussianMixture(3, neighbourhood=nb, spatial_fit=fit, random_state=0, tol=1e-6)
+    sg.fit(X)
     assert sg.spatial_beta_ == pytest.approx(beta, abs=0.06)
 
 
@@ -492,6 +529,7 @@ def test_model_file_round_trip_and_summary():
         ({"neighbourhood": 6}, (10, 10, 2), "neighbourhood"),
         ({"neighbourhood": 8}, (4, 10, 10, 2), "neighbourhood"),
         ({"mean_field_sweeps": 0}, (10, 10, 2), "mean_field_sweeps"),
+        ({"spatial_fit": "both"}, (10, 10, 2), "spatial_fit"),
         ({}, (100, 2), "spatial dims"),
     ],
 )
@@ -549,6 +587,8 @@ def test_fit_stack_posterior_and_cli(tmp_path):
             "labels",
             "--spatial-beta",
             "1.5",
+            "--spatial-fit",
+            "joint",
             "--neighbourhood",
             "8",
             "--model",
@@ -603,25 +643,29 @@ def test_volume_fit_is_chunking_invariant():
         assert max(acc, 1 - acc) > 0.95
 
 
-def test_checkpoint_resume_gives_the_uninterrupted_fit(tmp_path):
+@pytest.mark.parametrize(("fit", "stop_at", "n_iter"), [("joint", 3, 6), ("staged", 3, 12)])
+def test_checkpoint_resume_gives_the_uninterrupted_fit(tmp_path, fit, stop_at, n_iter):
     X, ds = _image(seed=5)
     y = ds["labels"].values.astype(int)
-    kw = dict(spatial_beta="auto", random_state=0, max_iter=6, tol=0)
+    kw = dict(spatial_beta="auto", spatial_fit=fit, random_state=0, max_iter=6, tol=0)
     full = SpatialGaussianMixtureClassifier(**kw).fit(X, y)
 
     class Stop(Exception):
         pass
 
+    seen = []
+
     def stop_after_3(info):
-        if info.iteration == 3:
-            raise Stop
+        seen.append(float(info.params.beta))
+        if info.iteration == stop_at and (fit == "joint" or len(seen) > 6):
+            raise Stop  # the staged fit: in its second stage
 
     with pytest.raises(Stop):
         SpatialGaussianMixtureClassifier(**kw).fit(
             X, y, checkpoint_dir=tmp_path, callback=stop_after_3
         )
     resumed = SpatialGaussianMixtureClassifier(**kw).fit(X, y, checkpoint_dir=tmp_path, resume=True)
-    assert resumed.n_iter_ == full.n_iter_ == 6
+    assert resumed.n_iter_ == full.n_iter_ == n_iter
     np.testing.assert_allclose(resumed.means_, full.means_, rtol=1e-12)
     assert resumed.spatial_beta_ == pytest.approx(full.spatial_beta_, rel=1e-12)
     np.testing.assert_allclose(resumed.lower_bounds_, full.lower_bounds_, rtol=1e-12)

@@ -43,6 +43,12 @@ reduced like every other statistic; ``alpha`` is defined up to a constant, and t
 is solved on the complement of that direction. ``alpha`` is always estimated; ``beta``
 only when asked (``spatial_beta="auto"``), else fixed.
 
+**Staged fit** (``fit_emissions=False``, the estimators' default ``spatial_fit="staged"``):
+the emissions are those of the pixel-wise mixture fitted first and are kept; ``alpha`` is
+the log of its weights, and only ``beta`` is fitted, by damped Newton steps on the same
+pseudo-likelihood (:func:`prior_step`), until a step is below ``tol``
+(:meth:`SpatialGMMModel.converged`). The E-step and the statistics are the same.
+
 Guarantee (tested): at fixed parameters F never decreases through the sweeps, and the
 emission M-step never decreases F at fixed ``q``. Restarting the sweeps from the
 pixel-wise posterior at each iteration, and the pseudo-likelihood step, are not ascent
@@ -994,6 +1000,24 @@ def newton_prior(
     return a, b
 
 
+def prior_step(
+    params: SpatialParams, grad: np.ndarray, hess: np.ndarray, estimate_beta: bool
+) -> SpatialParams:
+    """The M-step of a staged fit's second stage: the emissions kept, ``alpha`` the log of
+    their weights (centred), and, if estimated, ``beta`` by one damped Newton step on the
+    pseudo-likelihood at that ``alpha``."""
+    gmm = params.gmm
+    lw = np.log(gmm.weights)
+    alpha = lw - lw.mean()
+    beta = float(params.beta)
+    if estimate_beta:
+        K = alpha.shape[0]
+        g, h = float(grad[K]), float(hess[K, K])
+        step = -g / h if h < 0 else math.copysign(_MAX_STEP, g)
+        beta = max(0.0, beta + float(np.clip(step, -_MAX_STEP, _MAX_STEP)))
+    return SpatialParams(gmm, alpha, beta)
+
+
 def _block_statistics(
     f: _Field,
     params: SpatialParams,
@@ -1175,6 +1199,9 @@ class SpatialGMMModel:
     neighbourhood: int = 8
     sweeps: int = 3
     estimate_beta: bool = False
+    #: False: the emissions are kept (those of the pixel-wise mixture, the first stage
+    #: of a staged fit), ``alpha`` is their weights' log and only ``beta`` is fitted
+    fit_emissions: bool = True
 
     # ---- the EM iteration --------------------------------------------------------
 
@@ -1284,6 +1311,8 @@ class SpatialGMMModel:
         return stats, f
 
     def m_step(self, stats: SpatialStats, params: SpatialParams) -> tuple[SpatialParams, list]:
+        if not self.fit_emissions:
+            return prior_step(params, stats.grad, stats.hess, self.estimate_beta), []
         gmm, events = gmm_m_step(
             stats.emission,
             self.emission.covariance_type,
@@ -1300,6 +1329,14 @@ class SpatialGMMModel:
                 params.alpha, float(params.beta), stats.grad, stats.hess, self.estimate_beta
             )
         return SpatialParams(gmm, alpha, beta), events
+
+    def converged(self, change: float, tol: float, old: SpatialParams, new: SpatialParams) -> bool:
+        """EM's rule, ``|change| < tol`` of the objective; the prior stage of a staged fit
+        (``fit_emissions=False``), which fits ``beta`` alone, stops when its step is
+        below ``tol``."""
+        if self.fit_emissions or not self.estimate_beta:
+            return abs(change) < tol
+        return abs(float(new.beta) - float(old.beta)) < tol
 
     def objective(self, stats: SpatialStats) -> float:
         """:func:`local_free_energy` per unit weight."""
