@@ -281,6 +281,7 @@ def test_staged_fit_keeps_the_pixelwise_emissions(beta):
     sets alpha to their weights' log and (for "auto") fits beta alone, stopping on its
     step; a fixed beta needs no second stage."""
     X, ds = _image(seed=4)
+    X[5:9, 3:10, 1] = np.nan  # partly observed pixels: counted alike in both stages
     y = ds["labels"].values.astype(int)
     kw = dict(random_state=0, tol=1e-3, max_iter=50)
     pw = SpatialGaussianMixtureClassifier(spatial_beta=0.0, **kw).fit(X, y)
@@ -290,6 +291,8 @@ def test_staged_fit_keeps_the_pixelwise_emissions(beta):
     np.testing.assert_array_equal(st.weights_, pw.weights_)
     lw = np.log(pw.weights_)
     np.testing.assert_allclose(st.spatial_alpha_, lw - lw.mean(), rtol=1e-12)
+    assert (st.n_partial_, st.n_excluded_) == (pw.n_partial_, pw.n_excluded_)
+    assert pw.n_partial_ >= 28
     if beta == "auto":
         assert st.n_iter_ > pw.n_iter_ and st.converged_
         assert 0.2 < st.spatial_beta_ < 3.0

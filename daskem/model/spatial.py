@@ -1027,8 +1027,10 @@ def _block_statistics(
     core: tuple[slice, ...],
     origin: tuple[int, ...],
     estimate_beta: bool,
+    emissions: bool = True,
 ) -> SpatialStats:
-    """The statistics of a block's core from its swept field ``f``.
+    """The statistics of a block's core from its swept field ``f`` (without the emission
+    statistics, left zero, when ``emissions`` is False: a staged fit's prior stage).
 
     Per strip of each sub-lattice: the local free energy, the pseudo-likelihood's
     gradient and Hessian, and the emission statistics (one float64 GEMM on quadratic
@@ -1054,7 +1056,7 @@ def _block_statistics(
     shift = _shift(gmm)
     acc = np.zeros((K, 1 + D + D * (D + 1) // 2 if full else 1 + 2 * D))
     energy = weight = w_used = 0.0
-    count = n_excluded = n_empty = 0
+    count = n_excluded = n_empty = n_partial_rows = 0
     g = np.zeros(K + 1)
     H = np.zeros((K + 1, K + 1))
     partial = None
@@ -1151,6 +1153,13 @@ def _block_statistics(
                 n_excluded += m - seen_n
             else:
                 n_excluded += m - int((actj if complete_all else seen & actj).sum())
+            wu = wj if used is None else wj[used]
+            w_used += float(wu.sum())
+            count += int(np.count_nonzero(wu))
+            if not emissions:
+                if not complete_all:
+                    n_partial_rows += int(np.count_nonzero(~complete & seen & (wj > 0)))
+                continue
             xc = ws.get("xc", (D, m), np.float64)
             np.subtract(xT, shift[:, None], out=xc)
             if used is not None and not complete_all:
@@ -1169,9 +1178,6 @@ def _block_statistics(
                 e = min(m, s + _GEMM_COLS)
                 phi = ws.get("phi", (acc.shape[1], e - s), np.float64)
                 acc += R[:, s:e] @ _quad_features(xc[:, s:e], full, phi).T
-            wu = wj if used is None else wj[used]
-            w_used += float(wu.sum())
-            count += int(np.count_nonzero(wu))
     emission = _gmm_stats_from_sums(acc, shift, gmm, w_used, count)
     if partial is not None:
         emission = emission + partial
@@ -1185,7 +1191,7 @@ def _block_statistics(
         H,
         n_excluded=n_excluded,
         n_empty=n_empty,
-        n_partial=emission.n_partial,
+        n_partial=emission.n_partial if emissions else n_partial_rows,
     )
 
 
@@ -1307,7 +1313,9 @@ class SpatialGMMModel:
         core = tuple(slice(*c.indices(n)[:2]) for c, n in zip(block.core, grid, strict=True))
         f.core = core
         beta_terms = self.estimate_beta
-        stats = _block_statistics(f, params, data, w, active, core, block.origin, beta_terms)
+        stats = _block_statistics(
+            f, params, data, w, active, core, block.origin, beta_terms, self.fit_emissions
+        )
         return stats, f
 
     def m_step(self, stats: SpatialStats, params: SpatialParams) -> tuple[SpatialParams, list]:
