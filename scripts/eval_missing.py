@@ -12,7 +12,8 @@ few all-missing holes). On each stack, with the true parameters known, three
 * ``complete`` -- the same stack before the clouds hid anything (the best any method
   could do with these pixels; a yardstick, not a method);
 * with ``--spatial``, the same three under the spatial prior
-  (:class:`~daskem.SpatialGaussianMixture`, ``spatial_beta="auto"``, a fixed
+  (:class:`~daskem.SpatialGaussianMixture`, ``spatial_beta="auto"``,
+  ``spatial_fit="joint"``, whose emissions are fitted with the prior, a fixed
   ``--spatial-iters`` iterations: its objective is monitored, not monotone). Its
   emissions always marginalise, so ``omit`` there is the stack with every attribute of
   the partly missing pixels removed (they keep a class from the prior, no emission).
@@ -194,7 +195,8 @@ def synthetic_run(
         pixels.
     spatial_iters : int
         If > 0, also fit the spatial prior (:class:`~daskem.SpatialGaussianMixture`,
-        ``spatial_beta="auto"``) for this many iterations under each policy.
+        ``spatial_beta="auto"``, ``spatial_fit="joint"``) for this many iterations under
+        each policy.
     """
     ds = make_stack(
         shape,
@@ -241,7 +243,14 @@ def synthetic_run(
         # nothing observed (no emission term: their class from the prior alone).
         omitted = ds.copy(deep=True)
         _hide_cloud_pixels(omitted, names)
-        prior = {"spatial_beta": "auto", "tol": 0.0, "max_iter": spatial_iters}
+        # the joint fit: its emissions are fitted with the prior (the staged fit's are the
+        # pixel-wise mixture's, so its parameter errors would be the pixel-wise ones)
+        prior = {
+            "spatial_beta": "auto",
+            "spatial_fit": "joint",
+            "tol": 0.0,
+            "max_iter": spatial_iters,
+        }
         fits += [
             ("marginalize_spatial", stack, "marginalize", prior),
             (
