@@ -37,23 +37,41 @@ def main() -> None:
     )
     p.add_argument("--neighbourhood", type=int, default=8)
     p.add_argument(
+        "--spatial-fit", choices=("staged", "joint"), default="staged", help="(default staged)"
+    )
+    p.add_argument(
         "--time-dim", help="a time stack: fit a hidden Markov model over every pixel's dates"
     )
     args = p.parse_args()
     spatial = {}
     if args.spatial_beta is not None:
         beta = args.spatial_beta if args.spatial_beta == "auto" else float(args.spatial_beta)
-        spatial = {"spatial_beta": beta, "neighbourhood": args.neighbourhood}
+        spatial = {
+            "spatial_beta": beta,
+            "neighbourhood": args.neighbourhood,
+            "spatial_fit": args.spatial_fit,
+        }
 
     passes: list[dict] = []
     scale = [1.0]  # a hidden Markov model's objective is a total: per pixel here
 
     def on_iteration(info) -> None:
         ll = info.lower_bound / scale[0]
-        passes.append({"iteration": info.iteration, "seconds": info.seconds, "ll": ll})
+        beta = getattr(info.params, "beta", None)
+        stage = 1
+        if passes and info.iteration <= passes[-1]["iteration"]:
+            stage = passes[-1]["stage"] + 1  # a staged spatial fit's second stage
+        elif passes:
+            stage = passes[-1]["stage"]
+        passes.append(
+            {"iteration": info.iteration, "seconds": info.seconds, "ll": ll, "stage": stage}
+        )
+        if beta is not None:
+            passes[-1]["beta"] = float(beta)
         print(
-            f"pass {info.iteration}: {info.seconds:.1f} s, "
-            f"{info.samples_per_second / 1e6:.2f} M px/s, ll/px {ll:.6f}",
+            f"pass {info.iteration} (stage {stage}): {info.seconds:.1f} s, "
+            f"{info.samples_per_second / 1e6:.2f} M px/s, ll/px {ll:.6f}"
+            + ("" if beta is None else f", beta {beta:.4f}"),
             flush=True,
         )
 
@@ -108,6 +126,10 @@ def main() -> None:
         "memory_limit_per_worker": args.memory_limit,
         "spatial": {**spatial, "fitted_beta": getattr(gm, "spatial_beta_", None)} or None,
     }
+    for stage in sorted({x["stage"] for x in passes}):
+        t = sorted(x["seconds"] for x in passes if x["stage"] == stage)
+        out[f"seconds_per_pass_median_stage{stage}"] = t[len(t) // 2]
+        print(f"stage {stage}: {len(t)} passes, median {t[len(t) // 2]:.1f} s per pass")
     median = out["seconds_per_pass_median"]
     print(f"fit {fit_s:.0f} s ({gm.n_iter_} passes, converged={gm.converged_}), "
           f"total {total_s:.0f} s, median {median:.1f} s per pass")  # fmt: skip
