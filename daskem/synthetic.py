@@ -175,13 +175,13 @@ def _class_map(
     return cls.reshape(shape).astype(np.int16)
 
 
-def _blobs(rng: np.random.Generator, shape: tuple[int, ...], fraction: float):
+def _blobs(rng: np.random.Generator, shape: tuple[int, ...], fraction: float, n_blobs: int = 8):
     """Yield random blob-shaped (disk / ball) regions until they cover ``~fraction``.
 
     Each item is ``(box, inside)``: a tuple of slices into the grid and the
     boolean disk / ball inside that box.  Blobs are drawn until their union
     covers at least ``fraction`` of the grid; the radius is chosen so that
-    roughly eight blobs reach the target per 2-D slice.  The caller may draw
+    roughly ``n_blobs`` blobs reach the target per 2-D slice.  The caller may draw
     from ``rng`` between items (the sequence stays deterministic).
     """
     if fraction <= 0:
@@ -189,7 +189,7 @@ def _blobs(rng: np.random.Generator, shape: tuple[int, ...], fraction: float):
     covered_mask = np.zeros(shape, dtype=bool)
     n_total = covered_mask.size
     ny, nx = shape[-2:]
-    radius = max(1.5, float(np.sqrt(fraction * ny * nx / (8.0 * np.pi))))
+    radius = max(1.5, float(np.sqrt(fraction * ny * nx / (float(n_blobs) * np.pi))))
     radii = np.array([max(1.0, min(radius, n / 4.0)) for n in shape[:-2]] + [radius, radius])
     target = fraction * n_total
     covered = 0
@@ -224,6 +224,7 @@ def _cloud_mask(
     fraction: float,
     n_features: int,
     missing: np.ndarray,
+    n_blobs: int = 8,
 ) -> np.ndarray:
     """Attributes hidden by clouds: boolean ``(*shape, n_features)``.
 
@@ -243,7 +244,7 @@ def _cloud_mask(
     hidden = np.zeros((*shape, n_features), dtype=bool)
     top = np.full(shape, -1, dtype=np.int64)  # index of the last blob over each pixel
     ranks = []  # per blob: rank of each attribute in its "keep visible" order
-    for b, (box, inside) in enumerate(_blobs(rng, shape, fraction)):
+    for b, (box, inside) in enumerate(_blobs(rng, shape, fraction, n_blobs)):
         n_hide = int(rng.integers(1, n_features))
         subset = np.zeros(n_features, dtype=bool)
         subset[rng.choice(n_features, size=n_hide, replace=False)] = True
@@ -342,6 +343,7 @@ def make_stack(
     seed: int | None = 0,
     modes_per_class: int = 1,
     clouds: float = 0.0,
+    cloud_blobs: int = 8,
 ) -> xr.Dataset:
     """Make a synthetic multi-attribute map with spatially coherent classes.
 
@@ -405,6 +407,11 @@ def make_stack(
         all-NaN, and at most ``n_features - 1`` attributes of a pixel are
         hidden by clouds.  ``0`` gives exactly the dataset of earlier
         versions.
+    cloud_blobs : int, default 8
+        About how many cloud blobs per 2-D slice reach ``clouds`` (their radius follows):
+        8 gives blobs larger than the class regions of the default ``smoothness``, so
+        the cloudy pixels come from a few regions; more give smaller blobs spread over
+        every class.
 
     Returns
     -------
@@ -468,6 +475,9 @@ def make_stack(
     clouds = float(clouds)
     if not 0.0 <= clouds <= 0.9:
         raise ValueError(f"clouds must be in [0, 0.9], got {clouds}")
+    blobs_ok = isinstance(cloud_blobs, (int, np.integer)) and not isinstance(cloud_blobs, bool)
+    if not blobs_ok or cloud_blobs < 1:
+        raise ValueError(f"cloud_blobs must be an integer >= 1, got {cloud_blobs!r}")
     if clouds > 0 and n_features < 2:
         raise ValueError(
             f"clouds > 0 needs n_features >= 2 (clouds hide some attributes of a pixel, "
@@ -514,7 +524,12 @@ def make_stack(
     if clouds > 0:
         cloud_rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(_CLOUD_STREAM,)))
         hidden = _cloud_mask(
-            cloud_rng, shape, clouds, n_features, np.isnan(values).reshape(*shape, n_features)
+            cloud_rng,
+            shape,
+            clouds,
+            n_features,
+            np.isnan(values).reshape(*shape, n_features),
+            int(cloud_blobs),
         ).reshape(n_pixels, n_features)
         values_true = values
         values = np.where(hidden, np.array(np.nan, dtype), values_true)

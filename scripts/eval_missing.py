@@ -180,6 +180,7 @@ def synthetic_run(
     n_classes: int,
     missingness: str = "clouds",
     spatial_iters: int = 0,
+    cloud_blobs: int = 8,
 ) -> dict:
     """One stack and its fits.
 
@@ -203,6 +204,7 @@ def synthetic_run(
         n_classes=n_classes,
         n_features=4,
         clouds=0.0 if missingness == "random" else clouds,
+        cloud_blobs=cloud_blobs,
         nan_fraction=0.02,
         seed=seed,
     )
@@ -361,6 +363,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="2 seeds, 128 x 128 stacks")
     ap.add_argument("--clouds", type=float, default=0.3, help="fraction of partly missing pixels")
     ap.add_argument(
+        "--cloud-blobs",
+        type=int,
+        default=8,
+        help="about how many cloud blobs cover --clouds (more: smaller blobs; default 8)",
+    )
+    ap.add_argument(
         "--missingness",
         choices=("clouds", "shuffled", "random"),
         default="clouds",
@@ -401,13 +409,15 @@ def main(argv: list[str] | None = None) -> int:
                         4,
                         args.missingness,
                         args.spatial_iters if args.spatial else 0,
+                        args.cloud_blobs,
                     )
                 )
     runs = result["synthetic"]
     if runs:
         pm = [r["partly_missing"] for r in runs]
         print(
-            f"\nSynthetic stacks ({args.missingness}) {shape[0]} x {shape[1]}, 4 classes, "
+            f"\nSynthetic stacks ({args.missingness}, {args.cloud_blobs} cloud blobs) "
+            f"{shape[0]} x {shape[1]}, 4 classes, "
             "4 attributes, "
             f"{len(runs)} seeds, partly missing pixels {_ms(pm)}\n"
         )
