@@ -281,6 +281,23 @@ def test_clouds_are_spatially_correlated(cloudy):
     assert same[both].mean() > 0.8
 
 
+def test_cloud_blobs_sets_their_number_and_size(cloudy):
+    from scipy import ndimage
+
+    kw = dict(shape=(128, 128), n_features=4, smoothness=8.0, seed=1, clouds=0.3)
+    xr.testing.assert_identical(make_stack(**kw, cloud_blobs=8), cloudy)
+    many = make_stack(**kw, cloud_blobs=64)
+    counts = []
+    for ds in (cloudy, many):
+        c = ds.cloud_hidden.values > 0
+        assert 0.2 <= c.mean() <= 0.4
+        counts.append(ndimage.label(c)[1])
+    assert counts[1] > 3 * counts[0], counts  # many more, smaller clouds
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match="cloud_blobs"):
+            make_stack(**kw, cloud_blobs=bad)
+
+
 def test_clouds_true_values(cloudy):
     base = make_stack(shape=(128, 128), n_features=4, smoothness=8.0, seed=1)
     for k in range(4):
