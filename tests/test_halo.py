@@ -1,0 +1,123 @@
+"""The spatial prior's halos: extended blocks equal plain slices of the grid, and a fit
+on a stack several times larger than the workers' memory completes."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import dask
+import dask.array as da
+import numpy as np
+import pytest
+
+import daskem
+from daskem import SpatialGaussianMixture, engine
+
+
+@pytest.mark.parametrize(
+    "shape, chunks, depth",
+    [
+        ((50, 47), (16, 16), 13),
+        ((50, 47), (5, 4), 13),  # chunks below the halo
+        ((50, 47), (33, 28), 13),
+        ((50, 47), (50, 47), 13),  # one chunk: no halo
+        ((50, 47), (7, 30), 0),
+        ((20, 21, 19), (6, 7, 8), 4),  # a volume
+    ],
+)
+def test_extended_blocks_are_slices_of_the_grid(shape, chunks, depth):
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(*shape, 2)).astype(np.float32)
+    w = rng.random(shape)
+    g = da.from_array(X, chunks=(*chunks, 2))
+    layout = engine.GridLayout(shape, g.chunks[:-1], depth)
+    blocks = engine.grid_blocks(layout, g, None, da.from_array(w, chunks=chunks))
+    assert len(blocks) == g.numblocks[0] * g.numblocks[1] * (g.numblocks[2] if g.ndim > 3 else 1)
+    (computed,) = dask.compute(blocks, scheduler="sync")
+    bounds = [np.cumsum((0, *c)) for c in layout.chunks]
+    for index, (core, origin, x, none, wb) in zip(
+        np.ndindex(*[len(c) for c in layout.chunks]), computed, strict=True
+    ):
+        assert none is None
+        lo = [int(b[i]) for b, i in zip(bounds, index, strict=True)]
+        hi = [int(b[i + 1]) for b, i in zip(bounds, index, strict=True)]
+        ext = tuple(
+            slice(max(0, a - depth), min(n, b + depth))
+            for a, b, n in zip(lo, hi, shape, strict=True)
+        )
+        assert origin == tuple(s.start for s in ext)
+        assert x.dtype == np.float32
+        np.testing.assert_array_equal(x, X[ext])
+        np.testing.assert_array_equal(wb, w[ext])
+        np.testing.assert_array_equal(
+            x[core], X[tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))]
+        )
+
+
+@pytest.mark.cluster
+def test_fit_on_a_stack_three_times_the_workers_memory(monkeypatch):
+    """A worker process with a 400 MiB memory limit (spilling to disk off) fits the spatial
+    prior on a 1.3 GB stack made lazily chunk by chunk: no chunk is held longer than its
+    block needs (each block reads the chunks its halo touches itself), so the worker is
+    never restarted and the memory it reports stays below the limit."""
+    distributed = pytest.importorskip("distributed")
+    # worker processes import daskem from this tree
+    root = str(Path(daskem.__file__).resolve().parents[1])
+    monkeypatch.setenv(
+        "PYTHONPATH", os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    )
+    limit = 400 * 2**20
+    # 76 x 2 chunks of 8 MiB
+    Hs, Ws, Ds, c = 9728, 256, 64, (128, 128)
+    memory = {f"distributed.worker.memory.{k}": False for k in ("target", "spill", "pause")}
+    with (
+        dask.config.set(memory),
+        distributed.LocalCluster(
+            n_workers=1,
+            threads_per_worker=2,
+            memory_limit=limit,
+            processes=True,
+            dashboard_address=None,
+            host="127.0.0.1",
+        ) as cluster,
+        distributed.Client(cluster) as client,
+    ):
+        # cheap to make (the halos make every chunk several times a pass), not constant
+        rows = da.arange(Hs, chunks=c[0]).astype(np.float64)[:, None, None] % 7 * 0.1
+        cols = da.arange(Ws, chunks=c[1]).astype(np.float64)[None, :, None] % 5 * 0.2
+        feats = da.arange(Ds, chunks=Ds).astype(np.float64)[None, None, :] * 0.01
+        image = (da.ones((Hs, Ws, Ds), chunks=(*c, Ds)) + rows + cols + feats).rechunk((*c, Ds))
+        assert image.nbytes > 3 * limit
+        pids = client.run(os.getpid)
+        # the workers' memory as they report it to the scheduler (in this process)
+        reported: list[int] = []
+        stop = threading.Event()
+
+        def watch():
+            while not stop.is_set():
+                reported.extend(ws.memory.process for ws in cluster.scheduler.workers.values())
+                stop.wait(0.05)
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        means = np.zeros((2, Ds))
+        means[1] += 0.5
+        gm = SpatialGaussianMixture(
+            2,
+            covariance_type="diag",
+            spatial_beta=1.0,
+            spatial_fit="joint",  # every pass with the prior and its halos
+            max_iter=2,
+            tol=0.0,
+            cache=False,
+            means_init=means,
+            weights_init=[0.5, 0.5],
+            precisions_init=np.ones((2, Ds)),
+        ).fit(image)
+        stop.set()
+        watcher.join()
+        assert client.run(os.getpid) == pids, "a worker was restarted"
+    assert gm.n_iter_ == 2 and np.isfinite(gm.lower_bounds_).all()
+    assert reported and max(reported) < 0.9 * limit, max(reported)
