@@ -761,7 +761,7 @@ class EMEstimator(BaseEstimator):
                 f"(responsibility mass {e['mass']:.3g}) and was re-seeded: {e['reason']}. "
                 "Consider fewer components or a larger reg_covar.",
                 UserWarning,
-                stacklevel=3,
+                stacklevel=3 + getattr(self, "_extra_frames", 0),
             )
         self._store_result(best, data.n_features, K, component_class, n_classes)
         if not self.converged_ and self.max_iter > 0:
@@ -769,7 +769,7 @@ class EMEstimator(BaseEstimator):
                 "Best performing initialization did not converge. Try different init "
                 "parameters, or increase max_iter, tol, or check for degenerate data.",
                 ConvergenceWarning,
-                stacklevel=3,
+                stacklevel=3 + getattr(self, "_extra_frames", 0),
             )
         return data
 

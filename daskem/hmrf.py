@@ -152,12 +152,14 @@ class _SpatialMixin:
             self._fit_staged(image, rows, y_rows, w_rows, kwargs, beta)
         self.spatial_shape_ = tuple(int(n) for n in image.shape[:-1])
 
-    def _fit_rows(self, image, rows, y_rows, w_rows, kwargs) -> None:
-        self._grid_layout = self._image_layout(image)
+    def _fit_rows(self, image, rows, y_rows, w_rows, kwargs, frames: int = 2) -> None:
+        """``_fit`` on the image's rows; ``frames``: calls between ``fit`` and here (so that
+        the fit's warnings name the user's line)."""
+        self._grid_layout, self._extra_frames = self._image_layout(image), frames
         try:
             self._fit(rows, y_rows, w_rows, **kwargs)
         finally:
-            del self._grid_layout
+            del self._grid_layout, self._extra_frames
 
     def _fit_staged(self, image, rows, y_rows, w_rows, kwargs, beta) -> None:
         """``spatial_fit="staged"``: the pixel-wise mixture, then the prior at its emissions.
@@ -176,7 +178,7 @@ class _SpatialMixin:
                 lw = np.log(self.weights_)
                 self.spatial_alpha_, self.spatial_beta_ = lw - lw.mean(), 0.0
             sub = {**kwargs, "checkpoint_dir": None if ckpt is None else Path(ckpt) / "pixelwise"}
-            self._fit_rows(image, rows, y_rows, w_rows, sub)
+            self._fit_rows(image, rows, y_rows, w_rows, sub, frames=3)
             n_iter, converged = self.n_iter_, self.converged_
             if beta is not None:
                 self.spatial_beta_ = beta
@@ -184,7 +186,7 @@ class _SpatialMixin:
             self.spatial_beta, self.warm_start = "auto", True
             self._prior_stage = True
             sub = {**kwargs, "checkpoint_dir": None if ckpt is None else Path(ckpt) / "prior"}
-            self._fit_rows(image, rows, y_rows, w_rows, sub)
+            self._fit_rows(image, rows, y_rows, w_rows, sub, frames=3)
             self.n_iter_ += n_iter
             self.converged_ = bool(self.converged_ and converged)
         finally:

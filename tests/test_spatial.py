@@ -8,6 +8,8 @@ Newton step of the pseudo-likelihood in ``alpha``.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import dask
 import dask.array as da
 import numpy as np
@@ -17,7 +19,12 @@ from scipy.special import logsumexp
 from scipy.stats import multivariate_normal
 
 import daskem
-from daskem import GaussianMixture, SpatialGaussianMixture, SpatialGaussianMixtureClassifier
+from daskem import (
+    ConvergenceWarning,
+    GaussianMixture,
+    SpatialGaussianMixture,
+    SpatialGaussianMixtureClassifier,
+)
 from daskem.model.gmm import GMMModel
 from daskem.model.spatial import (
     SpatialBlock,
@@ -682,3 +689,11 @@ def test_nan_policies_other_than_marginalize_are_refused(policy):
     X[3:6, 4:8, 0] = np.nan
     with pytest.raises(ValueError, match=r"nan_policy must be one of \('marginalize',\)"):
         SpatialGaussianMixture(2, nan_policy=policy, spatial_beta=1.0).fit(X)
+
+
+@pytest.mark.parametrize("fit", ["staged", "joint"])
+def test_fit_warnings_name_the_callers_line(fit):
+    X = np.random.default_rng(0).normal(size=(30, 30, 2))
+    with pytest.warns(ConvergenceWarning) as record:
+        SpatialGaussianMixture(2, max_iter=1, spatial_fit=fit).fit(X)
+    assert {Path(w.filename).name for w in record} == {Path(__file__).name}
