@@ -619,6 +619,8 @@ def test_fit_stack_posterior_and_cli(tmp_path):
             (["--spatial-beta", "x"], "--spatial-beta x"),
             (["--neighbourhood", "26"], "neighbourhood"),
             (["--spatial-beta", "1", "--method", "other"], "--spatial-beta"),
+            (["--spatial-fit", "both"], "--spatial-fit"),
+            (["--spatial-fit", "joint", "--method", "hmm"], "--spatial-fit"),
         ):
             r = invoke(
                 "fit",
