@@ -318,6 +318,20 @@ def test_staged_fit_keeps_the_pixelwise_emissions(beta):
 # --------------------------------------------------------------------------- chunking
 
 
+def _assert_same_fits(fits, X):
+    """The fits (of one image in several chunkings) agree to 1e-10, and so do their
+    posterior maps (computed in yet another chunking); returns the first's map."""
+    ref = fits[0]
+    proba = np.asarray(ref.predict_proba(X))
+    for other in fits[1:]:
+        np.testing.assert_allclose(other.means_, ref.means_, rtol=1e-10, atol=1e-10)
+        np.testing.assert_allclose(other.covariances_, ref.covariances_, rtol=1e-10)
+        assert other.spatial_beta_ == pytest.approx(ref.spatial_beta_, rel=1e-10)
+        p = other.predict_proba(da.from_array(X, chunks=(11, 9, 3))).compute()
+        np.testing.assert_allclose(p, proba, atol=1e-10)
+    return proba
+
+
 def test_same_fit_and_posterior_for_any_chunking():
     X, ds = _image(shape=(33, 28))
     X[3:9, 5:12] = np.nan  # a hole: classes from the prior
@@ -332,14 +346,7 @@ def test_same_fit_and_posterior_for_any_chunking():
                 spatial_beta="auto", random_state=0, max_iter=5, tol=0, neighbourhood=8
             ).fit(img, da.from_array(y, chunks=chunks))
         )
-    ref = fits[0]
-    proba = np.asarray(ref.predict_proba(X))
-    for other in fits[1:]:
-        np.testing.assert_allclose(other.means_, ref.means_, rtol=1e-10, atol=1e-10)
-        np.testing.assert_allclose(other.covariances_, ref.covariances_, rtol=1e-10)
-        assert other.spatial_beta_ == pytest.approx(ref.spatial_beta_, rel=1e-10)
-        p = other.predict_proba(da.from_array(X, chunks=(11, 9, 3))).compute()
-        np.testing.assert_allclose(p, proba, atol=1e-10)
+    proba = _assert_same_fits(fits, X)
     # the hole gets classes from the prior
     assert np.isfinite(proba[3:9, 5:12]).all()
 
@@ -360,13 +367,7 @@ def test_float32_stack_is_chunking_invariant_and_close_to_float64():
         for chunks in [(33, 28), (7, 30), (5, 4)]
     ]
     ref = fits[0]
-    proba = np.asarray(ref.predict_proba(X32))
-    for other in fits[1:]:
-        np.testing.assert_allclose(other.means_, ref.means_, rtol=1e-10, atol=1e-10)
-        np.testing.assert_allclose(other.covariances_, ref.covariances_, rtol=1e-10)
-        assert other.spatial_beta_ == pytest.approx(ref.spatial_beta_, rel=1e-10)
-        p = other.predict_proba(da.from_array(X32, chunks=(11, 9, 3))).compute()
-        np.testing.assert_allclose(p, proba, atol=1e-10)
+    proba = _assert_same_fits(fits, X32)
     f64 = SpatialGaussianMixtureClassifier(components_per_class=2, **kw).fit(
         X32.astype(np.float64), y
     )
