@@ -398,6 +398,17 @@ def _fit_options(f: Callable) -> Callable:
             "the fit (> 0).",
         ),
         click.option(
+            "--pattern-weights",
+            "pattern_weights",
+            is_flag=True,
+            default=False,
+            cls=_Opt,
+            group=_GMM,
+            help="Give every pattern of observed attributes its own class proportions "
+            "(with --nan-policy marginalize): for gaps that fall on some classes more than "
+            "others, such as clouds over some land covers. See the README.",
+        ),
+        click.option(
             "--label-prior",
             default="0",
             show_default=True,
@@ -881,6 +892,18 @@ def _check_fit_options(
         raise BadInput(
             "--label-prior: for semi-supervised Gaussian mixtures (--labels, --method gmm)"
         )
+    if opts.get("pattern_weights"):
+        if method != "gmm":
+            raise BadInput(
+                f"--pattern-weights: an option of --method gmm, not of --method {method}"
+            )
+        if opts.get("nan_policy") == "omit":
+            raise BadInput(
+                "--pattern-weights: needs --nan-policy marginalize (pixels with some "
+                "attributes missing in the fit), not omit"
+            )
+        if prior != 0.0:
+            raise BadInput("--pattern-weights: cannot be combined with --label-prior")
 
     ckpt = opts["checkpoint"]
     if opts["resume"] and not ckpt:
@@ -1066,6 +1089,8 @@ def _fit(rep: Reporter, stack: Any, *, labels: str | None, opts: dict[str, Any])
             prior = _parse_label_prior(opts.get("label_prior"))
             if prior != 0.0:
                 extra["label_prior"] = prior
+    if opts.get("pattern_weights"):
+        extra["pattern_weights"] = True  # checked in _check_fit_options
     if method == "hmrf":
         extra.update(_spatial_options(opts))
     callback = rep.iteration
@@ -1238,6 +1263,7 @@ def _save_model(rep: Reporter, gm: Any, path: Path, stack: Any, labels, opts) ->
             "components_per_class": opts.get("components_per_class"),
             "label_weight": opts.get("label_weight", 1.0),
             "label_prior": opts.get("label_prior", "0"),
+            "pattern_weights": bool(opts.get("pattern_weights", False)),
             "covariance_type": opts["covariance"],
             "tol": opts["tol"],
             "max_iter": opts["max_iter"],

@@ -46,7 +46,7 @@ from .model.init import (
     labelled_start,
     params_from_resp,
 )
-from .model.missing import MissingGMMModel
+from .model.missing import MissingGMMModel, PatternGMMModel
 from .model.missing import impute as _impute
 from .model.prior import LabelPriorMissingModel, LabelPriorModel
 from .modelfile import register_estimator
@@ -160,8 +160,24 @@ class _BaseGaussianMixture(EMEstimator):
 
     # ------------------------------------------------------------------ fitting
 
+    def _check_nan_policy(self) -> None:
+        super()._check_nan_policy()
+        pw = getattr(self, "pattern_weights", False)
+        if not isinstance(pw, (bool, np.bool_)):
+            raise ValueError(f"pattern_weights must be True or False, got {pw!r}")
+        if pw and self.nan_policy != "marginalize":
+            raise ValueError(
+                "pattern_weights=True needs nan_policy='marginalize' (weights by pattern of "
+                f"observed attributes), got nan_policy={self.nan_policy!r}"
+            )
+        if pw and getattr(self, "label_prior", 0.0) not in (0, 0.0):
+            raise ValueError("pattern_weights=True cannot be combined with label_prior")
+
     def _model(self) -> GMMModel:
-        cls = MissingGMMModel if self.nan_policy == "marginalize" else GMMModel
+        if self.nan_policy == "marginalize" and getattr(self, "pattern_weights", False):
+            cls = PatternGMMModel
+        else:
+            cls = MissingGMMModel if self.nan_policy == "marginalize" else GMMModel
         return cls(
             self.covariance_type,
             float(self.reg_covar),
@@ -245,6 +261,8 @@ class _BaseGaussianMixture(EMEstimator):
             "init_params": self.init_params,
             "precision": self.precision,
             "label_weight": float(getattr(self, "label_weight", 1.0)),
+            # only when set, so that checkpoints of earlier versions still resume
+            **({"pattern_weights": True} if getattr(self, "pattern_weights", False) else {}),
         }
 
     def _n_components_fitted(self) -> int:
@@ -260,6 +278,13 @@ class _BaseGaussianMixture(EMEstimator):
         for k in range(len(self.weights_)):
             cls = names[int(cc[k])] if names else int(cc[k])
             lines.append(f"  {k}: {self.weights_[k]:.4f}  {cls}")
+        if hasattr(self, "patterns_"):
+            options += f", weights by pattern of observed attributes ({len(self.patterns_)})"
+            feats = list(getattr(self, "feature_names_in_", range(self.patterns_.shape[1])))
+            lines.append("weights by pattern (observed attributes: weights):")
+            for p, w in zip(self.patterns_, self.pattern_weights_, strict=True):
+                seen = ",".join(str(f) for f, o in zip(feats, p, strict=True) if o)
+                lines.append(f"  {seen}: " + " ".join(f"{v:.4f}" for v in w))
         return options, lines
 
     def _fitted_to_dict(self) -> dict[str, Any]:
@@ -270,6 +295,14 @@ class _BaseGaussianMixture(EMEstimator):
             "means": self.means_.tolist(),
             "covariances": self.covariances_.tolist(),
             "precisions_cholesky": self.precisions_cholesky_.tolist(),
+            **(
+                {
+                    "patterns": self.patterns_.tolist(),
+                    "pattern_weights": self.pattern_weights_.tolist(),
+                }
+                if hasattr(self, "patterns_")
+                else {}
+            ),
         }
 
     def _fitted_from_dict(self, fitted: dict[str, Any], K: int, D: int) -> None:
@@ -294,6 +327,18 @@ class _BaseGaussianMixture(EMEstimator):
                 raise ValueError(f"fitted {name.rstrip('_')} contains non-finite values")
             setattr(self, name, arr)
         self.precisions_ = precisions_from_cholesky(self.precisions_cholesky_, ct)
+        if fitted.get("patterns") is not None:
+            patterns = np.asarray(fitted["patterns"], dtype=bool)
+            weights = np.asarray(fitted["pattern_weights"], dtype=np.float64)
+            P = patterns.shape[0] if patterns.ndim == 2 else -1
+            if patterns.shape != (P, D) or weights.shape != (P, K):
+                raise ValueError(
+                    f"fitted patterns / pattern_weights have shapes {patterns.shape} / "
+                    f"{weights.shape}, expected (P, {D}) / (P, {K})"
+                )
+            if not (np.all(np.isfinite(weights)) and np.all(weights >= 0)):
+                raise ValueError("fitted pattern_weights must be finite and non-negative")
+            self.patterns_, self.pattern_weights_ = patterns, weights
 
     def _set_params(self, params: GMMParams) -> None:
         ct = self.covariance_type
@@ -306,6 +351,13 @@ class _BaseGaussianMixture(EMEstimator):
             else covariances_from_precision_cholesky(self.precisions_cholesky_, ct)
         )
         self.precisions_ = precisions_from_cholesky(self.precisions_cholesky_, ct)
+        if params.pattern_weights is not None:
+            self.patterns_ = np.asarray(params.pattern_weights[0], dtype=bool)
+            self.pattern_weights_ = np.asarray(params.pattern_weights[1], dtype=np.float64)
+        else:
+            for name in ("patterns_", "pattern_weights_"):
+                if name in self.__dict__:
+                    delattr(self, name)
 
     def _fitted_params(self, component_class=None) -> GMMParams:
         """The fitted parameters as a picklable :class:`~daskem.model.gmm.GMMParams`."""
@@ -319,6 +371,7 @@ class _BaseGaussianMixture(EMEstimator):
             self.covariance_type,
             self.covariances_,
             component_class,
+            (self.patterns_, self.pattern_weights_) if hasattr(self, "patterns_") else None,
         )
 
     # ------------------------------------------------------------------ prediction
@@ -442,6 +495,17 @@ class GaussianMixture(DensityMixin, _BaseGaussianMixture):
         log-likelihood. Only rows with nothing observed are left out. Fitted with
         ``"marginalize"``, ``predict``, ``predict_proba`` and ``score_samples`` accept
         missing values too; :meth:`impute` fills them.
+    pattern_weights : bool, default=False
+        With ``nan_policy="marginalize"``: give every pattern of observed attributes its
+        own mixing weights (the components are shared). Use it when whether a value is
+        missing depends on the class -- clouds over some land covers more than others,
+        a band masked over water -- so the rows of a pattern come from the classes in
+        proportions of their own; with one set of weights their responsibilities follow
+        the global proportions and pull other classes' means towards them. ``weights_``
+        stays the components' share of all rows; ``patterns_`` and ``pattern_weights_``
+        hold the per-pattern weights, which ``predict``, ``score_samples`` and
+        :meth:`impute` use for rows of those patterns (rows of a pattern not seen in the
+        fit take ``weights_``).
     precision : {"auto", "single"}, default="auto"
         Arithmetic of the E-step for float32 data (float64 data is always computed in
         float64). ``"auto"``: float32 only where a rounding-error bound keeps every
@@ -484,6 +548,12 @@ class GaussianMixture(DensityMixin, _BaseGaussianMixture):
         Rows fitted with some attributes missing (``nan_policy="marginalize"``).
     n_empty_ : int
         Rows with no attribute observed (left out under any ``nan_policy``).
+    patterns_ : ndarray of bool, shape (n_patterns, n_features)
+        Only with ``pattern_weights=True``: the patterns of observed attributes met in
+        the fit (True = observed).
+    pattern_weights_ : ndarray of shape (n_patterns, n_components)
+        Only with ``pattern_weights=True``: the mixing weights of the rows of each
+        pattern.
     component_classes_ : ndarray of int, shape (n_components,)
         ``arange(n_components)``: each component is its own class (see
         :class:`GaussianMixtureClassifier` for classes made of components).
@@ -522,6 +592,7 @@ class GaussianMixture(DensityMixin, _BaseGaussianMixture):
         split_every: int = 16,
         init_sample_size: int = 100_000,
         nan_policy: str = "raise",
+        pattern_weights: bool = False,
         prefit: bool | str = "auto",
         cache: bool | str = "auto",
         precision: str = "auto",
@@ -723,6 +794,7 @@ class GaussianMixtureClassifier(ClassifierMixin, ClassLabelsMixin, _BaseGaussian
         split_every: int = 16,
         init_sample_size: int = 100_000,
         nan_policy: str = "raise",
+        pattern_weights: bool = False,
         prefit: bool | str = "auto",
         cache: bool | str = "auto",
         precision: str = "auto",

@@ -8,6 +8,8 @@ few all-missing holes). On each stack, with the true parameters known, three
 ``GaussianMixture(n_classes)`` fits through :func:`daskem.io.fit_stack`:
 
 * ``marginalize`` -- every pixel with an observed attribute (EM with missing data);
+* ``marginalize, weights by pattern`` -- the same with ``pattern_weights=True`` (every
+  pattern of observed attributes has its own mixing weights);
 * ``omit`` -- only the pixels with every attribute observed;
 * ``complete`` -- the same stack before the clouds hid anything (the best any method
   could do with these pixels; a yardstick, not a method);
@@ -86,6 +88,7 @@ TOL = 1e-7
 SPATIAL_ITERS = 60
 FITS = {
     "marginalize": "marginalize",
+    "marginalize_pattern": "marginalize, weights by pattern",
     "omit": "omit",
     "complete": "complete (before the clouds)",
     "marginalize_spatial": "marginalize + spatial prior",
@@ -234,6 +237,7 @@ def synthetic_run(
     complete_stack = open_stack(complete, variables=names, chunks=chunks)
     fits = [
         ("marginalize", stack, "marginalize", {}),
+        ("marginalize_pattern", stack, "marginalize", {"pattern_weights": True}),
         ("omit", stack, "omit", {}),
         ("complete", complete_stack, "omit", {}),
     ]
@@ -273,7 +277,7 @@ def synthetic_run(
         out[name]["time"] = time.perf_counter() - t0
         if name.endswith("_spatial"):
             out[name]["beta"] = float(gm.spatial_beta_)
-        if name == "marginalize":
+        if name in ("marginalize", "marginalize_pattern"):
             post = posterior(gm, stack, impute=True)[[*names, *(f"{v}_std" for v in names)]]
             post = post.compute()
             filled = np.stack([post[v].values.ravel() for v in names], axis=1)
@@ -281,7 +285,8 @@ def synthetic_run(
             truth = np.stack([complete[v].values.ravel() for v in names], axis=1)
             hidden = ~obs & np.isfinite(truth) & obs.any(axis=1)[:, None]
             sd = np.nanstd(X, axis=0)
-            out["fill"] = _fill_scores(filled, std, hidden, truth, sd)
+            key = "fill" if name == "marginalize" else "fill_pattern"
+            out[key] = _fill_scores(filled, std, hidden, truth, sd)
             mean_fill = np.where(obs, X, np.nanmean(X, axis=0))
             out["mean_fill"] = _fill_scores(mean_fill, None, hidden, truth, sd)
     return out
@@ -431,7 +436,11 @@ def main(argv: list[str] | None = None) -> int:
                 + " | ".join(_ms([s * x[k] for x in e]) for k, _, s in METRICS)
                 + " |"
             )
-        pairs = [("marginalize", "omit")]
+        pairs = [
+            ("marginalize", "omit"),
+            ("marginalize_pattern", "omit"),
+            ("marginalize_pattern", "marginalize"),
+        ]
         if "marginalize_spatial" in runs[0]:
             pairs += [("marginalize_spatial", "omit_spatial"), ("marginalize_spatial", "omit")]
             print(f"\nspatial_beta fitted: {_ms([r['marginalize_spatial']['beta'] for r in runs])}")
@@ -445,6 +454,11 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"| daskem impute | {_ms([r['fill']['rmse'] for r in runs])} "
             f"| {_ms([r['fill']['cover'] for r in runs])} |"
+        )
+        print(
+            f"| daskem impute, weights by pattern | "
+            f"{_ms([r['fill_pattern']['rmse'] for r in runs])} "
+            f"| {_ms([r['fill_pattern']['cover'] for r in runs])} |"
         )
         print(f"| attribute mean | {_ms([r['mean_fill']['rmse'] for r in runs])} | |")
     names = [] if args.datasets == "none" else args.datasets.split(",")

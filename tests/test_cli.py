@@ -307,6 +307,16 @@ BAD_INPUTS = [
         "Invalid value for '--nan-policy': 'drop' is not one of 'marginalize', 'omit'",
     ),
     (
+        "pattern-weights-omit",
+        "fit {stack} -k 4 --pattern-weights --nan-policy omit --model {tmp}/m.json",
+        "--pattern-weights: needs --nan-policy marginalize",
+    ),
+    (
+        "pattern-weights-hmrf",
+        "fit {stack} -k 4 --pattern-weights --spatial-beta 1 --model {tmp}/m.json",
+        "--pattern-weights: an option of --method gmm, not of --method hmrf",
+    ),
+    (
         "omit-every-pixel-partial",
         "fit {partial} -k 3 --nan-policy omit --model {tmp}/m.json --scheduler {scheduler}",
         "have every attribute observed, fewer than n_components=3: with nan_policy='omit'",
@@ -329,6 +339,19 @@ BAD_INPUTS = [
         "--time-dim time: the stack has no dimension 'time' to use as time (its dims: ['y', 'x'])",
     ),
 ]
+
+
+def test_pattern_weights_fit_and_inspect(data, scheduler, tmp_path):
+    model = tmp_path / "m.json"
+    r = invoke(
+        "fit", data["stack"], "-k", 4, "--pattern-weights", "--max-iter", 5, "--model", model,
+        "--scheduler", scheduler,
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    r = invoke("inspect", model)
+    assert r.exit_code == 0, r.output
+    assert "weights by pattern of observed attributes" in r.output
+    assert "attr_0,attr_1,attr_2,attr_3:" in r.output  # the complete pixels' weights
 
 
 @pytest.mark.parametrize(

@@ -90,11 +90,12 @@ def ref_e_step(X, weights, means, cov_full, labels=None):
         Conditional covariance of the missing block (zero elsewhere).
 
     ``labels`` (optional, one component per class): rows with ``label >= 0`` have their
-    responsibilities clamped to that component.
+    responsibilities clamped to that component. ``weights`` is (K,), or (n, K) for
+    weights that differ between rows (weights by pattern).
     """
     X = np.asarray(X, dtype=np.float64)
     n, d = X.shape
-    k_ = len(weights)
+    k_ = np.shape(weights)[-1]
     observed = np.isfinite(X)
     log_prob = np.full((n, k_), np.nan)
     xhat = np.zeros((n, k_, d))
@@ -127,8 +128,8 @@ def ref_e_step(X, weights, means, cov_full, labels=None):
             xhat[rows, k] = xk
             cond_cov[rows, k] = ck
     used = observed.any(axis=1)
-    with np.errstate(divide="ignore"):
-        wlp = np.log(weights)[None, :] + log_prob
+    with np.errstate(divide="ignore"):  # weights (K,), or (n, K): one row per row of X
+        wlp = np.log(np.atleast_2d(weights)) + log_prob
     log_norm = np.full(n, np.nan)
     resp = np.zeros((n, k_))
     log_norm[used] = logsumexp(wlp[used], axis=1)
@@ -173,8 +174,15 @@ def ref_em(
     reg_covar=1e-6,
     sample_weight=None,
     labels=None,
+    pattern_weights=False,
 ):
-    """``n_iter`` EM iterations; returns the parameters and the objective history."""
+    """``n_iter`` EM iterations; returns the parameters and the objective history.
+
+    ``pattern_weights``: after each M-step every pattern of observed attributes gets its
+    own weights, ``pi_{k|m} = sum_{i in m} w_i r_ik / sum_{i in m} w_i`` (floored at
+    ``exp(-80)``, renormalised), used by its rows in the next E-step (the first E-step
+    uses ``weights`` for every row); ``patterns`` and ``pattern_weights`` are returned.
+    """
     X = np.asarray(X, dtype=np.float64)
     n, d = X.shape
     k_ = len(weights)
@@ -183,12 +191,30 @@ def ref_em(
     means = np.asarray(means, dtype=np.float64)
     cov = np.asarray(cov, dtype=np.float64)
     history = []
+    row_weights = weights
+    observed = np.isfinite(X)
+    patterns, inverse = np.unique(observed, axis=0, return_inverse=True)
+    inverse = np.ravel(inverse)
+    table = None
     for _ in range(n_iter):
         cov_full = ref_expand(cov, ct, k_, d)
-        used, log_norm, resp, xhat, cc = ref_e_step(X, weights, means, cov_full, labels)
+        used, log_norm, resp, xhat, cc = ref_e_step(X, row_weights, means, cov_full, labels)
         history.append(float(np.sum(sw[used] * log_norm[used]) / np.sum(sw[used])))
         weights, means, cov = ref_m_step(resp, xhat, cc, sw, used, ct, reg_covar)
-    return {"weights": weights, "means": means, "covariances": cov, "history": history}
+        row_weights = weights
+        if pattern_weights:
+            table = np.zeros((len(patterns), k_))
+            for p, o in enumerate(patterns):
+                rows = np.flatnonzero(inverse == p)
+                if o.any():
+                    pw = np.maximum((sw[rows] @ resp[rows]) / sw[rows].sum(), np.exp(-80.0))
+                    table[p] = pw / pw.sum()
+            row_weights = np.where(observed.any(axis=1)[:, None], table[inverse], weights)
+    out = {"weights": weights, "means": means, "covariances": cov, "history": history}
+    if pattern_weights:
+        out["patterns"] = patterns[patterns.any(axis=1)]
+        out["pattern_weights"] = table[patterns.any(axis=1)]
+    return out
 
 
 def ref_objective(X, weights, means, cov, ct, sample_weight=None, labels=None):
@@ -487,3 +513,81 @@ def test_marginalize_equals_plain_fit_without_missing(complete, ct):
             getattr(marg, attr), getattr(plain, attr), rtol=1e-12, atol=0, err_msg=attr
         )
     assert marg.n_excluded_ == 0
+
+
+# --------------------------------------------------------------------------- weights by pattern
+
+
+def _sorted_patterns(patterns, weights):
+    """Patterns (and their weights) in one order, to compare two fits' tables."""
+    order = np.lexsort(np.asarray(patterns, dtype=int).T[::-1])
+    return np.asarray(patterns)[order], np.asarray(weights)[order]
+
+
+@pytest.mark.parametrize("kind", ["numpy", "dask"])
+@pytest.mark.parametrize("ct", COVARIANCE_TYPES)
+def test_pattern_weights_match_reference(incomplete, ct, kind):
+    X, labels, centers, all_missing = incomplete
+    n_iter = 10
+    w0, m0, p0, c0 = _init(ct, centers, D, K, seed=3)
+    ref = ref_em(X, w0, m0, c0, ct, n_iter, pattern_weights=True)
+    X_in = X if kind == "numpy" else da.from_array(X, chunks=((317, 1000, 50, 1633), (2, 3)))
+    gm = _daskem_gm(ct, w0, m0, p0, n_iter, pattern_weights=True).fit(X_in)
+    _assert_params(gm, ref, "daskem")
+    np.testing.assert_allclose(gm.lower_bounds_, ref["history"], rtol=RTOL, atol=ATOL)
+    pat, pw = _sorted_patterns(gm.patterns_, gm.pattern_weights_)
+    ref_pat, ref_pw = _sorted_patterns(ref["patterns"], ref["pattern_weights"])
+    np.testing.assert_array_equal(pat, ref_pat)
+    np.testing.assert_allclose(pw, ref_pw, rtol=RTOL, atol=ATOL)
+    assert gm.n_excluded_ == len(all_missing)
+    # the weights by pattern differ from the global ones: the test can fail
+    assert np.abs(pw - gm.weights_).max() > 1e-3
+    # rows take their pattern's weights in prediction
+    cov_full = ref_expand(gm.covariances_, ct, K, D)
+    table = {p.tobytes(): w for p, w in zip(pat, pw, strict=True)}
+    obs = np.isfinite(X)
+    used = obs.any(axis=1)
+    row_w = np.stack([table.get(o.tobytes(), gm.weights_) for o in obs])
+    _, log_norm, resp, _, _ = ref_e_step(X, row_w, gm.means_, cov_full)
+    np.testing.assert_allclose(gm.score_samples(X)[used], log_norm[used], rtol=1e-9)
+    np.testing.assert_allclose(gm.predict_proba(X)[used], resp[used], rtol=1e-7, atol=1e-9)
+
+
+def test_pattern_weights_with_labels_and_weights_match_reference(incomplete):
+    X, labels, centers, _ = incomplete
+    ct, n_iter = "full", 8
+    rng = np.random.default_rng(5)
+    sw = rng.uniform(0.5, 2.0, size=len(X))
+    lab = np.full(len(X), -1)
+    pick = rng.choice(np.flatnonzero(np.isfinite(X).any(axis=1)), size=60, replace=False)
+    lab[pick] = labels[pick]
+    w0, m0, p0, c0 = _init(ct, centers, D, K, seed=3)
+    ref = ref_em(X, w0, m0, c0, ct, n_iter, sample_weight=sw, labels=lab, pattern_weights=True)
+    gm = daskem.GaussianMixtureClassifier(
+        n_components=K,
+        covariance_type=ct,
+        nan_policy="marginalize",
+        pattern_weights=True,
+        means_init=m0,
+        weights_init=w0,
+        precisions_init=p0,
+        max_iter=n_iter,
+        tol=0.0,
+        random_state=0,
+    ).fit(X, lab, sample_weight=sw)
+    _assert_params(gm, ref, "classifier")
+    pat, pw = _sorted_patterns(gm.patterns_, gm.pattern_weights_)
+    np.testing.assert_allclose(
+        pw, _sorted_patterns(ref["patterns"], ref["pattern_weights"])[1], rtol=RTOL, atol=ATOL
+    )
+
+
+@pytest.mark.parametrize("ct", COVARIANCE_TYPES)
+def test_pattern_weights_loglik_never_decreases(incomplete, ct):
+    X, _, centers, _ = incomplete
+    w0, m0, p0, _ = _init(ct, centers, D, K, seed=4, poor=True)
+    gm = _daskem_gm(ct, w0, m0, p0, 30, pattern_weights=True).fit(X)
+    hist = np.asarray(gm.lower_bounds_)
+    assert len(hist) == 30 and not gm.reseeds_
+    assert hist[-1] > hist[0] + 1.0
+    assert np.all(np.diff(hist) >= -1e-10 * np.abs(hist[1:])), np.diff(hist)

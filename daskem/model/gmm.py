@@ -29,6 +29,7 @@ into centred per-block moments and merged pairwise across blocks
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import threading
 import weakref
@@ -95,6 +96,11 @@ class GMMParams:
     component_class : ndarray of shape (K,) or None
         Class id owning each component, used to clamp labelled rows. ``None``
         means component ``k`` is class ``k``.
+    pattern_weights : tuple (patterns, weights) or None
+        Mixing weights per pattern of observed attributes (missing data with weights by
+        pattern, :class:`~daskem.model.missing.PatternGMMModel`): ``patterns`` (P, D)
+        bool, ``weights`` (P, K). A row whose pattern is one of them takes that row of
+        weights instead of ``weights``; ``None``: every row takes ``weights``.
     """
 
     weights: np.ndarray
@@ -103,6 +109,7 @@ class GMMParams:
     covariance_type: str
     covariances: np.ndarray | None = None
     component_class: np.ndarray | None = None
+    pattern_weights: tuple[np.ndarray, np.ndarray] | None = None
 
     @property
     def n_components(self) -> int:
@@ -256,6 +263,12 @@ def observed_weighted_log_prob(X: np.ndarray, params: GMMParams) -> np.ndarray:
     """
     X = np.asarray(X)
     n = X.shape[0]
+    if params.pattern_weights is not None:
+        from .missing import row_log_weights  # missing.py builds on this module
+
+        K = params.n_components
+        flat = dataclasses.replace(params, weights=np.ones(K), pattern_weights=None)
+        return observed_weighted_log_prob(X, flat) + row_log_weights(X, params)
     with np.errstate(invalid="ignore", over="ignore"):
         if n == 0 or np.isfinite(np.sum(X)):
             return estimate_weighted_log_prob(X, params)
@@ -358,6 +371,10 @@ class GMMStats:
         :mod:`daskem.model.missing`).
     worst_score, worst_rows : ndarray (m,), (m, D)
         The ``m`` rows with the lowest ``log p(x)`` -- candidates for re-seeding.
+    pattern_n : dict or None
+        Only with weights by pattern of observed attributes: pattern code
+        (:func:`~daskem.model.missing.pattern_codes`) -> ``sum_i w_i r_ik`` (K,) over
+        the rows of that pattern.
     """
 
     n: np.ndarray
@@ -372,6 +389,7 @@ class GMMStats:
     worst_score: np.ndarray = field(default_factory=lambda: np.empty(0))
     worst_rows: np.ndarray = field(default_factory=lambda: np.empty((0, 0)))
     n_worst: int = 16
+    pattern_n: dict | None = None
 
     @classmethod
     def zeros(cls, K: int, D: int, covariance_type: str, n_worst: int = 16) -> GMMStats:
@@ -408,6 +426,7 @@ class GMMStats:
             worst_score=ws,
             worst_rows=wr,
             n_worst=size,
+            pattern_n=_merge_counts(self.pattern_n, other.pattern_n),
         )
 
     def __radd__(self, other):  # lets ``sum()`` start from 0
@@ -418,6 +437,16 @@ class GMMStats:
     @property
     def nbytes(self) -> int:
         return int(self.n.nbytes + self.mean.nbytes + self.m2.nbytes + self.worst_rows.nbytes)
+
+
+def _merge_counts(a: dict | None, b: dict | None) -> dict | None:
+    """Sum of two ``pattern_n`` records (None: no record)."""
+    if a is None or b is None:
+        return b if a is None else a
+    out = dict(a)
+    for code, n in b.items():
+        out[code] = out[code] + n if code in out else n
+    return out
 
 
 def _finite_rows(xb: np.ndarray) -> np.ndarray:

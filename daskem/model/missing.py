@@ -36,7 +36,7 @@ deviation from ``Var[x_m | x_o] = sum_k r_k (diag C_k + (x̂_k,m - E[x_m | x_o])
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -62,6 +62,7 @@ from .gmm import (
 from .stats import merge_lowest
 
 __all__ = [
+    "PatternGMMModel",
     "finite_codes",
     "pattern_code",
     "pattern_codes",
@@ -71,6 +72,7 @@ __all__ = [
     "observed_patterns",
     "partial_block_stats",
     "resp_stats",
+    "row_log_weights",
 ]
 
 
@@ -763,11 +765,12 @@ def impute(
     std = np.where(obs, 0.0, np.nan)
     partial = np.flatnonzero(obs.any(axis=1) & ~obs.all(axis=1))
     means = np.asarray(params.means, dtype=np.float64)
+    table = _pattern_table(params)
     for pattern, rows, code in observed_patterns(obs[partial]):
         rows = partial[rows]
         forms = _forms(params, pattern, code)
         xo = filled[rows][:, pattern]
-        _, r = _posterior(xo, params, pattern, forms, None)
+        _, r = _posterior(xo, _with_pattern_weights(params, pattern, table), pattern, forms, None)
         cm = forms.cond.mean(xo, means)  # (K, n, m)
         mean = np.einsum("nk,knm->nm", r, cm)
         mis = np.flatnonzero(~pattern)
@@ -904,3 +907,142 @@ def resp_stats(
         part.n_partial = int(rows.size)
         out = out + part
     return out
+
+
+# ---- mixing weights by pattern of observed attributes --------------------------------
+#
+# Under ``pattern_weights=True`` (estimators) the mixing weights depend on the row's
+# pattern of observed attributes: p(x_o | pattern m) = sum_k pi_{k|m} N(x_o | k). The
+# emissions are shared, the pattern is an observed covariate, and pi_{k|m} is its own
+# categorical per pattern (its M-step: the responsibility mass of k over the pattern's
+# rows over their weight). This is the model of missing data whose missingness depends
+# on the class: cloudy pixels of a scene come from the classes under the clouds, not in
+# the scene's proportions. With one set of weights (:class:`MissingGMMModel`) the
+# responsibilities of a partly observed row follow the global proportions and pull
+# other classes' means towards it; per pattern they follow the pattern's own. Rows of
+# each pattern share the E-step of :class:`MissingGMMModel` with the pattern's weights,
+# so the objective (the observed-data log-likelihood given the patterns) never decreases.
+
+
+def _pattern_key(pattern: np.ndarray) -> bytes:
+    """Dictionary key of a pattern (bool (D,)): the same in every block and process."""
+    return np.ascontiguousarray(pattern, dtype=bool).tobytes()
+
+
+def _pattern_table(params: GMMParams) -> dict[bytes, np.ndarray]:
+    if params.pattern_weights is None:
+        return {}
+    patterns, weights = params.pattern_weights
+    return {_pattern_key(p): w for p, w in zip(patterns, weights, strict=True)}
+
+
+def _with_pattern_weights(params: GMMParams, pattern: np.ndarray, table: dict) -> GMMParams:
+    """``params`` with the weights of rows observed on ``pattern`` (and no table)."""
+    if params.pattern_weights is None:
+        return params
+    w = table.get(_pattern_key(pattern), params.weights)
+    return replace(params, weights=np.asarray(w, dtype=np.float64), pattern_weights=None)
+
+
+def row_log_weights(X: np.ndarray, params: GMMParams) -> np.ndarray:
+    """Log mixing weights of each row of ``X`` (n, K): its pattern's if
+    ``params.pattern_weights`` has it, else ``log(params.weights)``."""
+    X = np.asarray(X)
+    table = _pattern_table(params)
+    out = np.empty((X.shape[0], params.n_components))
+    out[:] = _log_weights(np.asarray(params.weights, dtype=np.float64))
+    if not table or X.shape[0] == 0:
+        return out
+    obs = np.isfinite(X)
+    for pattern, rows, _ in observed_patterns(obs, finite_codes(X)):
+        w = table.get(_pattern_key(pattern))
+        if w is not None:
+            out[rows] = _log_weights(np.asarray(w, dtype=np.float64))
+    return out
+
+
+class PatternGMMModel(MissingGMMModel):
+    """:class:`MissingGMMModel` with mixing weights by pattern of observed attributes.
+
+    The parameters carry ``pattern_weights`` (:class:`~daskem.model.gmm.GMMParams`)
+    after the first M-step; before it (a start) every pattern takes the global weights.
+    The statistics carry each pattern's responsibility mass (``GMMStats.pattern_n``);
+    the global weights stay the components' share of all rows.
+    """
+
+    def _block_stats(self, params, X, sample_weight, labels) -> GMMStats:
+        X = np.asarray(X)
+        D = X.shape[1]
+        table = _pattern_table(params)
+        w = None if sample_weight is None else np.asarray(sample_weight)
+        lab = None if labels is None else np.asarray(labels)
+        out = None
+        counts: dict[bytes, np.ndarray] = {}
+        groups = observed_patterns(np.isfinite(X), finite_codes(X)) if X.shape[0] else []
+        for pattern, rows, _ in groups:
+            st = marginal_block_stats(
+                _take_rows(X, rows),
+                _with_pattern_weights(params, pattern, table),
+                None if w is None else w[rows],
+                None if lab is None else lab[rows],
+                block_rows=self.block_rows,
+                precision=self.precision,
+            )
+            if pattern.any():
+                counts[_pattern_key(pattern)] = np.asarray(st.n, dtype=np.float64).copy()
+            out = st if out is None else out + st
+        if out is None:
+            out = GMMStats.zeros(params.n_components, D, params.covariance_type)
+        out.pattern_n = counts
+        return out
+
+    def m_step(self, stats: GMMStats, params: GMMParams) -> tuple[GMMParams, list[dict]]:
+        new, events = super().m_step(stats, params)
+        if events or not stats.pattern_n:
+            # a re-seeded component has no share in any pattern yet: one E-step with the
+            # global weights gives it one
+            return replace(new, pattern_weights=None), events
+        keys = sorted(stats.pattern_n)
+        mass = np.stack([np.asarray(stats.pattern_n[k], dtype=np.float64) for k in keys])
+        total = mass.sum(axis=1)
+        keep = total > 0
+        if not keep.any():
+            return replace(new, pattern_weights=None), events
+        patterns = np.stack([np.frombuffer(k, dtype=bool) for k in keys])[keep]
+        # a component with no mass in a pattern keeps the E-step's floor of a
+        # responsibility there (its log stays finite in the kernels' GEMMs)
+        weights = np.maximum(mass[keep] / total[keep, None], np.exp(_LOG_RESP_FLOOR))
+        weights /= weights.sum(axis=1, keepdims=True)
+        return replace(new, pattern_weights=(patterns, weights)), events
+
+    def params_to_dict(self, params: GMMParams) -> dict:
+        d = super().params_to_dict(params)
+        if params.pattern_weights is not None:
+            patterns, weights = params.pattern_weights
+            d["patterns"] = np.asarray(patterns, dtype=bool).tolist()
+            d["pattern_weights"] = np.asarray(weights, dtype=np.float64).tolist()
+        return d
+
+    def params_from_dict(self, d: dict) -> GMMParams:
+        params = super().params_from_dict(d)
+        if d.get("patterns") is None:
+            return params
+        patterns = np.asarray(d["patterns"], dtype=bool)
+        weights = np.asarray(d["pattern_weights"], dtype=np.float64)
+        return replace(params, pattern_weights=(patterns, weights))
+
+    def n_parameters(self, params: GMMParams) -> int:
+        """The mixture's parameters with ``K - 1`` free weights per pattern instead of
+        ``K - 1`` in all."""
+        n = super().n_parameters(params)
+        if params.pattern_weights is None:
+            return n
+        K = params.n_components
+        return n + (len(params.pattern_weights[0]) - 1) * (K - 1)
+
+    def from_vector(self, vector: np.ndarray, like: GMMParams) -> GMMParams | None:
+        """SQUAREM moves the shared parameters; the patterns' weights stay ``like``'s."""
+        out = super().from_vector(vector, like)
+        if out is None or like.pattern_weights is None:
+            return out
+        return replace(out, pattern_weights=like.pattern_weights)
