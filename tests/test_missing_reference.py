@@ -178,10 +178,11 @@ def ref_em(
 ):
     """``n_iter`` EM iterations; returns the parameters and the objective history.
 
-    ``pattern_weights``: after each M-step every pattern of observed attributes gets its
-    own weights, ``pi_{k|m} = sum_{i in m} w_i r_ik / sum_{i in m} w_i`` (floored at
-    ``exp(-80)``, renormalised), used by its rows in the next E-step (the first E-step
-    uses ``weights`` for every row); ``patterns`` and ``pattern_weights`` are returned.
+    ``pattern_weights``: after each M-step every pattern of observed attributes whose
+    rows weigh at least ``10 K`` gets its own weights, ``pi_{k|m} = sum_{i in m} w_i
+    r_ik / sum_{i in m} w_i`` (floored at ``exp(-80)``, renormalised), used by its rows
+    in the next E-step; the rows of other patterns, and every row in the first E-step,
+    use the global weights. ``patterns`` and ``pattern_weights`` are returned.
     """
     X = np.asarray(X, dtype=np.float64)
     n, d = X.shape
@@ -206,14 +207,18 @@ def ref_em(
             table = np.zeros((len(patterns), k_))
             for p, o in enumerate(patterns):
                 rows = np.flatnonzero(inverse == p)
-                if o.any():
+                if o.any() and sw[rows].sum() >= 10.0 * k_:
                     pw = np.maximum((sw[rows] @ resp[rows]) / sw[rows].sum(), np.exp(-80.0))
                     table[p] = pw / pw.sum()
-            row_weights = np.where(observed.any(axis=1)[:, None], table[inverse], weights)
+                else:  # too few rows (or nothing observed): the global weights
+                    table[p] = weights
+            own = np.array([o.any() and sw[inverse == p].sum() >= 10.0 * k_ for p, o in
+                            enumerate(patterns)])  # fmt: skip
+            row_weights = table[inverse]
     out = {"weights": weights, "means": means, "covariances": cov, "history": history}
     if pattern_weights:
-        out["patterns"] = patterns[patterns.any(axis=1)]
-        out["pattern_weights"] = table[patterns.any(axis=1)]
+        out["patterns"] = patterns[own]
+        out["pattern_weights"] = table[own]
     return out
 
 

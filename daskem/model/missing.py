@@ -961,13 +961,22 @@ def row_log_weights(X: np.ndarray, params: GMMParams) -> np.ndarray:
     return out
 
 
+#: a pattern gets weights of its own when its rows weigh at least this many times the
+#: number of components (fewer rows leave its K - 1 weights poorly determined: its rows
+#: take the global weights)
+MIN_PATTERN_WEIGHT_PER_COMPONENT = 10.0
+
+
 class PatternGMMModel(MissingGMMModel):
     """:class:`MissingGMMModel` with mixing weights by pattern of observed attributes.
 
     The parameters carry ``pattern_weights`` (:class:`~daskem.model.gmm.GMMParams`)
     after the first M-step; before it (a start) every pattern takes the global weights.
     The statistics carry each pattern's responsibility mass (``GMMStats.pattern_n``);
-    the global weights stay the components' share of all rows.
+    the global weights stay the components' share of all rows. Patterns whose rows
+    weigh less than :data:`MIN_PATTERN_WEIGHT_PER_COMPONENT` times the number of
+    components keep the global weights (a rule on the data alone, the same at every
+    iteration: EM stays monotone).
     """
 
     def _block_stats(self, params, X, sample_weight, labels) -> GMMStats:
@@ -976,6 +985,20 @@ class PatternGMMModel(MissingGMMModel):
         table = _pattern_table(params)
         w = None if sample_weight is None else np.asarray(sample_weight)
         lab = None if labels is None else np.asarray(labels)
+        with np.errstate(invalid="ignore", over="ignore"):
+            complete = X.shape[0] > 0 and bool(np.isfinite(np.sum(X)))
+        if complete:  # one pattern: no grouping
+            every = np.ones(D, dtype=bool)
+            st = marginal_block_stats(
+                X,
+                _with_pattern_weights(params, every, table),
+                w,
+                lab,
+                block_rows=self.block_rows,
+                precision=self.precision,
+            )
+            st.pattern_n = {_pattern_key(every): np.asarray(st.n, dtype=np.float64).copy()}
+            return st
         out = None
         counts: dict[bytes, np.ndarray] = {}
         groups = observed_patterns(np.isfinite(X), finite_codes(X)) if X.shape[0] else []
@@ -1004,8 +1027,10 @@ class PatternGMMModel(MissingGMMModel):
             return replace(new, pattern_weights=None), events
         keys = sorted(stats.pattern_n)
         mass = np.stack([np.asarray(stats.pattern_n[k], dtype=np.float64) for k in keys])
-        total = mass.sum(axis=1)
-        keep = total > 0
+        total = mass.sum(axis=1)  # the rows' weight: the same at every iteration
+        # (the responsibilities of a row sum to 1 up to rounding: a pattern of exactly the
+        # threshold's weight must not drop out by 1e-15)
+        keep = total >= MIN_PATTERN_WEIGHT_PER_COMPONENT * params.n_components * (1 - 1e-9)
         if not keep.any():
             return replace(new, pattern_weights=None), events
         patterns = np.stack([np.frombuffer(k, dtype=bool) for k in keys])[keep]
