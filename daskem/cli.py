@@ -398,15 +398,15 @@ def _fit_options(f: Callable) -> Callable:
             "the fit (> 0).",
         ),
         click.option(
-            "--pattern-weights",
+            "--pattern-weights/--no-pattern-weights",
             "pattern_weights",
-            is_flag=True,
-            default=False,
+            default=None,
             cls=_Opt,
             group=_GMM,
-            help="Give every pattern of observed attributes its own class proportions "
-            "(with --nan-policy marginalize): for gaps that fall on some classes more than "
-            "others, such as clouds over some land covers. See the README.",
+            help="Every pattern of observed attributes has class proportions of its own "
+            "(default with --nan-policy marginalize, without --label-prior): gaps such as "
+            "clouds fall on some classes more than others. --no-pattern-weights: one set "
+            "of proportions. See the README.",
         ),
         click.option(
             "--label-prior",
@@ -892,17 +892,17 @@ def _check_fit_options(
         raise BadInput(
             "--label-prior: for semi-supervised Gaussian mixtures (--labels, --method gmm)"
         )
-    if opts.get("pattern_weights"):
+    if opts.get("pattern_weights") is not None:
         if method != "gmm":
             raise BadInput(
                 f"--pattern-weights: an option of --method gmm, not of --method {method}"
             )
-        if opts.get("nan_policy") == "omit":
+        if opts["pattern_weights"] and opts.get("nan_policy") == "omit":
             raise BadInput(
                 "--pattern-weights: needs --nan-policy marginalize (pixels with some "
                 "attributes missing in the fit), not omit"
             )
-        if prior != 0.0:
+        if opts["pattern_weights"] and prior != 0.0:
             raise BadInput("--pattern-weights: cannot be combined with --label-prior")
 
     ckpt = opts["checkpoint"]
@@ -1089,8 +1089,8 @@ def _fit(rep: Reporter, stack: Any, *, labels: str | None, opts: dict[str, Any])
             prior = _parse_label_prior(opts.get("label_prior"))
             if prior != 0.0:
                 extra["label_prior"] = prior
-    if opts.get("pattern_weights"):
-        extra["pattern_weights"] = True  # checked in _check_fit_options
+    if opts.get("pattern_weights") is not None:  # else the stack's default (io.fit_stack)
+        extra["pattern_weights"] = bool(opts["pattern_weights"])  # _check_fit_options
     if method == "hmrf":
         extra.update(_spatial_options(opts))
     callback = rep.iteration
@@ -1263,7 +1263,7 @@ def _save_model(rep: Reporter, gm: Any, path: Path, stack: Any, labels, opts) ->
             "components_per_class": opts.get("components_per_class"),
             "label_weight": opts.get("label_weight", 1.0),
             "label_prior": opts.get("label_prior", "0"),
-            "pattern_weights": bool(opts.get("pattern_weights", False)),
+            "pattern_weights": opts.get("pattern_weights"),
             "covariance_type": opts["covariance"],
             "tol": opts["tol"],
             "max_iter": opts["max_iter"],

@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import errno
+import inspect
 import json
 import math
 import os
@@ -1590,6 +1591,23 @@ def _points_block(block, index, ids, block_info=None):
 # --------------------------------------------------------------------------- fitting
 
 
+def _default_pattern_weights(cls: type, kwargs: dict[str, Any]) -> None:
+    """Mixing weights by pattern of observed attributes for stacks, unless asked otherwise:
+    where a stack misses values in clouds, swaths or masks, the pixels of a pattern come
+    from the classes under them, not in the scene's proportions (README, "Missing
+    attributes and gap-filled maps"). Only for estimators with the option, marginalising
+    missing attributes, without ``label_prior``."""
+    if kwargs.get("pattern_weights") is not None:
+        return
+    kwargs.pop("pattern_weights", None)
+    if (
+        "pattern_weights" in inspect.signature(cls).parameters
+        and kwargs.get("nan_policy") == "marginalize"
+        and kwargs.get("label_prior") in (None, 0, 0.0)
+    ):
+        kwargs["pattern_weights"] = True
+
+
 def fit_stack(
     stack: Stack,
     n_components: int | None = None,
@@ -1613,8 +1631,11 @@ def fit_stack(
     for ``method="gmm"``); with labels its semi-supervised classifier
     (:class:`~daskem.GaussianMixtureClassifier`). Pixels with some attributes missing
     are fitted through their observed ones (``nan_policy="marginalize"``, EM with
-    missing data); pixels with none observed are left out. Pass
-    ``nan_policy="omit"`` to leave out every pixel with a missing attribute.
+    missing data), with mixing weights of their own for every pattern of observed
+    attributes (``pattern_weights=True``, where the estimator has the option and
+    ``label_prior`` is not used; pass ``pattern_weights=False`` for one set of weights);
+    pixels with none observed are left out. Pass ``nan_policy="omit"`` to leave out
+    every pixel with a missing attribute.
 
     Parameters
     ----------
@@ -1699,6 +1720,7 @@ def fit_stack(
     if gm_kwargs.get("nan_policy") is None:  # fit through observed attributes if it can
         policies = estimator_class(method, semi_supervised=labels is not None).nan_policies
         gm_kwargs["nan_policy"] = "marginalize" if "marginalize" in policies else "omit"
+    _default_pattern_weights(estimator_class(method, semi_supervised=labels is not None), gm_kwargs)
     check = None
     if labels is not None:
         # checked by the fit's pass before EM (no pass of their own), unless the classes
@@ -2170,6 +2192,7 @@ def select_k(
         raise ValueError(f"select_k fits pixel-wise models; method {method!r} is not one")
     if kwargs.get("nan_policy") is None:
         kwargs["nan_policy"] = "marginalize" if "marginalize" in cls.nan_policies else "omit"
+    _default_pattern_weights(cls, kwargs)
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     y, check = None, None
     if labels is not None:  # checked by the pass before EM

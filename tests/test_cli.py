@@ -344,14 +344,21 @@ BAD_INPUTS = [
 def test_pattern_weights_fit_and_inspect(data, scheduler, tmp_path):
     model = tmp_path / "m.json"
     r = invoke(
-        "fit", data["stack"], "-k", 4, "--pattern-weights", "--max-iter", 5, "--model", model,
+        "fit", data["stack"], "-k", 4, "--max-iter", 5, "--model", model,
         "--scheduler", scheduler,
     )  # fmt: skip
     assert r.exit_code == 0, r.output
     r = invoke("inspect", model)
     assert r.exit_code == 0, r.output
-    assert "weights by pattern of observed attributes" in r.output
+    assert "weights by pattern of observed attributes" in r.output  # the default
     assert "attr_0,attr_1,attr_2,attr_3:" in r.output  # the complete pixels' weights
+    plain = tmp_path / "plain.json"
+    r = invoke(
+        "fit", data["stack"], "-k", 4, "--max-iter", 5, "--no-pattern-weights", "--model",
+        plain, "--scheduler", scheduler,
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert "weights by pattern" not in invoke("inspect", plain).output
 
 
 @pytest.mark.parametrize(

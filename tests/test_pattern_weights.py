@@ -131,10 +131,19 @@ def test_classifier_refuses_label_prior(cloudy):
         ).fit(X, y)
 
 
-def test_fit_stack(cloudy):
+def test_fit_stack_default(cloudy):
+    """Stacks get weights by pattern unless the call says otherwise."""
     ds, _ = cloudy
-    gm = fit_stack(open_stack(ds, variables=NAMES), 3, pattern_weights=True, max_iter=5)
-    assert gm.pattern_weights and gm.patterns_.shape[1] == 4
+    stack = open_stack(ds, variables=NAMES)
+    gm = fit_stack(stack, 3, max_iter=5)
+    assert gm.pattern_weights is True and gm.patterns_.shape[1] == 4
+    for kw in ({"pattern_weights": False}, {"nan_policy": "omit"}):
+        gm = fit_stack(stack, 3, max_iter=5, **kw)
+        assert not gm.pattern_weights and not hasattr(gm, "patterns_")
+    gm = fit_stack(stack, labels="labels", max_iter=3, label_prior=1.0)
+    assert not gm.pattern_weights  # the label prior has no weights by pattern
+    gm = fit_stack(stack, labels="labels", max_iter=3)
+    assert gm.pattern_weights is True
 
 
 def test_clouds_over_some_classes_pull_the_shared_weights_fit(cloudy):
