@@ -7,9 +7,10 @@ pixels that miss 1 to D-1 attributes, 20-40 % of the pixels, correlated in space
 few all-missing holes). On each stack, with the true parameters known, three
 ``GaussianMixture(n_classes)`` fits through :func:`daskem.io.fit_stack`:
 
-* ``marginalize`` -- every pixel with an observed attribute (EM with missing data);
+* ``marginalize`` -- every pixel with an observed attribute (EM with missing data), one
+  set of mixing weights (``pattern_weights=False``);
 * ``marginalize, weights by pattern`` -- the same with ``pattern_weights=True`` (every
-  pattern of observed attributes has its own mixing weights);
+  pattern of observed attributes has its own mixing weights; the default for stacks);
 * ``omit`` -- only the pixels with every attribute observed;
 * ``complete`` -- the same stack before the clouds hid anything (the best any method
   could do with these pixels; a yardstick, not a method);
@@ -242,7 +243,8 @@ def synthetic_run(
     out["partly_missing"] = float((obs.any(1) & ~obs.all(1)).mean())
     complete_stack = open_stack(complete, variables=names, chunks=chunks)
     fits = [
-        ("marginalize", stack, "marginalize", {}),
+        # one set of weights (fit_stack's default for stacks is weights by pattern)
+        ("marginalize", stack, "marginalize", {"pattern_weights": False}),
         ("marginalize_pattern", stack, "marginalize", {"pattern_weights": True}),
         ("omit", stack, "omit", {}),
         ("complete", complete_stack, "omit", {}),

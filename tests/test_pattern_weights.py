@@ -174,3 +174,13 @@ def test_clouds_over_some_classes_pull_the_shared_weights_fit(cloudy):
         ).fit(Xm)
         err[pw] = np.sqrt(((gm.means_ - true) ** 2).sum(axis=1)).max()
     assert err[True] < 0.5 * err[False], err
+
+
+def test_complete_data_give_the_plain_fit_bit_for_bit(cloudy):
+    _, X = cloudy
+    Xc = X[np.isfinite(X).all(axis=1)]
+    a = _gm(max_iter=6, tol=0).fit(Xc)
+    b = GaussianMixture(3, nan_policy="marginalize", random_state=0, max_iter=6, tol=0).fit(Xc)
+    assert not hasattr(a, "patterns_")
+    for attr in ("weights_", "means_", "covariances_", "lower_bounds_"):
+        np.testing.assert_array_equal(getattr(a, attr), getattr(b, attr))

@@ -1021,9 +1021,10 @@ class PatternGMMModel(MissingGMMModel):
 
     def m_step(self, stats: GMMStats, params: GMMParams) -> tuple[GMMParams, list[dict]]:
         new, events = super().m_step(stats, params)
-        if events or not stats.pattern_n:
+        if events or not stats.pattern_n or len(stats.pattern_n) == 1:
             # a re-seeded component has no share in any pattern yet: one E-step with the
-            # global weights gives it one
+            # global weights gives it one; and rows of one pattern only (a complete
+            # stack) have the global weights (the fit is the plain one, bit for bit)
             return replace(new, pattern_weights=None), events
         keys = sorted(stats.pattern_n)
         mass = np.stack([np.asarray(stats.pattern_n[k], dtype=np.float64) for k in keys])
