@@ -286,11 +286,14 @@ def _covariances(params: GMMParams) -> np.ndarray:
 
 
 def _forms(params: GMMParams, pattern: np.ndarray, code: int) -> _Forms:
-    """The pattern's forms, cached for the last parameter object (a pass shares it)."""
-    cached = _FORMS_CACHE.get("forms")
+    """The pattern's forms, cached per parameter object alive (a pass shares it; with
+    weights by pattern a pass has one parameter object per pattern)."""
+    cached = _FORMS_CACHE.get(id(params))
     if cached is None or cached[0]() is not params:
+        for key in [k for k, v in list(_FORMS_CACHE.items()) if v[0]() is None]:
+            _FORMS_CACHE.pop(key, None)
         cached = (weakref.ref(params), {})
-        _FORMS_CACHE["forms"] = cached
+        _FORMS_CACHE[id(params)] = cached
     table = cached[1]
     forms = table.get(code)
     if forms is None:
@@ -346,6 +349,8 @@ def partial_block_stats(
     precision: str = "auto",
     rows: np.ndarray | None = None,
     codes: np.ndarray | None = None,
+    pattern_params=None,
+    counts: dict | None = None,
 ) -> GMMStats:
     """E-step and sufficient statistics of rows with some attributes missing.
 
@@ -369,6 +374,13 @@ def partial_block_stats(
         :func:`pattern_codes` of ``X``'s rows, if already computed.
     n_worst : int
         Worst-explained rows kept (filled with their conditional means) for re-seeding.
+    pattern_params : callable, optional
+        Weights by pattern: ``pattern_params(pattern)`` gives the parameters of the rows
+        observed on ``pattern`` (bool (D,); same emissions as ``params``, their own
+        weights, one object per pattern for a pass).
+    counts : dict, optional
+        Filled with each pattern's responsibility mass: ``_pattern_key(pattern)`` ->
+        ``sum_i w_i r_ik`` (K,), added to what is there.
 
     Returns
     -------
@@ -408,7 +420,10 @@ def partial_block_stats(
     single = precision == "single" and f32
     means = np.asarray(params.means, dtype=np.float64)
     if ct in ("diag", "spherical"):  # features independent given k: no patterns needed
-        out = _separable_stats(X, rows[usable], params, w, labels, n_worst, D)
+        row_lw = None
+        if pattern_params is not None or counts is not None:
+            row_lw = _row_pattern_log_weights(X, rows[usable], sub[usable], params, pattern_params)
+        out = _separable_stats(X, rows[usable], params, w, labels, n_worst, D, row_lw, counts)
         out.n_excluded = int(rows.size - usable.sum())
         out.n_empty = int((sub == 0).sum())
         return out
@@ -427,7 +442,8 @@ def partial_block_stats(
         group = use[a:b]
         pattern = np.isfinite(X[group[0]])
         cols = np.flatnonzero(pattern)
-        forms = _forms(params, pattern, int(use_codes[a]))
+        pp = params if pattern_params is None else pattern_params(pattern)
+        forms = _forms(pp, pattern, int(use_codes[a]))
         xoT = np.empty((cols.size, group.size), dtype=X.dtype)
         for i, j in enumerate(cols):
             np.take(XT[j], group, out=xoT[i], mode="clip")  # indices are valid
@@ -443,6 +459,9 @@ def partial_block_stats(
             st = _block_stats_fast(
                 xoT.T, forms.marginal, plan, wp, lab, block_rows=block_rows, n_worst=n_worst
             )
+        if counts is not None:
+            key = _pattern_key(pattern)
+            counts[key] = counts.get(key, 0.0) + np.asarray(st.n, dtype=np.float64)
         out = out + _fill_stats(st, forms, means, pattern, D)
         if st.worst_rows.shape[0]:
             worst.append((st.worst_score, st.worst_rows, pattern, forms))
@@ -455,7 +474,7 @@ def partial_block_stats(
         for j, i in enumerate(keep):
             _, xw, pattern, forms = worst[which[i]]
             x = np.asarray(xw[pos[i] : pos[i] + 1], dtype=np.float64)
-            _, r = _posterior(x, params, pattern, forms, None)
+            _, r = _posterior(x, forms.params, pattern, forms, None)
             rows_out[j] = _filled(x, forms.cond, means, r, pattern)[0]
         out.worst_score, out.worst_rows = scores[keep], rows_out
     out.n_excluded = int(rows.size - usable.sum())
@@ -499,7 +518,31 @@ def _responsibilities_inplace(e: np.ndarray, labels, params: GMMParams, f32: boo
     return log_norm
 
 
-def _separable_stats(X, rows, params: GMMParams, w, labels, n_worst: int, D: int) -> GMMStats:
+def _row_pattern_log_weights(X, rows, codes, params, pattern_params):
+    """Weights by pattern for ``rows`` (``codes``: theirs): the patterns' log weights
+    (K, P), each row's pattern index (n,) and the patterns' keys (P)."""
+    if codes.dtype.itemsize <= 2 and codes.size:  # small codes: a lookup table, no sort
+        present = np.flatnonzero(np.bincount(codes))
+        lut = np.zeros(present[-1] + 1, dtype=np.int64)
+        lut[present] = np.arange(present.size)
+        uniq, inverse = present, lut[codes]
+    else:
+        uniq, inverse = np.unique(codes, return_inverse=True)
+        inverse = inverse.ravel()
+    first = np.zeros(uniq.size, dtype=np.int64)
+    first[inverse[::-1]] = np.arange(rows.size)[::-1]  # a row of each pattern
+    keys, table = [], []
+    for j in range(uniq.size):
+        pattern = np.isfinite(X[rows[first[j]]])
+        pp = params if pattern_params is None else pattern_params(pattern)
+        keys.append(_pattern_key(pattern))
+        table.append(_log_weights(np.asarray(pp.weights, dtype=np.float64)))
+    return np.asarray(table).T.copy(), inverse, keys
+
+
+def _separable_stats(
+    X, rows, params: GMMParams, w, labels, n_worst: int, D: int, row_lw=None, counts=None
+) -> GMMStats:
     """Statistics of partly observed rows under diagonal or spherical covariances.
 
     Features are independent given the component, so a row's log-density is a sum of
@@ -509,7 +552,9 @@ def _separable_stats(X, rows, params: GMMParams, w, labels, n_worst: int, D: int
     of ``[1, o, o d, o d^2]`` (``d = x - c``, ``c`` the weighted centre of the means), and
     every statistic one more, whatever the rows' patterns (no grouping); float64, in
     sub-blocks of ``_DIRECT_ROWS`` rows. The worst-explained rows are picked once at the
-    end, from every row's log-likelihood.
+    end, from every row's log-likelihood. With weights by pattern, ``row_lw`` is
+    :func:`_row_pattern_log_weights`'s triple: each row's pattern's log weights replace
+    the global ones, and ``counts`` gets each pattern's responsibility mass.
     """
     K = params.n_components
     means = np.asarray(params.means, dtype=np.float64)
@@ -529,6 +574,10 @@ def _separable_stats(X, rows, params: GMMParams, w, labels, n_worst: int, D: int
         ],
         axis=1,
     )  # (K, 1 + 3D)
+    if row_lw is not None:
+        row_lw, pattern_of, pattern_keys = row_lw
+        coef[:, 0] = 0.0  # each row's own log weights are added to its log-densities
+        mass = np.zeros((K, len(pattern_keys)))
     n = rows.size
     G = np.zeros((K, 1 + 3 * D))
     log_norm = np.empty(n)
@@ -560,10 +609,16 @@ def _separable_stats(X, rows, params: GMMParams, w, labels, n_worst: int, D: int
         ph, _ = features(idx)
         e = e_buf[:, :m]
         np.matmul(coef, ph, out=e)  # (K, m) log-densities
+        if row_lw is not None:
+            e += row_lw[:, pattern_of[s : s + m]]
         lab = None if lab_all is None else lab_all[idx]
         log_norm[s : s + m] = _responsibilities_inplace(e, lab, params, f32)
         if w is not None:
             e *= w[idx]
+        if row_lw is not None:  # one bincount over (pattern, component) pairs
+            pair = (pattern_of[None, s : s + m] * K + np.arange(K)[:, None]).ravel()
+            flat = np.bincount(pair, weights=e.ravel(), minlength=mass.size)
+            mass += flat.reshape(-1, K).T
         G += e @ ph.T
     if w is None:
         weight, count = float(n), n
@@ -585,10 +640,15 @@ def _separable_stats(X, rows, params: GMMParams, w, labels, n_worst: int, D: int
         ph, fin = features(idx)
         e = e_buf[:, : idx.size]
         np.matmul(coef, ph, out=e)
+        if row_lw is not None:
+            e += row_lw[:, pattern_of[low]]
         _responsibilities_inplace(e, None if lab_all is None else lab_all[idx], params, f32)
         expected = e.T @ means  # missing values: their conditional mean
         filled = np.where(fin.T, np.asarray(_take_rows(X, idx), dtype=np.float64), expected)
         worst_score, worst_rows = merge_lowest(worst_score, worst_rows, score[low], filled, n_worst)
+    if row_lw is not None and counts is not None:
+        for j, key in enumerate(pattern_keys):
+            counts[key] = counts.get(key, 0.0) + mass[:, j]
     S0, N = G[:, 0], G[:, 1 : 1 + D]
     S1, S2 = G[:, 1 + D : 1 + 2 * D], G[:, 1 + 2 * D :]
     gone = S0[:, None] - N  # responsibility mass of the rows missing feature j
@@ -936,12 +996,26 @@ def _pattern_table(params: GMMParams) -> dict[bytes, np.ndarray]:
     return {_pattern_key(p): w for p, w in zip(patterns, weights, strict=True)}
 
 
+_PATTERN_PARAMS: dict = {}  # "last": (weakref to params, {pattern key: its params})
+
+
 def _with_pattern_weights(params: GMMParams, pattern: np.ndarray, table: dict) -> GMMParams:
-    """``params`` with the weights of rows observed on ``pattern`` (and no table)."""
+    """``params`` with the weights of rows observed on ``pattern`` (and no table): one
+    object per pattern for the last parameter object seen, so that every block of a
+    pass shares it and its cached forms and kernel plans."""
     if params.pattern_weights is None:
         return params
-    w = table.get(_pattern_key(pattern), params.weights)
-    return replace(params, weights=np.asarray(w, dtype=np.float64), pattern_weights=None)
+    cached = _PATTERN_PARAMS.get("last")
+    if cached is None or cached[0]() is not params:
+        cached = (weakref.ref(params), {})
+        _PATTERN_PARAMS["last"] = cached
+    key = _pattern_key(pattern)
+    out = cached[1].get(key)
+    if out is None:
+        w = table.get(key, params.weights)
+        out = replace(params, weights=np.asarray(w, dtype=np.float64), pattern_weights=None)
+        cached[1][key] = out
+    return out
 
 
 def row_log_weights(X: np.ndarray, params: GMMParams) -> np.ndarray:
@@ -999,23 +1073,39 @@ class PatternGMMModel(MissingGMMModel):
             )
             st.pattern_n = {_pattern_key(every): np.asarray(st.n, dtype=np.float64).copy()}
             return st
-        out = None
+        # as marginal_block_stats: the complete rows through the fast kernel (it gathers
+        # them one sub-block at a time), the others through partial_block_stats, each
+        # pattern with its own weights
+        codes = finite_codes(X)
+        every = np.ones(D, dtype=bool)
+        complete = codes == pattern_code(every)
+        keep, rows = np.flatnonzero(complete), np.flatnonzero(~complete)
+        kw = {"block_rows": self.block_rows, "precision": self.precision}
+        base = block_stats(
+            X,
+            _with_pattern_weights(params, every, table),
+            None if w is None else w[keep],
+            None if lab is None else lab[keep],
+            rows=keep,
+            **kw,
+        )
         counts: dict[bytes, np.ndarray] = {}
-        groups = observed_patterns(np.isfinite(X), finite_codes(X)) if X.shape[0] else []
-        for pattern, rows, _ in groups:
-            st = marginal_block_stats(
-                _take_rows(X, rows),
-                _with_pattern_weights(params, pattern, table),
-                None if w is None else w[rows],
-                None if lab is None else lab[rows],
-                block_rows=self.block_rows,
-                precision=self.precision,
-            )
-            if pattern.any():
-                counts[_pattern_key(pattern)] = np.asarray(st.n, dtype=np.float64).copy()
-            out = st if out is None else out + st
-        if out is None:
-            out = GMMStats.zeros(params.n_components, D, params.covariance_type)
+        if keep.size:
+            counts[_pattern_key(every)] = np.asarray(base.n, dtype=np.float64).copy()
+        part = partial_block_stats(
+            X,
+            params,
+            w,
+            lab,
+            rows=rows,
+            codes=codes,
+            pattern_params=lambda pattern: _with_pattern_weights(params, pattern, table),
+            counts=counts,
+            **kw,
+        )
+        out = base + part
+        out.n_excluded = base.n_excluded + part.n_excluded
+        out.n_empty = part.n_empty
         out.pattern_n = counts
         return out
 
