@@ -399,8 +399,8 @@ def test_reference_fixed_point_is_stationary(ct):
 # --------------------------------------------------------------------------- daskem
 
 
-def _daskem_gm(ct, w0, m0, p0, max_iter, **kwargs):
-    return daskem.GaussianMixture(
+def _daskem_gm(ct, w0, m0, p0, max_iter, cls=daskem.GaussianMixture, **kwargs):
+    return cls(
         n_components=K,
         covariance_type=ct,
         nan_policy="marginalize",
@@ -415,16 +415,23 @@ def _daskem_gm(ct, w0, m0, p0, max_iter, **kwargs):
     )
 
 
+def _fit_with_reference(incomplete, ct, kind, n_iter=10, **kwargs):
+    """The reference's ``n_iter`` iterations and daskem's from the same start, on the
+    NumPy rows or on Dask chunks (uneven row chunks and a chunked feature axis:
+    statistics merged across chunks)."""
+    X, _, centers, all_missing = incomplete
+    w0, m0, p0, c0 = _init(ct, centers, D, K, seed=3)
+    ref = ref_em(X, w0, m0, c0, ct, n_iter, **kwargs)
+    X_in = X if kind == "numpy" else da.from_array(X, chunks=((317, 1000, 50, 1633), (2, 3)))
+    gm = _daskem_gm(ct, w0, m0, p0, n_iter, **kwargs).fit(X_in)
+    return X, all_missing, ref, gm
+
+
 @pytest.mark.parametrize("kind", ["numpy", "dask"])
 @pytest.mark.parametrize("ct", COVARIANCE_TYPES)
 def test_marginalize_matches_reference(incomplete, ct, kind):
-    X, _, centers, all_missing = incomplete
+    X, all_missing, ref, gm = _fit_with_reference(incomplete, ct, kind)
     n_iter = 10
-    w0, m0, p0, c0 = _init(ct, centers, D, K, seed=3)
-    ref = ref_em(X, w0, m0, c0, ct, n_iter)
-    # dask: uneven row chunks and a chunked feature axis (statistics merged across chunks)
-    X_in = X if kind == "numpy" else da.from_array(X, chunks=((317, 1000, 50, 1633), (2, 3)))
-    gm = _daskem_gm(ct, w0, m0, p0, n_iter).fit(X_in)
     assert gm.n_iter_ == n_iter
     _assert_params(gm, ref, "daskem")
     np.testing.assert_allclose(gm.lower_bound_, ref["history"][-1], rtol=RTOL, atol=ATOL)
@@ -532,12 +539,7 @@ def _sorted_patterns(patterns, weights):
 @pytest.mark.parametrize("kind", ["numpy", "dask"])
 @pytest.mark.parametrize("ct", COVARIANCE_TYPES)
 def test_pattern_weights_match_reference(incomplete, ct, kind):
-    X, labels, centers, all_missing = incomplete
-    n_iter = 10
-    w0, m0, p0, c0 = _init(ct, centers, D, K, seed=3)
-    ref = ref_em(X, w0, m0, c0, ct, n_iter, pattern_weights=True)
-    X_in = X if kind == "numpy" else da.from_array(X, chunks=((317, 1000, 50, 1633), (2, 3)))
-    gm = _daskem_gm(ct, w0, m0, p0, n_iter, pattern_weights=True).fit(X_in)
+    X, all_missing, ref, gm = _fit_with_reference(incomplete, ct, kind, pattern_weights=True)
     _assert_params(gm, ref, "daskem")
     np.testing.assert_allclose(gm.lower_bounds_, ref["history"], rtol=RTOL, atol=ATOL)
     pat, pw = _sorted_patterns(gm.patterns_, gm.pattern_weights_)
@@ -568,17 +570,8 @@ def test_pattern_weights_with_labels_and_weights_match_reference(incomplete):
     lab[pick] = labels[pick]
     w0, m0, p0, c0 = _init(ct, centers, D, K, seed=3)
     ref = ref_em(X, w0, m0, c0, ct, n_iter, sample_weight=sw, labels=lab, pattern_weights=True)
-    gm = daskem.GaussianMixtureClassifier(
-        n_components=K,
-        covariance_type=ct,
-        nan_policy="marginalize",
-        pattern_weights=True,
-        means_init=m0,
-        weights_init=w0,
-        precisions_init=p0,
-        max_iter=n_iter,
-        tol=0.0,
-        random_state=0,
+    gm = _daskem_gm(
+        ct, w0, m0, p0, n_iter, cls=daskem.GaussianMixtureClassifier, pattern_weights=True
     ).fit(X, lab, sample_weight=sw)
     _assert_params(gm, ref, "classifier")
     pat, pw = _sorted_patterns(gm.patterns_, gm.pattern_weights_)
