@@ -35,6 +35,7 @@ deviation from ``Var[x_m | x_o] = sum_k r_k (diag C_k + (x̂_k,m - E[x_m | x_o])
 
 from __future__ import annotations
 
+import threading
 import weakref
 from dataclasses import dataclass, field, replace
 
@@ -193,7 +194,8 @@ def observed_patterns(
 
 
 _LOG_2PI = float(np.log(2.0 * np.pi))
-_FORMS_CACHE: dict = {}
+_FORMS_CACHE: dict = {}  # id(params) -> (weakref to params, {pattern code: _Forms})
+_FORMS_LOCK = threading.Lock()
 # a pattern with fewer rows than this in a block takes the direct float64 path: per row
 # about as fast as the complete-data kernel, without its plan (~1.3 ms per pattern and
 # parameter set, measured for K = 8, 6 observed features)
@@ -288,16 +290,19 @@ def _covariances(params: GMMParams) -> np.ndarray:
 def _forms(params: GMMParams, pattern: np.ndarray, code: int) -> _Forms:
     """The pattern's forms, cached per parameter object alive (a pass shares it; with
     weights by pattern a pass has one parameter object per pattern)."""
-    cached = _FORMS_CACHE.get(id(params))
-    if cached is None or cached[0]() is not params:
-        for key in [k for k, v in list(_FORMS_CACHE.items()) if v[0]() is None]:
-            _FORMS_CACHE.pop(key, None)
-        cached = (weakref.ref(params), {})
-        _FORMS_CACHE[id(params)] = cached
-    table = cached[1]
-    forms = table.get(code)
+    with _FORMS_LOCK:  # the blocks of a pass run in threads
+        cached = _FORMS_CACHE.get(id(params))
+        if cached is None or cached[0]() is not params:
+            for key in [k for k, v in _FORMS_CACHE.items() if v[0]() is None]:
+                del _FORMS_CACHE[key]
+            cached = (weakref.ref(params), {})
+            _FORMS_CACHE[id(params)] = cached
+        table = cached[1]
+        forms = table.get(code)
     if forms is None:
-        forms = table[code] = _make_forms(params, pattern)
+        made = _make_forms(params, pattern)
+        with _FORMS_LOCK:
+            forms = table.setdefault(code, made)
     return forms
 
 
