@@ -425,10 +425,14 @@ def partial_block_stats(
     single = precision == "single" and f32
     means = np.asarray(params.means, dtype=np.float64)
     if ct in ("diag", "spherical"):  # features independent given k: no patterns needed
-        row_lw = None
+        row_lw, use = None, rows[usable]
         if pattern_params is not None or counts is not None:
-            row_lw = _row_pattern_log_weights(X, rows[usable], sub[usable], params, pattern_params)
-        out = _separable_stats(X, rows[usable], params, w, labels, n_worst, D, row_lw, counts)
+            # rows sorted by pattern (a radix sort of small codes): a sub-block then
+            # holds a few runs of one pattern each
+            order = np.argsort(sub[usable], kind="stable")
+            use = use[order]
+            row_lw = _row_pattern_log_weights(X, use, sub[usable][order], params, pattern_params)
+        out = _separable_stats(X, use, params, w, labels, n_worst, D, row_lw, counts)
         out.n_excluded = int(rows.size - usable.sum())
         out.n_empty = int((sub == 0).sum())
         return out
@@ -614,16 +618,19 @@ def _separable_stats(
         ph, _ = features(idx)
         e = e_buf[:, :m]
         np.matmul(coef, ph, out=e)  # (K, m) log-densities
-        if row_lw is not None:
-            e += row_lw[:, pattern_of[s : s + m]]
+        if row_lw is not None:  # runs of one pattern (rows sorted by pattern)
+            po = pattern_of[s : s + m]
+            bounds = np.r_[0, np.flatnonzero(po[1:] != po[:-1]) + 1, m]
+            runs = list(zip(bounds[:-1], bounds[1:], strict=True))
+            for a, b in runs:
+                e[:, a:b] += row_lw[:, po[a], None]
         lab = None if lab_all is None else lab_all[idx]
         log_norm[s : s + m] = _responsibilities_inplace(e, lab, params, f32)
         if w is not None:
             e *= w[idx]
-        if row_lw is not None:  # one bincount over (pattern, component) pairs
-            pair = (pattern_of[None, s : s + m] * K + np.arange(K)[:, None]).ravel()
-            flat = np.bincount(pair, weights=e.ravel(), minlength=mass.size)
-            mass += flat.reshape(-1, K).T
+        if row_lw is not None:
+            for a, b in runs:
+                mass[:, po[a]] += e[:, a:b].sum(axis=1)
         G += e @ ph.T
     if w is None:
         weight, count = float(n), n
