@@ -372,9 +372,9 @@ class GMMStats:
     worst_score, worst_rows : ndarray (m,), (m, D)
         The ``m`` rows with the lowest ``log p(x)`` -- candidates for re-seeding.
     pattern_n : dict or None
-        Only with weights by pattern of observed attributes: pattern code
-        (:func:`~daskem.model.missing.pattern_codes`) -> ``sum_i w_i r_ik`` (K,) over
-        the rows of that pattern.
+        Only with weights by pattern of observed attributes: the pattern's key (its
+        bool (D,) mask as bytes) -> ``sum_i w_i r_ik`` (K,) over the rows of that
+        pattern.
     """
 
     n: np.ndarray

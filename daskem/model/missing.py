@@ -866,6 +866,9 @@ def marginal_block_stats(
     params: GMMParams,
     sample_weight: np.ndarray | None = None,
     labels: np.ndarray | None = None,
+    *,
+    pattern_params=None,
+    counts: dict | None = None,
     **kwargs,
 ) -> GMMStats:
     """:func:`daskem.model.gmm.block_stats` with missing attributes marginalised.
@@ -873,28 +876,46 @@ def marginal_block_stats(
     Complete rows go through the fast kernel; rows with some attributes missing through
     :func:`partial_block_stats`; rows with none observed are excluded and counted. A block
     with no missing value costs one extra pass over it (its pattern codes).
+    ``pattern_params`` and ``counts``: weights by pattern, as in
+    :func:`partial_block_stats` (the complete rows are a pattern too).
     """
     X = np.asarray(X)
+    every = np.ones(X.shape[1], dtype=bool)
+    p_all = params if pattern_params is None else pattern_params(every)
+
+    def complete_rows(*args, **kw) -> GMMStats:
+        st = block_stats(X, p_all, *args, **kw, **kwargs)
+        if counts is not None and st.count:
+            key = _pattern_key(every)
+            counts[key] = counts.get(key, 0.0) + np.asarray(st.n, dtype=np.float64)
+        return st
+
     if X.shape[0] == 0:
-        return block_stats(X, params, sample_weight, labels, **kwargs)
+        return complete_rows(sample_weight, labels)
+    with np.errstate(invalid="ignore", over="ignore"):
+        if np.isfinite(np.sum(X)):  # no missing value: no codes
+            return complete_rows(sample_weight, labels)
     codes = finite_codes(X)  # about the cost of one sum over the block
-    complete = codes == pattern_code(np.ones(X.shape[1], dtype=bool))
-    if complete.all():
-        return block_stats(X, params, sample_weight, labels, **kwargs)
+    complete = codes == pattern_code(every)
     rows, keep = np.flatnonzero(~complete), np.flatnonzero(complete)
     w = None if sample_weight is None else np.asarray(sample_weight)
     lab = None if labels is None else np.asarray(labels)
     # the complete rows alone (the fast kernel would send non-finite rows to its slow
     # path), gathered by the kernel one sub-block at a time
-    base = block_stats(
+    base = complete_rows(
+        None if w is None else w[keep], None if lab is None else lab[keep], rows=keep
+    )
+    part = partial_block_stats(
         X,
         params,
-        None if w is None else w[keep],
-        None if lab is None else lab[keep],
-        rows=keep,
+        w,
+        lab,
+        rows=rows,
+        codes=codes,
+        pattern_params=pattern_params,
+        counts=counts,
         **kwargs,
     )
-    part = partial_block_stats(X, params, w, lab, rows=rows, codes=codes, **kwargs)
     out = base + part
     out.n_excluded = base.n_excluded + part.n_excluded
     out.n_empty = part.n_empty
@@ -1066,58 +1087,18 @@ class PatternGMMModel(MissingGMMModel):
     """
 
     def _block_stats(self, params, X, sample_weight, labels) -> GMMStats:
-        X = np.asarray(X)
-        D = X.shape[1]
         table = _pattern_table(params)
-        w = None if sample_weight is None else np.asarray(sample_weight)
-        lab = None if labels is None else np.asarray(labels)
-        with np.errstate(invalid="ignore", over="ignore"):
-            complete = X.shape[0] > 0 and bool(np.isfinite(np.sum(X)))
-        if complete:  # one pattern: no grouping
-            every = np.ones(D, dtype=bool)
-            st = marginal_block_stats(
-                X,
-                _with_pattern_weights(params, every, table),
-                w,
-                lab,
-                block_rows=self.block_rows,
-                precision=self.precision,
-            )
-            st.pattern_n = {_pattern_key(every): np.asarray(st.n, dtype=np.float64).copy()}
-            return st
-        # as marginal_block_stats: the complete rows through the fast kernel (it gathers
-        # them one sub-block at a time), the others through partial_block_stats, each
-        # pattern with its own weights
-        codes = finite_codes(X)
-        every = np.ones(D, dtype=bool)
-        complete = codes == pattern_code(every)
-        keep, rows = np.flatnonzero(complete), np.flatnonzero(~complete)
-        kw = {"block_rows": self.block_rows, "precision": self.precision}
-        base = block_stats(
-            X,
-            _with_pattern_weights(params, every, table),
-            None if w is None else w[keep],
-            None if lab is None else lab[keep],
-            rows=keep,
-            **kw,
-        )
         counts: dict[bytes, np.ndarray] = {}
-        if keep.size:
-            counts[_pattern_key(every)] = np.asarray(base.n, dtype=np.float64).copy()
-        part = partial_block_stats(
+        out = marginal_block_stats(
             X,
             params,
-            w,
-            lab,
-            rows=rows,
-            codes=codes,
+            sample_weight,
+            labels,
             pattern_params=lambda pattern: _with_pattern_weights(params, pattern, table),
             counts=counts,
-            **kw,
+            block_rows=self.block_rows,
+            precision=self.precision,
         )
-        out = base + part
-        out.n_excluded = base.n_excluded + part.n_excluded
-        out.n_empty = part.n_empty
         out.pattern_n = counts
         return out
 
