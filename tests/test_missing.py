@@ -266,3 +266,37 @@ def test_blocks_with_no_usable_partial_row():
     np.testing.assert_allclose(st.mean, full.mean, rtol=1e-12)
     empty = MissingGMMModel(gm.covariance_type).block_stats(params, X[:0])
     assert empty.count == 0
+
+
+@pytest.mark.parametrize("covariance_type", ["full", "tied", "diag", "spherical"])
+@pytest.mark.parametrize("pattern_weights", [False, True])
+def test_block_statistics_do_not_depend_on_the_memory_layout(covariance_type, pattern_weights):
+    """Row-major, feature-major and strided blocks give the same statistics.
+
+    The kernels gather rows along the block's contiguous axis (a gather along the other
+    axis would first copy the whole block); the values must not depend on which.
+    """
+    X = _hide(_blobs(3000, D=5), frac=0.4)
+    gm = GaussianMixture(
+        3,
+        covariance_type=covariance_type,
+        nan_policy="marginalize",
+        pattern_weights=pattern_weights,
+        max_iter=5,
+        random_state=0,
+    ).fit(X)
+    model = gm._model()
+    params = gm._fitted_params()
+    for dtype in (np.float64, np.float32):
+        Xc = X.astype(dtype)
+        ref = model.block_stats(params, Xc)
+        wide = np.zeros((X.shape[0], 2 * X.shape[1]), dtype=dtype)
+        wide[:, ::2] = Xc
+        for other in (np.asfortranarray(Xc), wide[:, ::2]):
+            assert other.flags.c_contiguous is False
+            st = model.block_stats(params, other)
+            np.testing.assert_allclose(st.n, ref.n, rtol=1e-10)
+            np.testing.assert_allclose(st.mean, ref.mean, rtol=1e-10, atol=1e-12)
+            np.testing.assert_allclose(st.m2, ref.m2, rtol=1e-10, atol=1e-12)
+            assert st.loglik == pytest.approx(ref.loglik, rel=1e-12)
+            assert st.count == ref.count and st.n_partial == ref.n_partial

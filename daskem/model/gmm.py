@@ -510,7 +510,7 @@ def block_stats(
     """
     X = np.asarray(X)
     if rows is not None and (resp is not None or rows.size == 0):
-        X, rows = np.take(X, rows, axis=0), None
+        X, rows = take_rows(X, rows), None
     if resp is not None or X.shape[0] == 0:
         return _block_stats_reference(
             X, params, sample_weight, labels, resp=resp, block_rows=block_rows, n_worst=n_worst
@@ -523,7 +523,7 @@ def block_stats(
     plan = _fast_plan(params, X.dtype, w, precision == "single")
     if plan is None:
         if rows is not None:
-            X = np.take(X, rows, axis=0)
+            X = take_rows(X, rows)
         return _block_stats_reference(X, params, w, labels, block_rows=block_rows, n_worst=n_worst)
     return _block_stats_fast(
         X, params, plan, w, labels, block_rows=block_rows, n_worst=n_worst, rows=rows
@@ -985,6 +985,21 @@ def _workspace(dtype: np.dtype, K: int, M: int, nb: int) -> _Workspace:
     return ws
 
 
+def take_rows(X: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """``X[rows]`` (n, D), gathered along ``X``'s contiguous axis.
+
+    ``np.take`` first copies the whole of a non-contiguous input (a transposed view, a
+    column of a row-major block): called once per sub-block or per feature, that copy
+    costs far more than the gather itself. So row-major blocks are gathered by rows,
+    feature-major blocks by features, and other layouts by fancy indexing.
+    """
+    if X.flags.c_contiguous:
+        return np.take(X, rows, axis=0)
+    if X.flags.f_contiguous:
+        return np.take(X.T, rows, axis=1).T
+    return X[rows]
+
+
 def _block_stats_fast(
     X: np.ndarray,
     params: GMMParams,
@@ -1005,7 +1020,6 @@ def _block_stats_fast(
     one sub-block at a time.
     """
     n, D = X.shape
-    XT = X.T
     if rows is not None:
         n = rows.size
     K = params.n_components
@@ -1066,7 +1080,7 @@ def _block_stats_fast(
             top, norm, r2, ok = ws.top[:m], ws.norm[:m], ws.r2[:m], ws.ok[:m]
             xc = phi[1 : 1 + D]
             sq = phi[1 + D : 1 + 2 * D]
-            xs = X[s:e].T if rows is None else np.take(XT, rows[s:e], axis=1)  # (D, m)
+            xs = X[s:e].T if rows is None else take_rows(X, rows[s:e]).T  # (D, m)
             np.subtract(xs, shift, out=xc)
             if inv_scale is not None:
                 xc *= inv_scale

@@ -59,6 +59,7 @@ from .gmm import (
     _stats_from_shifted_sums,
     block_stats,
     covariances_from_precision_cholesky,
+    take_rows,
 )
 from .stats import merge_lowest
 
@@ -438,8 +439,7 @@ def partial_block_stats(
         return out
     lab_all = None if labels is None else np.asarray(labels)
     # the usable rows sorted by pattern: each pattern's rows are a slice of ``use``, and
-    # its observed features are gathered feature-major, one contiguous row per feature
-    # (``XT[j]`` is contiguous for feature-major blocks, strided otherwise)
+    # its observed features are gathered feature-major (see ``take_rows`` on layouts)
     use, use_codes = rows[usable], sub[usable]
     order = np.argsort(use_codes, kind="stable")
     use, use_codes = use[order], use_codes[order]
@@ -453,9 +453,12 @@ def partial_block_stats(
         cols = np.flatnonzero(pattern)
         pp = params if pattern_params is None else pattern_params(pattern)
         forms = _forms(pp, pattern, int(use_codes[a]))
-        xoT = np.empty((cols.size, group.size), dtype=X.dtype)
-        for i, j in enumerate(cols):
-            np.take(XT[j], group, out=xoT[i], mode="clip")  # indices are valid
+        if X.flags.f_contiguous:  # one contiguous row per feature
+            xoT = np.empty((cols.size, group.size), dtype=X.dtype)
+            for i, j in enumerate(cols):
+                np.take(XT[j], group, out=xoT[i], mode="clip")  # indices are valid
+        else:  # the rows, then their observed features
+            xoT = np.ascontiguousarray(take_rows(X, group)[:, cols].T)
         wp = None if w is None else w[group]
         lab = None if lab_all is None else lab_all[group]
         if b - a < _PLAN_MIN_ROWS:
@@ -597,14 +600,13 @@ def _separable_stats(
     fin_buf = np.empty((D, nb), dtype=bool)
     lab_all = None if labels is None else np.asarray(labels)
     f32 = X.dtype == np.float32
-    XT = X.T
 
     def features(idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """phi of rows ``idx`` (in the buffer) and their observed mask."""
         m = idx.size
         ph, fin = phi[:, :m], fin_buf[:, :m]
         obs, d, d2 = ph[1 : 1 + D], ph[1 + D : 1 + 2 * D], ph[1 + 2 * D :]
-        xb = np.take(XT, idx, axis=1)  # feature-major gather
+        xb = take_rows(X, idx).T
         np.isfinite(xb, out=fin)
         np.copyto(obs, fin)
         np.subtract(xb, c[:, None], out=d)
@@ -656,7 +658,7 @@ def _separable_stats(
             e += row_lw[:, pattern_of[low]]
         _responsibilities_inplace(e, None if lab_all is None else lab_all[idx], params, f32)
         expected = e.T @ means  # missing values: their conditional mean
-        filled = np.where(fin.T, np.asarray(_take_rows(X, idx), dtype=np.float64), expected)
+        filled = np.where(fin.T, np.asarray(take_rows(X, idx), dtype=np.float64), expected)
         worst_score, worst_rows = merge_lowest(worst_score, worst_rows, score[low], filled, n_worst)
     if row_lw is not None and counts is not None:
         for j, key in enumerate(pattern_keys):
@@ -851,14 +853,6 @@ def impute(
             spread = (cm - mean[None]) ** 2 + forms.cond.variances()[:, None, :]
             std[np.ix_(rows, mis)] = np.sqrt(np.einsum("nk,knm->nm", r, spread))
     return (filled, std) if return_std else filled
-
-
-def _take_rows(X: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """``X[rows]`` in ``X``'s memory layout (np.take: several times faster than boolean or
-    fancy indexing; along the contiguous axis of a feature-major block)."""
-    if X.flags.f_contiguous and not X.flags.c_contiguous:
-        return np.take(X.T, rows, axis=1).T
-    return np.take(X, rows, axis=0)
 
 
 def marginal_block_stats(
