@@ -531,25 +531,19 @@ def _responsibilities_inplace(e: np.ndarray, labels, params: GMMParams, f32: boo
 
 
 def _row_pattern_log_weights(X, rows, codes, params, pattern_params):
-    """Weights by pattern for ``rows`` (``codes``: theirs): the patterns' log weights
-    (K, P), each row's pattern index (n,) and the patterns' keys (P)."""
-    if codes.dtype.itemsize <= 2 and codes.size:  # small codes: a lookup table, no sort
-        present = np.flatnonzero(np.bincount(codes))
-        lut = np.zeros(present[-1] + 1, dtype=np.int64)
-        lut[present] = np.arange(present.size)
-        uniq, inverse = present, lut[codes]
-    else:
-        uniq, inverse = np.unique(codes, return_inverse=True)
-        inverse = inverse.ravel()
-    first = np.zeros(uniq.size, dtype=np.int64)
-    first[inverse[::-1]] = np.arange(rows.size)[::-1]  # a row of each pattern
+    """Weights by pattern for ``rows`` sorted by pattern (``codes``: theirs): the
+    patterns' log weights (K, P), the bounds of their runs of rows (P + 1 ints) and the
+    patterns' keys (P)."""
+    cuts = [0, *(np.flatnonzero(codes[1:] != codes[:-1]) + 1).tolist(), rows.size]
     keys, table = [], []
-    for j in range(uniq.size):
-        pattern = np.isfinite(X[rows[first[j]]])
+    for a in cuts[:-1] if rows.size else []:
+        pattern = np.isfinite(X[rows[a]])
         pp = params if pattern_params is None else pattern_params(pattern)
         keys.append(_pattern_key(pattern))
         table.append(_log_weights(np.asarray(pp.weights, dtype=np.float64)))
-    return np.asarray(table).T.copy(), inverse, keys
+    if not rows.size:
+        cuts = [0]
+    return np.asarray(table).reshape(-1, params.n_components).T.copy(), cuts, keys
 
 
 def _separable_stats(
@@ -586,14 +580,13 @@ def _separable_stats(
         ],
         axis=1,
     )  # (K, 1 + 3D)
-    if row_lw is not None:
-        row_lw, pattern_of, pattern_keys = row_lw
-        coef[:, 0] = 0.0  # each row's own log weights are added to its log-densities
-        mass = np.zeros((K, len(pattern_keys)))
     n = rows.size
+    nb = max(1, min(n, _DIRECT_ROWS))
+    if row_lw is not None:
+        row_lw, cuts, pattern_keys = row_lw
+        mass = np.zeros((K, len(pattern_keys)))
     G = np.zeros((K, 1 + 3 * D))
     log_norm = np.empty(n)
-    nb = max(1, min(n, _DIRECT_ROWS))
     phi = np.empty((1 + 3 * D, nb))
     phi[0] = 1.0
     e_buf = np.empty((K, nb))
@@ -614,25 +607,33 @@ def _separable_stats(
         np.multiply(d, d, out=d2)
         return ph, fin
 
+    run = 0  # with weights by pattern: the run of the sub-block's first row
     for s in range(0, n, nb):
-        idx = rows[s : s + nb]
+        stop = min(s + nb, n)
+        idx = rows[s:stop]
         m = idx.size
         ph, _ = features(idx)
         e = e_buf[:, :m]
+        runs = []  # (start, stop, pattern) of the runs in the sub-block, from its start
+        if row_lw is not None:
+            while cuts[run + 1] <= s:
+                run += 1
+            j = run
+            while cuts[j] < stop:
+                runs.append((max(cuts[j], s) - s, min(cuts[j + 1], stop) - s, j))
+                j += 1
+            # a sub-block of one pattern takes its log weights in the GEMM
+            coef[:, 0] = row_lw[:, run] if len(runs) == 1 else 0.0
         np.matmul(coef, ph, out=e)  # (K, m) log-densities
-        if row_lw is not None:  # runs of one pattern (rows sorted by pattern)
-            po = pattern_of[s : s + m]
-            bounds = np.r_[0, np.flatnonzero(po[1:] != po[:-1]) + 1, m]
-            runs = list(zip(bounds[:-1], bounds[1:], strict=True))
-            for a, b in runs:
-                e[:, a:b] += row_lw[:, po[a], None]
+        if len(runs) > 1:
+            for a, b, j in runs:
+                e[:, a:b] += row_lw[:, j, None]
         lab = None if lab_all is None else lab_all[idx]
-        log_norm[s : s + m] = _responsibilities_inplace(e, lab, params, f32)
+        log_norm[s:stop] = _responsibilities_inplace(e, lab, params, f32)
         if w is not None:
             e *= w[idx]
-        if row_lw is not None:
-            for a, b in runs:
-                mass[:, po[a]] += e[:, a:b].sum(axis=1)
+        for a, b, j in runs:
+            mass[:, j] += e[:, a:b].sum(axis=1)
         G += e @ ph.T
     if w is None:
         weight, count = float(n), n
@@ -653,9 +654,11 @@ def _separable_stats(
         idx = rows[low]
         ph, fin = features(idx)
         e = e_buf[:, : idx.size]
+        if row_lw is not None:
+            coef[:, 0] = 0.0  # rows of several patterns: each its own log weights
         np.matmul(coef, ph, out=e)
         if row_lw is not None:
-            e += row_lw[:, pattern_of[low]]
+            e += row_lw[:, np.searchsorted(cuts, low, side="right") - 1]
         _responsibilities_inplace(e, None if lab_all is None else lab_all[idx], params, f32)
         expected = e.T @ means  # missing values: their conditional mean
         filled = np.where(fin.T, np.asarray(take_rows(X, idx), dtype=np.float64), expected)
