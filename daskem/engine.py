@@ -375,7 +375,11 @@ def cache_data(data: ChunkedData, cache: bool | str = "auto", fraction: float = 
 
 
 def _feature_major(block):
-    return block if block.flags.f_contiguous else np.asfortranarray(block)
+    """A cached chunk: feature-major, and a read-only view (nothing writes into cached data,
+    and the kernels may keep what they derive from a read-only block while it lives)."""
+    out = (block if block.flags.f_contiguous else np.asfortranarray(block)).view()
+    out.flags.writeable = False
+    return out
 
 
 def _identity(block):

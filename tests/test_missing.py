@@ -300,3 +300,27 @@ def test_block_statistics_do_not_depend_on_the_memory_layout(covariance_type, pa
             np.testing.assert_allclose(st.m2, ref.m2, rtol=1e-10, atol=1e-12)
             assert st.loglik == pytest.approx(ref.loglik, rel=1e-12)
             assert st.count == ref.count and st.n_partial == ref.n_partial
+
+
+def test_block_codes_are_kept_for_read_only_blocks_only():
+    """A read-only block's codes are computed once while it lives; a writeable block is
+    scanned every time (it may change), and a block with no missing value has none."""
+    from daskem.engine import _feature_major
+    from daskem.model import missing
+
+    X = _hide(_blobs(500))
+    block = _feature_major(X)
+    assert not block.flags.writeable and block.flags.f_contiguous
+    codes = missing.block_codes(block)
+    np.testing.assert_array_equal(codes, missing.finite_codes(X))
+    assert missing.block_codes(block) is codes  # kept
+    assert missing.block_codes(_feature_major(_blobs(500))) is None  # nothing missing
+    Xw = X.copy()
+    first = missing.block_codes(Xw)
+    Xw[:] = 0.0
+    assert first is not None and missing.block_codes(Xw) is None  # writeable: scanned again
+    del block
+    other = _feature_major(X)
+    missing.block_codes(other)  # an insertion prunes the freed blocks' entries
+    assert all(ref() is not None for ref, _ in missing._CODES_CACHE.values())
+    assert missing._CODES_CACHE[id(other)][0]() is other

@@ -201,6 +201,8 @@ _FORMS_LOCK = threading.Lock()
 # about as fast as the complete-data kernel, without its plan (~1.3 ms per pattern and
 # parameter set, measured for K = 8, 6 observed features)
 _PLAN_MIN_ROWS = 32768
+_CODES_CACHE: dict = {}  # id(block) -> (weakref to block, its codes or None)
+_CODES_LOCK = threading.Lock()
 _DIRECT_ROWS = 2048  # sub-block of the direct path: phi (M x rows float64) stays in L2
 
 
@@ -591,19 +593,22 @@ def _separable_stats(
     phi[0] = 1.0
     e_buf = np.empty((K, nb))
     fin_buf = np.empty((D, nb), dtype=bool)
+    nfin_buf = np.empty((D, nb), dtype=bool)
     lab_all = None if labels is None else np.asarray(labels)
     f32 = X.dtype == np.float32
 
     def features(idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """phi of rows ``idx`` (in the buffer) and their observed mask."""
         m = idx.size
-        ph, fin = phi[:, :m], fin_buf[:, :m]
+        ph, fin, nfin = phi[:, :m], fin_buf[:, :m], nfin_buf[:, :m]
         obs, d, d2 = ph[1 : 1 + D], ph[1 + D : 1 + 2 * D], ph[1 + 2 * D :]
         xb = take_rows(X, idx).T
         np.isfinite(xb, out=fin)
         np.copyto(obs, fin)
-        np.subtract(xb, c[:, None], out=d)
-        d[...] = np.where(fin, d, 0.0)  # branch-free, unlike a masked copy
+        np.copyto(d, xb)  # cast first: a mixed-type broadcast subtraction is slower
+        d -= c[:, None]
+        np.logical_not(fin, out=nfin)
+        np.putmask(d, nfin, 0.0)
         np.multiply(d, d, out=d2)
         return ph, fin
 
@@ -858,6 +863,30 @@ def impute(
     return (filled, std) if return_std else filled
 
 
+def block_codes(X: np.ndarray) -> np.ndarray | None:
+    """:func:`finite_codes` of a block, or None when every value in it is finite.
+
+    A read-only block (the engine keeps its cached chunks read-only, and every pass sees
+    them again) is assumed not to change while it lives: its answer is kept until it is
+    freed, so a pass does not scan it again (a sum and the codes: about 15 % of a pass
+    over a block with 8 features).
+    """
+    keep = not X.flags.writeable
+    if keep:
+        with _CODES_LOCK:
+            hit = _CODES_CACHE.get(id(X))
+        if hit is not None and hit[0]() is X:
+            return hit[1]
+    with np.errstate(invalid="ignore", over="ignore"):
+        codes = None if np.isfinite(np.sum(X)) else finite_codes(X)
+    if keep:
+        with _CODES_LOCK:
+            for key in [k for k, v in _CODES_CACHE.items() if v[0]() is None]:
+                del _CODES_CACHE[key]
+            _CODES_CACHE[id(X)] = (weakref.ref(X), codes)
+    return codes
+
+
 def marginal_block_stats(
     X: np.ndarray,
     params: GMMParams,
@@ -872,7 +901,8 @@ def marginal_block_stats(
 
     Complete rows go through the fast kernel; rows with some attributes missing through
     :func:`partial_block_stats`; rows with none observed are excluded and counted. A block
-    with no missing value costs one extra pass over it (its pattern codes).
+    with no missing value costs one extra pass over it (a sum), unless it is read-only and
+    was seen before (:func:`block_codes`).
     ``pattern_params`` and ``counts``: weights by pattern, as in
     :func:`partial_block_stats` (the complete rows are a pattern too).
     """
@@ -889,10 +919,9 @@ def marginal_block_stats(
 
     if X.shape[0] == 0:
         return complete_rows(sample_weight, labels)
-    with np.errstate(invalid="ignore", over="ignore"):
-        if np.isfinite(np.sum(X)):  # no missing value: no codes
-            return complete_rows(sample_weight, labels)
-    codes = finite_codes(X)  # about the cost of one sum over the block
+    codes = block_codes(X)
+    if codes is None:  # no missing value
+        return complete_rows(sample_weight, labels)
     complete = codes == pattern_code(every)
     rows, keep = np.flatnonzero(~complete), np.flatnonzero(complete)
     w = None if sample_weight is None else np.asarray(sample_weight)
