@@ -738,7 +738,13 @@ def _direct_stats(xoT, forms: _Forms, w, labels, n_worst: int) -> GMMStats:
         phi, e = phi_buf[:, :m], e_buf[:, :m]
         dT = phi[1 : 1 + o]
         np.subtract(xoT[:, s : s + m], c[:, None], out=dT)
-        np.multiply(dT[iu], dT[ju], out=phi[1 + o :])
+        if full:  # d_i d_j (j >= i), row by row: no (pairs x m) temporaries
+            at = 1 + o
+            for i in range(o):
+                np.multiply(dT[i], dT[i:], out=phi[at : at + o - i])
+                at += o - i
+        else:
+            np.multiply(dT, dT, out=phi[1 + o :])
         np.matmul(coef, phi, out=e)  # (K, m) log-densities
         r2 = float(phi[squares].sum(axis=0).max())
         for k in np.flatnonzero(err0 + err1 * np.sqrt(r2) + err2 * r2 >= 1e-9):
