@@ -820,9 +820,11 @@ class EMEstimator(BaseEstimator):
         if ckpt is None:
             return None
         old = ckpt.get("fingerprint", {})
-        diff = sorted(k for k in fingerprint if old.get(k) != fingerprint[k])
+        # every key of either side: an option recorded only when set (so that checkpoints
+        # of earlier versions still resume) must not be dropped by the resuming fit either
+        diff = sorted(k for k in {*fingerprint, *old} if old.get(k) != fingerprint.get(k))
         if diff:
-            details = ", ".join(f"{k}: {old.get(k)!r} -> {fingerprint[k]!r}" for k in diff)
+            details = ", ".join(f"{k}: {old.get(k)!r} -> {fingerprint.get(k)!r}" for k in diff)
             raise ModelFileError(
                 f"checkpoint in {directory} was written for a different fit ({details}); "
                 "use another checkpoint directory or drop --resume"

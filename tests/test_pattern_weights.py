@@ -96,6 +96,11 @@ def test_model_file_round_trip_and_checkpoint_resume(cloudy, tmp_path):
         )
     with pytest.raises(Exception, match="pattern_weights"):
         _gm(max_iter=12, tol=0).fit(X, checkpoint_dir=plain, resume=True)
+    # nor the other way round
+    with pytest.raises(Exception, match="pattern_weights: True -> None"):
+        GaussianMixture(3, nan_policy="marginalize", max_iter=12, tol=0, random_state=0).fit(
+            X, checkpoint_dir=ck, resume=True
+        )
 
 
 def test_chunking_invariance(cloudy):
