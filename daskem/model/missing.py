@@ -218,6 +218,52 @@ _PAIRS: dict = {}
 
 
 @dataclass
+class _Direct:
+    """The expanded quadratic form of a pattern's marginal log-densities about a centre
+    ``c`` (the weighted centre of the components' observed means), its rounding-error
+    coefficients, and the layout of ``phi = [1, d, d_i d_j (i <= j)]``, ``d = x_o - c``."""
+
+    c: np.ndarray  # (o,)
+    mu_o: np.ndarray  # (K, o)
+    const: np.ndarray  # (K,) log weight + normalising constant
+    coef: np.ndarray  # (K, M)
+    err: tuple  # (err0, err1, err2), each (K,)
+    squares: np.ndarray  # rows of phi holding d_i^2
+    full: bool
+
+
+def _make_direct(forms: _Forms) -> _Direct:
+    params = forms.params
+    K, o = forms.whiten.shape[:2]
+    full = params.covariance_type in ("full", "tied")
+    mu_o = np.asarray(params.means, dtype=np.float64)[:, forms.pattern]
+    weights = np.asarray(params.weights, dtype=np.float64)
+    live = weights > 0
+    c = (weights[live, None] * mu_o[live]).sum(axis=0) / weights[live].sum()
+    iu, ju = _pairs(o, full)
+    M = 1 + o + iu.size
+    P = forms.precision  # (K, o, o)
+    delta = mu_o - c  # (K, o)
+    Pd = np.einsum("kij,kj->ki", P, delta)
+    quad = np.einsum("ki,ki->k", delta, Pd)
+    # rounding error of the expanded form for rows within sqrt(r2) of c:
+    # 1e-15 (M + 4) (|quad_k| + |P_k delta_k| sqrt(r2) + |P_k| r2)
+    lead = 1e-15 * (M + 4)
+    err = (
+        lead * np.abs(quad),
+        lead * np.linalg.norm(Pd, axis=1),
+        lead * np.sqrt(np.einsum("kij,kij->k", P, P)),
+    )
+    const = -0.5 * o * _LOG_2PI + forms.log_det + _log_weights(params.weights)
+    coef = np.empty((K, M))
+    coef[:, 0] = const - 0.5 * quad
+    coef[:, 1 : 1 + o] = Pd
+    coef[:, 1 + o :] = P[:, iu, ju] * np.where(iu == ju, -0.5, -1.0)
+    squares = 1 + o + np.flatnonzero(iu == ju)
+    return _Direct(c, mu_o, const, coef, err, squares, full)
+
+
+@dataclass
 class _Forms:
     """Everything a pattern of observed features needs, for every component at once.
 
@@ -234,6 +280,7 @@ class _Forms:
     _cond: Conditional | None = None
     _marginal: GMMParams | None = None
     _precision: np.ndarray | None = None
+    _direct: _Direct | None = None
     plans: dict = field(default_factory=dict)
 
     @property
@@ -275,6 +322,13 @@ class _Forms:
         if self._precision is None:
             self._precision = np.matmul(np.transpose(self.whiten, (0, 2, 1)), self.whiten)
         return self._precision
+
+    @property
+    def direct(self) -> _Direct:
+        """What :func:`_direct_stats` needs of the pattern, whatever its rows."""
+        if self._direct is None:
+            self._direct = _make_direct(self)
+        return self._direct
 
     def plan(self, f32: bool, single: bool):
         """The fast kernel's plan for the marginal mixture (None: reference kernel)."""
@@ -443,11 +497,14 @@ def partial_block_stats(
     # the usable rows sorted by pattern: each pattern's rows are a slice of ``use``, and
     # its observed features are gathered feature-major (see ``take_rows`` on layouts)
     use, use_codes = rows[usable], sub[usable]
+    # the usable rows gathered once in block order (one sequential sweep), feature-major
+    # and contiguous: each pattern's rows, spread over the block, are then gathered from
+    # this smaller copy, one contiguous row per feature
+    packedT = np.ascontiguousarray(take_rows(X, use).T)  # (D, rows used)
     order = np.argsort(use_codes, kind="stable")
     use, use_codes = use[order], use_codes[order]
     starts = np.flatnonzero(np.r_[True, use_codes[1:] != use_codes[:-1]]) if use.size else []
     ends = np.r_[starts[1:], use.size] if use.size else []
-    XT = X.T
     worst: list = []  # (scores, observed rows, pattern, forms) of each pattern
     for a, b in zip(starts, ends, strict=True):
         group = use[a:b]
@@ -455,12 +512,9 @@ def partial_block_stats(
         cols = np.flatnonzero(pattern)
         pp = params if pattern_params is None else pattern_params(pattern)
         forms = _forms(pp, pattern, int(use_codes[a]))
-        if X.flags.f_contiguous:  # one contiguous row per feature
-            xoT = np.empty((cols.size, group.size), dtype=X.dtype)
-            for i, j in enumerate(cols):
-                np.take(XT[j], group, out=xoT[i], mode="clip")  # indices are valid
-        else:  # the rows, then their observed features
-            xoT = np.ascontiguousarray(take_rows(X, group)[:, cols].T)
+        xoT = np.empty((cols.size, group.size), dtype=X.dtype)
+        for i, j in enumerate(cols):
+            np.take(packedT[j], order[a:b], out=xoT[i], mode="clip")  # indices are valid
         wp = None if w is None else w[group]
         lab = None if lab_all is None else lab_all[group]
         if b - a < _PLAN_MIN_ROWS:
@@ -694,8 +748,9 @@ def _separable_stats(
 def _direct_stats(xoT, forms: _Forms, w, labels, n_worst: int) -> GMMStats:
     """Statistics over the observed features of rows of one pattern, without a kernel plan.
 
-    ``xoT`` (o, n) holds the rows' observed features, feature-major. Rows are centred on a
-    point ``c`` near them; every component's log-density is then one float64 GEMM of the
+    ``xoT`` (o, n) holds the rows' observed features, feature-major. Rows are centred on
+    the weighted centre ``c`` of the components' observed means (:class:`_Direct`, made
+    once per pattern and parameters); every component's log-density is then one float64 GEMM of the
     quadratic features ``phi = [1, d, d_i d_j (i <= j)]`` (``d = x_o - c``) and every
     statistic one more GEMM of the responsibilities with ``phi``, in sub-blocks of
     ``_DIRECT_ROWS`` rows that stay in cache. A component whose expanded form could lose
@@ -704,28 +759,13 @@ def _direct_stats(xoT, forms: _Forms, w, labels, n_worst: int) -> GMMStats:
     residual form ``|W_k (x_o - mu_k)|^2`` instead, in that sub-block only.
     """
     params = forms.params
-    K, o = forms.whiten.shape[:2]
-    full = params.covariance_type in ("full", "tied")
-    n = xoT.shape[1]
-    c = np.asarray(xoT[:, :64], dtype=np.float64).mean(axis=1)  # near the rows is enough
+    dr = forms.direct
+    K, M = dr.coef.shape
+    o = dr.c.size
+    full, c, mu_o, const, coef, squares = dr.full, dr.c, dr.mu_o, dr.const, dr.coef, dr.squares
+    err0, err1, err2 = dr.err
     iu, ju = _pairs(o, full)
-    squares = 1 + o + np.flatnonzero(iu == ju)  # rows of phi holding d_i^2
-    M = 1 + o + iu.size
-    P = forms.precision  # (K, o, o)
-    mu_o = params.means[:, forms.pattern]
-    delta = mu_o - c  # (K, o)
-    Pd = np.einsum("kij,kj->ki", P, delta)
-    quad = np.einsum("ki,ki->k", delta, Pd)
-    # rounding error of the expanded form for rows within sqrt(r2) of c:
-    # 1e-15 (M + 4) (|quad_k| + |P_k delta_k| sqrt(r2) + |P_k| r2)
-    lead = 1e-15 * (M + 4)
-    err0, err1 = lead * np.abs(quad), lead * np.linalg.norm(Pd, axis=1)
-    err2 = lead * np.sqrt(np.einsum("kij,kij->k", P, P))
-    const = -0.5 * o * _LOG_2PI + forms.log_det + _log_weights(params.weights)
-    coef = np.empty((K, M))
-    coef[:, 0] = const - 0.5 * quad
-    coef[:, 1 : 1 + o] = Pd
-    coef[:, 1 + o :] = P[:, iu, ju] * np.where(iu == ju, -0.5, -1.0)
+    n = xoT.shape[1]
     G = np.zeros((K, M))
     log_norm = np.empty(n)
     nb = max(1, min(n, _DIRECT_ROWS))
