@@ -494,12 +494,10 @@ def partial_block_stats(
         out.n_empty = int((sub == 0).sum())
         return out
     lab_all = None if labels is None else np.asarray(labels)
-    # the usable rows sorted by pattern: each pattern's rows are a slice of ``use``, and
-    # its observed features are gathered feature-major (see ``take_rows`` on layouts)
-    use, use_codes = rows[usable], sub[usable]
     # the usable rows gathered once in block order (one sequential sweep), feature-major
-    # and contiguous: each pattern's rows, spread over the block, are then gathered from
-    # this smaller copy, one contiguous row per feature
+    # and contiguous; then sorted by pattern (each pattern's rows a slice of ``use``), and
+    # each pattern's rows, spread over the block, gathered from that smaller copy
+    use, use_codes = rows[usable], sub[usable]
     packedT = np.ascontiguousarray(take_rows(X, use).T)  # (D, rows used)
     order = np.argsort(use_codes, kind="stable")
     use, use_codes = use[order], use_codes[order]
@@ -590,16 +588,16 @@ def _row_pattern_log_weights(X, rows, codes, params, pattern_params):
     """Weights by pattern for ``rows`` sorted by pattern (``codes``: theirs): the
     patterns' log weights (K, P), the bounds of their runs of rows (P + 1 ints) and the
     patterns' keys (P)."""
+    if not rows.size:
+        return np.zeros((params.n_components, 0)), [0], []
     cuts = [0, *(np.flatnonzero(codes[1:] != codes[:-1]) + 1).tolist(), rows.size]
     keys, table = [], []
-    for a in cuts[:-1] if rows.size else []:
+    for a in cuts[:-1]:
         pattern = np.isfinite(X[rows[a]])
         pp = params if pattern_params is None else pattern_params(pattern)
         keys.append(_pattern_key(pattern))
         table.append(_log_weights(np.asarray(pp.weights, dtype=np.float64)))
-    if not rows.size:
-        cuts = [0]
-    return np.asarray(table).reshape(-1, params.n_components).T.copy(), cuts, keys
+    return np.asarray(table).T.copy(), cuts, keys
 
 
 def _separable_stats(
@@ -750,13 +748,14 @@ def _direct_stats(xoT, forms: _Forms, w, labels, n_worst: int) -> GMMStats:
 
     ``xoT`` (o, n) holds the rows' observed features, feature-major. Rows are centred on
     the weighted centre ``c`` of the components' observed means (:class:`_Direct`, made
-    once per pattern and parameters); every component's log-density is then one float64 GEMM of the
-    quadratic features ``phi = [1, d, d_i d_j (i <= j)]`` (``d = x_o - c``) and every
-    statistic one more GEMM of the responsibilities with ``phi``, in sub-blocks of
-    ``_DIRECT_ROWS`` rows that stay in cache. A component whose expanded form could lose
-    more than 1e-9 to cancellation over a sub-block (far from ``c`` against its spread,
-    bounded with the sub-block's largest ``|x - c|^2``) gets its log-density from the
-    residual form ``|W_k (x_o - mu_k)|^2`` instead, in that sub-block only.
+    once per pattern and parameter set); every component's log-density is then one
+    float64 GEMM of the quadratic features ``phi = [1, d, d_i d_j (i <= j)]``
+    (``d = x_o - c``) and every statistic one more GEMM of the responsibilities with
+    ``phi``, in sub-blocks of ``_DIRECT_ROWS`` rows that stay in cache. A component
+    whose expanded form could lose more than 1e-9 to cancellation over a sub-block (far
+    from ``c`` against its spread, bounded with the sub-block's largest ``|x - c|^2``)
+    gets its log-density from the residual form ``|W_k (x_o - mu_k)|^2`` instead, in
+    that sub-block only.
     """
     params = forms.params
     dr = forms.direct
