@@ -203,7 +203,10 @@ _FORMS_LOCK = threading.Lock()
 _PLAN_MIN_ROWS = 32768
 _CODES_CACHE: dict = {}  # id(block) -> (weakref to block, its codes or None)
 _CODES_LOCK = threading.Lock()
-_DIRECT_ROWS = 2048  # sub-block of the direct path: phi (M x rows float64) stays in L2
+_DIRECT_ROWS = 2048  # sub-block of the separable path: phi (M x rows float64) stays in L2
+# sub-block of the direct path of one pattern (phi of up to 36 rows for 8 features: 1.2
+# MiB); measured 4 % faster than 2,048 on 92 random patterns of ~3,300 rows per block
+_DIRECT_GROUP_ROWS = 4096
 
 
 def _pairs(o: int, full: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -751,7 +754,7 @@ def _direct_stats(xoT, forms: _Forms, w, labels, n_worst: int) -> GMMStats:
     once per pattern and parameter set); every component's log-density is then one
     float64 GEMM of the quadratic features ``phi = [1, d, d_i d_j (i <= j)]``
     (``d = x_o - c``) and every statistic one more GEMM of the responsibilities with
-    ``phi``, in sub-blocks of ``_DIRECT_ROWS`` rows that stay in cache. A component
+    ``phi``, in sub-blocks of ``_DIRECT_GROUP_ROWS`` rows that stay in cache. A component
     whose expanded form could lose more than 1e-9 to cancellation over a sub-block (far
     from ``c`` against its spread, bounded with the sub-block's largest ``|x - c|^2``)
     gets its log-density from the residual form ``|W_k (x_o - mu_k)|^2`` instead, in
@@ -767,7 +770,7 @@ def _direct_stats(xoT, forms: _Forms, w, labels, n_worst: int) -> GMMStats:
     n = xoT.shape[1]
     G = np.zeros((K, M))
     log_norm = np.empty(n)
-    nb = max(1, min(n, _DIRECT_ROWS))
+    nb = max(1, min(n, _DIRECT_GROUP_ROWS))
     phi_buf = np.empty((M, nb))
     phi_buf[0] = 1.0
     e_buf = np.empty((K, nb))
