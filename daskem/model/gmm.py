@@ -990,8 +990,9 @@ def take_rows(X: np.ndarray, rows: np.ndarray) -> np.ndarray:
 
     ``np.take`` first copies the whole of a non-contiguous input (a transposed view, a
     column of a row-major block): called once per sub-block or per feature, that copy
-    costs far more than the gather itself. So row-major blocks are gathered by rows,
-    feature-major blocks by features, and other layouts by fancy indexing.
+    costs far more than the gather itself (``docs/performance.md``, trap 9). So row-major
+    blocks are gathered by rows, feature-major blocks by features, and other layouts by
+    fancy indexing.
     """
     if X.flags.c_contiguous:
         return np.take(X, rows, axis=0)

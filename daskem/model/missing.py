@@ -500,6 +500,7 @@ def partial_block_stats(
     # the usable rows gathered once in block order (one sequential sweep), feature-major
     # and contiguous; then sorted by pattern (each pattern's rows a slice of ``use``), and
     # each pattern's rows, spread over the block, gathered from that smaller copy
+    # (docs/performance.md trap 10)
     use, use_codes = rows[usable], sub[usable]
     packedT = np.ascontiguousarray(take_rows(X, use).T)  # (D, rows used)
     order = np.argsort(use_codes, kind="stable")
