@@ -282,8 +282,9 @@ def _merge_rounds(rounds: list[dict], n: int) -> dict:
     """One result from several runs of the same fit: the iterations of all of them, the
     steady rates from the median iteration (wall and CPU time)."""
     out = dict(rounds[-1])
-    sec = [s for r in rounds for s in r["seconds_per_iteration"][1:]]  # the first: caching
-    cpu = [c for r in rounds for c in r["cpu_seconds_per_iteration"][1:]]
+    skip = 1 if len(rounds[0]["seconds_per_iteration"]) > 1 else 0  # the first: caching
+    sec = [s for r in rounds for s in r["seconds_per_iteration"][skip:]]
+    cpu = [c for r in rounds for c in r["cpu_seconds_per_iteration"][skip:]]
     out["rounds"] = len(rounds)
     out["seconds_per_iteration"] = [r["seconds_per_iteration"] for r in rounds]
     out["cpu_seconds_per_iteration"] = [r["cpu_seconds_per_iteration"] for r in rounds]
@@ -766,6 +767,8 @@ def main(argv: list[str] | None = None) -> int:
         help="daskem precisions to run, comma-separated (auto: float64-accurate; single)",
     )
     args = parser.parse_args(argv)
+    if args.missing_rounds < 1:
+        parser.error(f"--missing-rounds must be at least 1, got {args.missing_rounds}")
     if args.quick:
         args.n = 1_000_000
     skip = set(filter(None, args.skip.split(",")))
@@ -851,10 +854,9 @@ def main(argv: list[str] | None = None) -> int:
                         print(f"[{cov}] {key} {r['rate'] / 1e6:.2f} M", flush=True)
                 if "missing" not in skip:
                     # the same pixels with 30 % of them partly missing, marginalised, against
-                    # the complete stack under the same policy, measured back to back
-                    # in args.missing_rounds rounds, the cases one after the other (a
-                    # shared host's load then weighs on every case alike), the rates from
-                    # the median iteration of all rounds
+                    # the complete stack under the same policy, in args.missing_rounds
+                    # rounds of the cases one after the other (a shared host's load then
+                    # weighs on every case alike), the rates from the median iteration
                     for kind in ("clouds", "random"):
                         Xm = with_missing(X, kind)
                         partial = float(np.isnan(Xm).any(axis=1).mean())
