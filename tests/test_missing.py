@@ -322,5 +322,5 @@ def test_block_codes_are_kept_for_read_only_blocks_only():
     del block
     other = _feature_major(X)
     missing.block_codes(other)  # an insertion prunes the freed blocks' entries
-    assert all(ref() is not None for ref, _ in missing._CODES_CACHE.values())
-    assert missing._CODES_CACHE[id(other)][0]() is other
+    assert all(ref() is not None for ref, _ in missing._CODES.entries.values())
+    assert missing._CODES.entries[id(other)][0]() is other

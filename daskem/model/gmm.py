@@ -33,7 +33,9 @@ import dataclasses
 import math
 import threading
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -702,7 +704,40 @@ _BULK_MAHA = 25.0
 # floored responsibilities times weights never become subnormal).
 _F32_MIN_WEIGHT = 1e-3
 _WORKSPACES = threading.local()
-_PLAN_CACHE: dict = {}  # float32 allowed? -> (weakref to params, plan)
+
+
+class ObjectCache:
+    """Values derived from live objects, keyed by the objects' identity.
+
+    An entry lives as long as its object: a weakref checks that an id still names the
+    object it was made for, and entries of freed objects are dropped at the next
+    insertion. Shared by the threads of a pass: every block of a pass finds what the
+    first one made for the same parameters (or block), whichever candidates a shared
+    pass interleaves.
+    """
+
+    def __init__(self) -> None:
+        self.entries: dict[int, tuple[weakref.ref, Any]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, obj: Any, make: Callable[[], Any]) -> Any:
+        """The value kept for ``obj``, made by ``make()`` if there is none."""
+        with self._lock:
+            hit = self.entries.get(id(obj))
+        if hit is not None and hit[0]() is obj:
+            return hit[1]
+        value = make()
+        with self._lock:
+            hit = self.entries.get(id(obj))
+            if hit is not None and hit[0]() is obj:  # another thread was first
+                return hit[1]
+            for key in [k for k, v in self.entries.items() if v[0]() is None]:
+                del self.entries[key]
+            self.entries[id(obj)] = (weakref.ref(obj), value)
+        return value
+
+
+_PLANS = ObjectCache()  # params -> {(float32 allowed, single): plan}
 
 
 @dataclass(frozen=True)
@@ -780,18 +815,16 @@ def _fast_plan(
 ) -> _QuadPlan | None:
     """How the fast kernel evaluates ``params`` (None: use the reference kernel).
 
-    Cached for the last parameter object seen (every block of a pass shares it).
+    Cached per parameter object alive (every block of a pass shares it).
     """
     f32 = x_dtype == np.float32
     if f32 and w is not None and np.any((w > 0) & (w < _F32_MIN_WEIGHT)):
         f32 = False
     key = (f32, single and f32)
-    cached = _PLAN_CACHE.get(key)
-    if cached is not None and cached[0]() is params:
-        return cached[1]
-    plan = _make_plan(params, f32, single and f32)
-    _PLAN_CACHE[key] = (weakref.ref(params), plan)
-    return plan
+    plans = _PLANS.get(params, dict)
+    if key not in plans:
+        plans.setdefault(key, _make_plan(params, f32, single and f32))
+    return plans[key]
 
 
 def _make_plan(params: GMMParams, f32: bool, single: bool = False) -> _QuadPlan | None:
