@@ -256,6 +256,51 @@ def test_log_sum_exp_route_gives_the_same_statistics(monkeypatch, components_per
     np.testing.assert_allclose(slow.emission.mean, fast.emission.mean, rtol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("nb", [4, 8])
+def test_compiled_kernel_matches_the_numpy_kernel(monkeypatch, nb, dtype):
+    """2-D blocks run through the compiled loops (daskem.model._mf_kernels); the NumPy
+    kernel (3-D blocks) gives the same q and statistics: classes of several components,
+    labels, pixels of zero weight, both exp routes, emissions or not, an off-centre core."""
+    from daskem.model import spatial
+
+    X, ds = _image(seed=8, shape=(29, 24))
+    X = X.astype(dtype)
+    X[3, 4, 1] = np.nan  # a partly observed pixel
+    X[10, 10] = np.nan  # nothing observed
+    y = ds["labels"].values.astype(int)
+    sg = SpatialGaussianMixtureClassifier(components_per_class=2, random_state=0, max_iter=2)
+    params = sg.fit(X.astype(np.float64), y)._fitted_params()
+    w = np.ones(X.shape[:2])
+    w[5:9, 4:7] = 0.0
+    w[20:, 15:] = 0.5
+    blk = SpatialBlock(X, (slice(3, 25), slice(2, 20)), (5, 2))
+    tol = dict(rtol=2e-4, atol=2e-4) if dtype == np.float32 else dict(rtol=1e-9, atol=1e-9)
+    for beta, emissions in ((0.7, True), (0.7, False), (12.0, False)):
+        model = SpatialGMMModel(
+            GMMModel("full", 1e-6), neighbourhood=nb, sweeps=2, estimate_beta=True,
+            fit_emissions=emissions,
+        )  # fmt: skip
+        sp = SpatialParams(params.gmm, params.alpha, beta)
+        if beta > 10:  # the log-sum-exp route
+            monkeypatch.setitem(spatial._EXP_LIMIT, np.dtype(dtype), 0.0)
+        out = {}
+        for compiled in (True, False):
+            monkeypatch.setattr(spatial, "USE_COMPILED", compiled)
+            stats = model.block_stats(sp, blk, sample_weight=w, labels=y)
+            q = model.responsibilities(sp, blk, labels=y, active=w > 0)
+            out[compiled] = stats, q
+        (a, qa), (b, qb) = out[True], out[False]
+        np.testing.assert_allclose(qa, qb, **tol)
+        assert a.energy == pytest.approx(b.energy, rel=tol["rtol"])
+        assert a.weight == b.weight
+        np.testing.assert_allclose(a.grad, b.grad, **tol)
+        np.testing.assert_allclose(a.hess, b.hess, **tol)
+        np.testing.assert_allclose(a.emission.n, b.emission.n, **tol)
+        np.testing.assert_allclose(a.emission.mean, b.emission.mean, **tol)
+        assert (a.n_excluded, a.n_empty, a.n_partial) == (b.n_excluded, b.n_empty, b.n_partial)
+
+
 def test_colouring_separates_neighbours():
     for nb in (4, 8):
         col = colour_map((9, 11), (3, 4), nb)

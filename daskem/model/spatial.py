@@ -546,6 +546,9 @@ class _Field:
     log_route: bool
     ws: _Workspace = field(default_factory=lambda: _Workspace())
     core: tuple[slice, ...] | None = None
+    #: 2-D blocks: the same arrays stacked over the sub-lattices, for the compiled loops
+    #: (:mod:`daskem.model._mf_kernels`); the lists above are views of them
+    stacked: dict[str, np.ndarray] | None = None
 
     def class_sums(self, T: np.ndarray, out: np.ndarray) -> np.ndarray:
         """Class sums ``out`` (C, ...) of component values ``T`` (K, ...)."""
@@ -574,6 +577,36 @@ class _Field:
         if self.q is None:
             return self.Q[j][self.inner(j, rows, rest)]
         return self.q[j][(slice(None), slice(*rows), *rest)]
+
+
+#: run 2-D blocks through the compiled loops (:mod:`daskem.model._mf_kernels`); False:
+#: the NumPy kernel (3-D blocks always take it)
+USE_COMPILED = True
+
+
+def _compiled(lat: _Lattice) -> bool:
+    return USE_COMPILED and len(lat.grid) == 2
+
+
+def _stacked_arrays(lat: _Lattice, K: int, C: int, identity: bool, dtype) -> dict:
+    """The field's per-sub-lattice arrays stacked over the sub-lattices (sized to the
+    largest; the rest stays zero, like the borders)."""
+    J = len(lat.counts)
+    big = tuple(max(c[d] for c in lat.counts) for d in range(len(lat.grid)))
+    st = {
+        "Q": np.zeros((J, C, *(n + 2 for n in big)), dtype=dtype),
+        "G": np.zeros((J, K, *big), dtype=dtype),
+        "q": np.zeros((J, K, *big), dtype=dtype) if not identity else None,
+        "act": np.zeros((J, *big), dtype=dtype),
+        "lnS": np.zeros((J, *big), dtype=dtype),
+        "maxL": np.zeros((J, *big)),
+        "qN": np.zeros((J, *big), dtype=dtype),
+        "counts": np.array(lat.counts, dtype=np.int64).reshape(J, len(lat.grid)),
+        "nbr": np.array(
+            [[(jj, *shift) for jj, shift in v] for v in lat.views], dtype=np.int64
+        ).reshape(J, lat.n_neighbours, 1 + len(lat.grid)),
+    }
+    return st
 
 
 def _build_field(
@@ -605,20 +638,38 @@ def _build_field(
     f = _Field(
         lat, dtype, cc, groups, C, [], None if identity else [], [], [], [], [], [], log_route
     )
+    if _compiled(lat):
+        f.stacked = st = _stacked_arrays(lat, K, C, identity, dtype)
     for j, cnt in enumerate(lat.counts):
-        f.G.append(np.empty((K, *cnt), dtype=dtype))
-        f.maxL.append(np.empty(cnt))
         act = None
         if active is not None:
             a = np.asarray(active[lat.sub(j)])
             if not a.all():
                 act = a.astype(dtype)
         f.act.append(act)
+        if f.stacked is not None:
+            inner = tuple(slice(0, n) for n in cnt)
+            f.maxL.append(st["maxL"][(j, *inner)])
+            f.G.append(st["G"][(j, slice(None), *inner)])
+            f.Q.append(st["Q"][(j, slice(None), *(slice(0, n + 2) for n in cnt))])
+            if not identity:
+                f.q.append(st["q"][(j, slice(None), *inner)])
+            f.lnS.append(st["lnS"][(j, *inner)])
+            f.qN.append(st["qN"][(j, *inner)])
+            if act is not None:
+                st["act"][(j, *inner)] = act
+            continue
+        f.maxL.append(np.empty(cnt))
+        f.G.append(np.empty((K, *cnt), dtype=dtype))
         f.Q.append(np.zeros((C, *(n + 2 for n in cnt)), dtype=dtype))
         if not identity:
             f.q.append(np.empty((K, *cnt), dtype=dtype))
         f.lnS.append(np.empty(cnt, dtype=dtype))
         f.qN.append(np.zeros(cnt, dtype=dtype))
+    if f.stacked is not None and all(a is None for a in f.act):
+        f.stacked["act"] = np.empty((0, 0, 0), dtype=dtype)
+    for j, cnt in enumerate(lat.counts):
+        act = f.act[j]
         rest = tuple(slice(0, n) for n in cnt[1:])
         start = lat.starts[j]
         for rows in lat.strips(j):
@@ -716,6 +767,21 @@ def _lead_dot_arrays(A: np.ndarray, B: np.ndarray, out: np.ndarray, tmp: np.ndar
 def _sweep(f: _Field, beta: float, sweeps: int) -> None:
     """``sweeps`` colour sweeps of the mean-field update over the whole block."""
     lat = f.lat
+    if f.stacked is not None:
+        from ._mf_kernels import sweep_2d
+
+        st = f.stacked
+        K = st["G"].shape[1]
+        width = st["G"].shape[-1]
+        q = st["q"] if st["q"] is not None else np.empty((0, 0, 0, 0), dtype=f.dtype)
+        cc = f.cc if f.cc is not None else np.arange(K)
+        sweep_2d(
+            st["Q"], st["G"], st["act"], st["lnS"], st["qN"], q, cc.astype(np.int64),
+            st["nbr"], st["counts"], float(beta), int(sweeps), bool(f.log_route),
+            np.empty((K, width), dtype=f.dtype), np.empty((K, width), dtype=np.int32),
+            np.empty((f.n_classes, width), dtype=f.dtype), np.empty(width, dtype=f.dtype),
+        )  # fmt: skip
+        return
     for s in range(sweeps):
         last = s == sweeps - 1
         for j, cnt in enumerate(lat.counts):
@@ -1018,6 +1084,106 @@ def prior_step(
     return SpatialParams(gmm, alpha, beta)
 
 
+def _prior_terms_strip(
+    f, j, rows, rest, shape, qK, wj, actj, R, Z, alpha, a_dt, b_dt, amax, beta, need_pl,
+    estimate_beta, g, H, energy, weight,
+):  # fmt: skip
+    """The NumPy kernel's prior terms of a strip of sub-lattice ``j``'s core: the local
+    free energy and weight (returned, added to ``energy`` and ``weight``) and the
+    pseudo-likelihood's gradient and Hessian (added to ``g`` and ``H``)."""
+    lat, ws, dt, cc, C = f.lat, f.ws, f.dtype, f.cc, f.n_classes
+    K = qK.shape[0]
+    m = qK.shape[1]
+    sl = (slice(*rows), *rest)
+    beta_dt = dt.type(beta)
+    QC = qK if cc is None else f.class_sums(qK, ws.get("QC", (C, m), dt))
+    N = lat.neighbours(j, f.Q, rows, rest, ws.get("Nc", (C, *shape), dt), ws)
+    N = N.reshape(C, m)
+    tmp = ws.get("tmp", (m,), dt)
+    # the local free energy of each pixel (module docstring), from the normaliser
+    # of its last update: log q_ik = L_ik - max_k L_ik + beta N'_ik - lnS_i
+    qN = _lead_dot_arrays(QC, N, ws.get("qN", (m,), dt), tmp)
+    if f.log_route:
+        lg = alpha[:, None] + beta * (N if cc is None else N[cc]).astype(np.float64)
+        top = lg.max(axis=0)
+        logZ = np.log(_lead_sum(np.exp(lg - top), np.empty(m))) + top
+    else:
+        eN = np.multiply(N, beta_dt, out=ws.get("eN", (C, m), dt))
+        np.exp(eN, out=eN)
+        den = _lead_dot(b_dt, eN, ws.get("den", (m,), dt), tmp)
+        logZ = np.log(den).astype(np.float64)
+        logZ += amax
+    e = f.maxL[j][sl].reshape(m) + f.lnS[j][sl].reshape(m)
+    e -= logZ
+    e += beta * (qN.astype(np.float64) - f.qN[j][sl].reshape(m))
+    if actj is not None:
+        e[~actj] = 0.0
+    energy += float(wj @ e)
+    weight += float(wj.sum())
+    if need_pl:  # the pseudo-likelihood's gradient and Hessian
+        Ns = lat.neighbours(j, Z, rows, rest, ws.get("Ns", (C, *shape), dt), ws)
+        Ns = Ns.reshape(C, m)
+        if f.log_route:
+            lp = alpha[:, None] + beta * (Ns if cc is None else Ns[cc]).astype(np.float64)
+            lp -= lp.max(axis=0)
+            np.exp(lp, out=lp)
+            p = (lp / _lead_sum(lp, np.empty(m))).astype(dt)
+        else:
+            eNs = np.multiply(Ns, beta_dt, out=ws.get("eNs", (C, m), dt))
+            np.exp(eNs, out=eNs)
+            den = _lead_dot(b_dt, eNs, ws.get("den", (m,), dt), tmp)
+            np.reciprocal(den, out=den)
+            p = ws.get("p", (K, m), dt)
+            np.multiply(eNs if cc is None else eNs[cc], den, out=p)
+            p *= a_dt[:, None]
+        wp = np.multiply(p, wj, out=ws.get("wp", (K, m), np.float64))
+        swp = wp.sum(axis=1)
+        g[:K] += R.sum(axis=1) - swp
+        H[:K, :K] -= np.diag(swp) - wp @ p.T.astype(np.float64)
+        if estimate_beta:
+            PC = p if cc is None else f.class_sums(p, ws.get("PC", (C, m), dt))
+            nbar = _lead_dot_arrays(PC, Ns, ws.get("nbar", (m,), dt), tmp)
+            g[K] += float(wj @ (qN.astype(np.float64) - nbar))
+            dN = np.subtract(Ns, nbar, out=ws.get("dN", (C, m), dt))
+            # sum_c P_c (Ns_c - nbar)^2: the local variance, without cancellation
+            sq = np.multiply(dN, dN, out=ws.get("sq", (C, m), dt))
+            v = _lead_dot_arrays(PC, sq, ws.get("v", (m,), dt), tmp)
+            H[K, K] -= float(wj @ v.astype(np.float64))
+            hab = (wp * (dN if cc is None else dN[cc])).sum(axis=1)
+            H[:K, K] -= hab
+            H[K, :K] -= hab
+    return energy, weight
+
+
+def _compiled_prior_terms(
+    f, alpha, a_dt, b_dt, amax, beta, w, core, origin, need_pl, estimate_beta, g, H
+):  # fmt: skip
+    """The prior terms of a block's core (as :func:`_prior_terms_strip` sums them) by the
+    compiled loops of :mod:`daskem.model._mf_kernels`."""
+    from ._mf_kernels import drawn_field_2d, stats_2d
+
+    lat, st = f.lat, f.stacked
+    J = len(lat.counts)
+    starts = np.array(lat.starts, dtype=np.int64).reshape(J, 2)
+    ranges = np.zeros((J, 4), dtype=np.int64)
+    for j in range(J):
+        cr = lat.core_range(j, core)
+        ranges[j] = (cr[0].start, max(cr[0].start, cr[0].stop), cr[1].start, cr[1].stop)
+    Z = np.zeros_like(st["Q"])
+    if need_pl:
+        drawn_field_2d(st["Q"], st["act"], st["counts"], starts, np.asarray(origin, np.int64), Z)
+    K = alpha.shape[0]
+    q = st["q"] if st["q"] is not None else np.empty((0, 0, 0, 0), dtype=f.dtype)
+    cc = f.cc if f.cc is not None else np.arange(K)
+    w2 = np.asarray(w, dtype=np.float64)
+    energy, weight = stats_2d(
+        st["Q"], q, cc.astype(np.int64), Z, st["maxL"], st["lnS"], st["qN"], w2, st["act"],
+        st["nbr"], st["counts"], starts, ranges, alpha, a_dt, b_dt, float(amax), float(beta),
+        bool(f.log_route), bool(need_pl), bool(estimate_beta), g, H,
+    )  # fmt: skip
+    return float(energy), float(weight)
+
+
 def _block_statistics(
     f: _Field,
     params: SpatialParams,
@@ -1045,13 +1211,13 @@ def _block_statistics(
     beta = float(params.beta)
     dt, cc, lat, ws = f.dtype, f.cc, f.lat, f.ws
     need_pl = estimate_beta or beta != 0.0
-    Z = _drawn_field(f, origin, active) if need_pl else None
+    Z = _drawn_field(f, origin, active) if need_pl and f.stacked is None else None
     # the prior's normaliser: sum_k exp(alpha_k + beta N_class(k)) = sum_c b_c exp(beta N_c)
     amax = float(alpha.max())
     a = np.exp(alpha - amax)
     b = np.zeros(C)
     np.add.at(b, np.arange(K) if cc is None else cc, a)
-    a_dt, b_dt, beta_dt = a.astype(dt), b.astype(dt), dt.type(beta)
+    a_dt, b_dt = a.astype(dt), b.astype(dt)
     full = _full_like(gmm.covariance_type, K)
     shift = _shift(gmm)
     acc = np.zeros((K, 1 + D + D * (D + 1) // 2 if full else 1 + 2 * D))
@@ -1062,6 +1228,23 @@ def _block_statistics(
     partial = None
     with np.errstate(invalid="ignore", over="ignore"):
         complete_block = bool(np.isfinite(np.sum(data[core])))
+    compiled = f.stacked is not None
+    if compiled:  # the prior's terms by the compiled loops, the rest below
+        energy, weight = _compiled_prior_terms(
+            f, alpha, a_dt, b_dt, amax, beta, w, core, origin, need_pl, estimate_beta, g, H
+        )
+        if not emissions and complete_block:  # nothing else to compute but counts
+            wc = w[core]
+            used = None if active is None else active[core]
+            wu = wc if used is None else wc[used]
+            n = int(wc.size)
+            n_excl = 0 if used is None else n - int(np.count_nonzero(used))
+            if not estimate_beta:
+                g[K] = 0.0
+            return SpatialStats(
+                _gmm_stats_from_sums(acc, shift, gmm, float(wu.sum()), int(np.count_nonzero(wu))),
+                energy, weight, g, H, n_excluded=n_excl, n_empty=0, n_partial=0,
+            )  # fmt: skip
     for j in range(len(lat.counts)):
         cr = lat.core_range(j, core)
         sub = lat.sub(j)
@@ -1073,65 +1256,14 @@ def _block_statistics(
             qK = ws.get("qK", (K, *shape), dt)
             np.copyto(qK, f.comp(j, rows, rest))
             qK = qK.reshape(K, m)
-            QC = qK if cc is None else f.class_sums(qK, ws.get("QC", (C, m), dt))
-            N = lat.neighbours(j, f.Q, rows, rest, ws.get("Nc", (C, *shape), dt), ws)
-            N = N.reshape(C, m)
             wj = w[sub][sl].reshape(m)
             actj = None if active is None else active[sub][sl].reshape(m)
-            tmp = ws.get("tmp", (m,), dt)
-            # the local free energy of each pixel (module docstring), from the normaliser
-            # of its last update: log q_ik = L_ik - max_k L_ik + beta N'_ik - lnS_i
-            qN = _lead_dot_arrays(QC, N, ws.get("qN", (m,), dt), tmp)
-            if f.log_route:
-                lg = alpha[:, None] + beta * (N if cc is None else N[cc]).astype(np.float64)
-                top = lg.max(axis=0)
-                logZ = np.log(_lead_sum(np.exp(lg - top), np.empty(m))) + top
-            else:
-                eN = np.multiply(N, beta_dt, out=ws.get("eN", (C, m), dt))
-                np.exp(eN, out=eN)
-                den = _lead_dot(b_dt, eN, ws.get("den", (m,), dt), tmp)
-                logZ = np.log(den).astype(np.float64)
-                logZ += amax
-            e = f.maxL[j][sl].reshape(m) + f.lnS[j][sl].reshape(m)
-            e -= logZ
-            e += beta * (qN.astype(np.float64) - f.qN[j][sl].reshape(m))
-            if actj is not None:
-                e[~actj] = 0.0
-            energy += float(wj @ e)
-            weight += float(wj.sum())
             R = np.multiply(qK, wj, out=ws.get("R", (K, m), np.float64))
-            if need_pl:  # the pseudo-likelihood's gradient and Hessian
-                Ns = lat.neighbours(j, Z, rows, rest, ws.get("Ns", (C, *shape), dt), ws)
-                Ns = Ns.reshape(C, m)
-                if f.log_route:
-                    lp = alpha[:, None] + beta * (Ns if cc is None else Ns[cc]).astype(np.float64)
-                    lp -= lp.max(axis=0)
-                    np.exp(lp, out=lp)
-                    p = (lp / _lead_sum(lp, np.empty(m))).astype(dt)
-                else:
-                    eNs = np.multiply(Ns, beta_dt, out=ws.get("eNs", (C, m), dt))
-                    np.exp(eNs, out=eNs)
-                    den = _lead_dot(b_dt, eNs, ws.get("den", (m,), dt), tmp)
-                    np.reciprocal(den, out=den)
-                    p = ws.get("p", (K, m), dt)
-                    np.multiply(eNs if cc is None else eNs[cc], den, out=p)
-                    p *= a_dt[:, None]
-                wp = np.multiply(p, wj, out=ws.get("wp", (K, m), np.float64))
-                swp = wp.sum(axis=1)
-                g[:K] += R.sum(axis=1) - swp
-                H[:K, :K] -= np.diag(swp) - wp @ p.T.astype(np.float64)
-                if estimate_beta:
-                    PC = p if cc is None else f.class_sums(p, ws.get("PC", (C, m), dt))
-                    nbar = _lead_dot_arrays(PC, Ns, ws.get("nbar", (m,), dt), tmp)
-                    g[K] += float(wj @ (qN.astype(np.float64) - nbar))
-                    dN = np.subtract(Ns, nbar, out=ws.get("dN", (C, m), dt))
-                    # sum_c P_c (Ns_c - nbar)^2: the local variance, without cancellation
-                    sq = np.multiply(dN, dN, out=ws.get("sq", (C, m), dt))
-                    v = _lead_dot_arrays(PC, sq, ws.get("v", (m,), dt), tmp)
-                    H[K, K] -= float(wj @ v.astype(np.float64))
-                    hab = (wp * (dN if cc is None else dN[cc])).sum(axis=1)
-                    H[:K, K] -= hab
-                    H[K, :K] -= hab
+            if not compiled:
+                energy, weight = _prior_terms_strip(
+                    f, j, rows, rest, shape, qK, wj, actj, R, Z, alpha, a_dt, b_dt, amax,
+                    beta, need_pl, estimate_beta, g, H, energy, weight,
+                )  # fmt: skip
             # the emission statistics with q as responsibilities
             xv = data[sub][sl]
             xT = np.moveaxis(xv, -1, 0).reshape(D, m)

@@ -1,0 +1,492 @@
+"""Compiled loops of the mean-field kernel on 2-D grids (:mod:`daskem.model.spatial`).
+
+The NumPy kernel of :mod:`~daskem.model.spatial` makes a few element-wise passes over
+K planes per step (``docs/performance.md``, trap 11); these loops do a row of a
+sub-lattice at a time instead, every per-pixel step of a row in one compiled function,
+with the same data layout (each parity sub-lattice class-major with a zero border,
+stacked along a leading axis) and the same arithmetic per pixel: neighbour sums in
+the order of the neighbour table, then the classes in order. No loop here reduces
+across pixels and nothing is compiled with ``fastmath``, so a pixel's value does not
+depend on the row, strip or chunk it is computed in (vectorised and scalar iterations
+round alike).
+
+``exp`` of float32 values is the classic Cody-Waite range reduction with a degree-6
+polynomial (Cephes' ``expf`` coefficients, relative error ~1e-7), written so that the
+compiler vectorises it; float64 values use the C library's ``exp``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit
+
+__all__ = ["drawn_field_2d", "stats_2d", "sweep_2d"]
+
+_LOG2E = 1.4426950408889634
+_LN2_HI = 0.693359375
+_LN2_LO = -2.12194440e-4
+
+
+@njit(inline="always")
+def _exp_parts(v):
+    """``exp(v)`` of a float32 as ``(p, bits)``: ``p`` times the float32 whose bits are
+    ``bits`` (``2 ** n``); ``p`` is 0 where ``exp(v)`` underflows (``v = -inf`` too)."""
+    lo = np.float32(-87.0)
+    small = v < lo
+    v = min(max(v, lo), np.float32(88.0))
+    n = np.floor(v * np.float32(_LOG2E) + np.float32(0.5))
+    r = v - n * np.float32(_LN2_HI)
+    r = r - n * np.float32(_LN2_LO)
+    p = np.float32(1.9875691500e-4)
+    p = p * r + np.float32(1.3981999507e-3)
+    p = p * r + np.float32(8.3334519073e-3)
+    p = p * r + np.float32(4.1665795894e-2)
+    p = p * r + np.float32(1.6666665459e-1)
+    p = p * r + np.float32(5.0000001201e-1)
+    p = p * r * r + r + np.float32(1.0)
+    return (np.float32(0.0) if small else p), (np.int32(n) + np.int32(127)) << np.int32(23)
+
+
+@njit(nogil=True, cache=True)
+def _exp_rows(E, I, w):  # noqa: E741
+    """``E[k, :w] = exp(E[k, :w])`` in place (``I`` an int32 scratch of E's shape)."""
+    K = E.shape[0]
+    if E.itemsize == 8:
+        for k in range(K):
+            e = E[k]
+            for x in range(w):
+                e[x] = math.exp(e[x])
+        return
+    for k in range(K):
+        e = E[k]
+        ik = I[k]
+        for x in range(w):
+            e[x], ik[x] = _exp_parts(e[x])
+        scale = ik.view(np.float32)
+        for x in range(w):
+            e[x] *= scale[x]
+
+
+@njit(nogil=True, cache=True)
+def _neighbour_sums(Q, nb, r, x0, w, N):
+    """``N[c, x]`` = the sum over the neighbours of pixel ``(r, x0 + x)``, ``x < w``, of
+    their class ``c``, in the order of the table ``nb`` (4 or 8 entries: sub-lattice,
+    row shift, column shift); one pass per class (a loop per neighbour would store and
+    reload the partial sums)."""
+    C = N.shape[0]
+    if nb.shape[0] == 4:
+        for c in range(C):
+            a0 = Q[nb[0, 0], c, 1 + r + nb[0, 1], 1 + x0 + nb[0, 2] :]
+            a1 = Q[nb[1, 0], c, 1 + r + nb[1, 1], 1 + x0 + nb[1, 2] :]
+            a2 = Q[nb[2, 0], c, 1 + r + nb[2, 1], 1 + x0 + nb[2, 2] :]
+            a3 = Q[nb[3, 0], c, 1 + r + nb[3, 1], 1 + x0 + nb[3, 2] :]
+            nc = N[c]
+            for x in range(w):
+                nc[x] = a0[x] + a1[x] + a2[x] + a3[x]
+        return
+    for c in range(C):
+        a0 = Q[nb[0, 0], c, 1 + r + nb[0, 1], 1 + x0 + nb[0, 2] :]
+        a1 = Q[nb[1, 0], c, 1 + r + nb[1, 1], 1 + x0 + nb[1, 2] :]
+        a2 = Q[nb[2, 0], c, 1 + r + nb[2, 1], 1 + x0 + nb[2, 2] :]
+        a3 = Q[nb[3, 0], c, 1 + r + nb[3, 1], 1 + x0 + nb[3, 2] :]
+        a4 = Q[nb[4, 0], c, 1 + r + nb[4, 1], 1 + x0 + nb[4, 2] :]
+        a5 = Q[nb[5, 0], c, 1 + r + nb[5, 1], 1 + x0 + nb[5, 2] :]
+        a6 = Q[nb[6, 0], c, 1 + r + nb[6, 1], 1 + x0 + nb[6, 2] :]
+        a7 = Q[nb[7, 0], c, 1 + r + nb[7, 1], 1 + x0 + nb[7, 2] :]
+        nc = N[c]
+        for x in range(w):
+            nc[x] = (
+                a0[x] + a1[x] + a2[x] + a3[x]
+                + a4[x] + a5[x] + a6[x] + a7[x]
+            )  # fmt: skip
+
+
+@njit(nogil=True, cache=True)
+def sweep_2d(Q, G, act, lnS, qN, q, cc, nbr, counts, beta, sweeps, log_route, E, I, N, S):  # noqa: E741
+    """``sweeps`` colour sweeps of the mean-field update over a 2-D block.
+
+    Parameters
+    ----------
+    Q : (J, C, hmax + 2, wmax + 2)
+        Class probabilities of each sub-lattice (in colour order), zero-bordered.
+    G : (J, K, hmax, wmax)
+        ``exp(L - max L)`` (``L - max L`` on the log route) of the pixel-wise logits.
+    act : (J, hmax, wmax) or (0, 0, 0)
+        1 for the pixels of the field, 0 for the others; empty: all are.
+    lnS, qN : (J, hmax, wmax)
+        Set on the last sweep: the log normaliser of each pixel's update and
+        ``sum_c Q_c N_c`` of its class probabilities and neighbour sums.
+    q : (J, K, hmax, wmax) or (0, 0, 0, 0)
+        Component probabilities when components and classes differ (``cc`` maps each
+        component to its class); empty: component ``k`` is class ``k``.
+    nbr : (J, n, 3) int64
+        Per sub-lattice, its neighbours: sub-lattice and (row, column) shift.
+    counts : (J, 2) int64
+        Each sub-lattice's shape.
+    E, I, N, S : scratch rows, (K, wmax) float, (K, wmax) int32, (C, wmax) float, (wmax,)
+    """
+    J = Q.shape[0]
+    C = Q.shape[1]
+    K = G.shape[1]
+    has_act = act.shape[0] > 0
+    groups = q.shape[0] > 0
+    b = Q.dtype.type(beta)
+    tiny = Q.dtype.type(1e-30)
+    one = Q.dtype.type(1.0)
+    for s in range(sweeps):
+        last = s == sweeps - 1
+        for j in range(J):
+            h = counts[j, 0]
+            w = counts[j, 1]
+            for r in range(h):
+                _neighbour_sums(Q, nbr[j], r, 0, w, N)
+                # unnormalised q of the row's components, and their sum S
+                if log_route:  # q ∝ exp(L - max L + beta N - top), top the row's max
+                    for k in range(K):
+                        nk = N[cc[k]] if groups else N[k]
+                        g = G[j, k, r]
+                        ek = E[k]
+                        for x in range(w):
+                            ek[x] = g[x] + b * nk[x]
+                    e0 = E[0]
+                    for x in range(w):
+                        S[x] = e0[x]
+                    for k in range(1, K):
+                        ek = E[k]
+                        for x in range(w):
+                            S[x] = max(S[x], ek[x])
+                    for k in range(K):
+                        ek = E[k]
+                        for x in range(w):
+                            ek[x] -= S[x]
+                    if last:
+                        ln = lnS[j, r]
+                        for x in range(w):
+                            ln[x] = S[x]
+                    _exp_rows(E, I, w)
+                    e0 = E[0]
+                    for x in range(w):
+                        S[x] = e0[x]
+                    for k in range(1, K):
+                        ek = E[k]
+                        for x in range(w):
+                            S[x] += ek[x]
+                elif E.itemsize == 8:  # q ∝ exp(L - max L) exp(beta N)
+                    for k in range(K):
+                        nk = N[cc[k]] if groups else N[k]
+                        g = G[j, k, r]
+                        ek = E[k]
+                        for x in range(w):
+                            ek[x] = math.exp(b * nk[x]) * g[x]
+                    e0 = E[0]
+                    for x in range(w):
+                        S[x] = e0[x]
+                    for k in range(1, K):
+                        ek = E[k]
+                        for x in range(w):
+                            S[x] += ek[x]
+                else:
+                    for k in range(K):
+                        nk = N[cc[k]] if groups else N[k]
+                        ek = E[k]
+                        ik = I[k]
+                        for x in range(w):
+                            ek[x], ik[x] = _exp_parts(b * nk[x])
+                    for k in range(K):
+                        g = G[j, k, r]
+                        ek = E[k]
+                        scale = I[k].view(np.float32)
+                        if k == 0:
+                            for x in range(w):
+                                v = ek[x] * scale[x]
+                                v = v * g[x]
+                                ek[x] = v
+                                S[x] = v
+                        else:
+                            for x in range(w):
+                                v = ek[x] * scale[x]
+                                v = v * g[x]
+                                ek[x] = v
+                                S[x] += v
+                for x in range(w):
+                    S[x] = max(S[x], tiny)
+                if last:
+                    ln = lnS[j, r]
+                    if log_route:
+                        for x in range(w):
+                            ln[x] += math.log(S[x])
+                    else:
+                        for x in range(w):
+                            ln[x] = math.log(S[x])
+                if has_act:
+                    a = act[j, r]
+                    for x in range(w):
+                        S[x] = a[x] / S[x]
+                else:
+                    for x in range(w):
+                        S[x] = one / S[x]
+                if groups:
+                    for c in range(C):
+                        qc = Q[j, c, 1 + r, 1 : 1 + w]
+                        for x in range(w):
+                            qc[x] = 0.0
+                    for k in range(K):
+                        qk = q[j, k, r]
+                        qc = Q[j, cc[k], 1 + r, 1 : 1 + w]
+                        ek = E[k]
+                        for x in range(w):
+                            v = ek[x] * S[x]
+                            qk[x] = v
+                            qc[x] += v
+                else:
+                    for k in range(K):
+                        qc = Q[j, k, 1 + r, 1 : 1 + w]
+                        ek = E[k]
+                        for x in range(w):
+                            qc[x] = ek[x] * S[x]
+                if last:
+                    out = qN[j, r]
+                    qc = Q[j, 0, 1 + r, 1 : 1 + w]
+                    nc = N[0]
+                    for x in range(w):
+                        out[x] = qc[x] * nc[x]
+                    for c in range(1, C):
+                        qc = Q[j, c, 1 + r, 1 : 1 + w]
+                        nc = N[c]
+                        for x in range(w):
+                            out[x] += qc[x] * nc[x]
+
+
+_M0 = np.uint64(0x9E3779B97F4A7C15)
+_M1 = np.uint64(0xC2B2AE3D27D4EB4F)
+
+
+@njit(nogil=True, cache=True)
+def _uniform(g0, g1):
+    """``daskem.model.spatial.pixel_uniforms`` of the pixel at global index (g0, g1)."""
+    h = np.uint64(0)
+    h ^= (np.uint64(g0) + np.uint64(1)) * _M0
+    h = (h << np.uint64(31)) | (h >> np.uint64(33))
+    h ^= (np.uint64(g1) + np.uint64(1)) * _M1
+    h = (h << np.uint64(31)) | (h >> np.uint64(33))
+    h ^= h >> np.uint64(30)
+    h *= np.uint64(0xBF58476D1CE4E5B9)
+    h ^= h >> np.uint64(27)
+    h *= np.uint64(0x94D049BB133111EB)
+    h ^= h >> np.uint64(31)
+    return np.float64(h >> np.uint64(11)) * 2.0**-53
+
+
+@njit(nogil=True, cache=True)
+def drawn_field_2d(Q, act, counts, starts, origin, Z):
+    """One draw ``Z`` (one-hot, bordered like ``Q``, zero on entry) of the class field
+    from ``Q`` by each pixel's fixed uniform: the first class whose cumulative
+    probability reaches it, the last if rounding leaves every one below; inactive
+    pixels (``act`` 0) draw nothing."""
+    J = Q.shape[0]
+    C = Q.shape[1]
+    has_act = act.shape[0] > 0
+    for j in range(J):
+        for r in range(counts[j, 0]):
+            g0 = origin[0] + starts[j, 0] + 2 * r
+            for x in range(counts[j, 1]):
+                if has_act and act[j, r, x] == 0:
+                    continue
+                u = _uniform(g0, origin[1] + starts[j, 1] + 2 * x)
+                cum = Q.dtype.type(0.0)
+                pick = C - 1
+                for c in range(C - 1):
+                    cum += Q[j, c, 1 + r, 1 + x]
+                    if not cum < u:
+                        pick = c
+                        break
+                Z[j, pick, 1 + r, 1 + x] = 1.0
+
+
+@njit(nogil=True, cache=True, fastmath=True)
+def _dot(u, v, n):
+    """``sum_x u[x] v[x]`` over ``x < n`` in float64, vectorised (a sum over pixels: its
+    grouping may differ by block anyway; no per-pixel value is computed here)."""
+    t = 0.0
+    for x in range(n):
+        t += u[x] * v[x]
+    return t
+
+
+@njit(nogil=True, cache=True, fastmath=True)
+def _sum(u, n):
+    t = 0.0
+    for x in range(n):
+        t += u[x]
+    return t
+
+
+@njit(nogil=True, cache=True)
+def stats_2d(
+    Q, q, cc, Z, maxL, lnS, qN, w, act, nbr, counts, starts, core, alpha, a, b, amax, beta,
+    log_route, need_pl, estimate_beta, g, H,
+):  # fmt: skip
+    """The prior's statistics of a block's core from its swept field: returns the summed
+    weighted local free energy and weight, and adds the pseudo-likelihood's gradient and
+    Hessian in ``(alpha, beta)`` to ``g`` (K + 1) and ``H`` (K + 1, K + 1) (float64).
+
+    ``Z`` the drawn field (:func:`drawn_field_2d`); ``maxL`` (float64), ``lnS``, ``qN``
+    as left by :func:`sweep_2d`; ``w`` the block's pixel weights (grid-shaped);
+    ``starts`` each sub-lattice's local parities, ``core`` its core's row and column
+    ranges (J, 4); ``a`` = ``exp(alpha - amax)`` and ``b`` its class sums (work dtype).
+    """
+    J = Q.shape[0]
+    C = Q.shape[1]
+    K = alpha.shape[0]
+    groups = q.shape[0] > 0
+    has_act = act.shape[0] > 0
+    dt = Q.dtype.type
+    bt = dt(beta)
+    W = Q.shape[3]
+    N = np.empty((C, W), dtype=Q.dtype)
+    Ns = np.empty((C, W), dtype=Q.dtype)
+    E = np.empty((max(C, K), W), dtype=Q.dtype)
+    I = np.empty((max(C, K), W), dtype=np.int32)  # noqa: E741
+    den = np.empty(W, dtype=Q.dtype)
+    qn = np.empty(W, dtype=Q.dtype)
+    P = np.empty((K, W), dtype=Q.dtype)
+    PC = np.empty((C, W), dtype=Q.dtype)
+    P64 = np.empty((K, W))
+    wp = np.empty((K, W))
+    lg = np.empty((K, W))
+    wr = np.empty(W)
+    t64 = np.empty(W)
+    energy = 0.0
+    weight = 0.0
+    for j in range(J):
+        r0, r1, x0, x1 = core[j, 0], core[j, 1], core[j, 2], core[j, 3]
+        w_ = x1 - x0
+        if w_ <= 0:
+            continue
+        for r in range(r0, r1):
+            row = starts[j, 0] + 2 * r
+            for x in range(w_):
+                wr[x] = w[row, starts[j, 1] + 2 * (x0 + x)]
+            _neighbour_sums(Q, nbr[j], r, x0, w_, N)
+            # the local free energy: log q_ik = L_ik - max_k L_ik + beta N'_ik - lnS_i
+            for x in range(w_):
+                qn[x] = Q[j, 0, 1 + r, 1 + x0 + x] * N[0, x]
+            for c in range(1, C):
+                for x in range(w_):
+                    qn[x] += Q[j, c, 1 + r, 1 + x0 + x] * N[c, x]
+            if log_route:
+                for x in range(w_):
+                    top = -np.inf
+                    for k in range(K):
+                        v = alpha[k] + beta * np.float64(N[cc[k] if groups else k, x])
+                        lg[k, x] = v
+                        top = max(top, v)
+                    t = 0.0
+                    for k in range(K):
+                        t += math.exp(lg[k, x] - top)
+                    lg[0, x] = math.log(t) + top
+            else:
+                for c in range(C):
+                    for x in range(w_):
+                        E[c, x] = bt * N[c, x]
+                _exp_rows(E[:C], I[:C], w_)
+                for x in range(w_):
+                    den[x] = b[0] * E[0, x]
+                for c in range(1, C):
+                    for x in range(w_):
+                        den[x] += b[c] * E[c, x]
+                for x in range(w_):
+                    lg[0, x] = math.log(den[x]) + amax
+            for x in range(w_):
+                e = maxL[j, r, x0 + x] + np.float64(lnS[j, r, x0 + x]) - lg[0, x]
+                e += beta * (np.float64(qn[x]) - np.float64(qN[j, r, x0 + x]))
+                t64[x] = 0.0 if has_act and act[j, r, x0 + x] == 0 else e
+            energy += _dot(wr, t64, w_)
+            weight += _sum(wr, w_)
+            if not need_pl:
+                continue
+            # the pseudo-likelihood's gradient and Hessian at the drawn field's neighbours
+            _neighbour_sums(Z, nbr[j], r, x0, w_, Ns)
+            if log_route:
+                for x in range(w_):
+                    top = -np.inf
+                    for k in range(K):
+                        v = alpha[k] + beta * np.float64(Ns[cc[k] if groups else k, x])
+                        lg[k, x] = v
+                        top = max(top, v)
+                    t = 0.0
+                    for k in range(K):
+                        lg[k, x] = math.exp(lg[k, x] - top)
+                        t += lg[k, x]
+                    for k in range(K):
+                        P[k, x] = lg[k, x] / t
+            else:
+                for c in range(C):
+                    for x in range(w_):
+                        E[c, x] = bt * Ns[c, x]
+                _exp_rows(E[:C], I[:C], w_)
+                for x in range(w_):
+                    den[x] = b[0] * E[0, x]
+                for c in range(1, C):
+                    for x in range(w_):
+                        den[x] += b[c] * E[c, x]
+                for x in range(w_):
+                    den[x] = dt(1.0) / den[x]
+                for k in range(K):
+                    ek = E[cc[k]] if groups else E[k]
+                    ak = a[k]
+                    for x in range(w_):
+                        P[k, x] = ek[x] * den[x] * ak
+            for k in range(K):
+                qk = q[j, k, r, x0:] if groups else Q[j, k, 1 + r, 1 + x0 :]
+                pk = P[k]
+                for x in range(w_):
+                    v = np.float64(pk[x])
+                    P64[k, x] = v
+                    wp[k, x] = v * wr[x]
+                    t64[x] = qk[x]
+                s_p = _sum(wp[k], w_)
+                g[k] += _dot(t64, wr, w_) - s_p
+                H[k, k] -= s_p
+            for k in range(K):
+                for k2 in range(k, K):
+                    t = _dot(wp[k], P64[k2], w_)
+                    H[k, k2] += t
+                    if k2 != k:
+                        H[k2, k] += t
+            if not estimate_beta:
+                continue
+            if groups:
+                for c in range(C):
+                    for x in range(w_):
+                        PC[c, x] = 0.0
+                for k in range(K):
+                    for x in range(w_):
+                        PC[cc[k], x] += P[k, x]
+            else:
+                PC[:, :w_] = P[:, :w_]
+            for x in range(w_):  # nbar, in den
+                den[x] = PC[0, x] * Ns[0, x]
+            for c in range(1, C):
+                for x in range(w_):
+                    den[x] += PC[c, x] * Ns[c, x]
+            for x in range(w_):
+                t64[x] = np.float64(qn[x]) - np.float64(den[x])
+            g[K] += _dot(wr, t64, w_)
+            for x in range(w_):
+                v = dt(0.0)
+                for c in range(C):
+                    d = Ns[c, x] - den[x]
+                    v += PC[c, x] * (d * d)
+                t64[x] = v
+            H[K, K] -= _dot(wr, t64, w_)
+            for k in range(K):
+                c = cc[k] if groups else k
+                for x in range(w_):
+                    t64[x] = Ns[c, x] - den[x]
+                t = _dot(wp[k], t64, w_)
+                H[k, K] -= t
+                H[K, k] -= t
+    return energy, weight
