@@ -256,12 +256,15 @@ def test_log_sum_exp_route_gives_the_same_statistics(monkeypatch, components_per
     np.testing.assert_allclose(slow.emission.mean, fast.emission.mean, rtol=1e-12)
 
 
+@pytest.mark.parametrize("cov", ["full", "diag", "spherical"])
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("nb", [4, 8])
-def test_compiled_kernel_matches_the_numpy_kernel(monkeypatch, nb, dtype):
+def test_compiled_kernel_matches_the_numpy_kernel(monkeypatch, nb, dtype, cov):
     """2-D blocks run through the compiled loops (daskem.model._mf_kernels); the NumPy
     kernel (3-D blocks) gives the same q and statistics: classes of several components,
-    labels, pixels of zero weight, both exp routes, emissions or not, an off-centre core."""
+    labels, pixels of zero weight, missing attributes, both exp routes, emissions or not,
+    an off-centre core; diagonal and spherical log-densities by the compiled residual
+    form, full ones by the GEMM of both kernels."""
     from daskem.model import spatial
 
     X, ds = _image(seed=8, shape=(29, 24))
@@ -269,7 +272,9 @@ def test_compiled_kernel_matches_the_numpy_kernel(monkeypatch, nb, dtype):
     X[3, 4, 1] = np.nan  # a partly observed pixel
     X[10, 10] = np.nan  # nothing observed
     y = ds["labels"].values.astype(int)
-    sg = SpatialGaussianMixtureClassifier(components_per_class=2, random_state=0, max_iter=2)
+    sg = SpatialGaussianMixtureClassifier(
+        components_per_class=2, covariance_type=cov, random_state=0, max_iter=2
+    )
     params = sg.fit(X.astype(np.float64), y)._fitted_params()
     w = np.ones(X.shape[:2])
     w[5:9, 4:7] = 0.0
@@ -278,7 +283,7 @@ def test_compiled_kernel_matches_the_numpy_kernel(monkeypatch, nb, dtype):
     tol = dict(rtol=2e-4, atol=2e-4) if dtype == np.float32 else dict(rtol=1e-9, atol=1e-9)
     for beta, emissions in ((0.7, True), (0.7, False), (12.0, False)):
         model = SpatialGMMModel(
-            GMMModel("full", 1e-6), neighbourhood=nb, sweeps=2, estimate_beta=True,
+            GMMModel(cov, 1e-6), neighbourhood=nb, sweeps=2, estimate_beta=True,
             fit_emissions=emissions,
         )  # fmt: skip
         sp = SpatialParams(params.gmm, params.alpha, beta)

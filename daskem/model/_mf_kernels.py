@@ -22,7 +22,7 @@ import math
 import numpy as np
 from numba import njit
 
-__all__ = ["drawn_field_2d", "stats_2d", "sweep_2d"]
+__all__ = ["drawn_field_2d", "log_gauss_diag", "start_rows", "stats_2d", "sweep_2d"]
 
 _LOG2E = 1.4426950408889634
 _LN2_HI = 0.693359375
@@ -490,3 +490,119 @@ def stats_2d(
                 H[k, K] -= t
                 H[K, k] -= t
     return energy, weight
+
+
+@njit(nogil=True, cache=True)
+def start_rows(L, ok, j, r0, w, log_route, cc, G, maxL, Q, q, act, lnS, E, I, inv):  # noqa: E741
+    """The pixel-wise start of rows ``r0 ..`` of sub-lattice ``j`` from their logits ``L``
+    (K, m) float64, pixels row by row (``w`` per row): ``maxL``, ``G`` = ``exp(L - max
+    L)`` (``L - max L`` on the log route), ``q ∝ exp(L)`` into ``Q`` (and ``q``) and the
+    log normaliser ``lnS``. ``ok`` (m, K) the components each pixel may take (empty:
+    all); ``act`` as in :func:`sweep_2d`; ``E``, ``I``, ``inv`` scratch rows (K, >= w),
+    (K, >= w) int32, (>= w,)."""
+    K = L.shape[0]
+    C = Q.shape[1]
+    rows = L.shape[1] // w if w > 0 else 0
+    groups = q.shape[0] > 0
+    has_ok = ok.shape[0] > 0
+    has_act = act.shape[0] > 0
+    tiny = Q.dtype.type(1e-30)
+    one = Q.dtype.type(1.0)
+    for rr in range(rows):
+        r = r0 + rr
+        base = rr * w
+        mrow = maxL[j, r]
+        for x in range(w):
+            top = -np.inf
+            for k in range(K):
+                v = L[k, base + x]
+                if has_ok and not ok[base + x, k]:
+                    v = -np.inf
+                    L[k, base + x] = v
+                top = max(top, v)
+            if not np.isfinite(top):
+                top = 0.0
+            mrow[x] = top
+        for k in range(K):
+            g = G[j, k, r]
+            lk = L[k, base : base + w]
+            for x in range(w):
+                g[x] = lk[x] - mrow[x]
+            ek = E[k]
+            for x in range(w):
+                ek[x] = g[x]
+        _exp_rows(E, I, w)
+        if not log_route:  # G holds the exponentials, as does E
+            for k in range(K):
+                g = G[j, k, r]
+                ek = E[k]
+                for x in range(w):
+                    g[x] = ek[x]
+        S = lnS[j, r]  # the sum first, its log below
+        e0 = E[0]
+        for x in range(w):
+            S[x] = e0[x]
+        for k in range(1, K):
+            ek = E[k]
+            for x in range(w):
+                S[x] += ek[x]
+        for x in range(w):
+            S[x] = max(S[x], tiny)
+        if has_act:
+            a = act[j, r]
+            for x in range(w):
+                inv[x] = a[x] / S[x]
+        else:
+            for x in range(w):
+                inv[x] = one / S[x]
+        for x in range(w):
+            S[x] = math.log(S[x])
+        if groups:
+            for c in range(C):
+                qc = Q[j, c, 1 + r, 1 : 1 + w]
+                for x in range(w):
+                    qc[x] = 0.0
+            for k in range(K):
+                qk = q[j, k, r]
+                qc = Q[j, cc[k], 1 + r, 1 : 1 + w]
+                ek = E[k]
+                for x in range(w):
+                    v = ek[x] * inv[x]
+                    qk[x] = v
+                    qc[x] += v
+        else:
+            for k in range(K):
+                qc = Q[j, k, 1 + r, 1 : 1 + w]
+                ek = E[k]
+                for x in range(w):
+                    qc[x] = ek[x] * inv[x]
+
+
+@njit(nogil=True, cache=True)
+def log_gauss_diag(X, means, prec, const, out, xbuf):
+    """``out[k, i] = const[k] - 0.5 * sum_d ((x_id - means[k, d]) * prec[k, d]) ** 2``
+    (float64) of the pixels of ``X`` (h, w, D), any strides, row by row (``i = r * w +
+    x``): the diagonal-covariance log-density in its residual form, each pixel's sum in
+    the order of the attributes. A pixel with a missing attribute gets NaN. ``xbuf`` a
+    (D, >= w) float64 scratch."""
+    h, w, D = X.shape
+    K = means.shape[0]
+    for r in range(h):
+        for x in range(w):
+            for d in range(D):
+                xbuf[d, x] = X[r, x, d]
+        base = r * w
+        for k in range(K):
+            o = out[k, base : base + w]
+            for x in range(w):
+                o[x] = 0.0
+            for d in range(D):
+                mu = means[k, d]
+                pk = prec[k, d]
+                xd = xbuf[d]
+                for x in range(w):
+                    y = (xd[x] - mu) * pk
+                    o[x] += y * y
+            ck = const[k]
+            for x in range(w):
+                o[x] = ck - 0.5 * o[x]

@@ -680,17 +680,10 @@ def _build_field(
             m = math.prod(shape)
             L = emission(sl, m)
             ok = allowed(sl, m)
-            if ok is not None:
-                L[~ok.T] = -np.inf
-            mx = L.max(axis=0)
-            mx[~np.isfinite(mx)] = 0.0
-            f.maxL[j][slice(*rows)] = mx.reshape(shape)
-            G = f.G[j][:, slice(*rows)]
-            np.subtract(L.reshape(K, *shape), mx.reshape(shape), out=G, casting="same_kind")
-            if not log_route:
-                with np.errstate(under="ignore"):
-                    np.exp(G, out=G)
-            _update(f, j, rows, rest, None, 0.0, True)
+            if f.stacked is not None:
+                _compiled_start(f, j, rows, shape, L, ok)
+            else:
+                _numpy_start(f, j, rows, rest, shape, L, ok)
             if initial is not None:  # a carried q replaces the pixel-wise start
                 T = f.ws.get("T", (K, *shape), dtype)
                 np.copyto(T, initial(sl, m).reshape(K, *shape), casting="same_kind")
@@ -703,6 +696,42 @@ def _build_field(
                     f.q[j][:, slice(*rows)] = T
                     np.copyto(Qv, f.class_sums(T, f.ws.get("QT", (C, *shape), dtype)))
     return f
+
+
+def _numpy_start(f: _Field, j: int, rows, rest, shape, L: np.ndarray, ok) -> None:
+    """The NumPy kernel's pixel-wise start of a strip of sub-lattice ``j`` from its logits
+    ``L`` (K, m) and allowed components ``ok`` (m, K) or None."""
+    K = L.shape[0]
+    log_route = f.log_route
+    if ok is not None:
+        L[~ok.T] = -np.inf
+    mx = L.max(axis=0)
+    mx[~np.isfinite(mx)] = 0.0
+    f.maxL[j][slice(*rows)] = mx.reshape(shape)
+    G = f.G[j][:, slice(*rows)]
+    np.subtract(L.reshape(K, *shape), mx.reshape(shape), out=G, casting="same_kind")
+    if not log_route:
+        with np.errstate(under="ignore"):
+            np.exp(G, out=G)
+    _update(f, j, rows, rest, None, 0.0, True)
+
+
+def _compiled_start(f: _Field, j: int, rows, shape, L: np.ndarray, ok) -> None:
+    """:func:`_numpy_start` by the compiled loops."""
+    from ._mf_kernels import start_rows
+
+    st = f.stacked
+    K = L.shape[0]
+    w = shape[1]
+    q = st["q"] if st["q"] is not None else np.empty((0, 0, 0, 0), dtype=f.dtype)
+    cc = f.cc if f.cc is not None else np.arange(K)
+    start_rows(
+        np.ascontiguousarray(L, dtype=np.float64),
+        np.empty((0, 0), dtype=bool) if ok is None else np.ascontiguousarray(ok),
+        j, rows[0], w, bool(f.log_route), cc.astype(np.int64), st["G"], st["maxL"], st["Q"],
+        q, st["act"], st["lnS"], f.ws.get("E", (K, w), f.dtype),
+        f.ws.get("I", (K, w), np.int32), f.ws.get("inv", (w,), f.dtype),
+    )  # fmt: skip
 
 
 def _update(f: _Field, j: int, rows, rest, N: np.ndarray | None, beta: float, last: bool):
@@ -948,6 +977,30 @@ def log_emission_t(gmm: GMMParams, X: np.ndarray, offset: np.ndarray | None = No
     bad = np.concatenate(bad) if bad else np.empty(0, dtype=np.intp)
     if bad.size:
         out[:, bad] = log_emission(gmm, X[bad]).T + offset[:, None]
+    return out
+
+
+def log_emission_diag(gmm: GMMParams, X: np.ndarray, offset: np.ndarray) -> np.ndarray:
+    """:func:`log_emission_t` of the pixels of a grid block ``X`` (h, w, D), diagonal or
+    spherical covariances, by the compiled residual form (every step float64, each
+    pixel's sum in a fixed order); pixels with missing attributes by
+    :func:`log_emission`."""
+    from ._mf_kernels import log_gauss_diag
+
+    h, w, D = X.shape
+    K = gmm.n_components
+    prec = np.asarray(gmm.precisions_cholesky, dtype=np.float64)
+    if gmm.covariance_type == "spherical":
+        prec = np.repeat(prec[:, None], D, axis=1)
+    const = np.log(prec).sum(axis=1) - 0.5 * D * np.log(2 * np.pi)
+    const += np.asarray(offset, dtype=np.float64)
+    out = np.empty((K, h * w))
+    means = np.ascontiguousarray(gmm.means, dtype=np.float64)
+    log_gauss_diag(X, means, np.ascontiguousarray(prec), const, out, np.empty((D, max(w, 1))))
+    with np.errstate(invalid="ignore"):
+        bad = np.flatnonzero(~np.isfinite(out.sum(axis=0)))
+    if bad.size:  # missing attributes (or values beyond float64)
+        out[:, bad] = log_emission(gmm, X.reshape(h * w, D)[bad]).T + np.asarray(offset)[:, None]
     return out
 
 
@@ -1358,14 +1411,18 @@ class SpatialGMMModel:
         D = data.shape[-1]
         lab = None if labels is None else np.asarray(labels)
 
+        lat = _Lattice(data.shape[:-1], origin, self.neighbourhood)
+        direct = _compiled(lat) and gmm.covariance_type in ("diag", "spherical")
+
         def emission(sub, m):
+            if direct:
+                return log_emission_diag(gmm, data[sub], params.alpha)
             return log_emission_t(gmm, data[sub].reshape(m, D), params.alpha)
 
         def ok(sub, m):
             return None if lab is None else _allowed(lab[sub], gmm)
 
         beta = float(params.beta)
-        lat = _Lattice(data.shape[:-1], origin, self.neighbourhood)
         dtype = work_dtype(data.dtype)
         M = class_membership(gmm)
         start = None
