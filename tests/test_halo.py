@@ -73,6 +73,23 @@ def test_fit_on_a_stack_three_times_the_workers_memory(monkeypatch):
     # 114 x 2 chunks of 8 MiB
     Hs, Ws, Ds, c = 14592, 256, 64, (128, 128)
     memory = {f"distributed.worker.memory.{k}": False for k in ("target", "spill", "pause")}
+    means = np.zeros((2, Ds))
+    means[1] += 0.5
+    kw = dict(
+        covariance_type="diag",
+        spatial_beta=1.0,
+        spatial_fit="joint",  # every pass with the prior and its halos
+        tol=0.0,
+        cache=False,
+        means_init=means,
+        weights_init=[0.5, 0.5],
+        precisions_init=np.ones((2, Ds)),
+    )
+    # compile the kernels here first: the worker loads them from numba's cache instead of
+    # compiling them (~15 s and ~200 MiB once per installation; this test is about data)
+    small = np.ones((40, 40, Ds)) + np.arange(40)[:, None, None] % 7 * 0.1
+    with dask.config.set(scheduler="sync"):
+        SpatialGaussianMixture(2, max_iter=1, **kw).fit(da.from_array(small, chunks=(20, 20, Ds)))
     with (
         dask.config.set(memory),
         distributed.LocalCluster(
@@ -103,20 +120,7 @@ def test_fit_on_a_stack_three_times_the_workers_memory(monkeypatch):
 
         watcher = threading.Thread(target=watch, daemon=True)
         watcher.start()
-        means = np.zeros((2, Ds))
-        means[1] += 0.5
-        gm = SpatialGaussianMixture(
-            2,
-            covariance_type="diag",
-            spatial_beta=1.0,
-            spatial_fit="joint",  # every pass with the prior and its halos
-            max_iter=2,
-            tol=0.0,
-            cache=False,
-            means_init=means,
-            weights_init=[0.5, 0.5],
-            precisions_init=np.ones((2, Ds)),
-        ).fit(image)
+        gm = SpatialGaussianMixture(2, max_iter=2, **kw).fit(image)
         stop.set()
         watcher.join()
         assert client.run(os.getpid) == pids, "a worker was restarted"

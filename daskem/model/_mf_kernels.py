@@ -5,10 +5,11 @@ K planes per step (``docs/performance.md``, trap 11); these loops do a row of a
 sub-lattice at a time instead, every per-pixel step of a row in one compiled function,
 with the same data layout (each parity sub-lattice class-major with a zero border,
 stacked along a leading axis) and the same arithmetic per pixel: neighbour sums in
-the order of the neighbour table, then the classes in order. No loop here reduces
-across pixels and nothing is compiled with ``fastmath``, so a pixel's value does not
-depend on the row, strip or chunk it is computed in (vectorised and scalar iterations
-round alike).
+the order of the neighbour table, then the classes in order. Per-pixel values are
+computed without ``fastmath``, so a pixel's value does not depend on the row, strip or
+chunk it is computed in (vectorised and scalar iterations round alike); only the sums
+over pixels of the statistics (float64, :func:`_dot`, :func:`_sum`) are compiled with
+``fastmath``, so that they vectorise (their grouping depends on the block anyway).
 
 ``exp`` of float32 values is the classic Cody-Waite range reduction with a degree-6
 polynomial (Cephes' ``expf`` coefficients, relative error ~1e-7), written so that the
