@@ -284,26 +284,34 @@ def _uniform(g0, g1):
 def drawn_field_2d(Q, act, counts, starts, origin, Z):
     """One draw ``Z`` (one-hot, bordered like ``Q``, zero on entry) of the class field
     from ``Q`` by each pixel's fixed uniform: the first class whose cumulative
-    probability reaches it, the last if rounding leaves every one below; inactive
+    probability reaches it, the last if rounding leaves every one below (the cumulative
+    sums never decrease, so that class is the number of classes below it); inactive
     pixels (``act`` 0) draw nothing."""
     J = Q.shape[0]
     C = Q.shape[1]
     has_act = act.shape[0] > 0
+    W = Q.shape[3]
+    u = np.empty(W)
+    cum = np.empty(W, dtype=Q.dtype)
+    pick = np.empty(W, dtype=np.int64)
     for j in range(J):
+        w = counts[j, 1]
         for r in range(counts[j, 0]):
             g0 = origin[0] + starts[j, 0] + 2 * r
-            for x in range(counts[j, 1]):
+            g1 = origin[1] + starts[j, 1]
+            for x in range(w):
+                u[x] = _uniform(g0, g1 + 2 * x)
+                cum[x] = 0.0
+                pick[x] = 0
+            for c in range(C - 1):
+                qc = Q[j, c, 1 + r, 1:]
+                for x in range(w):
+                    cum[x] += qc[x]
+                    pick[x] += cum[x] < u[x]
+            for x in range(w):
                 if has_act and act[j, r, x] == 0:
                     continue
-                u = _uniform(g0, origin[1] + starts[j, 1] + 2 * x)
-                cum = Q.dtype.type(0.0)
-                pick = C - 1
-                for c in range(C - 1):
-                    cum += Q[j, c, 1 + r, 1 + x]
-                    if not cum < u:
-                        pick = c
-                        break
-                Z[j, pick, 1 + r, 1 + x] = 1.0
+                Z[j, pick[x], 1 + r, 1 + x] = 1.0
 
 
 @njit(nogil=True, cache=True, fastmath=True)
@@ -372,11 +380,15 @@ def stats_2d(
                 wr[x] = w[row, starts[j, 1] + 2 * (x0 + x)]
             _neighbour_sums(Q, nbr[j], r, x0, w_, N)
             # the local free energy: log q_ik = L_ik - max_k L_ik + beta N'_ik - lnS_i
+            qc = Q[j, 0, 1 + r, 1 + x0 :]
+            nc = N[0]
             for x in range(w_):
-                qn[x] = Q[j, 0, 1 + r, 1 + x0 + x] * N[0, x]
+                qn[x] = qc[x] * nc[x]
             for c in range(1, C):
+                qc = Q[j, c, 1 + r, 1 + x0 :]
+                nc = N[c]
                 for x in range(w_):
-                    qn[x] += Q[j, c, 1 + r, 1 + x0 + x] * N[c, x]
+                    qn[x] += qc[x] * nc[x]
             if log_route:
                 for x in range(w_):
                     top = -np.inf
@@ -400,10 +412,18 @@ def stats_2d(
                         den[x] += b[c] * E[c, x]
                 for x in range(w_):
                     lg[0, x] = math.log(den[x]) + amax
+            mL = maxL[j, r, x0:]
+            lS = lnS[j, r, x0:]
+            lN = qN[j, r, x0:]
+            lz = lg[0]
             for x in range(w_):
-                e = maxL[j, r, x0 + x] + np.float64(lnS[j, r, x0 + x]) - lg[0, x]
-                e += beta * (np.float64(qn[x]) - np.float64(qN[j, r, x0 + x]))
-                t64[x] = 0.0 if has_act and act[j, r, x0 + x] == 0 else e
+                e = mL[x] + np.float64(lS[x]) - lz[x]
+                t64[x] = e + beta * (np.float64(qn[x]) - np.float64(lN[x]))
+            if has_act:
+                ac = act[j, r, x0:]
+                for x in range(w_):
+                    if ac[x] == 0:
+                        t64[x] = 0.0
             energy += _dot(wr, t64, w_)
             weight += _sum(wr, w_)
             if not need_pl:
@@ -476,12 +496,15 @@ def stats_2d(
             for x in range(w_):
                 t64[x] = np.float64(qn[x]) - np.float64(den[x])
             g[K] += _dot(wr, t64, w_)
-            for x in range(w_):
-                v = dt(0.0)
-                for c in range(C):
+            for x in range(w_):  # sum_c P_c (Ns_c - nbar)^2, in qn (no longer needed)
+                d = Ns[0, x] - den[x]
+                qn[x] = PC[0, x] * (d * d)
+            for c in range(1, C):
+                for x in range(w_):
                     d = Ns[c, x] - den[x]
-                    v += PC[c, x] * (d * d)
-                t64[x] = v
+                    qn[x] += PC[c, x] * (d * d)
+            for x in range(w_):
+                t64[x] = qn[x]
             H[K, K] -= _dot(wr, t64, w_)
             for k in range(K):
                 c = cc[k] if groups else k
@@ -494,13 +517,13 @@ def stats_2d(
 
 
 @njit(nogil=True, cache=True)
-def start_rows(L, ok, j, r0, w, log_route, cc, G, maxL, Q, q, act, lnS, E, I, inv):  # noqa: E741
+def start_rows(L, ok, j, r0, w, log_route, cc, G, maxL, Q, q, act, lnS, E, I, inv, need_lnS):  # noqa: E741
     """The pixel-wise start of rows ``r0 ..`` of sub-lattice ``j`` from their logits ``L``
     (K, m) float64, pixels row by row (``w`` per row): ``maxL``, ``G`` = ``exp(L - max
     L)`` (``L - max L`` on the log route), ``q ∝ exp(L)`` into ``Q`` (and ``q``) and the
     log normaliser ``lnS``. ``ok`` (m, K) the components each pixel may take (empty:
     all); ``act`` as in :func:`sweep_2d`; ``E``, ``I``, ``inv`` scratch rows (K, >= w),
-    (K, >= w) int32, (>= w,)."""
+    (K, >= w) int32, (>= w,). ``need_lnS`` False: sweeps follow, which set ``lnS``."""
     K = L.shape[0]
     C = Q.shape[1]
     rows = L.shape[1] // w if w > 0 else 0
@@ -509,21 +532,25 @@ def start_rows(L, ok, j, r0, w, log_route, cc, G, maxL, Q, q, act, lnS, E, I, in
     has_act = act.shape[0] > 0
     tiny = Q.dtype.type(1e-30)
     one = Q.dtype.type(1.0)
+    if has_ok:  # components a pixel may not take
+        for i in range(L.shape[1]):
+            for k in range(K):
+                if not ok[i, k]:
+                    L[k, i] = -np.inf
     for rr in range(rows):
         r = r0 + rr
         base = rr * w
         mrow = maxL[j, r]
+        l0 = L[0, base : base + w]
         for x in range(w):
-            top = -np.inf
-            for k in range(K):
-                v = L[k, base + x]
-                if has_ok and not ok[base + x, k]:
-                    v = -np.inf
-                    L[k, base + x] = v
-                top = max(top, v)
-            if not np.isfinite(top):
-                top = 0.0
-            mrow[x] = top
+            mrow[x] = l0[x]
+        for k in range(1, K):
+            lk = L[k, base : base + w]
+            for x in range(w):
+                mrow[x] = max(mrow[x], lk[x])
+        for x in range(w):
+            if not np.isfinite(mrow[x]):
+                mrow[x] = 0.0
         for k in range(K):
             g = G[j, k, r]
             lk = L[k, base : base + w]
@@ -556,8 +583,9 @@ def start_rows(L, ok, j, r0, w, log_route, cc, G, maxL, Q, q, act, lnS, E, I, in
         else:
             for x in range(w):
                 inv[x] = one / S[x]
-        for x in range(w):
-            S[x] = math.log(S[x])
+        if need_lnS:
+            for x in range(w):
+                S[x] = math.log(S[x])
         if groups:
             for c in range(C):
                 qc = Q[j, c, 1 + r, 1 : 1 + w]

@@ -276,7 +276,8 @@ def mean_field(
         return None if allowed is None else np.asarray(allowed[sub]).reshape(m, K)
 
     lat = _Lattice(grid, origin, neighbourhood)
-    f = _build_field(emission, ok, membership, beta, active, lat, dtype)
+    swept = beta != 0.0 and bool(sweeps)
+    f = _build_field(emission, ok, membership, beta, active, lat, dtype, swept=swept)
     if beta != 0.0 and sweeps:
         _sweep(f, float(beta), int(sweeps))
     return _field_to_grid(f, K)
@@ -549,6 +550,8 @@ class _Field:
     #: 2-D blocks: the same arrays stacked over the sub-lattices, for the compiled loops
     #: (:mod:`daskem.model._mf_kernels`); the lists above are views of them
     stacked: dict[str, np.ndarray] | None = None
+    #: the pixel-wise start sets ``lnS`` (False when sweeps follow, which set it)
+    start_lnS: bool = True
 
     def class_sums(self, T: np.ndarray, out: np.ndarray) -> np.ndarray:
         """Class sums ``out`` (C, ...) of component values ``T`` (K, ...)."""
@@ -618,6 +621,7 @@ def _build_field(
     lat: _Lattice,
     dtype: np.dtype,
     initial=None,
+    swept: bool = False,
 ) -> _Field:
     """The pixel-wise start ``q_ik ∝ p(x_i | k) exp(alpha_k)`` of a block, per sub-lattice.
 
@@ -627,7 +631,8 @@ def _build_field(
     ``allowed(sl, m)`` the components they may take (m, K) or None; ``M`` is the (K, C)
     class membership. The pixels are taken in strips of each sub-lattice. ``initial(sl, m)``,
     if given, is the ``q`` (K, m) to start from instead (a carried ``q``; the normaliser
-    bookkeeping then only holds after a sweep).
+    bookkeeping then only holds after a sweep). ``swept``: sweeps follow (which set the
+    normalisers: the start may skip them).
     """
     K, C = M.shape
     lat.strip = max(1024, _STRIP // max(K, C))
@@ -640,6 +645,7 @@ def _build_field(
     )
     if _compiled(lat):
         f.stacked = st = _stacked_arrays(lat, K, C, identity, dtype)
+        f.start_lnS = not swept
     for j, cnt in enumerate(lat.counts):
         act = None
         if active is not None:
@@ -730,7 +736,7 @@ def _compiled_start(f: _Field, j: int, rows, shape, L: np.ndarray, ok) -> None:
         np.empty((0, 0), dtype=bool) if ok is None else np.ascontiguousarray(ok),
         j, rows[0], w, bool(f.log_route), cc.astype(np.int64), st["G"], st["maxL"], st["Q"],
         q, st["act"], st["lnS"], f.ws.get("E", (K, w), f.dtype),
-        f.ws.get("I", (K, w), np.int32), f.ws.get("inv", (w,), f.dtype),
+        f.ws.get("I", (K, w), np.int32), f.ws.get("inv", (w,), f.dtype), bool(f.start_lnS),
     )  # fmt: skip
 
 
@@ -1432,7 +1438,8 @@ class SpatialGMMModel:
             def start(sub, m):
                 return np.asarray(q_start[sub]).reshape(m, K).T
 
-        f = _build_field(emission, ok, M, beta, active, lat, dtype, start)
+        swept = beta != 0.0 and bool(self.sweeps)
+        f = _build_field(emission, ok, M, beta, active, lat, dtype, start, swept)
         if beta != 0.0 and self.sweeps:
             _sweep(f, beta, int(self.sweeps))
         return f
