@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import itertools
 import logging
 import math
 import os
@@ -141,29 +142,102 @@ def grid_blocks(layout: GridLayout, *grids: da.Array | None) -> list[tuple]:
     """Per spatial block: ``(core, origin, *extended blocks)`` of each grid (or None).
 
     ``grids`` have the layout's spatial dims first (and any trailing dims in one chunk).
-    Each extended block is one ``Delayed`` (a slice across up to ``3 ** ndim`` chunks).
+    Each extended block is one ``Delayed``: the block's own chunk, read by its own task,
+    and its halo cut from its neighbours' *frames*. A chunk's frame (:func:`_frame`) is
+    made by one more task that reads the chunk and keeps the slabs of width ``depth``
+    along its faces, which is all its neighbours need. So every chunk is read twice per
+    pass (not once per block its halo reaches, up to ``3 ** ndim`` times), and what
+    waits in memory for the neighbours is frames, not chunks (a frame is about
+    ``4 * depth / side`` of a 2-D chunk; chunks that do not hold a frame's worth of
+    interior are their own frame).
     """
     bounds = [np.cumsum((0,) + c) for c in layout.chunks]
     h = int(layout.depth)
+    ndim = len(layout.chunks)
+    counts = [len(c) for c in layout.chunks]
+    own, frames = [], []
+    for g in grids:
+        if g is None:
+            own.append(None)
+            frames.append(None)
+            continue
+        own.append(np.array(g.to_delayed(optimize_graph=True), dtype=object).reshape(counts))
+        # a separately named copy of the graph: the frame's task reads the chunk itself
+        fr = g.map_blocks(_frame, h, ndim, dtype=g.dtype, meta=np.empty((0,) * g.ndim, g.dtype))
+        frames.append(np.array(fr.to_delayed(optimize_graph=True), dtype=object).reshape(counts))
     out = []
-    for index in np.ndindex(*[len(c) for c in layout.chunks]):
+    for index in np.ndindex(*counts):
         lo = [int(b[i]) for b, i in zip(bounds, index, strict=True)]
         hi = [int(b[i + 1]) for b, i in zip(bounds, index, strict=True)]
         elo = [max(0, a - h) for a in lo]
         ehi = [min(n, b + h) for b, n in zip(hi, layout.shape, strict=True)]
-        ext = tuple(slice(a, b) for a, b in zip(elo, ehi, strict=True))
         core = tuple(slice(a - e, b - e) for a, b, e in zip(lo, hi, elo, strict=True))
+        # the chunks the extended block reaches, per dim
+        reach = [
+            range(int(np.searchsorted(b, e0, side="right")) - 1, int(np.searchsorted(b, e1)))
+            for b, e0, e1 in zip(bounds, elo, ehi, strict=True)
+        ]
+        others = [n for n in itertools.product(*reach) if n != index]
+        origins = [tuple(int(b[i]) for b, i in zip(bounds, n, strict=True)) for n in others]
         blocks = []
-        for g in grids:
+        for g, o, f in zip(grids, own, frames, strict=True):
             if g is None:
                 blocks.append(None)
                 continue
-            piece = g[ext]
-            piece = piece.rechunk(piece.shape)
-            # optimised: the block's own tasks read what it needs, so no chunk is held
-            # for the other blocks that share it (bounded memory, halo chunks read again)
-            blocks.append(piece.to_delayed(optimize_graph=True).ravel()[0])
+            blocks.append(
+                delayed(_assemble, pure=True)(
+                    o[index],
+                    tuple(lo),
+                    [f[n] for n in others],
+                    origins,
+                    tuple(elo),
+                    tuple(ehi),
+                )  # fmt: skip
+            )
         out.append((core, tuple(elo), *blocks))
+    return out
+
+
+def _frame(x: np.ndarray, h: int, ndim: int) -> tuple:
+    """The slabs of width ``h`` along every face of a chunk ``x`` (spatial dims first), as
+    ``((offset, slab), ...)`` copies (so the chunk itself is not kept); the whole chunk
+    if it is not wider than ``2 h`` along some dim."""
+    shape = x.shape[:ndim]
+    if any(n <= 2 * h for n in shape):
+        return (((0,) * ndim, np.array(x)),)
+    out = []
+    for d in range(ndim):
+        for start in (0, shape[d] - h):
+            sl = [slice(None)] * ndim
+            sl[d] = slice(start, start + h)
+            off = [0] * ndim
+            off[d] = start
+            out.append((tuple(off), np.array(x[tuple(sl)])))
+    return tuple(out)
+
+
+def _assemble(own, own_lo, frames, origins, elo, ehi) -> np.ndarray:
+    """The extended block ``[elo, ehi)`` from its own chunk (at ``own_lo``) and the frames
+    of the other chunks it reaches (chunks at ``origins``)."""
+    own = np.asarray(own)
+    ndim = len(elo)
+    shape = tuple(b - a for a, b in zip(elo, ehi, strict=True))
+    out = np.empty(shape + own.shape[ndim:], own.dtype)
+    pieces = [(own_lo, own)] + [
+        (tuple(c + o for c, o in zip(origin, off, strict=True)), slab)
+        for origin, frame in zip(origins, frames, strict=True)
+        for off, slab in frame
+    ]
+    for lo, a in pieces:
+        src, dst = [], []
+        for d in range(ndim):
+            s0, s1 = max(lo[d], elo[d]), min(lo[d] + a.shape[d], ehi[d])
+            if s1 <= s0:
+                break
+            src.append(slice(s0 - lo[d], s1 - lo[d]))
+            dst.append(slice(s0 - elo[d], s1 - elo[d]))
+        else:
+            out[tuple(dst)] = a[tuple(src)]
     return out
 
 

@@ -60,9 +60,9 @@ def test_extended_blocks_are_slices_of_the_grid(shape, chunks, depth):
 def test_fit_on_a_stack_three_times_the_workers_memory(monkeypatch):
     """A worker process with a 600 MiB memory limit (spilling to disk off; the compiled
     kernels take ~100 MiB of it) fits the spatial prior on a 1.9 GB stack made lazily
-    chunk by chunk: no chunk is held longer than its
-    block needs (each block reads the chunks its halo touches itself), so the worker is
-    never restarted and the memory it reports stays below the limit."""
+    chunk by chunk: no chunk is held longer than its block needs (a block reads its own
+    chunk, and its halo comes from its neighbours' frames, which are small), so the
+    worker is never restarted and the memory it reports stays below the limit."""
     distributed = pytest.importorskip("distributed")
     # worker processes import daskem from this tree
     root = str(Path(daskem.__file__).resolve().parents[1])
