@@ -306,6 +306,25 @@ def test_compiled_kernel_matches_the_numpy_kernel(monkeypatch, nb, dtype, cov):
         assert (a.n_excluded, a.n_empty, a.n_partial) == (b.n_excluded, b.n_empty, b.n_partial)
 
 
+def test_numpy_kernel_when_numba_cannot_be_imported(monkeypatch):
+    """Without importable compiled loops (numba missing, or too old for the NumPy) the
+    fit warns once and runs the NumPy kernel, with the same result."""
+    import sys
+
+    from daskem.model import spatial
+
+    X, _ = _image(seed=8, shape=(20, 18))
+    kw = dict(spatial_beta=0.8, random_state=0, max_iter=2, tol=0)
+    compiled = SpatialGaussianMixture(3, **kw).fit(X)
+    monkeypatch.setattr(spatial, "_KERNELS", [])
+    monkeypatch.setitem(sys.modules, "daskem.model._mf_kernels", None)
+    with pytest.warns(RuntimeWarning, match="compiled loops are unavailable"):
+        plain = SpatialGaussianMixture(3, **kw).fit(X)
+    assert spatial._KERNELS == [None]
+    np.testing.assert_allclose(plain.means_, compiled.means_, rtol=1e-8, atol=1e-8)
+    np.testing.assert_allclose(plain.predict_proba(X), compiled.predict_proba(X), atol=1e-8)
+
+
 def test_colouring_separates_neighbours():
     for nb in (4, 8):
         col = colour_map((9, 11), (3, 4), nb)

@@ -73,8 +73,10 @@ too, and give the float64 fit to about 1e-5 (tested).
 
 from __future__ import annotations
 
+import importlib
 import itertools
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -587,8 +589,25 @@ class _Field:
 USE_COMPILED = True
 
 
+_KERNELS: list = []  # [the compiled kernels' module, or None if numba cannot be imported]
+
+
 def _compiled(lat: _Lattice) -> bool:
-    return USE_COMPILED and len(lat.grid) == 2
+    if not (USE_COMPILED and len(lat.grid) == 2):
+        return False
+    if not _KERNELS:
+        try:
+            _mf_kernels = importlib.import_module(f"{__package__}._mf_kernels")
+        except ImportError as e:  # e.g. a NumPy newer than the installed numba supports
+            warnings.warn(
+                f"the spatial prior's compiled loops are unavailable ({e}); using the "
+                "NumPy kernel, 2-4x slower",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            _mf_kernels = None
+        _KERNELS.append(_mf_kernels)
+    return _KERNELS[0] is not None
 
 
 def _stacked_arrays(lat: _Lattice, K: int, C: int, identity: bool, dtype) -> dict:
@@ -724,14 +743,12 @@ def _numpy_start(f: _Field, j: int, rows, rest, shape, L: np.ndarray, ok) -> Non
 
 def _compiled_start(f: _Field, j: int, rows, shape, L: np.ndarray, ok) -> None:
     """:func:`_numpy_start` by the compiled loops."""
-    from ._mf_kernels import start_rows
-
     st = f.stacked
     K = L.shape[0]
     w = shape[1]
     q = st["q"] if st["q"] is not None else np.empty((0, 0, 0, 0), dtype=f.dtype)
     cc = f.cc if f.cc is not None else np.arange(K)
-    start_rows(
+    _KERNELS[0].start_rows(
         np.ascontiguousarray(L, dtype=np.float64),
         np.empty((0, 0), dtype=bool) if ok is None else np.ascontiguousarray(ok),
         j, rows[0], w, bool(f.log_route), cc.astype(np.int64), st["G"], st["maxL"], st["Q"],
@@ -803,14 +820,12 @@ def _sweep(f: _Field, beta: float, sweeps: int) -> None:
     """``sweeps`` colour sweeps of the mean-field update over the whole block."""
     lat = f.lat
     if f.stacked is not None:
-        from ._mf_kernels import sweep_2d
-
         st = f.stacked
         K = st["G"].shape[1]
         width = st["G"].shape[-1]
         q = st["q"] if st["q"] is not None else np.empty((0, 0, 0, 0), dtype=f.dtype)
         cc = f.cc if f.cc is not None else np.arange(K)
-        sweep_2d(
+        _KERNELS[0].sweep_2d(
             st["Q"], st["G"], st["act"], st["lnS"], st["qN"], q, cc.astype(np.int64),
             st["nbr"], st["counts"], float(beta), int(sweeps), bool(f.log_route),
             np.empty((K, width), dtype=f.dtype), np.empty((K, width), dtype=np.int32),
@@ -991,8 +1006,6 @@ def log_emission_diag(gmm: GMMParams, X: np.ndarray, offset: np.ndarray) -> np.n
     spherical covariances, by the compiled residual form (every step float64, each
     pixel's sum in a fixed order); pixels with missing attributes by
     :func:`log_emission`."""
-    from ._mf_kernels import log_gauss_diag
-
     h, w, D = X.shape
     K = gmm.n_components
     prec = np.asarray(gmm.precisions_cholesky, dtype=np.float64)
@@ -1002,7 +1015,8 @@ def log_emission_diag(gmm: GMMParams, X: np.ndarray, offset: np.ndarray) -> np.n
     const += np.asarray(offset, dtype=np.float64)
     out = np.empty((K, h * w))
     means = np.ascontiguousarray(gmm.means, dtype=np.float64)
-    log_gauss_diag(X, means, np.ascontiguousarray(prec), const, out, np.empty((D, max(w, 1))))
+    xbuf = np.empty((D, max(w, 1)))
+    _KERNELS[0].log_gauss_diag(X, means, np.ascontiguousarray(prec), const, out, xbuf)
     with np.errstate(invalid="ignore"):
         bad = np.flatnonzero(~np.isfinite(out.sum(axis=0)))
     if bad.size:  # missing attributes (or values beyond float64)
@@ -1219,8 +1233,6 @@ def _compiled_prior_terms(
 ):  # fmt: skip
     """The prior terms of a block's core (as :func:`_prior_terms_strip` sums them) by the
     compiled loops of :mod:`daskem.model._mf_kernels`."""
-    from ._mf_kernels import drawn_field_2d, stats_2d
-
     lat, st = f.lat, f.stacked
     J = len(lat.counts)
     starts = np.array(lat.starts, dtype=np.int64).reshape(J, 2)
@@ -1230,12 +1242,13 @@ def _compiled_prior_terms(
         ranges[j] = (cr[0].start, max(cr[0].start, cr[0].stop), cr[1].start, cr[1].stop)
     Z = np.zeros_like(st["Q"])
     if need_pl:
-        drawn_field_2d(st["Q"], st["act"], st["counts"], starts, np.asarray(origin, np.int64), Z)
+        origin = np.asarray(origin, dtype=np.int64)
+        _KERNELS[0].drawn_field_2d(st["Q"], st["act"], st["counts"], starts, origin, Z)
     K = alpha.shape[0]
     q = st["q"] if st["q"] is not None else np.empty((0, 0, 0, 0), dtype=f.dtype)
     cc = f.cc if f.cc is not None else np.arange(K)
     w2 = np.asarray(w, dtype=np.float64)
-    energy, weight = stats_2d(
+    energy, weight = _KERNELS[0].stats_2d(
         st["Q"], q, cc.astype(np.int64), Z, st["maxL"], st["lnS"], st["qN"], w2, st["act"],
         st["nbr"], st["counts"], starts, ranges, alpha, a_dt, b_dt, float(amax), float(beta),
         bool(f.log_route), bool(need_pl), bool(estimate_beta), g, H,
