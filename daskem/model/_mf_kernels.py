@@ -105,7 +105,72 @@ def _neighbour_sums(Q, nb, r, x0, w, N):
 
 
 @njit(nogil=True, cache=True)
-def sweep_2d(Q, G, act, lnS, qN, q, cc, nbr, counts, beta, sweeps, log_route, E, I, N, S):  # noqa: E741
+def _row_sum(E, w, S):
+    """``S[x] = sum_k E[k, x]`` over ``x < w``, the components in order."""
+    e0 = E[0]
+    for x in range(w):
+        S[x] = e0[x]
+    for k in range(1, E.shape[0]):
+        ek = E[k]
+        for x in range(w):
+            S[x] += ek[x]
+
+
+@njit(nogil=True, cache=True)
+def _normalise_store(E, S, act, j, r, w, cc, Q, q, inv):
+    """``q`` of row ``r`` of sub-lattice ``j`` = ``E / S`` (times ``act`` if not empty),
+    into ``q`` (if not empty) and its class sums into ``Q``; ``inv`` a scratch row."""
+    one = Q.dtype.type(1.0)
+    if act.shape[0] > 0:
+        a = act[j, r]
+        for x in range(w):
+            inv[x] = a[x] / S[x]
+    else:
+        for x in range(w):
+            inv[x] = one / S[x]
+    if q.shape[0] > 0:
+        for c in range(Q.shape[1]):
+            qc = Q[j, c, 1 + r, 1 : 1 + w]
+            for x in range(w):
+                qc[x] = 0.0
+        for k in range(E.shape[0]):
+            qk = q[j, k, r]
+            qc = Q[j, cc[k], 1 + r, 1 : 1 + w]
+            ek = E[k]
+            for x in range(w):
+                v = ek[x] * inv[x]
+                qk[x] = v
+                qc[x] += v
+    else:
+        for k in range(E.shape[0]):
+            qc = Q[j, k, 1 + r, 1 : 1 + w]
+            ek = E[k]
+            for x in range(w):
+                qc[x] = ek[x] * inv[x]
+
+
+@njit(nogil=True, cache=True)
+def _prior_normaliser(N, bt, b, w, E, I, den):  # noqa: E741
+    """``E[c] = exp(beta N[c])`` and ``den = sum_c b_c E[c]`` (classes in order) of a
+    row of neighbour sums."""
+    C = N.shape[0]
+    for c in range(C):
+        nc = N[c]
+        ec = E[c]
+        for x in range(w):
+            ec[x] = bt * nc[x]
+    _exp_rows(E[:C], I[:C], w)
+    for x in range(w):
+        den[x] = b[0] * E[0, x]
+    for c in range(1, C):
+        bc = b[c]
+        ec = E[c]
+        for x in range(w):
+            den[x] += bc * ec[x]
+
+
+@njit(nogil=True, cache=True)
+def sweep_2d(Q, G, act, lnS, qN, q, cc, nbr, counts, beta, sweeps, log_route, E, I, N, S, inv):  # noqa: E741,E501
     """``sweeps`` colour sweeps of the mean-field update over a 2-D block.
 
     Parameters
@@ -126,16 +191,15 @@ def sweep_2d(Q, G, act, lnS, qN, q, cc, nbr, counts, beta, sweeps, log_route, E,
         Per sub-lattice, its neighbours: sub-lattice and (row, column) shift.
     counts : (J, 2) int64
         Each sub-lattice's shape.
-    E, I, N, S : scratch rows, (K, wmax) float, (K, wmax) int32, (C, wmax) float, (wmax,)
+    E, I, N, S, inv : scratch rows, (K, wmax) float, (K, wmax) int32, (C, wmax) float,
+        (wmax,), (wmax,)
     """
     J = Q.shape[0]
     C = Q.shape[1]
     K = G.shape[1]
-    has_act = act.shape[0] > 0
     groups = q.shape[0] > 0
     b = Q.dtype.type(beta)
     tiny = Q.dtype.type(1e-30)
-    one = Q.dtype.type(1.0)
     for s in range(sweeps):
         last = s == sweeps - 1
         for j in range(J):
@@ -167,13 +231,7 @@ def sweep_2d(Q, G, act, lnS, qN, q, cc, nbr, counts, beta, sweeps, log_route, E,
                         for x in range(w):
                             ln[x] = S[x]
                     _exp_rows(E, I, w)
-                    e0 = E[0]
-                    for x in range(w):
-                        S[x] = e0[x]
-                    for k in range(1, K):
-                        ek = E[k]
-                        for x in range(w):
-                            S[x] += ek[x]
+                    _row_sum(E, w, S)
                 elif E.itemsize == 8:  # q ∝ exp(L - max L) exp(beta N)
                     for k in range(K):
                         nk = N[cc[k]] if groups else N[k]
@@ -181,13 +239,7 @@ def sweep_2d(Q, G, act, lnS, qN, q, cc, nbr, counts, beta, sweeps, log_route, E,
                         ek = E[k]
                         for x in range(w):
                             ek[x] = math.exp(b * nk[x]) * g[x]
-                    e0 = E[0]
-                    for x in range(w):
-                        S[x] = e0[x]
-                    for k in range(1, K):
-                        ek = E[k]
-                        for x in range(w):
-                            S[x] += ek[x]
+                    _row_sum(E, w, S)
                 else:
                     for k in range(K):
                         nk = N[cc[k]] if groups else N[k]
@@ -221,32 +273,7 @@ def sweep_2d(Q, G, act, lnS, qN, q, cc, nbr, counts, beta, sweeps, log_route, E,
                     else:
                         for x in range(w):
                             ln[x] = math.log(S[x])
-                if has_act:
-                    a = act[j, r]
-                    for x in range(w):
-                        S[x] = a[x] / S[x]
-                else:
-                    for x in range(w):
-                        S[x] = one / S[x]
-                if groups:
-                    for c in range(C):
-                        qc = Q[j, c, 1 + r, 1 : 1 + w]
-                        for x in range(w):
-                            qc[x] = 0.0
-                    for k in range(K):
-                        qk = q[j, k, r]
-                        qc = Q[j, cc[k], 1 + r, 1 : 1 + w]
-                        ek = E[k]
-                        for x in range(w):
-                            v = ek[x] * S[x]
-                            qk[x] = v
-                            qc[x] += v
-                else:
-                    for k in range(K):
-                        qc = Q[j, k, 1 + r, 1 : 1 + w]
-                        ek = E[k]
-                        for x in range(w):
-                            qc[x] = ek[x] * S[x]
+                _normalise_store(E, S, act, j, r, w, cc, Q, q, inv)
                 if last:
                     out = qN[j, r]
                     qc = Q[j, 0, 1 + r, 1 : 1 + w]
@@ -333,6 +360,26 @@ def _sum(u, n):
 
 
 @njit(nogil=True, cache=True)
+def _prior_softmax(N, alpha, beta, cc, groups, w, lg, tops, tots):
+    """The prior's softmax on the log-sum-exp route (float64): ``lg[k, x] = exp(alpha_k +
+    beta N[class k, x] - tops[x])`` with ``tops`` the pixel's largest logit and ``tots``
+    the sum of ``lg`` over the components (in order)."""
+    K = alpha.shape[0]
+    for x in range(w):
+        top = -np.inf
+        for k in range(K):
+            v = alpha[k] + beta * np.float64(N[cc[k] if groups else k, x])
+            lg[k, x] = v
+            top = max(top, v)
+        t = 0.0
+        for k in range(K):
+            lg[k, x] = math.exp(lg[k, x] - top)
+            t += lg[k, x]
+        tops[x] = top
+        tots[x] = t
+
+
+@njit(nogil=True, cache=True)
 def stats_2d(
     Q, q, cc, Z, maxL, lnS, qN, w, act, nbr, counts, starts, core, alpha, a, b, amax, beta,
     log_route, need_pl, estimate_beta, g, H,
@@ -367,6 +414,8 @@ def stats_2d(
     lg = np.empty((K, W))
     wr = np.empty(W)
     t64 = np.empty(W)
+    tops = np.empty(W)
+    tots = np.empty(W)
     energy = 0.0
     weight = 0.0
     for j in range(J):
@@ -390,26 +439,11 @@ def stats_2d(
                 for x in range(w_):
                     qn[x] += qc[x] * nc[x]
             if log_route:
+                _prior_softmax(N, alpha, beta, cc, groups, w_, lg, tops, tots)
                 for x in range(w_):
-                    top = -np.inf
-                    for k in range(K):
-                        v = alpha[k] + beta * np.float64(N[cc[k] if groups else k, x])
-                        lg[k, x] = v
-                        top = max(top, v)
-                    t = 0.0
-                    for k in range(K):
-                        t += math.exp(lg[k, x] - top)
-                    lg[0, x] = math.log(t) + top
+                    lg[0, x] = math.log(tots[x]) + tops[x]
             else:
-                for c in range(C):
-                    for x in range(w_):
-                        E[c, x] = bt * N[c, x]
-                _exp_rows(E[:C], I[:C], w_)
-                for x in range(w_):
-                    den[x] = b[0] * E[0, x]
-                for c in range(1, C):
-                    for x in range(w_):
-                        den[x] += b[c] * E[c, x]
+                _prior_normaliser(N, bt, b, w_, E, I, den)
                 for x in range(w_):
                     lg[0, x] = math.log(den[x]) + amax
             mL = maxL[j, r, x0:]
@@ -431,28 +465,12 @@ def stats_2d(
             # the pseudo-likelihood's gradient and Hessian at the drawn field's neighbours
             _neighbour_sums(Z, nbr[j], r, x0, w_, Ns)
             if log_route:
-                for x in range(w_):
-                    top = -np.inf
-                    for k in range(K):
-                        v = alpha[k] + beta * np.float64(Ns[cc[k] if groups else k, x])
-                        lg[k, x] = v
-                        top = max(top, v)
-                    t = 0.0
-                    for k in range(K):
-                        lg[k, x] = math.exp(lg[k, x] - top)
-                        t += lg[k, x]
-                    for k in range(K):
-                        P[k, x] = lg[k, x] / t
+                _prior_softmax(Ns, alpha, beta, cc, groups, w_, lg, tops, tots)
+                for k in range(K):
+                    for x in range(w_):
+                        P[k, x] = lg[k, x] / tots[x]
             else:
-                for c in range(C):
-                    for x in range(w_):
-                        E[c, x] = bt * Ns[c, x]
-                _exp_rows(E[:C], I[:C], w_)
-                for x in range(w_):
-                    den[x] = b[0] * E[0, x]
-                for c in range(1, C):
-                    for x in range(w_):
-                        den[x] += b[c] * E[c, x]
+                _prior_normaliser(Ns, bt, b, w_, E, I, den)
                 for x in range(w_):
                     den[x] = dt(1.0) / den[x]
                 for k in range(K):
@@ -525,13 +543,9 @@ def start_rows(L, ok, j, r0, w, log_route, cc, G, maxL, Q, q, act, lnS, E, I, in
     all); ``act`` as in :func:`sweep_2d`; ``E``, ``I``, ``inv`` scratch rows (K, >= w),
     (K, >= w) int32, (>= w,). ``need_lnS`` False: sweeps follow, which set ``lnS``."""
     K = L.shape[0]
-    C = Q.shape[1]
     rows = L.shape[1] // w if w > 0 else 0
-    groups = q.shape[0] > 0
     has_ok = ok.shape[0] > 0
-    has_act = act.shape[0] > 0
     tiny = Q.dtype.type(1e-30)
-    one = Q.dtype.type(1.0)
     if has_ok:  # components a pixel may not take
         for i in range(L.shape[1]):
             for k in range(K):
@@ -567,44 +581,13 @@ def start_rows(L, ok, j, r0, w, log_route, cc, G, maxL, Q, q, act, lnS, E, I, in
                 for x in range(w):
                     g[x] = ek[x]
         S = lnS[j, r]  # the sum first, its log below
-        e0 = E[0]
-        for x in range(w):
-            S[x] = e0[x]
-        for k in range(1, K):
-            ek = E[k]
-            for x in range(w):
-                S[x] += ek[x]
+        _row_sum(E, w, S)
         for x in range(w):
             S[x] = max(S[x], tiny)
-        if has_act:
-            a = act[j, r]
-            for x in range(w):
-                inv[x] = a[x] / S[x]
-        else:
-            for x in range(w):
-                inv[x] = one / S[x]
+        _normalise_store(E, S, act, j, r, w, cc, Q, q, inv)
         if need_lnS:
             for x in range(w):
                 S[x] = math.log(S[x])
-        if groups:
-            for c in range(C):
-                qc = Q[j, c, 1 + r, 1 : 1 + w]
-                for x in range(w):
-                    qc[x] = 0.0
-            for k in range(K):
-                qk = q[j, k, r]
-                qc = Q[j, cc[k], 1 + r, 1 : 1 + w]
-                ek = E[k]
-                for x in range(w):
-                    v = ek[x] * inv[x]
-                    qk[x] = v
-                    qc[x] += v
-        else:
-            for k in range(K):
-                qc = Q[j, k, 1 + r, 1 : 1 + w]
-                ek = E[k]
-                for x in range(w):
-                    qc[x] = ek[x] * inv[x]
 
 
 @njit(nogil=True, cache=True)

@@ -830,6 +830,7 @@ def _sweep(f: _Field, beta: float, sweeps: int) -> None:
             st["nbr"], st["counts"], float(beta), int(sweeps), bool(f.log_route),
             np.empty((K, width), dtype=f.dtype), np.empty((K, width), dtype=np.int32),
             np.empty((f.n_classes, width), dtype=f.dtype), np.empty(width, dtype=f.dtype),
+            np.empty(width, dtype=f.dtype),
         )  # fmt: skip
         return
     for s in range(sweeps):
