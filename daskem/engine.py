@@ -162,6 +162,9 @@ def grid_blocks(layout: GridLayout, *grids: da.Array | None) -> list[tuple]:
             frames.append(None)
             continue
         own.append(np.array(g.to_delayed(optimize_graph=True), dtype=object).reshape(counts))
+        if h == 0:  # no halo, no frames
+            frames.append(None)
+            continue
         # a separately named copy of the graph: the frame's task reads the chunk itself
         fr = g.map_blocks(_frame, h, ndim, dtype=g.dtype, meta=np.empty((0,) * g.ndim, g.dtype))
         frames.append(np.array(fr.to_delayed(optimize_graph=True), dtype=object).reshape(counts))
@@ -183,6 +186,9 @@ def grid_blocks(layout: GridLayout, *grids: da.Array | None) -> list[tuple]:
         for g, o, f in zip(grids, own, frames, strict=True):
             if g is None:
                 blocks.append(None)
+                continue
+            if not others:  # the block is its chunk
+                blocks.append(o[index])
                 continue
             blocks.append(
                 delayed(_assemble, pure=True)(

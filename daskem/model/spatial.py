@@ -65,7 +65,10 @@ the sweeps, the free energy and the pseudo-likelihood terms run over strips of a
 65,536 / K pixels that stay in cache. The log-emissions come from the pixel-wise kernel's
 float64 plan (one GEMM on quadratic features, :func:`log_emission_t`); the sweeps and the
 per-pixel terms run in float32 for float32 attributes (SIMD ``exp``), in float64
-otherwise; every sum over pixels is float64. Per-pixel values are computed element by
+otherwise; every sum over pixels is float64. 2-D blocks run these steps in compiled
+loops (:mod:`daskem.model._mf_kernels`: the same layout, a row of a sub-lattice at a
+time, diagonal and spherical log-densities in their float64 residual form), 3-D blocks
+in NumPy. Per-pixel values are computed element by
 element in a fixed order (no BLAS or ``einsum`` across classes), so a pixel's value does
 not depend on the strip or chunk it is computed in: float32 stacks are chunking-invariant
 too, and give the float64 fit to about 1e-5 (tested).
