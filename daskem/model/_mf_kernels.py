@@ -23,6 +23,8 @@ import math
 import numpy as np
 from numba import njit
 
+from .spatial import _HASH_MULT, _SPLITMIX
+
 __all__ = ["drawn_field_2d", "log_gauss_diag", "start_rows", "stats_2d", "sweep_2d"]
 
 _LOG2E = 1.4426950408889634
@@ -287,8 +289,9 @@ def sweep_2d(Q, G, act, lnS, qN, q, cc, nbr, counts, beta, sweeps, log_route, E,
                             out[x] += qc[x] * nc[x]
 
 
-_M0 = np.uint64(0x9E3779B97F4A7C15)
-_M1 = np.uint64(0xC2B2AE3D27D4EB4F)
+# the constants of daskem.model.spatial.pixel_uniforms, whose NumPy twin this is
+_M0, _M1 = (np.uint64(m) for m in _HASH_MULT[:2])
+_F0, _F1 = (np.uint64(m) for m in _SPLITMIX)
 
 
 @njit(nogil=True, cache=True)
@@ -300,9 +303,9 @@ def _uniform(g0, g1):
     h ^= (np.uint64(g1) + np.uint64(1)) * _M1
     h = (h << np.uint64(31)) | (h >> np.uint64(33))
     h ^= h >> np.uint64(30)
-    h *= np.uint64(0xBF58476D1CE4E5B9)
+    h *= _F0
     h ^= h >> np.uint64(27)
-    h *= np.uint64(0x94D049BB133111EB)
+    h *= _F1
     h ^= h >> np.uint64(31)
     return np.float64(h >> np.uint64(11)) * 2.0**-53
 

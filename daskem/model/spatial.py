@@ -192,7 +192,10 @@ def neighbour_sum(P: np.ndarray, offsets: list[tuple[int, ...]]) -> np.ndarray:
     return out
 
 
+# pixel_uniforms' hash (also in daskem.model._mf_kernels._uniform): a multiplier per dim,
+# then the splitmix64 finaliser's two multipliers
 _HASH_MULT = (0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9)
+_SPLITMIX = (0xBF58476D1CE4E5B9, 0x94D049BB133111EB)
 
 
 def pixel_uniforms(shape: tuple[int, ...], origin: tuple[int, ...]) -> np.ndarray:
@@ -213,9 +216,9 @@ def _uniforms_at(coords: list[np.ndarray]) -> np.ndarray:
             h = (h << np.uint64(31)) | (h >> np.uint64(33))
         # splitmix64 finaliser
         h ^= h >> np.uint64(30)
-        h *= np.uint64(0xBF58476D1CE4E5B9)
+        h *= np.uint64(_SPLITMIX[0])
         h ^= h >> np.uint64(27)
-        h *= np.uint64(0x94D049BB133111EB)
+        h *= np.uint64(_SPLITMIX[1])
         h ^= h >> np.uint64(31)
     return (h >> np.uint64(11)).astype(np.float64) * 2.0**-53
 
