@@ -8,6 +8,7 @@ Newton step of the pseudo-likelihood in ``alpha``.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import dask
@@ -256,15 +257,15 @@ def test_log_sum_exp_route_gives_the_same_statistics(monkeypatch, components_per
     np.testing.assert_allclose(slow.emission.mean, fast.emission.mean, rtol=1e-12)
 
 
-@pytest.mark.parametrize("cov", ["full", "diag", "spherical"])
+@pytest.mark.parametrize("cov", ["full", "tied", "diag", "spherical"])
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("nb", [4, 8])
 def test_compiled_kernel_matches_the_numpy_kernel(monkeypatch, nb, dtype, cov):
     """2-D blocks run through the compiled loops (daskem.model._mf_kernels); the NumPy
     kernel (3-D blocks) gives the same q and statistics: classes of several components,
     labels, pixels of zero weight, missing attributes, both exp routes, emissions or not,
-    an off-centre core; diagonal and spherical log-densities by the compiled residual
-    form, full ones by the GEMM of both kernels."""
+    an off-centre core; log-densities by the compiled residual form against the NumPy
+    kernel's GEMM of quadratic features."""
     from daskem.model import spatial
 
     X, ds = _image(seed=8, shape=(29, 24))
@@ -304,6 +305,44 @@ def test_compiled_kernel_matches_the_numpy_kernel(monkeypatch, nb, dtype, cov):
         np.testing.assert_allclose(a.emission.n, b.emission.n, **tol)
         np.testing.assert_allclose(a.emission.mean, b.emission.mean, **tol)
         assert (a.n_excluded, a.n_empty, a.n_partial) == (b.n_excluded, b.n_empty, b.n_partial)
+
+
+@pytest.mark.parametrize("cov", ["full", "tied", "diag", "spherical"])
+def test_compiled_log_densities(cov):
+    """The compiled residual-form log-densities of a grid block equal scipy's, for every
+    covariance type, a precision factor that is not triangular (rotated: the same
+    precision), and pixels with missing attributes (marginal over the observed ones)."""
+    from daskem.model.spatial import _compiled, _Lattice, log_emission_grid
+
+    assert _compiled(_Lattice((4, 4), (0, 0), 8))
+    X, _ = _image(seed=3, shape=(9, 7))
+    X[2, 3, 0] = np.nan
+    X[4, 4] = np.nan
+    gm = daskem.GaussianMixture(3, covariance_type=cov, random_state=0, max_iter=3)
+    rows = X.reshape(-1, 3)
+    params = gm.fit(rows[np.isfinite(rows).all(1)])._fitted_params()
+    offset = np.array([0.1, -0.2, 0.3])
+    rot = [False, True] if cov in ("full", "tied") else [False]
+    for rotate in rot:
+        p = params
+        if rotate:
+            Qm = np.linalg.qr(np.random.default_rng(1).normal(size=(3, 3)))[0]
+            p = dataclasses.replace(p, precisions_cholesky=p.precisions_cholesky @ Qm)
+        out = log_emission_grid(p, X, offset).reshape(3, 9, 7)
+        for k in range(3):
+            cov_k = gm.covariances_ if cov == "tied" else gm.covariances_[k]
+            if cov == "diag":
+                cov_k = np.diag(cov_k)
+            elif cov == "spherical":
+                cov_k = cov_k * np.eye(3)
+            ref = multivariate_normal(gm.means_[k], cov_k).logpdf(np.nan_to_num(X)) + offset[k]
+            ok = np.isfinite(X).all(-1)
+            np.testing.assert_allclose(out[k][ok], ref[ok], rtol=1e-10)
+            obs = [1, 2]
+            marg = multivariate_normal(gm.means_[k][obs], cov_k[np.ix_(obs, obs)])
+            ref23 = marg.logpdf(X[2, 3, obs])
+            assert out[k, 2, 3] == pytest.approx(ref23 + offset[k], rel=1e-10)
+            assert out[k, 4, 4] == pytest.approx(offset[k])
 
 
 def test_numpy_kernel_when_numba_cannot_be_imported(monkeypatch):

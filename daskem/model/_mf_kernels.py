@@ -25,7 +25,15 @@ from numba import njit
 
 from .spatial import _HASH_MULT, _SPLITMIX
 
-__all__ = ["drawn_field_2d", "log_gauss_diag", "start_rows", "stats_2d", "sweep_2d"]
+__all__ = [
+    "drawn_field_2d",
+    "emission_sums_2d",
+    "log_gauss_diag",
+    "log_gauss_full",
+    "start_rows",
+    "stats_2d",
+    "sweep_2d",
+]
 
 _LOG2E = 1.4426950408889634
 _LN2_HI = 0.693359375
@@ -621,3 +629,95 @@ def log_gauss_diag(X, means, prec, const, out, xbuf):
             ck = const[k]
             for x in range(w):
                 o[x] = ck - 0.5 * o[x]
+
+
+@njit(nogil=True, cache=True)
+def log_gauss_full(X, means, prec, const, out, cbuf, ybuf, tri):
+    """``out[k, i] = const[k] - 0.5 * |(x_i - means[k]) @ prec[k]|^2`` (float64) of the
+    pixels of ``X`` (h, w, D), any strides, row by row (``i = r * w + x``): the
+    full-covariance log-density in its residual form, ``prec[k]`` the Cholesky factor of
+    component k's precision (upper triangular if ``tri``: only ``prec[k, :j+1, j]`` is
+    read for column j). Each pixel's sums run in a fixed order (attributes, then
+    columns), whatever its position in the row. A pixel with a missing attribute gets
+    NaN. ``cbuf`` a (D, >= w) and ``ybuf`` a (>= w,) float64 scratch."""
+    h, w, D = X.shape
+    K = means.shape[0]
+    for r in range(h):
+        base = r * w
+        for k in range(K):
+            for d in range(D):
+                mu = means[k, d]
+                cd = cbuf[d]
+                for x in range(w):
+                    cd[x] = np.float64(X[r, x, d]) - mu
+            o = out[k, base : base + w]
+            for x in range(w):
+                o[x] = 0.0
+            for j in range(D):
+                top = j + 1 if tri else D
+                p0 = prec[k, 0, j]
+                c0 = cbuf[0]
+                for x in range(w):
+                    ybuf[x] = c0[x] * p0
+                for i in range(1, top):
+                    p = prec[k, i, j]
+                    ci = cbuf[i]
+                    for x in range(w):
+                        ybuf[x] += ci[x] * p
+                for x in range(w):
+                    o[x] += ybuf[x] * ybuf[x]
+            ck = const[k]
+            for x in range(w):
+                o[x] = ck - 0.5 * o[x]
+
+
+@njit(nogil=True, cache=True)
+def emission_sums_2d(Q, q, X, w, starts, core, shift, full, acc):
+    """Adds the emission statistics of a block's core to ``acc`` (K, M) float64: per
+    component k, the sums over pixels of ``r_k [1, x, x^2, x_a x_b (a < b)]`` about
+    ``shift`` (the features of ``spatial._quad_features``; no cross products unless
+    ``full``), ``r_k = q_k w``. ``Q``/``q`` the swept field (``q`` empty: component k is
+    class k, read from ``Q``), ``X`` the block (h, w, D) with every attribute observed,
+    ``w`` its pixel weights (grid-shaped), ``starts`` and ``core`` as in
+    :func:`stats_2d`. Sums over pixels only (:func:`_dot`, :func:`_sum`)."""
+    J = Q.shape[0]
+    K = acc.shape[0]
+    D = X.shape[2]
+    groups = q.shape[0] > 0
+    W = Q.shape[3]
+    xc = np.empty((D, W))
+    wr = np.empty(W)
+    rk = np.empty(W)
+    t = np.empty(W)
+    for j in range(J):
+        r0, r1, x0, x1 = core[j, 0], core[j, 1], core[j, 2], core[j, 3]
+        n = x1 - x0
+        if n <= 0:
+            continue
+        for r in range(r0, r1):
+            row = starts[j, 0] + 2 * r
+            c0 = starts[j, 1] + 2 * x0
+            for x in range(n):
+                wr[x] = w[row, c0 + 2 * x]
+            for d in range(D):
+                s = shift[d]
+                xd = xc[d]
+                for x in range(n):
+                    xd[x] = np.float64(X[row, c0 + 2 * x, d]) - s
+            for k in range(K):
+                qk = q[j, k, r, x0:] if groups else Q[j, k, 1 + r, 1 + x0 :]
+                for x in range(n):
+                    rk[x] = np.float64(qk[x]) * wr[x]
+                ak = acc[k]
+                ak[0] += _sum(rk, n)
+                o = 1 + 2 * D
+                for a in range(D):
+                    xa = xc[a]
+                    for x in range(n):
+                        t[x] = rk[x] * xa[x]
+                    ak[1 + a] += _sum(t, n)
+                    ak[1 + D + a] += _dot(t, xa, n)
+                    if full:
+                        for b in range(a + 1, D):
+                            ak[o] += _dot(t, xc[b], n)
+                            o += 1

@@ -67,11 +67,12 @@ float64 plan (one GEMM on quadratic features, :func:`log_emission_t`); the sweep
 per-pixel terms run in float32 for float32 attributes (SIMD ``exp``), in float64
 otherwise; every sum over pixels is float64. 2-D blocks run these steps in compiled
 loops (:mod:`daskem.model._mf_kernels`: the same layout, a row of a sub-lattice at a
-time, diagonal and spherical log-densities in their float64 residual form), 3-D blocks
-in NumPy. Per-pixel values are computed element by
-element in a fixed order (no BLAS or ``einsum`` across classes), so a pixel's value does
-not depend on the strip or chunk it is computed in: float32 stacks are chunking-invariant
-too, and give the float64 fit to about 1e-5 (tested).
+time, the log-densities in their float64 residual form, the emission statistics of a
+block with every attribute observed in one pass), 3-D blocks in NumPy. Per-pixel
+values are computed element by element in a fixed order (no BLAS or ``einsum`` across
+classes), so a pixel's value does not depend on the strip or chunk it is computed in:
+float32 stacks are chunking-invariant too, and give the float64 fit to about 1e-5
+(tested).
 """
 
 from __future__ import annotations
@@ -1008,22 +1009,37 @@ def log_emission_t(gmm: GMMParams, X: np.ndarray, offset: np.ndarray | None = No
     return out
 
 
-def log_emission_diag(gmm: GMMParams, X: np.ndarray, offset: np.ndarray) -> np.ndarray:
-    """:func:`log_emission_t` of the pixels of a grid block ``X`` (h, w, D), diagonal or
-    spherical covariances, by the compiled residual form (every step float64, each
-    pixel's sum in a fixed order); pixels with missing attributes by
-    :func:`log_emission`."""
+def log_emission_grid(gmm: GMMParams, X: np.ndarray, offset: np.ndarray) -> np.ndarray:
+    """:func:`log_emission_t` of the pixels of a grid block ``X`` (h, w, D) by the compiled
+    residual form (:func:`~daskem.model._mf_kernels.log_gauss_diag` for diagonal and
+    spherical covariances, :func:`~daskem.model._mf_kernels.log_gauss_full` for full and
+    tied ones; every step float64, each pixel's sums in a fixed order); pixels with
+    missing attributes by :func:`log_emission`."""
     h, w, D = X.shape
     K = gmm.n_components
     prec = np.asarray(gmm.precisions_cholesky, dtype=np.float64)
-    if gmm.covariance_type == "spherical":
+    cov = gmm.covariance_type
+    if cov == "spherical":
         prec = np.repeat(prec[:, None], D, axis=1)
-    const = np.log(prec).sum(axis=1) - 0.5 * D * np.log(2 * np.pi)
+    elif cov == "tied":
+        prec = np.repeat(prec[None], K, axis=0)
+    full = cov in ("full", "tied")
+    tri = full and not np.any(np.tril(prec, -1))  # upper triangular: half the products
+    if full and not tri:
+        log_det = np.linalg.slogdet(prec)[1]
+    else:
+        log_det = np.log(np.abs(np.diagonal(prec, axis1=1, axis2=2)) if full else prec).sum(1)
+    const = log_det - 0.5 * D * np.log(2 * np.pi)
     const += np.asarray(offset, dtype=np.float64)
     out = np.empty((K, h * w))
     means = np.ascontiguousarray(gmm.means, dtype=np.float64)
-    xbuf = np.empty((D, max(w, 1)))
-    _KERNELS[0].log_gauss_diag(X, means, np.ascontiguousarray(prec), const, out, xbuf)
+    cbuf = np.empty((D, max(w, 1)))
+    kernels = _KERNELS[0]
+    if full:
+        ybuf = np.empty(max(w, 1))
+        kernels.log_gauss_full(X, means, np.ascontiguousarray(prec), const, out, cbuf, ybuf, tri)
+    else:
+        kernels.log_gauss_diag(X, means, np.ascontiguousarray(prec), const, out, cbuf)
     with np.errstate(invalid="ignore"):
         bad = np.flatnonzero(~np.isfinite(out.sum(axis=0)))
     if bad.size:  # missing attributes (or values beyond float64)
@@ -1235,18 +1251,25 @@ def _prior_terms_strip(
     return energy, weight
 
 
-def _compiled_prior_terms(
-    f, alpha, a_dt, b_dt, amax, beta, w, core, origin, need_pl, estimate_beta, g, H
-):  # fmt: skip
-    """The prior terms of a block's core (as :func:`_prior_terms_strip` sums them) by the
-    compiled loops of :mod:`daskem.model._mf_kernels`."""
-    lat, st = f.lat, f.stacked
+def _core_ranges(lat: _Lattice, core: tuple[slice, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Each sub-lattice's local parities (J, 2) and its core's row and column ranges
+    (J, 4), for the compiled loops."""
     J = len(lat.counts)
     starts = np.array(lat.starts, dtype=np.int64).reshape(J, 2)
     ranges = np.zeros((J, 4), dtype=np.int64)
     for j in range(J):
         cr = lat.core_range(j, core)
         ranges[j] = (cr[0].start, max(cr[0].start, cr[0].stop), cr[1].start, cr[1].stop)
+    return starts, ranges
+
+
+def _compiled_prior_terms(
+    f, alpha, a_dt, b_dt, amax, beta, w, core, origin, need_pl, estimate_beta, g, H
+):  # fmt: skip
+    """The prior terms of a block's core (as :func:`_prior_terms_strip` sums them) by the
+    compiled loops of :mod:`daskem.model._mf_kernels`."""
+    lat, st = f.lat, f.stacked
+    starts, ranges = _core_ranges(lat, core)
     Z = np.zeros_like(st["Q"])
     if need_pl:
         origin = np.asarray(origin, dtype=np.int64)
@@ -1312,7 +1335,15 @@ def _block_statistics(
         energy, weight = _compiled_prior_terms(
             f, alpha, a_dt, b_dt, amax, beta, w, core, origin, need_pl, estimate_beta, g, H
         )
-        if not emissions and complete_block:  # nothing else to compute but counts
+        if complete_block:  # the emission statistics in one compiled pass too
+            if emissions:
+                st = f.stacked
+                q = st["q"] if st["q"] is not None else np.empty((0, 0, 0, 0), dtype=dt)
+                starts, ranges = _core_ranges(lat, core)
+                _KERNELS[0].emission_sums_2d(
+                    st["Q"], q, data, np.asarray(w, dtype=np.float64), starts, ranges,
+                    shift, full, acc,
+                )  # fmt: skip
             wc = w[core]
             used = None if active is None else active[core]
             wu = wc if used is None else wc[used]
@@ -1438,11 +1469,11 @@ class SpatialGMMModel:
         lab = None if labels is None else np.asarray(labels)
 
         lat = _Lattice(data.shape[:-1], origin, self.neighbourhood)
-        direct = _compiled(lat) and gmm.covariance_type in ("diag", "spherical")
+        direct = _compiled(lat)
 
         def emission(sub, m):
             if direct:
-                return log_emission_diag(gmm, data[sub], params.alpha)
+                return log_emission_grid(gmm, data[sub], params.alpha)
             return log_emission_t(gmm, data[sub].reshape(m, D), params.alpha)
 
         def ok(sub, m):
