@@ -393,7 +393,7 @@ def _prior_softmax(N, alpha, beta, cc, groups, w, lg, tops, tots):
 @njit(nogil=True, cache=True)
 def stats_2d(
     Q, q, cc, Z, maxL, lnS, qN, w, act, nbr, counts, starts, core, alpha, a, b, amax, beta,
-    log_route, need_pl, estimate_beta, g, H,
+    log_route, need_pl, estimate_beta, alpha_terms, g, H,
 ):  # fmt: skip
     """The prior's statistics of a block's core from its swept field: returns the summed
     weighted local free energy and weight, and adds the pseudo-likelihood's gradient and
@@ -403,6 +403,8 @@ def stats_2d(
     as left by :func:`sweep_2d`; ``w`` the block's pixel weights (grid-shaped);
     ``starts`` each sub-lattice's local parities, ``core`` its core's row and column
     ranges (J, 4); ``a`` = ``exp(alpha - amax)`` and ``b`` its class sums (work dtype).
+    ``alpha_terms`` False: only ``beta``'s terms of the gradient and Hessian (a staged
+    fit's prior stage, where ``alpha`` is not fitted).
     """
     J = Q.shape[0]
     C = Q.shape[1]
@@ -489,23 +491,24 @@ def stats_2d(
                     ak = a[k]
                     for x in range(w_):
                         P[k, x] = ek[x] * den[x] * ak
-            for k in range(K):
-                qk = q[j, k, r, x0:] if groups else Q[j, k, 1 + r, 1 + x0 :]
-                pk = P[k]
-                for x in range(w_):
-                    v = np.float64(pk[x])
-                    P64[k, x] = v
-                    wp[k, x] = v * wr[x]
-                    t64[x] = qk[x]
-                s_p = _sum(wp[k], w_)
-                g[k] += _dot(t64, wr, w_) - s_p
-                H[k, k] -= s_p
-            for k in range(K):
-                for k2 in range(k, K):
-                    t = _dot(wp[k], P64[k2], w_)
-                    H[k, k2] += t
-                    if k2 != k:
-                        H[k2, k] += t
+            if alpha_terms:
+                for k in range(K):
+                    qk = q[j, k, r, x0:] if groups else Q[j, k, 1 + r, 1 + x0 :]
+                    pk = P[k]
+                    for x in range(w_):
+                        v = np.float64(pk[x])
+                        P64[k, x] = v
+                        wp[k, x] = v * wr[x]
+                        t64[x] = qk[x]
+                    s_p = _sum(wp[k], w_)
+                    g[k] += _dot(t64, wr, w_) - s_p
+                    H[k, k] -= s_p
+                for k in range(K):
+                    for k2 in range(k, K):
+                        t = _dot(wp[k], P64[k2], w_)
+                        H[k, k2] += t
+                        if k2 != k:
+                            H[k2, k] += t
             if not estimate_beta:
                 continue
             if groups:
@@ -535,6 +538,8 @@ def stats_2d(
             for x in range(w_):
                 t64[x] = qn[x]
             H[K, K] -= _dot(wr, t64, w_)
+            if not alpha_terms:
+                continue
             for k in range(K):
                 c = cc[k] if groups else k
                 for x in range(w_):

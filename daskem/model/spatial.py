@@ -1182,11 +1182,12 @@ def prior_step(
 
 def _prior_terms_strip(
     f, j, rows, rest, shape, qK, wj, actj, R, Z, alpha, a_dt, b_dt, amax, beta, need_pl,
-    estimate_beta, g, H, energy, weight,
+    estimate_beta, alpha_terms, g, H, energy, weight,
 ):  # fmt: skip
     """The NumPy kernel's prior terms of a strip of sub-lattice ``j``'s core: the local
     free energy and weight (returned, added to ``energy`` and ``weight``) and the
-    pseudo-likelihood's gradient and Hessian (added to ``g`` and ``H``)."""
+    pseudo-likelihood's gradient and Hessian (added to ``g`` and ``H``; only ``beta``'s
+    terms unless ``alpha_terms``)."""
     lat, ws, dt, cc, C = f.lat, f.ws, f.dtype, f.cc, f.n_classes
     K = qK.shape[0]
     m = qK.shape[1]
@@ -1232,10 +1233,11 @@ def _prior_terms_strip(
             p = ws.get("p", (K, m), dt)
             np.multiply(eNs if cc is None else eNs[cc], den, out=p)
             p *= a_dt[:, None]
-        wp = np.multiply(p, wj, out=ws.get("wp", (K, m), np.float64))
-        swp = wp.sum(axis=1)
-        g[:K] += R.sum(axis=1) - swp
-        H[:K, :K] -= np.diag(swp) - wp @ p.T.astype(np.float64)
+        if alpha_terms:
+            wp = np.multiply(p, wj, out=ws.get("wp", (K, m), np.float64))
+            swp = wp.sum(axis=1)
+            g[:K] += R.sum(axis=1) - swp
+            H[:K, :K] -= np.diag(swp) - wp @ p.T.astype(np.float64)
         if estimate_beta:
             PC = p if cc is None else f.class_sums(p, ws.get("PC", (C, m), dt))
             nbar = _lead_dot_arrays(PC, Ns, ws.get("nbar", (m,), dt), tmp)
@@ -1245,9 +1247,10 @@ def _prior_terms_strip(
             sq = np.multiply(dN, dN, out=ws.get("sq", (C, m), dt))
             v = _lead_dot_arrays(PC, sq, ws.get("v", (m,), dt), tmp)
             H[K, K] -= float(wj @ v.astype(np.float64))
-            hab = (wp * (dN if cc is None else dN[cc])).sum(axis=1)
-            H[:K, K] -= hab
-            H[K, :K] -= hab
+            if alpha_terms:
+                hab = (wp * (dN if cc is None else dN[cc])).sum(axis=1)
+                H[:K, K] -= hab
+                H[K, :K] -= hab
     return energy, weight
 
 
@@ -1264,7 +1267,7 @@ def _core_ranges(lat: _Lattice, core: tuple[slice, ...]) -> tuple[np.ndarray, np
 
 
 def _compiled_prior_terms(
-    f, alpha, a_dt, b_dt, amax, beta, w, core, origin, need_pl, estimate_beta, g, H
+    f, alpha, a_dt, b_dt, amax, beta, w, core, origin, need_pl, estimate_beta, alpha_terms, g, H
 ):  # fmt: skip
     """The prior terms of a block's core (as :func:`_prior_terms_strip` sums them) by the
     compiled loops of :mod:`daskem.model._mf_kernels`."""
@@ -1281,7 +1284,7 @@ def _compiled_prior_terms(
     energy, weight = _KERNELS[0].stats_2d(
         st["Q"], q, cc.astype(np.int64), Z, st["maxL"], st["lnS"], st["qN"], w2, st["act"],
         st["nbr"], st["counts"], starts, ranges, alpha, a_dt, b_dt, float(amax), float(beta),
-        bool(f.log_route), bool(need_pl), bool(estimate_beta), g, H,
+        bool(f.log_route), bool(need_pl), bool(estimate_beta), bool(alpha_terms), g, H,
     )  # fmt: skip
     return float(energy), float(weight)
 
@@ -1298,7 +1301,8 @@ def _block_statistics(
     emissions: bool = True,
 ) -> SpatialStats:
     """The statistics of a block's core from its swept field ``f`` (without the emission
-    statistics, left zero, when ``emissions`` is False: a staged fit's prior stage).
+    statistics, left zero, and the pseudo-likelihood's terms in ``alpha``, when
+    ``emissions`` is False: a staged fit's prior stage, which fits ``beta`` alone).
 
     Per strip of each sub-lattice: the local free energy, the pseudo-likelihood's
     gradient and Hessian, and the emission statistics (one float64 GEMM on quadratic
@@ -1333,8 +1337,9 @@ def _block_statistics(
     compiled = f.stacked is not None
     if compiled:  # the prior's terms by the compiled loops, the rest below
         energy, weight = _compiled_prior_terms(
-            f, alpha, a_dt, b_dt, amax, beta, w, core, origin, need_pl, estimate_beta, g, H
-        )
+            f, alpha, a_dt, b_dt, amax, beta, w, core, origin, need_pl, estimate_beta,
+            emissions, g, H,
+        )  # fmt: skip
         if complete_block:  # the emission statistics in one compiled pass too
             if emissions:
                 st = f.stacked
@@ -1372,7 +1377,7 @@ def _block_statistics(
             if not compiled:
                 energy, weight = _prior_terms_strip(
                     f, j, rows, rest, shape, qK, wj, actj, R, Z, alpha, a_dt, b_dt, amax,
-                    beta, need_pl, estimate_beta, g, H, energy, weight,
+                    beta, need_pl, estimate_beta, emissions, g, H, energy, weight,
                 )  # fmt: skip
             # the emission statistics with q as responsibilities
             xv = data[sub][sl]
