@@ -731,6 +731,8 @@ class EMEstimator(BaseEstimator):
             for init, st in starts.items():
                 finished[init] = engine.EMResult(st.params, -np.inf, [], 0, False, [])
         elif starts:
+            resumed = {i for i in starts if saved[i] is not None}
+            starts = self._sample_stage(model, data, starts, resumed)
             order = sorted(starts)
             cb = self._iteration_callback(
                 t_fit, checkpoint_dir, fingerprint, order, saved, callback
@@ -772,6 +774,18 @@ class EMEstimator(BaseEstimator):
                 stacklevel=3 + getattr(self, "_extra_frames", 0),
             )
         return data
+
+    def _sample_stage(
+        self,
+        model: Any,
+        data: engine.ChunkedData,
+        starts: dict[int, engine.Start],
+        resumed: set[int],
+    ) -> dict[int, engine.Start]:
+        """The starts of the passes over all the data, from ``starts`` (``resumed``: those
+        restored from a checkpoint). A model may first run EM from them on a sample of
+        the data's blocks (the spatial prior's ``beta``, :mod:`daskem.hmrf`); none here."""
+        return starts
 
     def _store_result(self, best, n_features, K, component_class, n_classes) -> None:
         """The fitted attributes from the result of EM."""

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import copy
 import itertools
 import logging
 import math
@@ -343,6 +344,22 @@ class ChunkedData:
     @property
     def n_samples(self) -> int:
         return int(self.X.shape[0])
+
+    def block_sizes(self) -> list[int]:
+        """Samples (pixels on a grid layout) of each block a pass visits, in order."""
+        if self.layout is None:
+            return [int(n) for n in self.row_chunks]
+        return [
+            math.prod(int(c[i]) for c, i in zip(self.layout.chunks, index, strict=True))
+            for index in np.ndindex(*(len(c) for c in self.layout.chunks))
+        ]
+
+    def block_subset(self, blocks: Sequence[int]) -> ChunkedData:
+        """A copy whose passes visit only these blocks (indices into
+        :meth:`block_sizes`), each with its halo as in a full pass."""
+        out = copy.copy(self)
+        out._pass_blocks = [self._pass_blocks[i] for i in blocks]
+        return out
 
     @property
     def n_features(self) -> int:

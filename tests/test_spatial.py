@@ -423,6 +423,33 @@ def test_staged_fit_keeps_the_pixelwise_emissions(beta):
     assert (st.predict(X) != pw.predict(X)).any()
 
 
+def test_prior_stage_starts_on_a_sample_of_blocks(monkeypatch, caplog):
+    """On a stack of many blocks the staged fit's prior stage estimates beta on a random
+    sample of blocks first, then converges over every block from there: the fixed point
+    on all the data (within tol), in fewer passes over it."""
+    import logging
+
+    from daskem import hmrf
+
+    rng = np.random.default_rng(1)
+    z = _potts((96, 96), 3, 0.8, 4, rng, sweeps=60)
+    means = np.array([[0.0, 0.0], [2.0, 0.0], [0.0, 2.0]])
+    X = da.from_array(means[z] + rng.standard_normal((*z.shape, 2)), chunks=(16, 16, 2))
+    kw = dict(neighbourhood=4, random_state=0, tol=1e-4, max_iter=60)
+    monkeypatch.setattr(hmrf, "SAMPLE_STAGE_PIXELS", 10**9)  # no sample stage
+    whole = SpatialGaussianMixture(3, **kw).fit(X)
+    monkeypatch.setattr(hmrf, "SAMPLE_STAGE_PIXELS", 256)  # 1 block, but 1/16 of 36: 3
+    with caplog.at_level(logging.INFO, logger="daskem.hmrf"):
+        sampled = SpatialGaussianMixture(3, **kw).fit(X)
+    assert "on a sample of 3 of 36 blocks (768 of 9216 pixels)" in caplog.text
+    assert whole.converged_ and sampled.converged_
+    assert sampled.spatial_beta_ == pytest.approx(whole.spatial_beta_, abs=5e-3)
+    assert sampled.n_iter_ < whole.n_iter_
+    np.testing.assert_array_equal(sampled.means_, whole.means_)  # the pixel-wise stage
+    agree = (sampled.predict(X) == whole.predict(X)).mean()
+    assert agree > 0.999
+
+
 # --------------------------------------------------------------------------- chunking
 
 
