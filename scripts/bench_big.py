@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -51,6 +52,18 @@ def main() -> None:
             "neighbourhood": args.neighbourhood,
             "spatial_fit": args.spatial_fit,
         }
+
+    notes: list[str] = []  # the fit's stages (e.g. the prior stage's sample of blocks)
+
+    class _Notes(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            msg = f"{time.perf_counter() - t0:.0f} s: {record.getMessage()}"
+            notes.append(msg)
+            print(msg, flush=True)
+
+    hmrf_log = logging.getLogger("daskem.hmrf")
+    hmrf_log.addHandler(_Notes(logging.INFO))
+    hmrf_log.setLevel(logging.INFO)
 
     passes: list[dict] = []
     scale = [1.0]  # a hidden Markov model's objective is a total: per pixel here
@@ -116,6 +129,7 @@ def main() -> None:
         "gigabytes": gb,
         "pixels": stack.n_pixels,
         "passes": passes,
+        "notes": notes,
         "n_iter": gm.n_iter_,
         "converged": gm.converged_,
         "fit_seconds": fit_s,
