@@ -312,7 +312,7 @@ def test_compiled_log_densities(cov):
     """The compiled residual-form log-densities of a grid block equal scipy's, for every
     covariance type, a precision factor that is not triangular (rotated: the same
     precision), and pixels with missing attributes (marginal over the observed ones)."""
-    from daskem.model.spatial import _compiled, _Lattice, log_emission_grid
+    from daskem.model.spatial import _compiled, _Lattice, grid_emission
 
     assert _compiled(_Lattice((4, 4), (0, 0), 8))
     X, _ = _image(seed=3, shape=(9, 7))
@@ -328,7 +328,7 @@ def test_compiled_log_densities(cov):
         if rotate:
             Qm = np.linalg.qr(np.random.default_rng(1).normal(size=(3, 3)))[0]
             p = dataclasses.replace(p, precisions_cholesky=p.precisions_cholesky @ Qm)
-        out = log_emission_grid(p, X, offset).reshape(3, 9, 7)
+        out = grid_emission(p, offset)(X).reshape(3, 9, 7)
         for k in range(3):
             cov_k = gm.covariances_ if cov == "tied" else gm.covariances_[k]
             if cov == "diag":

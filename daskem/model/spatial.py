@@ -1009,42 +1009,48 @@ def log_emission_t(gmm: GMMParams, X: np.ndarray, offset: np.ndarray | None = No
     return out
 
 
-def log_emission_grid(gmm: GMMParams, X: np.ndarray, offset: np.ndarray) -> np.ndarray:
-    """:func:`log_emission_t` of the pixels of a grid block ``X`` (h, w, D) by the compiled
-    residual form (:func:`~daskem.model._mf_kernels.log_gauss_diag` for diagonal and
-    spherical covariances, :func:`~daskem.model._mf_kernels.log_gauss_full` for full and
-    tied ones; every step float64, each pixel's sums in a fixed order); pixels with
-    missing attributes by :func:`log_emission`."""
-    h, w, D = X.shape
-    K = gmm.n_components
+def grid_emission(gmm: GMMParams, offset: np.ndarray):
+    """``emission(X)``: :func:`log_emission_t` of the pixels of a grid block ``X`` (h, w,
+    D) by the compiled residual form (:func:`~daskem.model._mf_kernels.log_gauss_diag`
+    for diagonal and spherical covariances, :func:`~daskem.model._mf_kernels.log_gauss_full`
+    for full and tied ones; every step float64, each pixel's sums in a fixed order);
+    pixels with missing attributes by :func:`log_emission`. The factors are prepared
+    once, for every strip of a block."""
+    K, D = gmm.means.shape
     prec = np.asarray(gmm.precisions_cholesky, dtype=np.float64)
     cov = gmm.covariance_type
     if cov == "spherical":
         prec = np.repeat(prec[:, None], D, axis=1)
     elif cov == "tied":
         prec = np.repeat(prec[None], K, axis=0)
+    prec = np.ascontiguousarray(prec)
     full = cov in ("full", "tied")
     tri = full and not np.any(np.tril(prec, -1))  # upper triangular: half the products
     if full and not tri:
         log_det = np.linalg.slogdet(prec)[1]
     else:
         log_det = np.log(np.abs(np.diagonal(prec, axis1=1, axis2=2)) if full else prec).sum(1)
-    const = log_det - 0.5 * D * np.log(2 * np.pi)
-    const += np.asarray(offset, dtype=np.float64)
-    out = np.empty((K, h * w))
+    offset = np.asarray(offset, dtype=np.float64)
+    const = log_det - 0.5 * D * np.log(2 * np.pi) + offset
     means = np.ascontiguousarray(gmm.means, dtype=np.float64)
-    cbuf = np.empty((D, max(w, 1)))
     kernels = _KERNELS[0]
-    if full:
-        ybuf = np.empty(max(w, 1))
-        kernels.log_gauss_full(X, means, np.ascontiguousarray(prec), const, out, cbuf, ybuf, tri)
-    else:
-        kernels.log_gauss_diag(X, means, np.ascontiguousarray(prec), const, out, cbuf)
-    with np.errstate(invalid="ignore"):
-        bad = np.flatnonzero(~np.isfinite(out.sum(axis=0)))
-    if bad.size:  # missing attributes (or values beyond float64)
-        out[:, bad] = log_emission(gmm, X.reshape(h * w, D)[bad]).T + np.asarray(offset)[:, None]
-    return out
+
+    def emission(X: np.ndarray) -> np.ndarray:
+        h, w, _ = X.shape
+        out = np.empty((K, h * w))
+        cbuf = np.empty((D, max(w, 1)))
+        if full:
+            ybuf = np.empty(max(w, 1))
+            kernels.log_gauss_full(X, means, prec, const, out, cbuf, ybuf, tri)
+        else:
+            kernels.log_gauss_diag(X, means, prec, const, out, cbuf)
+        with np.errstate(invalid="ignore"):
+            bad = np.flatnonzero(~np.isfinite(out.sum(axis=0)))
+        if bad.size:  # missing attributes (or values beyond float64)
+            out[:, bad] = log_emission(gmm, X.reshape(h * w, D)[bad]).T + offset[:, None]
+        return out
+
+    return emission
 
 
 def _allowed(labels: np.ndarray | None, gmm: GMMParams) -> np.ndarray | None:
@@ -1474,11 +1480,11 @@ class SpatialGMMModel:
         lab = None if labels is None else np.asarray(labels)
 
         lat = _Lattice(data.shape[:-1], origin, self.neighbourhood)
-        direct = _compiled(lat)
+        direct = grid_emission(gmm, params.alpha) if _compiled(lat) else None
 
         def emission(sub, m):
-            if direct:
-                return log_emission_grid(gmm, data[sub], params.alpha)
+            if direct is not None:
+                return direct(data[sub])
             return log_emission_t(gmm, data[sub].reshape(m, D), params.alpha)
 
         def ok(sub, m):
