@@ -298,6 +298,15 @@ def test_compiled_kernel_matches_the_numpy_kernel(monkeypatch, nb, dtype, cov):
             out[compiled] = stats, q
         (a, qa), (b, qb) = out[True], out[False]
         np.testing.assert_allclose(qa, qb, **tol)
+        # one pixel without weight: the other parity sub-lattices are fully active
+        w1 = np.ones(X.shape[:2])
+        w1[9, 7] = 0.0
+        q1 = {}
+        for compiled in (True, False):
+            monkeypatch.setattr(spatial, "USE_COMPILED", compiled)
+            q1[compiled] = model.responsibilities(sp, blk, labels=y, active=w1 > 0)
+        np.testing.assert_allclose(q1[True], q1[False], **tol)
+        assert np.allclose(q1[True].sum(-1)[w1 > 0], 1.0, atol=1e-5)
         assert a.energy == pytest.approx(b.energy, rel=tol["rtol"])
         assert a.weight == b.weight
         np.testing.assert_allclose(a.grad, b.grad, **tol)

@@ -688,8 +688,9 @@ def _build_field(
                 f.q.append(st["q"][(j, slice(None), *inner)])
             f.lnS.append(st["lnS"][(j, *inner)])
             f.qN.append(st["qN"][(j, *inner)])
-            if act is not None:
-                st["act"][(j, *inner)] = act
+            # every pixel of a fully active sub-lattice is active (the array is dropped
+            # below if all are)
+            st["act"][(j, *inner)] = 1.0 if act is None else act
             continue
         f.maxL.append(np.empty(cnt))
         f.G.append(np.empty((K, *cnt), dtype=dtype))
