@@ -397,8 +397,8 @@ class SpatialGaussianMixture(_SpatialMixin, GaussianMixture):
 
     The model, its E-step and M-step and their guarantees are described in
     :mod:`daskem.model.spatial`. Each EM pass maps the mean-field sweeps over the image's
-    chunks, each extended by a halo of ``mean_field_sweeps * n_colours + 1`` pixels, so the
-    result does not depend on the chunking and no per-pixel state is kept.
+    chunks, each extended by a halo of ``(mean_field_sweeps + 1) * n_colours + 1`` pixels,
+    so the result does not depend on the chunking and no per-pixel state is kept.
 
     Parameters
     ----------

@@ -97,12 +97,25 @@ def ref_iteration(X, w, mu, cov, alpha, beta, nb, sweeps, reg=1e-6):
     )
     w2 = nk / nk.sum()
     # pseudo-likelihood Newton step in alpha (minimum-norm, capped at 1, centred), with the
-    # neighbours of a field drawn from q by the pixels' fixed uniforms
+    # neighbours of the simulated field: a field drawn from q by the pixels' fixed
+    # uniforms, then one colour sweep drawing each pixel from its posterior conditional
+    # given its neighbours' current classes (fixed uniforms of stream 1); the targets are
+    # the posterior conditionals at the final neighbours
     u = pixel_uniforms((H, W), (0, 0))
     z = (np.cumsum(q, axis=-1) < u[..., None]).sum(-1)
-    n = ref_neighbours(np.eye(K)[np.minimum(z, K - 1)], nb).reshape(-1, K)
+    Z = np.eye(K)[np.minimum(z, K - 1)]
+    u1 = pixel_uniforms((H, W), (0, 0), stream=1)
+    for c in range(4 if nb == 8 else 2):
+        s = colours == c
+        lt = lg + beta * ref_neighbours(Z, nb)
+        pt = np.exp(lt - logsumexp(lt, axis=-1, keepdims=True))
+        zc = (np.cumsum(pt, axis=-1) < u1[..., None]).sum(-1)
+        Z[s] = np.eye(K)[np.minimum(zc, K - 1)][s]
+    n = ref_neighbours(Z, nb).reshape(-1, K)
     p = np.exp(alpha + beta * n - logsumexp(alpha + beta * n, axis=1, keepdims=True))
-    g = (r - p).sum(0)
+    lt = lg.reshape(-1, K) + beta * n
+    t = np.exp(lt - logsumexp(lt, axis=1, keepdims=True))
+    g = (t - p).sum(0)
     Hs = sum(np.diag(pi) - np.outer(pi, pi) for pi in p)
     step = np.linalg.lstsq(Hs, g, rcond=1e-10)[0]
     if np.abs(step).max() > 1:
@@ -647,13 +660,23 @@ def _potts(shape, K, beta, nb, rng, sweeps=200):
 
 
 @pytest.mark.parametrize(
-    ("nb", "beta", "fit"),
-    [(4, 0.4, "staged"), (4, 0.8, "staged"), (8, 0.3, "staged"), (4, 0.8, "joint")],
+    ("nb", "beta", "fit", "sep"),
+    [
+        (4, 0.4, "staged", 3.5),
+        (4, 0.8, "staged", 3.5),
+        (8, 0.3, "staged", 3.5),
+        (4, 0.8, "joint", 3.5),
+        # overlapping classes: the field drawn from q alone gave 0.60 and 0.24 here
+        (4, 0.8, "staged", 2.0),
+        (8, 0.3, "staged", 2.0),
+    ],
 )
-def test_auto_beta_recovers_the_true_beta(nb, beta, fit):
+def test_auto_beta_recovers_the_true_beta(nb, beta, fit, sep):
+    """beta by pseudo-likelihood on the simulated field, on Gibbs samples of the Potts
+    field of known beta (3 classes, 2 attributes ``sep`` standard deviations apart)."""
     rng = np.random.default_rng(0)
     z = _potts((120, 120), 3, beta, nb, rng)
-    means = np.array([[0.0, 0.0], [3.5, 0.0], [0.0, 3.5]])
+    means = np.array([[0.0, 0.0], [sep, 0.0], [0.0, sep]])
     X = means[z] + rng.standard_normal((*z.shape, 2))
     sg = SpatialGaussianMixture(3, neighbourhood=nb, spatial_fit=fit, random_state=0, tol=1e-6)
     sg.fit(X)

@@ -23,7 +23,7 @@ import math
 import numpy as np
 from numba import njit
 
-from .spatial import _HASH_MULT, _SPLITMIX
+from .spatial import _HASH_MULT, _SPLITMIX, _STREAM
 
 __all__ = [
     "drawn_field_2d",
@@ -299,13 +299,16 @@ def sweep_2d(Q, G, act, lnS, qN, q, cc, nbr, counts, beta, sweeps, log_route, E,
 
 # the constants of daskem.model.spatial.pixel_uniforms, whose NumPy twin this is
 _M0, _M1 = (np.uint64(m) for m in _HASH_MULT[:2])
+_S0 = np.uint64(0)  # the drawn field's stream (0)
+_S1 = np.uint64(_STREAM)  # the simulated field's stream (1)
 _F0, _F1 = (np.uint64(m) for m in _SPLITMIX)
 
 
 @njit(nogil=True, cache=True)
-def _uniform(g0, g1):
-    """``daskem.model.spatial.pixel_uniforms`` of the pixel at global index (g0, g1)."""
-    h = np.uint64(0)
+def _uniform(g0, g1, h0):
+    """``daskem.model.spatial.pixel_uniforms`` of the pixel at global index (g0, g1)
+    (``h0``: the stream's start, ``stream * _STREAM``)."""
+    h = np.uint64(h0)
     h ^= (np.uint64(g0) + np.uint64(1)) * _M0
     h = (h << np.uint64(31)) | (h >> np.uint64(33))
     h ^= (np.uint64(g1) + np.uint64(1)) * _M1
@@ -338,7 +341,7 @@ def drawn_field_2d(Q, act, counts, starts, origin, Z):
             g0 = origin[0] + starts[j, 0] + 2 * r
             g1 = origin[1] + starts[j, 1]
             for x in range(w):
-                u[x] = _uniform(g0, g1 + 2 * x)
+                u[x] = _uniform(g0, g1 + 2 * x, _S0)
                 cum[x] = 0.0
                 pick[x] = 0
             for c in range(C - 1):
@@ -346,6 +349,96 @@ def drawn_field_2d(Q, act, counts, starts, origin, Z):
                 for x in range(w):
                     cum[x] += qc[x]
                     pick[x] += cum[x] < u[x]
+            for x in range(w):
+                if has_act and act[j, r, x] == 0:
+                    continue
+                Z[j, pick[x], 1 + r, 1 + x] = 1.0
+
+
+@njit(nogil=True, cache=True)
+def _conditional_row(Z, G, j, r, x0, nbr, w, cc, groups, beta, log_route, E, I, N, S):  # noqa: E741
+    """The posterior conditionals of pixels ``x0 .. x0 + w`` of row ``r`` of sub-lattice
+    ``j`` given the field ``Z`` of the neighbours: ``E[k] ∝ G_k exp(beta N_class(k))``
+    (``G`` as in :func:`sweep_2d`; on the log route the max is taken out first) and
+    their sum ``S``, unnormalised; ``N`` a scratch (C, >= w)."""
+    K = G.shape[1]
+    b = Z.dtype.type(beta)
+    _neighbour_sums(Z, nbr[j], r, x0, w, N)
+    if log_route:
+        for k in range(K):
+            nk = N[cc[k]] if groups else N[k]
+            g = G[j, k, r, x0:]
+            ek = E[k]
+            for x in range(w):
+                ek[x] = g[x] + b * nk[x]
+        for x in range(w):
+            S[x] = E[0, x]
+        for k in range(1, K):
+            for x in range(w):
+                S[x] = max(S[x], E[k, x])
+        for k in range(K):
+            for x in range(w):
+                E[k, x] -= S[x]
+        _exp_rows(E, I, w)
+    else:
+        C = N.shape[0]
+        for c in range(C):
+            nc = N[c]
+            for x in range(w):
+                nc[x] = b * nc[x]
+        _exp_rows(N, I, w)  # N now holds exp(beta N)
+        for k in range(K):
+            nk = N[cc[k]] if groups else N[k]
+            g = G[j, k, r, x0:]
+            ek = E[k]
+            for x in range(w):
+                ek[x] = g[x] * nk[x]
+    _row_sum(E, w, S)
+
+
+@njit(nogil=True, cache=True)
+def simulated_field_2d(Z, G, act, cc, groups, nbr, counts, starts, origin, beta, log_route):
+    """One colour sweep of the simulated field (Celeux, Forbes & Peyrard 2003) over the
+    drawn field ``Z`` (one-hot, bordered): each pixel, colour after colour, draws its
+    class from its posterior conditional given its neighbours' current classes,
+    ``∝ sum_{k in c} G_k exp(beta N_c)``, by its fixed uniform of stream 1; inactive
+    pixels keep no class."""
+    J = Z.shape[0]
+    C = Z.shape[1]
+    K = G.shape[1]
+    has_act = act.shape[0] > 0
+    W = Z.shape[3]
+    E = np.empty((K, W), dtype=Z.dtype)
+    I = np.empty((max(K, C), W), dtype=np.int32)  # noqa: E741
+    N = np.empty((C, W), dtype=Z.dtype)
+    S = np.empty(W, dtype=Z.dtype)
+    u = np.empty(W, dtype=Z.dtype)
+    cum = np.empty(W, dtype=Z.dtype)
+    pick = np.empty(W, dtype=np.int64)
+    for j in range(J):
+        w = counts[j, 1]
+        for r in range(counts[j, 0]):
+            _conditional_row(Z, G, j, r, 0, nbr, w, cc, groups, beta, log_route, E, I, N, S)
+            g0 = origin[0] + starts[j, 0] + 2 * r
+            g1 = origin[1] + starts[j, 1]
+            for x in range(w):
+                u[x] = _uniform(g0, g1 + 2 * x, _S1) * S[x]
+                cum[x] = 0.0
+                pick[x] = 0
+            for c in range(C - 1):
+                for x in range(w):
+                    N[c, x] = 0.0
+                for k in range(K):
+                    if (cc[k] if groups else k) == c:
+                        for x in range(w):
+                            N[c, x] += E[k, x]
+                for x in range(w):
+                    cum[x] += N[c, x]
+                    pick[x] += cum[x] < u[x]
+            for c in range(C):
+                zc = Z[j, c, 1 + r, 1:]
+                for x in range(w):
+                    zc[x] = 0.0
             for x in range(w):
                 if has_act and act[j, r, x] == 0:
                     continue
@@ -392,15 +485,17 @@ def _prior_softmax(N, alpha, beta, cc, groups, w, lg, tops, tots):
 
 @njit(nogil=True, cache=True)
 def stats_2d(
-    Q, q, cc, Z, maxL, lnS, qN, w, act, nbr, counts, starts, core, alpha, a, b, amax, beta,
-    log_route, need_pl, estimate_beta, alpha_terms, g, H,
+    Q, q, cc, Z, G, maxL, lnS, qN, w, act, nbr, counts, starts, core, alpha, a, b, amax,
+    beta, log_route, need_pl, estimate_beta, alpha_terms, g, H,
 ):  # fmt: skip
     """The prior's statistics of a block's core from its swept field: returns the summed
     weighted local free energy and weight, and adds the pseudo-likelihood's gradient and
     Hessian in ``(alpha, beta)`` to ``g`` (K + 1) and ``H`` (K + 1, K + 1) (float64).
 
-    ``Z`` the drawn field (:func:`drawn_field_2d`); ``maxL`` (float64), ``lnS``, ``qN``
-    as left by :func:`sweep_2d`; ``w`` the block's pixel weights (grid-shaped);
+    ``Z`` the simulated field (:func:`drawn_field_2d`, :func:`simulated_field_2d`), the
+    gradient's targets the posterior conditionals at its neighbours; ``G`` (as in
+    :func:`sweep_2d`), ``maxL`` (float64), ``lnS``, ``qN`` as left by :func:`sweep_2d`;
+    ``w`` the block's pixel weights (grid-shaped);
     ``starts`` each sub-lattice's local parities, ``core`` its core's row and column
     ranges (J, 4); ``a`` = ``exp(alpha - amax)`` and ``b`` its class sums (work dtype).
     ``alpha_terms`` False: only ``beta``'s terms of the gradient and Hessian (a staged
@@ -429,6 +524,10 @@ def stats_2d(
     t64 = np.empty(W)
     tops = np.empty(W)
     tots = np.empty(W)
+    T = np.empty((K, W), dtype=Q.dtype)
+    N2 = np.empty((C, W), dtype=Q.dtype)
+    S2 = np.empty(W, dtype=Q.dtype)
+    T64 = np.empty((K, W))
     energy = 0.0
     weight = 0.0
     for j in range(J):
@@ -491,17 +590,21 @@ def stats_2d(
                     ak = a[k]
                     for x in range(w_):
                         P[k, x] = ek[x] * den[x] * ak
+            # the targets: the posterior conditionals at the simulated field's neighbours
+            _conditional_row(Z, G, j, r, x0, nbr, w_, cc, groups, beta, log_route, T, I, N2, S2)
+            for k in range(K):
+                tk = T[k]
+                for x in range(w_):
+                    T64[k, x] = np.float64(tk[x]) / np.float64(S2[x])
             if alpha_terms:
                 for k in range(K):
-                    qk = q[j, k, r, x0:] if groups else Q[j, k, 1 + r, 1 + x0 :]
                     pk = P[k]
                     for x in range(w_):
                         v = np.float64(pk[x])
                         P64[k, x] = v
                         wp[k, x] = v * wr[x]
-                        t64[x] = qk[x]
                     s_p = _sum(wp[k], w_)
-                    g[k] += _dot(t64, wr, w_) - s_p
+                    g[k] += _dot(T64[k], wr, w_) - s_p
                     H[k, k] -= s_p
                 for k in range(K):
                     for k2 in range(k, K):
@@ -526,7 +629,14 @@ def stats_2d(
                 for x in range(w_):
                     den[x] += PC[c, x] * Ns[c, x]
             for x in range(w_):
-                t64[x] = np.float64(qn[x]) - np.float64(den[x])
+                t64[x] = 0.0
+            for k in range(K):
+                nk = Ns[cc[k]] if groups else Ns[k]
+                tk = T64[k]
+                for x in range(w_):
+                    t64[x] += tk[x] * np.float64(nk[x])
+            for x in range(w_):
+                t64[x] -= np.float64(den[x])
             g[K] += _dot(wr, t64, w_)
             for x in range(w_):  # sum_c P_c (Ns_c - nbar)^2, in qn (no longer needed)
                 d = Ns[0, x] - den[x]
