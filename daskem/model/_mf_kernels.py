@@ -588,10 +588,15 @@ def stats_2d(
                 for k in range(K):
                     ek = E[cc[k]] if groups else E[k]
                     ak = a[k]
+                    g_ = G[j, k, r, x0:]
+                    tk = T[k]
                     for x in range(w_):
                         P[k, x] = ek[x] * den[x] * ak
+                        tk[x] = g_[x] * ek[x]  # as _conditional_row, exp(beta N) reused
+                _row_sum(T, w_, S2)
             # the targets: the posterior conditionals at the simulated field's neighbours
-            _conditional_row(Z, G, j, r, x0, nbr, w_, cc, groups, beta, log_route, T, I, N2, S2)
+            if log_route:
+                _conditional_row(Z, G, j, r, x0, nbr, w_, cc, groups, beta, True, T, I, N2, S2)
             for k in range(K):
                 tk = T[k]
                 for x in range(w_):
