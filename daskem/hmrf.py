@@ -40,8 +40,9 @@ __all__ = ["SpatialGaussianMixture", "SpatialGaussianMixtureClassifier"]
 _TILE_PIXELS = 2**22
 
 #: the staged fit's prior stage estimates ``beta`` on a random sample of the image's
-#: blocks first (at least this many pixels and 1/16 of the blocks), then goes on over
-#: every block from there, when the sample holds at most a quarter of the pixels
+#: blocks first (at least this many pixels and 1/16 of the blocks, in clusters of 2 x 2
+#: neighbouring blocks), then goes on over every block from there, when the sample holds
+#: at most a quarter of the pixels
 SAMPLE_STAGE_PIXELS = 2**22
 
 logger = logging.getLogger(__name__)
@@ -212,8 +213,8 @@ class _SpatialMixin:
 
     def _sample_stage(self, model, data, starts, resumed):
         """The staged fit's prior stage with ``beta`` estimated: EM on a random sample of
-        blocks first (:data:`SAMPLE_STAGE_PIXELS`), then the passes over every block go
-        on from its ``beta``.
+        blocks first (:data:`SAMPLE_STAGE_PIXELS`; random clusters of neighbouring
+        blocks), then the passes over every block go on from its ``beta``.
 
         Each pass of the stage takes one Newton step of the pseudo-likelihood on the
         field drawn at the previous ``beta``, so ``beta`` climbs to its fixed point in
@@ -222,7 +223,7 @@ class _SpatialMixin:
         are sums over the same kind of blocks (each with its halo), so the sample's
         passes follow nearly the same path at a fraction of the cost. They stop by the
         stage's rule, or once ``beta``'s steps alternate in sign (its noise floor on
-        the sample: each pass draws the field anew), at the mean of the last two. The
+        the sample: the drawn field changes with ``beta``), at the mean of the last two. The
         passes over every block then converge from there by the stage's own rule, so the
         result is the fixed point on all the data, not the sample's.
         """
@@ -233,11 +234,22 @@ class _SpatialMixin:
         rng = np.random.default_rng(
             self.random_state if isinstance(self.random_state, numbers.Integral) else None
         )
-        order = rng.permutation(sizes.size)
-        take = int(np.searchsorted(np.cumsum(sizes[order]), SAMPLE_STAGE_PIXELS)) + 1
-        take = max(take, math.ceil(sizes.size / 16))
-        picked = np.sort(order[:take])
-        n_px = int(sizes[picked].sum())
+        # random clusters of 2 x 2 (x 2) neighbouring blocks: a block's halo comes from
+        # its neighbours' frames, each a read of their chunk, which a cluster shares
+        counts = [len(c) for c in data.layout.chunks]
+        grid = np.arange(sizes.size).reshape(counts)
+        clusters = [
+            grid[tuple(slice(2 * i, 2 * i + 2) for i in index)].ravel()
+            for index in np.ndindex(*((n + 1) // 2 for n in counts))
+        ]
+        chosen: list[int] = []
+        n_px = 0
+        for c in rng.permutation(len(clusters)):
+            if n_px >= SAMPLE_STAGE_PIXELS and len(chosen) >= math.ceil(sizes.size / 16):
+                break
+            chosen += clusters[c].tolist()
+            n_px += int(sizes[clusters[c]].sum())
+        picked = np.sort(np.asarray(chosen, dtype=np.int64))
         if n_px * 4 > total:
             return starts
         sub = data.block_subset(picked.tolist())

@@ -460,10 +460,11 @@ def test_prior_stage_starts_on_a_sample_of_blocks(monkeypatch, caplog):
     kw = dict(neighbourhood=4, random_state=0, tol=1e-4, max_iter=60)
     monkeypatch.setattr(hmrf, "SAMPLE_STAGE_PIXELS", 10**9)  # no sample stage
     whole = SpatialGaussianMixture(3, **kw).fit(X)
-    monkeypatch.setattr(hmrf, "SAMPLE_STAGE_PIXELS", 256)  # 1 block, but 1/16 of 36: 3
+    monkeypatch.setattr(hmrf, "SAMPLE_STAGE_PIXELS", 256)  # 1 block; 1/16 of 36: 3
     with caplog.at_level(logging.INFO, logger="daskem.hmrf"):
         sampled = SpatialGaussianMixture(3, **kw).fit(X)
-    assert "on a sample of 3 of 36 blocks (768 of 9216 pixels)" in caplog.text
+    # one cluster of 2 x 2 blocks
+    assert "on a sample of 4 of 36 blocks (1024 of 9216 pixels)" in caplog.text
     assert whole.converged_ and sampled.converged_
     assert sampled.spatial_beta_ == pytest.approx(whole.spatial_beta_, abs=5e-3)
     assert sampled.n_iter_ < whole.n_iter_
