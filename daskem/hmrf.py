@@ -217,15 +217,16 @@ class _SpatialMixin:
         blocks), then the passes over every block go on from its ``beta``.
 
         Each pass of the stage takes one Newton step of the pseudo-likelihood on the
-        field drawn at the previous ``beta``, so ``beta`` climbs to its fixed point in
-        many small steps (14 passes on a 4 Mpx crop of a 300 Mpx stack, from 0.50 to
+        field simulated at the previous ``beta``, so ``beta`` climbs to its fixed point
+        in many small steps (14 passes on a 4 Mpx crop of a 300 Mpx stack, from 0.50 to
         2.99). ``beta`` is one number for the whole image and the sample's statistics
         are sums over the same kind of blocks (each with its halo), so the sample's
         passes follow nearly the same path at a fraction of the cost. They stop by the
-        stage's rule, or once ``beta``'s steps alternate in sign (its noise floor on
-        the sample: the drawn field changes with ``beta``), at the mean of the last two. The
-        passes over every block then converge from there by the stage's own rule, so the
-        result is the fixed point on all the data, not the sample's.
+        stage's rule, or once ``beta``'s steps alternate in sign (its noise floor on the
+        sample: the simulated field changes with ``beta``), at the mean of the last two;
+        they are logged, not counted in ``n_iter_``. The passes over every block then
+        converge from there by the stage's own rule, so the result is the fixed point on
+        all the data, not the sample's.
         """
         if not getattr(self, "_prior_stage", False) or data.layout is None:
             return starts
@@ -431,11 +432,11 @@ class SpatialGaussianMixture(_SpatialMixin, GaussianMixture):
         pseudo-likelihood alone (stopping when its step is below ``tol``; ``max_iter``
         bounds each stage; on images of many blocks, ``beta`` first on a random sample
         of them, see :data:`SAMPLE_STAGE_PIXELS`). ``"joint"``: every parameter by
-        mean-field EM, the emissions
-        fitted to the smoothed class probabilities. On data drawn from the model the
-        joint fit is the more accurate; on real scenes its emissions drift towards the
-        smoothed classes (a class of small patches loses its pixels to its neighbours)
-        and the staged fit gives the better map (README: "A spatial prior").
+        mean-field EM, the emissions fitted to the smoothed class probabilities. On data
+        drawn from the model the joint fit is the more accurate; on real scenes its
+        emissions drift towards the smoothed classes (a class of small patches loses its
+        pixels to its neighbours) and the staged fit gives the better map (README: "A
+        spatial prior").
 
     The other parameters are :class:`~daskem.GaussianMixture`'s (``chunk_size``: pixels
     per tile of an in-memory image).

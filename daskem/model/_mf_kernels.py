@@ -483,6 +483,17 @@ def _prior_softmax(N, alpha, beta, cc, groups, w, lg, tops, tots):
         tots[x] = t
 
 
+@njit(inline="always")
+def _core_row_weights(w, starts, j, r, x0, n, wr):
+    """``wr`` = the weights of pixels ``x0 .. x0 + n`` of row ``r`` of sub-lattice ``j``
+    (``w`` grid-shaped); returns the row's grid row and its first pixel's column."""
+    row = starts[j, 0] + 2 * r
+    c0 = starts[j, 1] + 2 * x0
+    for x in range(n):
+        wr[x] = w[row, c0 + 2 * x]
+    return row, c0
+
+
 @njit(nogil=True, cache=True)
 def stats_2d(
     Q, q, cc, Z, G, maxL, lnS, qN, w, act, nbr, counts, starts, core, alpha, a, b, amax,
@@ -536,9 +547,7 @@ def stats_2d(
         if w_ <= 0:
             continue
         for r in range(r0, r1):
-            row = starts[j, 0] + 2 * r
-            for x in range(w_):
-                wr[x] = w[row, starts[j, 1] + 2 * (x0 + x)]
+            _core_row_weights(w, starts, j, r, x0, w_, wr)
             _neighbour_sums(Q, nbr[j], r, x0, w_, N)
             # the local free energy: log q_ik = L_ik - max_k L_ik + beta N'_ik - lnS_i
             qc = Q[j, 0, 1 + r, 1 + x0 :]
@@ -815,10 +824,7 @@ def emission_sums_2d(Q, q, X, w, starts, core, shift, full, acc):
         if n <= 0:
             continue
         for r in range(r0, r1):
-            row = starts[j, 0] + 2 * r
-            c0 = starts[j, 1] + 2 * x0
-            for x in range(n):
-                wr[x] = w[row, c0 + 2 * x]
+            row, c0 = _core_row_weights(w, starts, j, r, x0, n, wr)
             for d in range(D):
                 s = shift[d]
                 xd = xc[d]

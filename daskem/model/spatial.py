@@ -1121,9 +1121,9 @@ def _sub_coords(lat: _Lattice, j: int, origin: tuple[int, ...]) -> list[np.ndarr
     return coords
 
 
-def _conditional(f: _Field, j: int, G: np.ndarray, N: np.ndarray, beta: float):
-    """The posterior conditionals of pixels of sub-lattice ``j`` given neighbours' class
-    counts ``N`` (C, ...): ``E_k ∝ G_k exp(beta N_class(k))`` unnormalised (K, ...) and
+def _conditional(f: _Field, G: np.ndarray, N: np.ndarray, beta: float):
+    """The posterior conditionals of pixels given their neighbours' class counts ``N``
+    (C, ...): ``E_k ∝ G_k exp(beta N_class(k))`` unnormalised (K, ...) and
     their sum (``G`` as ``f.G``; on the log route the max is taken out first), in the
     compiled kernel's order of operations."""
     b = f.dtype.type(beta)
@@ -1150,7 +1150,7 @@ def _simulated_field(f: _Field, Z: list, origin: tuple[int, ...], active, beta: 
             continue
         rest = tuple(slice(0, n) for n in cnt[1:])
         N = lat.neighbours(j, Z, (0, cnt[0]), rest, np.empty((C, *cnt), dtype=dt), f.ws)
-        E, S = _conditional(f, j, f.G[j], N, beta)
+        E, S = _conditional(f, f.G[j], N, beta)
         TC = f.class_sums(E, np.empty((C, *cnt), dtype=dt))
         ut = (_uniforms_at(_sub_coords(lat, j, origin), 1) * S).astype(dt)
         cum = np.zeros(cnt, dtype=dt)
@@ -1252,7 +1252,7 @@ def prior_step(
 
 
 def _prior_terms_strip(
-    f, j, rows, rest, shape, qK, wj, actj, R, Z, alpha, a_dt, b_dt, amax, beta, need_pl,
+    f, j, rows, rest, shape, qK, wj, actj, Z, alpha, a_dt, b_dt, amax, beta, need_pl,
     estimate_beta, alpha_terms, g, H, energy, weight,
 ):  # fmt: skip
     """The NumPy kernel's prior terms of a strip of sub-lattice ``j``'s core: the local
@@ -1306,7 +1306,7 @@ def _prior_terms_strip(
             p *= a_dt[:, None]
         # the targets: the posterior conditionals at the simulated field's neighbours
         G = f.G[j][(slice(None), slice(*rows), *rest)].reshape(K, m)
-        E, S = _conditional(f, j, G, Ns, beta)
+        E, S = _conditional(f, G, Ns, beta)
         T = E.astype(np.float64) / S.astype(np.float64)
         if alpha_terms:
             wp = np.multiply(p, wj, out=ws.get("wp", (K, m), np.float64))
@@ -1364,8 +1364,8 @@ def _compiled_prior_terms(
     energy, weight = _KERNELS[0].stats_2d(
         st["Q"], q, cc.astype(np.int64), Z, st["G"], st["maxL"], st["lnS"], st["qN"], w2,
         st["act"], st["nbr"], st["counts"], starts, ranges, alpha, a_dt, b_dt, float(amax),
-        float(beta),
-        bool(f.log_route), bool(need_pl), bool(estimate_beta), bool(alpha_terms), g, H,
+        float(beta), bool(f.log_route), bool(need_pl), bool(estimate_beta), bool(alpha_terms),
+        g, H,
     )  # fmt: skip
     return float(energy), float(weight)
 
@@ -1460,7 +1460,7 @@ def _block_statistics(
             R = np.multiply(qK, wj, out=ws.get("R", (K, m), np.float64))
             if not compiled:
                 energy, weight = _prior_terms_strip(
-                    f, j, rows, rest, shape, qK, wj, actj, R, Z, alpha, a_dt, b_dt, amax,
+                    f, j, rows, rest, shape, qK, wj, actj, Z, alpha, a_dt, b_dt, amax,
                     beta, need_pl, estimate_beta, emissions, g, H, energy, weight,
                 )  # fmt: skip
             # the emission statistics with q as responsibilities
