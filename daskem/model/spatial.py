@@ -652,6 +652,13 @@ def _stacked_arrays(lat: _Lattice, K: int, C: int, identity: bool, dtype) -> dic
     return st
 
 
+def _stacked_q(f: _Field) -> np.ndarray:
+    """The stacked component probabilities, or an empty array when components are
+    classes (the compiled loops then read ``Q``)."""
+    q = f.stacked["q"]
+    return q if q is not None else np.empty((0, 0, 0, 0), dtype=f.dtype)
+
+
 def _build_field(
     emission,
     allowed,
@@ -768,7 +775,7 @@ def _compiled_start(f: _Field, j: int, rows, shape, L: np.ndarray, ok) -> None:
     st = f.stacked
     K = L.shape[0]
     w = shape[1]
-    q = st["q"] if st["q"] is not None else np.empty((0, 0, 0, 0), dtype=f.dtype)
+    q = _stacked_q(f)
     cc = f.cc if f.cc is not None else np.arange(K)
     _KERNELS[0].start_rows(
         np.ascontiguousarray(L, dtype=np.float64),
@@ -845,7 +852,7 @@ def _sweep(f: _Field, beta: float, sweeps: int) -> None:
         st = f.stacked
         K = st["G"].shape[1]
         width = st["G"].shape[-1]
-        q = st["q"] if st["q"] is not None else np.empty((0, 0, 0, 0), dtype=f.dtype)
+        q = _stacked_q(f)
         cc = f.cc if f.cc is not None else np.arange(K)
         _KERNELS[0].sweep_2d(
             st["Q"], st["G"], st["act"], st["lnS"], st["qN"], q, cc.astype(np.int64),
@@ -1343,26 +1350,25 @@ def _core_ranges(lat: _Lattice, core: tuple[slice, ...]) -> tuple[np.ndarray, np
 
 
 def _compiled_prior_terms(
-    f, alpha, a_dt, b_dt, amax, beta, w, core, origin, need_pl, estimate_beta, alpha_terms, g, H
+    f, alpha, a_dt, b_dt, amax, beta, w64, starts, ranges, origin, need_pl, estimate_beta,
+    alpha_terms, g, H,
 ):  # fmt: skip
     """The prior terms of a block's core (as :func:`_prior_terms_strip` sums them) by the
-    compiled loops of :mod:`daskem.model._mf_kernels`."""
-    lat, st = f.lat, f.stacked
-    starts, ranges = _core_ranges(lat, core)
+    compiled loops of :mod:`daskem.model._mf_kernels` (``w64`` the block's float64
+    weights, ``starts`` and ``ranges`` from :func:`_core_ranges`)."""
+    st = f.stacked
     Z = np.zeros_like(st["Q"])
     K = alpha.shape[0]
-    cc = f.cc if f.cc is not None else np.arange(K)
+    cc = (f.cc if f.cc is not None else np.arange(K)).astype(np.int64)
     if need_pl:
         origin = np.asarray(origin, dtype=np.int64)
         _KERNELS[0].drawn_field_2d(st["Q"], st["act"], st["counts"], starts, origin, Z)
         _KERNELS[0].simulated_field_2d(
-            Z, st["G"], st["act"], cc.astype(np.int64), st["q"] is not None, st["nbr"],
-            st["counts"], starts, origin, float(beta), bool(f.log_route),
+            Z, st["G"], st["act"], cc, st["q"] is not None, st["nbr"], st["counts"], starts,
+            origin, float(beta), bool(f.log_route),
         )  # fmt: skip
-    q = st["q"] if st["q"] is not None else np.empty((0, 0, 0, 0), dtype=f.dtype)
-    w2 = np.asarray(w, dtype=np.float64)
     energy, weight = _KERNELS[0].stats_2d(
-        st["Q"], q, cc.astype(np.int64), Z, st["G"], st["maxL"], st["lnS"], st["qN"], w2,
+        st["Q"], _stacked_q(f), cc, Z, st["G"], st["maxL"], st["lnS"], st["qN"], w64,
         st["act"], st["nbr"], st["counts"], starts, ranges, alpha, a_dt, b_dt, float(amax),
         float(beta), bool(f.log_route), bool(need_pl), bool(estimate_beta), bool(alpha_terms),
         g, H,
@@ -1420,19 +1426,17 @@ def _block_statistics(
         complete_block = bool(np.isfinite(np.sum(data[core])))
     compiled = f.stacked is not None
     if compiled:  # the prior's terms by the compiled loops, the rest below
+        starts, ranges = _core_ranges(lat, core)
+        w64 = np.asarray(w, dtype=np.float64)
         energy, weight = _compiled_prior_terms(
-            f, alpha, a_dt, b_dt, amax, beta, w, core, origin, need_pl, estimate_beta,
-            emissions, g, H,
+            f, alpha, a_dt, b_dt, amax, beta, w64, starts, ranges, origin, need_pl,
+            estimate_beta, emissions, g, H,
         )  # fmt: skip
         if complete_block:  # the emission statistics in one compiled pass too
             if emissions:
-                st = f.stacked
-                q = st["q"] if st["q"] is not None else np.empty((0, 0, 0, 0), dtype=dt)
-                starts, ranges = _core_ranges(lat, core)
                 _KERNELS[0].emission_sums_2d(
-                    st["Q"], q, data, np.asarray(w, dtype=np.float64), starts, ranges,
-                    shift, full, acc,
-                )  # fmt: skip
+                    f.stacked["Q"], _stacked_q(f), data, w64, starts, ranges, shift, full, acc
+                )
             wc = w[core]
             used = None if active is None else active[core]
             wu = wc if used is None else wc[used]
