@@ -345,20 +345,42 @@ class ChunkedData:
     def n_samples(self) -> int:
         return int(self.X.shape[0])
 
-    def block_sizes(self) -> list[int]:
-        """Samples (pixels on a grid layout) of each block a pass visits, in order."""
-        if self.layout is None:
-            return [int(n) for n in self.row_chunks]
-        return [
-            math.prod(int(c[i]) for c, i in zip(self.layout.chunks, index, strict=True))
-            for index in np.ndindex(*(len(c) for c in self.layout.chunks))
-        ]
+    def window_subset(self, windows: Sequence[tuple[Sequence[int], Sequence[int]]]) -> ChunkedData:
+        """A copy whose passes visit only these windows of the grid, each ``(lo, hi)`` in
+        pixels (a box ``[lo, hi)``), with its halo as a block has in a full pass.
 
-    def block_subset(self, blocks: Sequence[int]) -> ChunkedData:
-        """A copy whose passes visit only these blocks (indices into
-        :meth:`block_sizes`), each with its halo as in a full pass."""
+        Each window is one block whatever the chunking (it is cut from the chunks it
+        reaches), so what a pass over the windows computes does not depend on the
+        chunking.
+        """
+        lay = self.layout
+        if lay is None:
+            raise ValueError("windows need a grid layout")
+        h = int(lay.depth)
+        grids = [
+            None if a is None else rows_to_grid(a, lay)
+            for a in (self.X, self.sample_weight, self.labels)
+        ]
+        blocks = []
+        for lo, hi in windows:
+            lo, hi = [int(v) for v in lo], [int(v) for v in hi]
+            if not all(0 <= a < b <= n for a, b, n in zip(lo, hi, lay.shape, strict=True)):
+                raise ValueError(f"window {lo}-{hi} is not inside the grid {lay.shape}")
+            elo = [max(0, a - h) for a in lo]
+            ehi = [min(n, b + h) for b, n in zip(hi, lay.shape, strict=True)]
+            box = tuple(slice(a, b) for a, b in zip(elo, ehi, strict=True))
+            core = tuple(slice(a - e, b - e) for a, b, e in zip(lo, hi, elo, strict=True))
+            cut = []
+            for g in grids:
+                if g is None:
+                    cut.append(None)
+                    continue
+                w = g[box].rechunk(-1)
+                cut.append(w.to_delayed(optimize_graph=True).ravel()[0])
+            x, wt, y = cut
+            blocks.append((delayed(_spatial_block, pure=True)(x, core, tuple(elo)), wt, y))
         out = copy.copy(self)
-        out._pass_blocks = [self._pass_blocks[i] for i in blocks]
+        out._pass_blocks = blocks
         return out
 
     @property

@@ -39,11 +39,13 @@ __all__ = ["SpatialGaussianMixture", "SpatialGaussianMixtureClassifier"]
 # pixels of a tile cut from an in-memory image (about 4 M: tiles of 2048 x 2048)
 _TILE_PIXELS = 2**22
 
-#: the staged fit's prior stage estimates ``beta`` on a random sample of the image's
-#: blocks first (at least this many pixels and 1/16 of the blocks, in clusters of 2 x 2
-#: neighbouring blocks), then goes on over every block from there, when the sample holds
-#: at most a quarter of the pixels
+#: the staged fit's prior stage estimates ``beta`` on a random sample of windows of the
+#: image first (this many pixels, in windows of :data:`SAMPLE_WINDOW_PIXELS`), then goes
+#: on over every block from there, when the sample holds at most a quarter of the pixels
+#: (:func:`sample_windows`)
 SAMPLE_STAGE_PIXELS = 2**22
+#: pixels of a window of the prior stage's sample (512 x 512 on a 2-D image)
+SAMPLE_WINDOW_PIXELS = 2**18
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +56,44 @@ class _SampleDone(Exception):
     def __init__(self, params: SpatialParams, iteration: int):
         super().__init__()
         self.params, self.iteration = params, iteration
+
+
+def sample_windows(shape: tuple[int, ...], rng: np.random.Generator) -> list[tuple]:
+    """Windows ``(lo, hi)`` of an image of this spatial ``shape`` for the prior stage's
+    sample: :data:`SAMPLE_STAGE_PIXELS` in windows of :data:`SAMPLE_WINDOW_PIXELS`.
+
+    A window is a box of about equal sides (as long as the image allows, the other sides
+    longer then). The image is cut into a grid of cells that hold a window each; the
+    windows are in cells drawn at random, each at a random place in its cell, so they
+    do not overlap and spread over the image. Empty when the sample would hold more
+    than a quarter of the image's pixels (a pass over every block then costs at most
+    four of the sample's).
+    """
+    total = math.prod(shape)
+    n_win = -(-SAMPLE_STAGE_PIXELS // SAMPLE_WINDOW_PIXELS)
+    side = [0] * len(shape)
+    # the shortest dims first: each takes its share of the pixels the others leave
+    left = SAMPLE_WINDOW_PIXELS
+    order = np.argsort(shape, kind="stable")
+    for j, d in enumerate(order):
+        share = math.ceil(left ** (1.0 / (len(shape) - j)))
+        side[d] = min(int(shape[d]), max(1, share))
+        left = -(-left // side[d])
+    window = math.prod(side)
+    counts = [n // s for n, s in zip(shape, side, strict=True)]
+    n_cells = math.prod(counts)
+    if n_win * window * 4 > total or n_cells < n_win:
+        return []
+    cells = np.sort(rng.choice(n_cells, size=n_win, replace=False))
+    out = []
+    for c in cells:
+        index = np.unravel_index(int(c), counts)
+        lo = []
+        for i, n, s, k in zip(index, shape, side, counts, strict=True):
+            start, stop = (i * n) // k, ((i + 1) * n) // k  # the cell along this dim
+            lo.append(start + int(rng.integers(0, stop - start - s + 1)))
+        out.append((tuple(lo), tuple(a + s for a, s in zip(lo, side, strict=True))))
+    return out
 
 
 def _grid_posterior(state, core, origin, x, y=None):
@@ -213,47 +253,35 @@ class _SpatialMixin:
 
     def _sample_stage(self, model, data, starts, resumed):
         """The staged fit's prior stage with ``beta`` estimated: EM on a random sample of
-        blocks first (:data:`SAMPLE_STAGE_PIXELS`; random clusters of neighbouring
-        blocks), then the passes over every block go on from its ``beta``.
+        windows of the image first (:func:`sample_windows`), then the passes over every
+        block go on from its ``beta``.
 
         Each pass of the stage takes one Newton step of the pseudo-likelihood on the
         field simulated at the previous ``beta``, so ``beta`` climbs to its fixed point
         in many small steps (14 passes on a 4 Mpx crop of a 300 Mpx stack, from 0.50 to
         2.99). ``beta`` is one number for the whole image and the sample's statistics
-        are sums over the same kind of blocks (each with its halo), so the sample's
-        passes follow nearly the same path at a fraction of the cost. They stop by the
-        stage's rule, or once ``beta``'s steps alternate in sign (its noise floor on the
-        sample: the simulated field changes with ``beta``), at the mean of the last two;
-        they are logged, not counted in ``n_iter_``. The passes over every block then
-        converge from there by the stage's own rule, so the result is the fixed point on
-        all the data, not the sample's.
+        are sums over the same kind of blocks (each window with its halo), so the
+        sample's passes follow nearly the same path at a fraction of the cost. They stop
+        by the stage's rule, or once ``beta``'s steps alternate in sign (its noise floor
+        on the sample: the simulated field changes with ``beta``), at the mean of the
+        last two; they are logged, not counted in ``n_iter_``. The passes over every
+        block then converge from there by the stage's own rule, so the result is the
+        fixed point on all the data, not the sample's. The windows are placed in pixels,
+        whatever the chunking, and each is one block, so the whole fit stays
+        independent of the chunking.
         """
         if not getattr(self, "_prior_stage", False) or data.layout is None:
             return starts
-        sizes = np.asarray(data.block_sizes(), dtype=np.int64)
-        total = int(sizes.sum())
+        shape = tuple(int(n) for n in data.layout.shape)
         rng = np.random.default_rng(
             self.random_state if isinstance(self.random_state, numbers.Integral) else None
         )
-        # random clusters of 2 x 2 (x 2) neighbouring blocks: a block's halo comes from
-        # its neighbours' frames, each a read of their chunk, which a cluster shares
-        counts = [len(c) for c in data.layout.chunks]
-        grid = np.arange(sizes.size).reshape(counts)
-        clusters = [
-            grid[tuple(slice(2 * i, 2 * i + 2) for i in index)].ravel()
-            for index in np.ndindex(*((n + 1) // 2 for n in counts))
-        ]
-        chosen: list[int] = []
-        n_px = 0
-        for c in rng.permutation(len(clusters)):
-            if n_px >= SAMPLE_STAGE_PIXELS and len(chosen) >= math.ceil(sizes.size / 16):
-                break
-            chosen += clusters[c].tolist()
-            n_px += int(sizes[clusters[c]].sum())
-        picked = np.sort(np.asarray(chosen, dtype=np.int64))
-        if n_px * 4 > total:
+        windows = sample_windows(shape, rng)
+        if not windows:
             return starts
-        sub = data.block_subset(picked.tolist())
+        n_px = sum(math.prod(b - a for a, b in zip(lo, hi, strict=True)) for lo, hi in windows)
+        total = math.prod(shape)
+        sub = data.window_subset(windows)
         out = dict(starts)
         for i, st in starts.items():
             if i in resumed:
@@ -284,9 +312,9 @@ class _SpatialMixin:
                 params = SpatialParams(done.params.gmm, done.params.alpha, mid)
                 n, how = done.iteration, " (its steps alternating in sign)"
             logger.info(
-                "prior stage: beta %.4g -> %.4g on a sample of %d of %d blocks (%d of %d "
-                "pixels) in %d passes%s, then passes over every block",
-                betas[0], float(params.beta), picked.size, sizes.size, n_px, total, n, how,
+                "prior stage: beta %.4g -> %.4g on a sample of %d windows (%d of %d pixels) "
+                "in %d passes%s, then passes over every block",
+                betas[0], float(params.beta), len(windows), n_px, total, n, how,
             )  # fmt: skip
             out[i] = engine.Start(params, st.prev_lower_bound, st.iteration, st.history)
         return out

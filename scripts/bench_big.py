@@ -53,7 +53,7 @@ def main() -> None:
             "spatial_fit": args.spatial_fit,
         }
 
-    notes: list[str] = []  # the fit's stages (e.g. the prior stage's sample of blocks)
+    notes: list[str] = []  # the fit's stages (e.g. the prior stage's sample of windows)
 
     class _Notes(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:

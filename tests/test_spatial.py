@@ -445,10 +445,11 @@ def test_staged_fit_keeps_the_pixelwise_emissions(beta):
     assert (st.predict(X) != pw.predict(X)).any()
 
 
-def test_prior_stage_starts_on_a_sample_of_blocks(monkeypatch, caplog):
-    """On a stack of many blocks the staged fit's prior stage estimates beta on a random
-    sample of blocks first, then converges over every block from there: the fixed point
-    on all the data (within tol), in fewer passes over it."""
+def test_prior_stage_starts_on_a_sample_of_windows(monkeypatch, caplog):
+    """On a large image the staged fit's prior stage estimates beta on a random sample of
+    windows first, then converges over every block from there: the fixed point on all
+    the data (within tol), in fewer passes over it, and the same fit whatever the
+    chunking (the windows are placed in pixels and each is one block)."""
     import logging
 
     from daskem import hmrf
@@ -456,21 +457,47 @@ def test_prior_stage_starts_on_a_sample_of_blocks(monkeypatch, caplog):
     rng = np.random.default_rng(1)
     z = _potts((96, 96), 3, 0.8, 4, rng, sweeps=60)
     means = np.array([[0.0, 0.0], [2.0, 0.0], [0.0, 2.0]])
-    X = da.from_array(means[z] + rng.standard_normal((*z.shape, 2)), chunks=(16, 16, 2))
+    img = means[z] + rng.standard_normal((*z.shape, 2))
+    X = da.from_array(img, chunks=(16, 16, 2))
     kw = dict(neighbourhood=4, random_state=0, tol=1e-4, max_iter=60)
     monkeypatch.setattr(hmrf, "SAMPLE_STAGE_PIXELS", 10**9)  # no sample stage
     whole = SpatialGaussianMixture(3, **kw).fit(X)
-    monkeypatch.setattr(hmrf, "SAMPLE_STAGE_PIXELS", 256)  # 1 block; 1/16 of 36: 3
+    monkeypatch.setattr(hmrf, "SAMPLE_STAGE_PIXELS", 1024)
+    monkeypatch.setattr(hmrf, "SAMPLE_WINDOW_PIXELS", 256)  # 4 windows of 16 x 16
     with caplog.at_level(logging.INFO, logger="daskem.hmrf"):
         sampled = SpatialGaussianMixture(3, **kw).fit(X)
-    # one cluster of 2 x 2 blocks
-    assert "on a sample of 4 of 36 blocks (1024 of 9216 pixels)" in caplog.text
+    assert "on a sample of 4 windows (1024 of 9216 pixels)" in caplog.text
     assert whole.converged_ and sampled.converged_
     assert sampled.spatial_beta_ == pytest.approx(whole.spatial_beta_, abs=5e-3)
     assert sampled.n_iter_ < whole.n_iter_
     np.testing.assert_array_equal(sampled.means_, whole.means_)  # the pixel-wise stage
     agree = (sampled.predict(X) == whole.predict(X)).mean()
     assert agree > 0.999
+    # other chunkings (windows across chunk borders, chunks below the halo): same fit
+    fits = [sampled] + [
+        SpatialGaussianMixture(3, **kw).fit(da.from_array(img, chunks=(*c, 2)))
+        for c in [(96, 96), (20, 13)]
+    ]
+    _assert_same_fits(fits, img)
+
+
+def test_sample_windows_spread_over_the_image_without_overlap(monkeypatch):
+    from daskem import hmrf
+
+    monkeypatch.setattr(hmrf, "SAMPLE_STAGE_PIXELS", 16 * 400)
+    monkeypatch.setattr(hmrf, "SAMPLE_WINDOW_PIXELS", 400)
+    for shape, side in [((200, 300), (20, 20)), ((10, 3000), (10, 40)), ((40, 50, 60), (8, 8, 7))]:
+        wins = hmrf.sample_windows(shape, np.random.default_rng(0))
+        assert wins == hmrf.sample_windows(shape, np.random.default_rng(0))  # reproducible
+        assert len(wins) == 16
+        cover = np.zeros(shape, dtype=int)
+        for lo, hi in wins:
+            assert tuple(b - a for a, b in zip(lo, hi, strict=True)) == side
+            assert all(0 <= a and b <= n for a, b, n in zip(lo, hi, shape, strict=True))
+            cover[tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))] += 1
+        assert cover.max() == 1
+    # no sample when it would hold more than a quarter of the pixels
+    assert hmrf.sample_windows((100, 200), np.random.default_rng(0)) == []
 
 
 # --------------------------------------------------------------------------- chunking
