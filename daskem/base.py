@@ -681,6 +681,8 @@ class EMEstimator(BaseEstimator):
         data, labelled, component_class, sample = self._prepare_pass(
             data, seeds[0], do_init and not self._user_init_complete()
         )
+        if self.max_iter > 0:  # halos of grid blocks: their frames read once if they fit
+            data = engine.keep_frames(data)
         K = self.n_components if component_class is None else len(component_class)
         self._check_parameters(data.n_features, K)
         self._check_n_samples(data.n_samples, K)

@@ -75,6 +75,8 @@ __all__ = [
     "fit_em",
     "fit_em_local",
     "fit_em_many",
+    "frame_bytes",
+    "keep_frames",
     "LabelSummary",
     "Prepared",
     "prepare",
@@ -139,7 +141,12 @@ def _spatial_block(data, core, origin):
     return SpatialBlock(np.asarray(data), core, origin)
 
 
-def grid_blocks(layout: GridLayout, *grids: da.Array | None) -> list[tuple]:
+def grid_blocks(
+    layout: GridLayout,
+    *grids: da.Array | None,
+    keep_frames: bool = False,
+    kept: list | None = None,
+) -> list[tuple]:
     """Per spatial block: ``(core, origin, *extended blocks)`` of each grid (or None).
 
     ``grids`` have the layout's spatial dims first (and any trailing dims in one chunk).
@@ -167,7 +174,18 @@ def grid_blocks(layout: GridLayout, *grids: da.Array | None) -> list[tuple]:
             frames.append(None)
             continue
         # a separately named copy of the graph: the frame's task reads the chunk itself
-        fr = g.map_blocks(_frame, h, ndim, dtype=g.dtype, meta=np.empty((0,) * g.ndim, g.dtype))
+        fr = g.map_blocks(
+            _frame,
+            h,
+            ndim,
+            dtype=g.dtype,
+            meta=np.empty((0,) * g.ndim, g.dtype),
+            **({"name": f"daskem-frames-{uuid.uuid4().hex[:12]}"} if keep_frames else {}),
+        )
+        if keep_frames:  # read once, kept for every pass (fresh key names, as cache_data)
+            fr = fr.persist()
+            if kept is not None:  # the Delayed below do not hold the persisted results
+                kept.append(fr)
         frames.append(np.array(fr.to_delayed(optimize_graph=True), dtype=object).reshape(counts))
     out = []
     for index in np.ndindex(*counts):
@@ -286,13 +304,19 @@ class ChunkedData:
         For models with neighbours (:mod:`daskem.model.spatial`): the passes then hand
         the model :class:`~daskem.model.spatial.SpatialBlock` s (grid blocks with a halo)
         and grid-shaped weights and labels instead of row chunks.
+    keep_frames : bool
+        With a layout: the frames the blocks' halos are cut from (:func:`grid_blocks`)
+        are read once and kept in (cluster) memory for every pass, instead of read again
+        by every pass (:func:`keep_frames` decides).
     """
 
     X: da.Array
     sample_weight: da.Array | None = None
     labels: da.Array | None = None
     layout: GridLayout | None = None
+    keep_frames: bool = False
     _blocks: list[tuple] = field(default_factory=list, repr=False)
+    _kept: list = field(default_factory=list, repr=False)
     _pass_blocks: list[tuple] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
@@ -338,7 +362,9 @@ class ChunkedData:
             ]
             self._pass_blocks = [
                 (delayed(_spatial_block, pure=True)(x, core, origin), w, y)
-                for core, origin, x, w, y in grid_blocks(lay, *grids)
+                for core, origin, x, w, y in grid_blocks(
+                    lay, *grids, keep_frames=self.keep_frames, kept=self._kept
+                )
             ]
 
     @property
@@ -491,6 +517,56 @@ def cache_data(data: ChunkedData, cache: bool | str = "auto", fraction: float = 
         for i, a in enumerate((data.X, data.sample_weight, data.labels))
     )
     return ChunkedData(X, w, y, data.layout)
+
+
+#: the halos' frames are kept in memory between passes when they take at most this
+#: fraction of :func:`cluster_memory` (:func:`keep_frames`)
+FRAME_MEMORY_FRACTION = 0.125
+
+
+def frame_bytes(data: ChunkedData) -> int:
+    """Bytes of all the frames of ``data``'s grid blocks (:func:`_frame`: slabs of the
+    halo's depth along every face of a chunk, or the whole chunk if it is not wider than
+    twice the depth along some dim), over ``X``, the weights and the labels."""
+    lay = data.layout
+    if lay is None or int(lay.depth) == 0:
+        return 0
+    h = int(lay.depth)
+    cells = 0
+    for index in np.ndindex(*(len(c) for c in lay.chunks)):
+        shape = [int(c[i]) for c, i in zip(lay.chunks, index, strict=True)]
+        n = math.prod(shape)
+        if any(m <= 2 * h for m in shape):
+            cells += n
+        else:
+            cells += sum(2 * h * (n // m) for m in shape)
+    per_cell = sum(
+        a.dtype.itemsize * math.prod(a.shape[1:])
+        for a in (data.X, data.sample_weight, data.labels)
+        if a is not None
+    )
+    return int(cells * per_cell)
+
+
+def keep_frames(data: ChunkedData, fraction: float | None = None) -> ChunkedData:
+    """``data`` with its halos' frames read once and kept in (cluster) memory for every
+    pass, when they take at most ``fraction`` (default :data:`FRAME_MEMORY_FRACTION`)
+    of :func:`cluster_memory`; else ``data`` as it is (every pass reads each chunk
+    twice: for its own block, and for its neighbours' halos).
+
+    The frames are a few percent of the data for chunks much wider than the halo
+    (about ``2 * ndim * depth / side``: 6.6 % for 1,024 x 1,024 chunks and 17-pixel
+    halos), so with them kept a pass over a stack streamed from its store reads every
+    chunk once, as a pixel-wise pass does.
+    """
+    if data.layout is None or data.keep_frames or int(data.layout.depth) == 0:
+        return data
+    nbytes = frame_bytes(data)
+    frac = FRAME_MEMORY_FRACTION if fraction is None else fraction
+    if nbytes > frac * cluster_memory():
+        return data
+    logger.info("keeping %.3g GB of halo frames in memory for the passes", nbytes / 1e9)
+    return ChunkedData(data.X, data.sample_weight, data.labels, data.layout, keep_frames=True)
 
 
 def _feature_major(block):

@@ -126,3 +126,67 @@ def test_fit_on_a_stack_three_times_the_workers_memory(monkeypatch):
         assert client.run(os.getpid) == pids, "a worker was restarted"
     assert gm.n_iter_ == 2 and np.isfinite(gm.lower_bounds_).all()
     assert reported and max(reported) < 0.9 * limit, max(reported)
+
+
+@pytest.mark.cluster
+def test_kept_frames_give_the_same_fit_on_a_cluster(monkeypatch, caplog):
+    """The halos' frames read once and kept on the workers for every pass (they fit in
+    the cluster's memory here) give the fit of frames read again by every pass, and
+    stay alive across the passes (the pass graphs only name them)."""
+    import logging
+
+    distributed = pytest.importorskip("distributed")
+    root = str(Path(daskem.__file__).resolve().parents[1])
+    monkeypatch.setenv(
+        "PYTHONPATH", os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    )
+    rng = np.random.default_rng(0)
+    img = rng.standard_normal((120, 150, 3))
+    img[:60, :80] += 2.0
+    X = da.from_array(img, chunks=(50, 60, 3))
+    kw = dict(spatial_beta="auto", spatial_fit="joint", random_state=0, max_iter=4, tol=0.0)
+    with (
+        distributed.LocalCluster(
+            n_workers=2,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=None,
+            host="127.0.0.1",
+        ) as cluster,  # fmt: skip
+        distributed.Client(cluster),
+    ):
+        with caplog.at_level(logging.INFO, logger="daskem"):
+            kept = SpatialGaussianMixture(2, **kw).fit(X)
+        assert "halo frames in memory" in caplog.text
+        monkeypatch.setattr(engine, "FRAME_MEMORY_FRACTION", 0.0)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="daskem"):
+            reread = SpatialGaussianMixture(2, **kw).fit(X)
+        assert "halo frames" not in caplog.text
+    assert kept.n_iter_ == reread.n_iter_ == 4
+    np.testing.assert_array_equal(kept.means_, reread.means_)
+    np.testing.assert_array_equal(kept.lower_bounds_, reread.lower_bounds_)
+    assert kept.spatial_beta_ == reread.spatial_beta_
+
+
+@pytest.mark.parametrize(
+    "shape, chunks, depth",
+    [((50, 47), (16, 16), 5), ((50, 47), (5, 4), 13), ((20, 21, 19), (6, 7, 8), 2)],
+)
+def test_frame_bytes_counts_the_frames(shape, chunks, depth):
+    """engine.frame_bytes (what keep_frames weighs against the memory) is the size of the
+    frames the passes make, over X, the weights and the labels."""
+    X = np.zeros((*shape, 3), dtype=np.float32)
+    lay = engine.GridLayout(shape, da.from_array(X[..., 0], chunks=chunks).chunks, depth)
+    rows = engine.grid_to_rows(da.from_array(X, chunks=(*chunks, 3)), len(shape))
+    n = rows.shape[0]
+    data = engine.ChunkedData(
+        rows, da.ones(n, chunks=rows.chunks[0]), da.zeros(n, dtype=np.int8, chunks=rows.chunks[0]),
+        lay,
+    )  # fmt: skip
+    want = 0
+    for a in (X, np.ones(shape), np.zeros(shape, dtype=np.int8)):
+        g = da.from_array(a, chunks=chunks + a.shape[len(shape) :])
+        for block in g.to_delayed().ravel():
+            want += sum(s.nbytes for _, s in engine._frame(block.compute(), depth, len(shape)))
+    assert engine.frame_bytes(data) == want
