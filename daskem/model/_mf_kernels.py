@@ -46,6 +46,9 @@ def _exp_parts(v):
     ``bits`` (``2 ** n``); ``p`` is 0 where ``exp(v)`` underflows (``v = -inf`` too)."""
     lo = np.float32(-87.0)
     small = v < lo
+    # exp(v) rounds to 1 for |v| < 2**-25: v = 0 gives the same value without the tiny
+    # products of the polynomial (subnormal operands and results are slow on x86)
+    v = v if abs(v) >= np.float32(2.0**-25) else np.float32(0.0)
     v = min(max(v, lo), np.float32(88.0))
     n = np.floor(v * np.float32(_LOG2E) + np.float32(0.5))
     r = v - n * np.float32(_LN2_HI)
@@ -129,8 +132,12 @@ def _row_sum(E, w, S):
 @njit(nogil=True, cache=True)
 def _normalise_store(E, S, act, j, r, w, cc, Q, q, inv):
     """``q`` of row ``r`` of sub-lattice ``j`` = ``E / S`` (times ``act`` if not empty),
-    into ``q`` (if not empty) and its class sums into ``Q``; ``inv`` a scratch row."""
+    into ``q`` (if not empty) and its class sums into ``Q``; ``inv`` a scratch row.
+    Probabilities below the square root of the dtype's smallest normal number are set to
+    0 (as :func:`daskem.model.spatial._floor_q`)."""
     one = Q.dtype.type(1.0)
+    floor = Q.dtype.type(np.sqrt(np.finfo(Q.dtype).tiny))  # as spatial._floor_q
+    zero = Q.dtype.type(0.0)
     if act.shape[0] > 0:
         a = act[j, r]
         for x in range(w):
@@ -149,6 +156,7 @@ def _normalise_store(E, S, act, j, r, w, cc, Q, q, inv):
             ek = E[k]
             for x in range(w):
                 v = ek[x] * inv[x]
+                v = v if v >= floor else zero
                 qk[x] = v
                 qc[x] += v
     else:
@@ -156,7 +164,8 @@ def _normalise_store(E, S, act, j, r, w, cc, Q, q, inv):
             qc = Q[j, k, 1 + r, 1 : 1 + w]
             ek = E[k]
             for x in range(w):
-                qc[x] = ek[x] * inv[x]
+                v = ek[x] * inv[x]
+                qc[x] = v if v >= floor else zero
 
 
 @njit(nogil=True, cache=True)
