@@ -895,3 +895,25 @@ def test_fit_warnings_name_the_callers_line(fit):
     with pytest.warns(ConvergenceWarning) as record:
         SpatialGaussianMixture(2, max_iter=1, spatial_fit=fit).fit(X)
     assert {Path(w.filename).name for w in record} == {Path(__file__).name}
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_no_subnormal_probabilities_on_well_separated_classes(monkeypatch, compiled):
+    """Class probabilities too small to matter are 0, not subnormal numbers (whose
+    arithmetic is many times slower on x86): classes 13 sd apart, whose pixel-wise
+    probabilities of the other class are ~1e-37 in float32 before the prior scales them
+    down further."""
+    from daskem.model import spatial
+
+    monkeypatch.setattr(spatial, "USE_COMPILED", compiled)
+    rng = np.random.default_rng(0)
+    img = rng.standard_normal((40, 40, 1)).astype(np.float32)
+    img[:, 20:] += 13.0
+    gm = SpatialGaussianMixture(
+        2, spatial_beta=1.0, covariance_type="spherical", means_init=[[0.0], [13.0]],
+        weights_init=[0.5, 0.5], precisions_init=[1.0, 1.0], max_iter=1, neighbourhood=8,
+    ).fit(img)  # fmt: skip
+    p = np.asarray(gm.predict_proba(img))
+    floor = np.sqrt(np.finfo(np.float32).tiny)
+    assert ((p == 0) | (p >= floor)).all(), p[(p > 0) & (p < floor)][:5]
+    assert (p == 0).any() and (p.argmax(-1) == (np.arange(40) >= 20)[None, :]).all()

@@ -48,7 +48,7 @@ def _exp_parts(v):
     small = v < lo
     # exp(v) rounds to 1 for |v| < 2**-25: v = 0 gives the same value without the tiny
     # products of the polynomial (subnormal operands and results are slow on x86)
-    v = v if abs(v) >= np.float32(2.0**-25) else np.float32(0.0)
+    v = np.float32(0.0) if abs(v) < np.float32(2.0**-25) else v  # NaN stays NaN
     v = min(max(v, lo), np.float32(88.0))
     n = np.floor(v * np.float32(_LOG2E) + np.float32(0.5))
     r = v - n * np.float32(_LN2_HI)
