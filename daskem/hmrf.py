@@ -458,8 +458,8 @@ class SpatialGaussianMixture(_SpatialMixin, GaussianMixture):
         ``spatial_beta=0``); the prior is then fitted at its emissions, ``alpha`` the log
         of its weights and, for ``"auto"``, ``beta`` by mean-field EM on the
         pseudo-likelihood alone (stopping when its step is below ``tol``; ``max_iter``
-        bounds each stage; on images of many blocks, ``beta`` first on a random sample
-        of them, see :data:`SAMPLE_STAGE_PIXELS`). ``"joint"``: every parameter by
+        bounds each stage; on images of more than 16 M pixels, ``beta`` first on a
+        random sample of windows, see :func:`sample_windows`). ``"joint"``: every parameter by
         mean-field EM, the emissions fitted to the smoothed class probabilities. On data
         drawn from the model the joint fit is the more accurate; on real scenes its
         emissions drift towards the smoothed classes (a class of small patches loses its

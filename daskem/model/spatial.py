@@ -843,7 +843,8 @@ def _floor_q(q: np.ndarray) -> None:
     in place (as the compiled kernel's ``_normalise_store``): they change no sum, and
     products of two of them (neighbour sums times probabilities, the pseudo-likelihood's
     terms) would be subnormal numbers, whose arithmetic is many times slower on x86
-    (float32 sweeps on a stack of well-separated classes: about a third of their time)."""
+    (float32 sweeps on a stack of well-separated classes: about a third of their time;
+    docs/performance.md, trap 4)."""
     np.multiply(q, q >= np.sqrt(np.finfo(q.dtype).tiny), out=q)
 
 
