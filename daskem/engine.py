@@ -144,7 +144,6 @@ def _spatial_block(data, core, origin):
 def grid_blocks(
     layout: GridLayout,
     *grids: da.Array | None,
-    keep_frames: bool = False,
     kept: list | None = None,
 ) -> list[tuple]:
     """Per spatial block: ``(core, origin, *extended blocks)`` of each grid (or None).
@@ -157,7 +156,10 @@ def grid_blocks(
     pass (not once per block its halo reaches, up to ``3 ** ndim`` times), and what
     waits in memory for the neighbours is frames, not chunks (a frame is about
     ``4 * depth / side`` of a 2-D chunk; chunks that do not hold a frame's worth of
-    interior are their own frame).
+    interior are their own frame). With ``kept`` (a list), the frames are instead read
+    once now and kept in (cluster) memory for every pass; ``kept`` receives the persisted
+    arrays, which the caller must hold as long as it uses the blocks (their ``Delayed``
+    only name them).
     """
     bounds = [np.cumsum((0,) + c) for c in layout.chunks]
     h = int(layout.depth)
@@ -180,12 +182,11 @@ def grid_blocks(
             ndim,
             dtype=g.dtype,
             meta=np.empty((0,) * g.ndim, g.dtype),
-            **({"name": f"daskem-frames-{uuid.uuid4().hex[:12]}"} if keep_frames else {}),
+            **({} if kept is None else {"name": f"daskem-frames-{uuid.uuid4().hex[:12]}"}),
         )
-        if keep_frames:  # read once, kept for every pass (fresh key names, as cache_data)
+        if kept is not None:  # read once, kept for every pass (fresh key names, as cache_data)
             fr = fr.persist()
-            if kept is not None:  # the Delayed below do not hold the persisted results
-                kept.append(fr)
+            kept.append(fr)  # the Delayed below only name the persisted results
         frames.append(np.array(fr.to_delayed(optimize_graph=True), dtype=object).reshape(counts))
     out = []
     for index in np.ndindex(*counts):
@@ -363,7 +364,7 @@ class ChunkedData:
             self._pass_blocks = [
                 (delayed(_spatial_block, pure=True)(x, core, origin), w, y)
                 for core, origin, x, w, y in grid_blocks(
-                    lay, *grids, keep_frames=self.keep_frames, kept=self._kept
+                    lay, *grids, kept=self._kept if self.keep_frames else None
                 )
             ]
 
