@@ -97,6 +97,15 @@ def test_big_stack_generator_and_fit(tmp_path):
     assert res["peak_rss_total_gb"] > 0
 
 
+def test_bench_spatial_block_times_every_variant():
+    text = _run(SCRIPTS / "bench_spatial_block.py", "--side", 64, "-k", 3, "-d", 2,
+                "--cov", "full", "--repeats", 1)  # fmt: skip
+    lines = [line for line in text.splitlines() if line.strip().endswith("x")]
+    names = [line.split("  ")[1].strip() for line in lines]
+    assert names[0] == "pixel-wise" and lines[0].endswith("1.00x")
+    assert len(lines) == 6 and "carried q" in names[-1]
+
+
 def test_eval_semisup_runs_on_a_bundled_table(tmp_path):
     """The real-data benchmark on scikit-learn's bundled wine data (the other sets need
     packages the test install does not have; the script skips and names them)."""
