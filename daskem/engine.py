@@ -491,6 +491,32 @@ def cluster_memory() -> int:
         return 0
 
 
+def process_memory() -> int:
+    """Bytes of memory one process running block tasks may use: the smallest worker
+    memory limit of the active distributed cluster (0 if its workers have none), this
+    process's available memory for the local schedulers."""
+    client = _distributed_client()
+    if client is not None:
+        workers = client.scheduler_info(n_workers=-1)["workers"].values()
+        limits = [int(w.get("memory_limit") or 0) for w in workers]
+        return min(limits) if limits and min(limits) > 0 else 0
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:  # pragma: no cover
+        return 0
+
+
+def run_on_workers(fn: Callable[[], Any]) -> None:
+    """Call ``fn()`` (a module-level function) in this process and in every worker of the
+    active distributed cluster, if any (e.g. to free what the model kept in them)."""
+    fn()
+    client = _distributed_client()
+    if client is not None:
+        client.run(fn)
+
+
 def cache_data(data: ChunkedData, cache: bool | str = "auto", fraction: float = 0.5) -> ChunkedData:
     """Read the data once and keep it in (cluster) memory for the following passes.
 

