@@ -7,6 +7,8 @@ spatially coherent classes), the statistics of
 * the pixel-wise mixture (``GMMModel.block_stats``);
 * a pass of the staged fit's prior stage (emissions kept, ``beta`` estimated) with 1, 2,
   3 (the default) and 6 mean-field sweeps from the pixel-wise start;
+* the default pass (3 sweeps) with the block's pixel-wise start kept from the previous
+  pass (``start_cache_bytes``: what the staged fit's prior stage does, memory permitting);
 * the same pass with 1 sweep from a ``q`` carried over from the previous pass
   (``SpatialGMMModel.block_stats_carried``, which the engine does not use).
 
@@ -66,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         calls[f"prior stage, {s} sweep(s) from the pixel-wise start"] = lambda m=m: m.block_stats(
             params, block
         )
+    kept = dataclasses.replace(staged, start_cache_bytes=2**31)
+    calls["prior stage, 3 sweeps, the start kept"] = lambda: kept.block_stats(params, block)
     carried = dataclasses.replace(staged, sweeps=1)
     calls["prior stage, 1 sweep from a carried q"] = lambda: carried.block_stats_carried(
         params, block, q

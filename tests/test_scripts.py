@@ -104,7 +104,7 @@ def test_bench_spatial_block_times_every_variant():
     lines = [line for line in text.splitlines() if line.strip().endswith("x")]
     names = [line.split("  ")[1].strip() for line in lines]
     assert names[0] == "pixel-wise" and lines[0].endswith("1.00x")
-    assert len(lines) == 6 and "carried q" in names[-1]
+    assert len(lines) == 7 and "carried q" in names[-1] and "start kept" in names[-2]
 
 
 def test_eval_spatial_calibration_figures():

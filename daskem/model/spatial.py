@@ -414,9 +414,10 @@ class _StartCache:
     and weights) and of the parameters it was made with, while the entries take at most
     the budget the model gives; when a new entry does not fit, entries made with other
     parameters are dropped, and if it still does not fit it is not kept (the blocks
-    kept first stay, rather than each pass evicting what the next one needs). A hit
-    hands out copies of the arrays the sweeps and statistics write (:data:`_START_WRITTEN`)
-    and shares the others, so a fit is the same, bit for bit, with or without the cache.
+    kept first stay, rather than each pass evicting what the next one needs). The arrays
+    the sweeps and statistics write (:data:`_START_WRITTEN`) are copied in and out; the
+    others, which they only read, are shared with the field that made them and with every
+    field given them. So a fit is the same, bit for bit, with or without the cache.
     """
 
     def __init__(self) -> None:
@@ -450,7 +451,10 @@ class _StartCache:
                 return
             self.entries[key] = (
                 key[0],
-                {k: (a.copy() if isinstance(a, np.ndarray) else a) for k, a in arrays.items()},
+                {
+                    k: (a.copy() if k in _START_WRITTEN and a is not None else a)
+                    for k, a in arrays.items()
+                },
             )
             self.nbytes += size
 
