@@ -13,6 +13,7 @@ This module builds no Dask graph itself (it calls :mod:`daskem.engine`).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import numbers
@@ -32,6 +33,7 @@ from .model.spatial import (
     check_neighbourhood,
     clear_start_cache,
     halo_depth,
+    start_bytes,
 )
 from .modelfile import register_estimator
 
@@ -248,8 +250,15 @@ class _SpatialMixin:
                 return
             self.spatial_beta, self.warm_start = "auto", True
             self._prior_stage = True
-            # its passes differ in beta alone: each process keeps blocks' pixel-wise starts
-            self._start_cache_bytes = int(START_CACHE_FRACTION * engine.process_memory())
+            # its passes differ in beta alone: a process keeps the blocks' pixel-wise
+            # starts when they all fit in its share of memory
+            self._start_cache_budget = int(START_CACHE_FRACTION * engine.process_memory())
+            layout = self._image_layout(image)
+            ext = math.prod(sum(int(c) + 2 * int(layout.depth) for c in ch) for ch in layout.chunks)
+            need = start_bytes(ext, self.means_.shape[0], image.dtype)
+            self._start_cache_bytes = (
+                self._start_cache_budget if need <= self._start_cache_budget else 0
+            )
             sub = {**kwargs, "checkpoint_dir": None if ckpt is None else Path(ckpt) / "prior"}
             try:
                 self._fit_rows(image, rows, y_rows, w_rows, sub, frames=3)
@@ -261,6 +270,7 @@ class _SpatialMixin:
             self.spatial_beta, self.warm_start = saved
             self.__dict__.pop("_prior_stage", None)
             self.__dict__.pop("_start_cache_bytes", None)
+            self.__dict__.pop("_start_cache_budget", None)
 
     def _sample_stage(self, model, data, starts, resumed):
         """The staged fit's prior stage with ``beta`` estimated: EM on a random sample of
@@ -293,6 +303,14 @@ class _SpatialMixin:
         n_px = sum(math.prod(b - a for a, b in zip(lo, hi, strict=True)) for lo, hi in windows)
         total = math.prod(shape)
         sub = data.window_subset(windows)
+        # the windows' starts are kept if they all fit (those of every block were not)
+        budget = int(getattr(self, "_start_cache_budget", 0))
+        depth = int(data.layout.depth)
+        ext = sum(
+            math.prod(b - a + 2 * depth for a, b in zip(lo, hi, strict=True)) for lo, hi in windows
+        )
+        fits = start_bytes(ext, self.means_.shape[0], data.X.dtype) <= budget
+        model = dataclasses.replace(model, start_cache_bytes=budget if fits else 0)
         out = dict(starts)
         for i, st in starts.items():
             if i in resumed:

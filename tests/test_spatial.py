@@ -954,9 +954,15 @@ def test_prior_stage_keeps_block_starts_between_passes(monkeypatch):
         # tol 0: 5 passes in the prior stage, the first at beta = 0 (no sweeps, no cache)
         assert seen[0] == (9 * 3, 9), seen
         assert spatial._START_CACHE.nbytes == 0 and not spatial._START_CACHE.entries
+        # starts that do not all fit in the budget are not kept at all
+        monkeypatch.setattr(hmrf, "start_bytes", lambda *a: 2**62)
+        SpatialGaussianMixtureClassifier(3, **kw).fit(image, y)
+        assert seen[1] == (0, 0), seen
+        monkeypatch.undo()
+        monkeypatch.setattr(hmrf, "clear_start_cache", spy)
         monkeypatch.setattr(hmrf, "START_CACHE_FRACTION", 0.0)
         plain = SpatialGaussianMixtureClassifier(3, **kw).fit(image, y)
-    assert seen[1] == (0, 0)  # no budget: the cache was never asked
+    assert seen[2] == (0, 0)  # no budget: the cache was never asked
     assert cached.spatial_beta_ == plain.spatial_beta_ and cached.spatial_beta_ > 0
     np.testing.assert_array_equal(cached.lower_bounds_, plain.lower_bounds_)
     np.testing.assert_array_equal(cached.means_, plain.means_)

@@ -471,6 +471,14 @@ _START_CACHE = _StartCache()
 _START_WRITTEN = frozenset({"Q", "q", "lnS", "qN"})
 
 
+def start_bytes(pixels: int, n_components: int, dtype: Any) -> int:
+    """Bytes the kept starts of blocks of ``pixels`` pixels in all (halos included) take
+    (:class:`_StartCache`; an upper bound: classes as many as components, which also have
+    their own probabilities)."""
+    s = work_dtype(dtype).itemsize
+    return int(pixels) * (s * (3 * int(n_components) + 3) + 8)
+
+
 def clear_start_cache() -> None:
     """Drop every start this process keeps (:class:`_StartCache`), at the end of a
     staged fit's prior stage."""
