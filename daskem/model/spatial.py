@@ -409,15 +409,17 @@ class _StartCache:
 
     In a staged fit's prior stage the emissions and ``alpha`` are fixed and only
     ``beta`` changes, so every pass would compute the same log-densities and pixel-wise
-    start of a block again (a quarter of a pass with diagonal covariances). A start is
-    kept under a key of the block (origin, shape, a checksum of its attributes, labels
-    and weights) and of the parameters it was made with, while the entries take at most
-    the budget the model gives; when a new entry does not fit, entries made with other
-    parameters are dropped, and if it still does not fit it is not kept (the blocks
-    kept first stay, rather than each pass evicting what the next one needs). The arrays
-    the sweeps and statistics write (:data:`_START_WRITTEN`) are copied in and out; the
-    others, which they only read, are shared with the field that made them and with every
-    field given them. So a fit is the same, bit for bit, with or without the cache.
+    start of a block again (a quarter of a pass with diagonal covariances, over a third
+    with full ones). A start is kept under a key of the block (origin, shape, a checksum
+    of its attributes, labels and weights) and of the parameters it was made with, while
+    the entries take at most the budget the model gives (the estimator gives one only
+    when all of a stage's starts fit: ``hmrf.START_CACHE_FRACTION``). When a new entry
+    does not fit, entries made with other parameters are dropped, and if it still does
+    not fit it is not kept (the blocks kept first stay, rather than each pass evicting
+    what the next one needs). The arrays the sweeps and statistics write
+    (:data:`_START_WRITTEN`) are copied in and out; the others, which they only read,
+    are shared with the field that made them and with every field given them. So a fit
+    is the same, bit for bit, with or without the cache.
     """
 
     def __init__(self) -> None:
@@ -498,6 +500,8 @@ def _params_fingerprint(params: SpatialParams) -> bytes:
 
 
 def _checksum(a: np.ndarray | None) -> str:
+    """A block's array in a start's key: its sum (one pass over it, in its own float
+    dtype; NaN if it holds a NaN: the block's origin and shape are in the key too)."""
     return (
         "-"
         if a is None
