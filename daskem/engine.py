@@ -476,36 +476,32 @@ def _parallelism(client) -> int:
     return os.cpu_count() or 1
 
 
-def cluster_memory() -> int:
-    """Bytes of memory the active scheduler's workers may use (this process's available
-    memory for the local schedulers)."""
+def _memory_limits() -> list[int]:
+    """Each worker's memory limit (0: none) on the active distributed cluster; for the
+    local schedulers one entry, this process's available memory."""
     client = _distributed_client()
     if client is not None:
         workers = client.scheduler_info(n_workers=-1)["workers"].values()
-        return int(sum(w.get("memory_limit") or 0 for w in workers))
+        return [int(w.get("memory_limit") or 0) for w in workers]
     try:
         import psutil
 
-        return int(psutil.virtual_memory().available)
+        return [int(psutil.virtual_memory().available)]
     except ImportError:  # pragma: no cover
-        return 0
+        return [0]
+
+
+def cluster_memory() -> int:
+    """Bytes of memory the active scheduler's workers may use (this process's available
+    memory for the local schedulers)."""
+    return sum(_memory_limits())
 
 
 def process_memory() -> int:
     """Bytes of memory one process running block tasks may use: the smallest worker
-    memory limit of the active distributed cluster (0 if its workers have none), this
+    memory limit of the active distributed cluster (0 if a worker has none), this
     process's available memory for the local schedulers."""
-    client = _distributed_client()
-    if client is not None:
-        workers = client.scheduler_info(n_workers=-1)["workers"].values()
-        limits = [int(w.get("memory_limit") or 0) for w in workers]
-        return min(limits) if limits and min(limits) > 0 else 0
-    try:
-        import psutil
-
-        return int(psutil.virtual_memory().available)
-    except ImportError:  # pragma: no cover
-        return 0
+    return min(_memory_limits(), default=0)
 
 
 def run_on_workers(fn: Callable[[], Any]) -> None:

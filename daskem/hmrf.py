@@ -255,10 +255,7 @@ class _SpatialMixin:
             self._start_cache_budget = int(START_CACHE_FRACTION * engine.process_memory())
             layout = self._image_layout(image)
             ext = math.prod(sum(int(c) + 2 * int(layout.depth) for c in ch) for ch in layout.chunks)
-            need = start_bytes(ext, self.means_.shape[0], image.dtype)
-            self._start_cache_bytes = (
-                self._start_cache_budget if need <= self._start_cache_budget else 0
-            )
+            self._start_cache_bytes = self._start_budget_for(ext, image.dtype)
             sub = {**kwargs, "checkpoint_dir": None if ckpt is None else Path(ckpt) / "prior"}
             try:
                 self._fit_rows(image, rows, y_rows, w_rows, sub, frames=3)
@@ -271,6 +268,12 @@ class _SpatialMixin:
             self.__dict__.pop("_prior_stage", None)
             self.__dict__.pop("_start_cache_bytes", None)
             self.__dict__.pop("_start_cache_budget", None)
+
+    def _start_budget_for(self, pixels: int, dtype) -> int:
+        """The prior stage's budget for kept starts (:data:`START_CACHE_FRACTION`) if the
+        starts of blocks of ``pixels`` pixels in all (halos included) fit in it, else 0."""
+        budget = int(getattr(self, "_start_cache_budget", 0))
+        return budget if start_bytes(pixels, self.means_.shape[0], dtype) <= budget else 0
 
     def _sample_stage(self, model, data, starts, resumed):
         """The staged fit's prior stage with ``beta`` estimated: EM on a random sample of
@@ -304,13 +307,12 @@ class _SpatialMixin:
         total = math.prod(shape)
         sub = data.window_subset(windows)
         # the windows' starts are kept if they all fit (those of every block were not)
-        budget = int(getattr(self, "_start_cache_budget", 0))
         depth = int(data.layout.depth)
         ext = sum(
             math.prod(b - a + 2 * depth for a, b in zip(lo, hi, strict=True)) for lo, hi in windows
         )
-        fits = start_bytes(ext, self.means_.shape[0], data.X.dtype) <= budget
-        model = dataclasses.replace(model, start_cache_bytes=budget if fits else 0)
+        budget = self._start_budget_for(ext, data.X.dtype)
+        model = dataclasses.replace(model, start_cache_bytes=budget)
         out = dict(starts)
         for i, st in starts.items():
             if i in resumed:
