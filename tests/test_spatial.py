@@ -971,22 +971,63 @@ def test_prior_stage_keeps_block_starts_between_passes(monkeypatch):
 
 def test_start_cache_keeps_within_its_budget():
     """Entries stay within the budget: entries of other parameters go first, an entry
-    that still does not fit is not kept (those kept stay), and what is kept is a copy."""
+    that still does not fit is not kept (those kept stay); what is kept is shared (the
+    arrays a field only reads), not copied."""
     from daskem.model.spatial import _StartCache
 
     cache = _StartCache()
-    a = {"Q": np.ones(100), "q": None}  # 800 bytes
+    a = {"G": np.ones(100), "act": None}  # 800 bytes
     cache.put((b"p1", 0), a, budget=2000)
-    a["Q"][:] = 5.0
-    assert cache.get((b"p1", 0))["Q"][0] == 1.0 and cache.get((b"p1", 0))["q"] is None
-    cache.put((b"p1", 1), {"Q": np.ones(100)}, budget=2000)
-    cache.put((b"p1", 2), {"Q": np.ones(100)}, budget=2000)  # no room, same parameters
+    assert cache.get((b"p1", 0))["G"] is a["G"] and cache.get((b"p1", 0))["act"] is None
+    cache.put((b"p1", 1), {"G": np.ones(100)}, budget=2000)
+    cache.put((b"p1", 2), {"G": np.ones(100)}, budget=2000)  # no room, same parameters
     assert set(cache.entries) == {(b"p1", 0), (b"p1", 1)} and cache.nbytes == 1600
-    cache.put((b"p2", 0), {"Q": np.ones(100)}, budget=2000)  # the other parameters go
+    cache.put((b"p2", 0), {"G": np.ones(100)}, budget=2000)  # the other parameters go
     assert set(cache.entries) == {(b"p2", 0)} and cache.nbytes == 800
-    cache.put((b"p2", 1), {"Q": np.ones(300)}, budget=2000)  # too big even alone now
+    cache.put((b"p2", 1), {"G": np.ones(300)}, budget=2000)  # too big even alone now
     assert set(cache.entries) == {(b"p2", 0)}
     assert cache.get((b"p3", 0)) is None
     assert (cache.hits, cache.misses) == (2, 1)
     cache.clear()
     assert cache.nbytes == 0 and not cache.entries
+
+
+@pytest.mark.parametrize(
+    ("beta", "groups", "weights"),
+    [(0.8, False, False), (12.0, False, True), (0.8, True, True), (12.0, True, False)],
+)
+def test_kept_start_gives_the_computed_start(beta, groups, weights):
+    """A block's start made from its kept ``G`` (:func:`_mf_kernels.start_from_g`) equals
+    the one made from the logits, bit for bit: on both ``exp`` routes (``beta`` 12 with 8
+    neighbours is the log route in float32), with classes of several components, labels
+    and pixels of weight 0."""
+    from daskem.model import spatial
+
+    X, _ = _image(seed=2, shape=(36, 44))
+    X = X.astype(np.float32)
+    y = np.full(X.shape[:2], -1)
+    y[3, 4], y[30, 40] = 0, 1
+    est = SpatialGaussianMixtureClassifier(
+        3 if groups else 2, components_per_class={0: 2} if groups else None,
+        spatial_beta=0.0, random_state=0,
+    ).fit(X, y)  # fmt: skip
+    est._prior_stage = True
+    model = est._model()
+    params = est._fitted_params()
+    params = SpatialParams(params.gmm, params.alpha, beta)
+    block = SpatialBlock(X, (slice(3, 33), slice(2, 40)), (5, 7))
+    w = np.ones(X.shape[:2])
+    if weights:
+        w[10:14, 20:30] = 0.0
+    plain = model.block_stats(params, block, w, y)
+    kept = dataclasses.replace(model, start_cache_bytes=2**30)
+    spatial.clear_start_cache()
+    try:
+        runs = [kept.block_stats(params, block, w, y) for _ in range(3)]
+        assert (spatial._START_CACHE.misses, spatial._START_CACHE.hits) == (1, 2)
+    finally:
+        spatial.clear_start_cache()
+    for s in runs:
+        assert s.energy == plain.energy and s.weight == plain.weight
+        np.testing.assert_array_equal(s.grad, plain.grad)
+        np.testing.assert_array_equal(s.hess, plain.hess)

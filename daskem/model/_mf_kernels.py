@@ -30,6 +30,7 @@ __all__ = [
     "emission_sums_2d",
     "log_gauss_diag",
     "log_gauss_full",
+    "start_from_g",
     "start_rows",
     "stats_2d",
     "sweep_2d",
@@ -694,7 +695,6 @@ def start_rows(L, ok, j, r0, w, log_route, cc, G, maxL, Q, q, act, lnS, E, I, in
     K = L.shape[0]
     rows = L.shape[1] // w if w > 0 else 0
     has_ok = ok.shape[0] > 0
-    tiny = Q.dtype.type(1e-30)
     if has_ok:  # components a pixel may not take
         for i in range(L.shape[1]):
             for k in range(K):
@@ -729,14 +729,40 @@ def start_rows(L, ok, j, r0, w, log_route, cc, G, maxL, Q, q, act, lnS, E, I, in
                 ek = E[k]
                 for x in range(w):
                     g[x] = ek[x]
-        S = lnS[j, r]  # the sum first, its log below
-        _row_sum(E, w, S)
+        _finish_start_row(E, w, j, r, cc, Q, q, act, lnS, inv, need_lnS)
+
+
+@njit(nogil=True, cache=True)
+def _finish_start_row(E, w, j, r, cc, Q, q, act, lnS, inv, need_lnS):
+    """The pixel-wise start of row ``r`` of sub-lattice ``j`` from its exponentials ``E``
+    (K, >= w): ``q`` into ``Q`` (and ``q``) and the normaliser into ``lnS`` (its log if
+    ``need_lnS``)."""
+    tiny = Q.dtype.type(1e-30)
+    S = lnS[j, r]  # the sum first, its log below
+    _row_sum(E, w, S)
+    for x in range(w):
+        S[x] = max(S[x], tiny)
+    _normalise_store(E, S, act, j, r, w, cc, Q, q, inv)
+    if need_lnS:
         for x in range(w):
-            S[x] = max(S[x], tiny)
-        _normalise_store(E, S, act, j, r, w, cc, Q, q, inv)
-        if need_lnS:
+            S[x] = math.log(S[x])
+
+
+@njit(nogil=True, cache=True)
+def start_from_g(j, n_rows, w, log_route, cc, G, Q, q, act, lnS, E, I, inv, need_lnS):  # noqa: E741
+    """The pixel-wise start of rows ``0 .. n_rows`` of sub-lattice ``j`` (``w`` pixels a
+    row) from ``G`` as :func:`start_rows` left it (a kept start,
+    :class:`daskem.model.spatial._StartCache`): the same values, without the logits."""
+    K = G.shape[1]
+    for r in range(n_rows):
+        for k in range(K):
+            g = G[j, k, r]
+            ek = E[k]
             for x in range(w):
-                S[x] = math.log(S[x])
+                ek[x] = g[x]
+        if log_route:  # G holds L - max L
+            _exp_rows(E, I, w)
+        _finish_start_row(E, w, j, r, cc, Q, q, act, lnS, inv, need_lnS)
 
 
 @njit(nogil=True, cache=True)

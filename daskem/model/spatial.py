@@ -410,16 +410,19 @@ class _StartCache:
     In a staged fit's prior stage the emissions and ``alpha`` are fixed and only
     ``beta`` changes, so every pass would compute the same log-densities and pixel-wise
     start of a block again (a quarter of a pass with diagonal covariances, over a third
-    with full ones). A start is kept under a key of the block (origin, shape, a checksum
-    of its attributes, labels and weights) and of the parameters it was made with, while
-    the entries take at most the budget the model gives (the estimator gives one only
-    when all of a stage's starts fit: ``hmrf.START_CACHE_FRACTION``). When a new entry
-    does not fit, entries made with other parameters are dropped, and if it still does
-    not fit it is not kept (the blocks kept first stay, rather than each pass evicting
-    what the next one needs). The arrays the sweeps and statistics write
-    (:data:`_START_WRITTEN`) are copied in and out; the others, which they only read,
-    are shared with the field that made them and with every field given them. So a fit
-    is the same, bit for bit, with or without the cache.
+    with full ones). What a start is made from is kept: the exponentials ``G`` and
+    ``max L`` of the logits and the pixels' activity (:data:`_START_KEPT`), under a key
+    of the block (origin, shape, a checksum of its attributes, labels and weights) and
+    of the parameters it was made with, while the entries take at most the budget the
+    model gives (the estimator gives one only when all of a stage's starts fit:
+    ``hmrf.START_CACHE_FRACTION``). When a new entry does not fit, entries made with
+    other parameters are dropped, and if it still does not fit it is not kept (the
+    blocks kept first stay, rather than each pass evicting what the next one needs).
+    The sweeps and statistics only read those arrays, so they are shared with the field
+    that made them and with every field given them, not copied; a field given them
+    makes its start from ``G`` (:func:`~daskem.model._mf_kernels.start_from_g`), the
+    same values as from the logits. So a fit is the same, bit for bit, with or without
+    the cache.
     """
 
     def __init__(self) -> None:
@@ -451,13 +454,7 @@ class _StartCache:
                     )
             if self.nbytes + size > budget:
                 return
-            self.entries[key] = (
-                key[0],
-                {
-                    k: (a.copy() if k in _START_WRITTEN and a is not None else a)
-                    for k, a in arrays.items()
-                },
-            )
+            self.entries[key] = (key[0], dict(arrays))
             self.nbytes += size
 
     def clear(self) -> None:
@@ -468,17 +465,16 @@ class _StartCache:
 
 
 _START_CACHE = _StartCache()
-# the stacked arrays the compiled loops write after the start (a cached start hands out
-# copies of these; the others, which they only read, are shared)
-_START_WRITTEN = frozenset({"Q", "q", "lnS", "qN"})
+# the stacked arrays a kept start holds: those the sweeps and statistics only read, from
+# which the rest of the start is made again (shared, not copied)
+_START_KEPT = ("G", "maxL", "act", "counts", "nbr")
 
 
 def start_bytes(pixels: int, n_components: int, dtype: Any) -> int:
     """Bytes the kept starts of blocks of ``pixels`` pixels in all (halos included) take
-    (:class:`_StartCache`; an upper bound: classes as many as components, which also have
-    their own probabilities)."""
+    (:class:`_StartCache`: ``G``, the activity and the float64 ``max L``)."""
     s = work_dtype(dtype).itemsize
-    return int(pixels) * (s * (3 * int(n_components) + 3) + 8)
+    return int(pixels) * (s * (int(n_components) + 1) + 8)
 
 
 def clear_start_cache() -> None:
@@ -738,24 +734,32 @@ def _compiled(lat: _Lattice) -> bool:
     return _KERNELS[0] is not None
 
 
-def _stacked_arrays(lat: _Lattice, K: int, C: int, identity: bool, dtype) -> dict:
+def _stacked_arrays(
+    lat: _Lattice, K: int, C: int, identity: bool, dtype, kept: dict | None = None
+) -> dict:
     """The field's per-sub-lattice arrays stacked over the sub-lattices (sized to the
-    largest; the rest stays zero, like the borders)."""
+    largest; the rest stays zero, like the borders); those of :data:`_START_KEPT` taken
+    from ``kept`` if given (a kept start)."""
     J = len(lat.counts)
     big = tuple(max(c[d] for c in lat.counts) for d in range(len(lat.grid)))
     st = {
         "Q": np.zeros((J, C, *(n + 2 for n in big)), dtype=dtype),
-        "G": np.zeros((J, K, *big), dtype=dtype),
         "q": np.zeros((J, K, *big), dtype=dtype) if not identity else None,
-        "act": np.zeros((J, *big), dtype=dtype),
         "lnS": np.zeros((J, *big), dtype=dtype),
-        "maxL": np.zeros((J, *big)),
         "qN": np.zeros((J, *big), dtype=dtype),
-        "counts": np.array(lat.counts, dtype=np.int64).reshape(J, len(lat.grid)),
-        "nbr": np.array(
+    }
+    if kept is not None:
+        st.update((k, kept[k]) for k in _START_KEPT)
+        return st
+    st.update(
+        G=np.zeros((J, K, *big), dtype=dtype),
+        act=np.zeros((J, *big), dtype=dtype),
+        maxL=np.zeros((J, *big)),
+        counts=np.array(lat.counts, dtype=np.int64).reshape(J, len(lat.grid)),
+        nbr=np.array(
             [[(jj, *shift) for jj, shift in v] for v in lat.views], dtype=np.int64
         ).reshape(J, lat.n_neighbours, 1 + len(lat.grid)),
-    }
+    )
     return st
 
 
@@ -804,13 +808,7 @@ def _build_field(
     if _compiled(lat):
         if start_cache is not None and initial is None:
             cached = _START_CACHE.get(start_cache[0])
-        if cached is None:
-            f.stacked = st = _stacked_arrays(lat, K, C, identity, dtype)
-        else:  # what the sweeps and statistics write is copied; G, maxL, act are shared
-            f.stacked = st = {
-                k: (a.copy() if k in _START_WRITTEN and a is not None else a)
-                for k, a in cached.items()
-            }
+        f.stacked = st = _stacked_arrays(lat, K, C, identity, dtype, cached)
         f.start_lnS = not swept
     for j, cnt in enumerate(lat.counts):
         act = None
@@ -842,7 +840,9 @@ def _build_field(
         f.qN.append(np.zeros(cnt, dtype=dtype))
     if f.stacked is not None and all(a is None for a in f.act):
         f.stacked["act"] = np.empty((0, 0, 0), dtype=dtype)
-    if cached is not None:
+    if cached is not None:  # the start from the kept G
+        for j, cnt in enumerate(lat.counts):
+            _compiled_start_from_g(f, j, cnt)
         return f
     for j, cnt in enumerate(lat.counts):
         act = f.act[j]
@@ -872,7 +872,7 @@ def _build_field(
                     f.q[j][:, slice(*rows)] = T
                     np.copyto(Qv, f.class_sums(T, f.ws.get("QT", (C, *shape), dtype)))
     if start_cache is not None and f.stacked is not None and initial is None:
-        _START_CACHE.put(start_cache[0], f.stacked, start_cache[1])
+        _START_CACHE.put(start_cache[0], {k: f.stacked[k] for k in _START_KEPT}, start_cache[1])
     return f
 
 
@@ -906,6 +906,20 @@ def _compiled_start(f: _Field, j: int, rows, shape, L: np.ndarray, ok) -> None:
         np.empty((0, 0), dtype=bool) if ok is None else np.ascontiguousarray(ok),
         j, rows[0], w, bool(f.log_route), cc.astype(np.int64), st["G"], st["maxL"], st["Q"],
         q, st["act"], st["lnS"], f.ws.get("E", (K, w), f.dtype),
+        f.ws.get("I", (K, w), np.int32), f.ws.get("inv", (w,), f.dtype), bool(f.start_lnS),
+    )  # fmt: skip
+
+
+def _compiled_start_from_g(f: _Field, j: int, cnt: tuple[int, ...]) -> None:
+    """The start of sub-lattice ``j`` (``cnt`` pixels) from its kept ``G``
+    (:class:`_StartCache`), as :func:`_compiled_start` made it from the logits."""
+    st = f.stacked
+    K = st["G"].shape[1]
+    w = cnt[1]
+    cc = f.cc if f.cc is not None else np.arange(K)
+    _KERNELS[0].start_from_g(
+        j, cnt[0], w, bool(f.log_route), cc.astype(np.int64), st["G"], st["Q"],
+        _stacked_q(f), st["act"], st["lnS"], f.ws.get("E", (K, w), f.dtype),
         f.ws.get("I", (K, w), np.int32), f.ws.get("inv", (w,), f.dtype), bool(f.start_lnS),
     )  # fmt: skip
 
