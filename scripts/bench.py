@@ -343,14 +343,17 @@ def spatial_pair(X: np.ndarray, cov: str, init: dict, iters: int, work: Path) ->
         # the staged fit's stage, its last iteration, and the beta of its next E-step
         stage = [1, 0, 0.0]
         betas: list[float] = []
+        at_zero: list[float] = []  # the prior stage's passes at beta = 0
 
-        def cb(info, seconds=seconds, cpu=cpu, label=label, stage=stage, betas=betas):
+        def cb(info, seconds=seconds, cpu=cpu, label=label, stage=stage, betas=betas, zero=at_zero):
             if label == "spatial_staged":
                 if info.iteration <= stage[1]:
                     stage[0] = 2  # the iterations start again: its second stage
                 stage[1] = info.iteration
                 ran_with, stage[2] = stage[2], float(info.params.beta)
                 if stage[0] == 1 or ran_with == 0.0:  # pixel-wise passes; no sweeps
+                    if stage[0] == 2:
+                        zero.append(info.seconds)
                     cpu[0] = time.process_time()
                     return
                 betas.append(ran_with)
@@ -379,6 +382,7 @@ def spatial_pair(X: np.ndarray, cov: str, init: dict, iters: int, work: Path) ->
             "seconds_per_iteration": seconds,
             "cpu_seconds_per_iteration": cpu_it,
             **({"beta_per_iteration": betas} if betas else {}),
+            **({"seconds_at_beta_0": at_zero} if at_zero else {}),
             "rate_steady": side * side / float(np.median(seconds)),
             "cpu_steady": float(np.median(cpu_it)),
         }
@@ -389,10 +393,13 @@ def spatial_pair(X: np.ndarray, cov: str, init: dict, iters: int, work: Path) ->
     cpu_base = min(out["pixelwise"]["cpu_steady"], out["pixelwise_again"]["cpu_steady"])
     out["cost_ratio_cpu"] = out["spatial"]["cpu_steady"] / cpu_base
     out["staged_cost_ratio"] = best / out["spatial_staged"]["rate_steady"]
-    # its first pass with beta > 0, which computes the blocks' starts it then keeps
+    # its first pass with beta > 0, and its first pass (at beta = 0 after the pixel-wise
+    # stage: no sweeps), which computes the blocks' starts and keeps them
     out["staged_first_pass_ratio"] = (
         best * out["spatial_staged"]["seconds_per_iteration"][0] / (side * side)
     )
+    zero = out["spatial_staged"].get("seconds_at_beta_0", [float("nan")])
+    out["staged_beta0_pass_ratio"] = best * zero[0] / (side * side)
     out["staged_cost_ratio_cpu"] = out["spatial_staged"]["cpu_steady"] / cpu_base
     return out
 
@@ -933,7 +940,8 @@ def main(argv: list[str] | None = None) -> int:
                     f"[{cov}] a pass with the spatial prior / a pixel-wise pass, same Zarr "
                     f"image: the default staged fit's prior stage {sp['staged_cost_ratio']:.2f}x "
                     f"wall ({sp['staged_cost_ratio_cpu']:.2f}x CPU; its first pass with the "
-                    f"prior {sp['staged_first_pass_ratio']:.2f}x; beta "
+                    f"prior {sp['staged_first_pass_ratio']:.2f}x, its pass at beta 0 before "
+                    f"it {sp['staged_beta0_pass_ratio']:.2f}x; beta "
                     f"{sp['spatial_staged']['beta_per_iteration'][-1]:.3g}); the joint fit "
                     f"(spatial_fit='joint', emissions refitted every pass) "
                     f"{sp['cost_ratio']:.2f}x wall ({sp['cost_ratio_worst_base']:.2f}x against "

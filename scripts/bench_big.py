@@ -34,6 +34,9 @@ def main() -> None:
     p.add_argument("--memory-limit", default="1.5GiB")
     p.add_argument("--json", type=Path)
     p.add_argument(
+        "--verbose", action="store_true", help="print every daskem log record (DEBUG), timed"
+    )
+    p.add_argument(
         "--spatial-beta", help="fit with the spatial prior: 'auto' or a number (default: none)"
     )
     p.add_argument("--neighbourhood", type=int, default=8)
@@ -61,9 +64,9 @@ def main() -> None:
             notes.append(msg)
             print(msg, flush=True)
 
-    hmrf_log = logging.getLogger("daskem.hmrf")
-    hmrf_log.addHandler(_Notes(logging.INFO))
-    hmrf_log.setLevel(logging.INFO)
+    hmrf_log = logging.getLogger("daskem" if args.verbose else "daskem.hmrf")
+    hmrf_log.addHandler(_Notes(logging.DEBUG if args.verbose else logging.INFO))
+    hmrf_log.setLevel(logging.DEBUG if args.verbose else logging.INFO)
 
     passes: list[dict] = []
     scale = [1.0]  # a hidden Markov model's objective is a total: per pixel here

@@ -951,8 +951,9 @@ def test_prior_stage_keeps_block_starts_between_passes(monkeypatch):
     kw = dict(spatial_beta="auto", random_state=0, max_iter=5, tol=0.0)
     with dask.config.set(scheduler="threads"):
         cached = SpatialGaussianMixtureClassifier(3, **kw).fit(image, y)
-        # tol 0: 5 passes in the prior stage, the first at beta = 0 (no sweeps, no cache)
-        assert seen[0] == (9 * 3, 9), seen
+        # tol 0: 5 passes in the prior stage; the first (at beta = 0, no sweeps) keeps the
+        # starts, the 4 with the prior take them
+        assert seen[0] == (9 * 4, 9), seen
         assert spatial._START_CACHE.nbytes == 0 and not spatial._START_CACHE.entries
         # starts that do not all fit in the budget are not kept at all
         monkeypatch.setattr(hmrf, "start_bytes", lambda *a: 2**62)

@@ -1737,8 +1737,9 @@ class SpatialGMMModel:
 
         swept = beta != 0.0 and bool(self.sweeps)
         cache = None
-        # (the stage's first pass, at beta = 0 after the pixel-wise stage, has no sweeps)
-        if self.start_cache_bytes > 0 and not self.fit_emissions and start is None and swept:
+        # a start does not depend on beta: the stage's first pass (at beta = 0 after the
+        # pixel-wise stage, with no sweeps) keeps the starts its passes with the prior use
+        if self.start_cache_bytes > 0 and not self.fit_emissions and start is None:
             key = (
                 _params_fingerprint(params), tuple(origin), data.shape, data.dtype.str,
                 _checksum(data), _checksum(lab), _checksum(active), int(self.neighbourhood),
