@@ -1032,3 +1032,20 @@ def test_kept_start_gives_the_computed_start(beta, groups, weights):
         assert s.energy == plain.energy and s.weight == plain.weight
         np.testing.assert_array_equal(s.grad, plain.grad)
         np.testing.assert_array_equal(s.hess, plain.hess)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_count_exp_table_equals_the_kernel_exp(dtype):
+    """The drawn field's neighbour counts are whole numbers: their ``exp(beta n)`` looked
+    up in a table equals the compiled kernel's ``exp`` of ``beta * n``, bit for bit."""
+    mk = pytest.importorskip("daskem.model._mf_kernels")
+    for beta in (0.0, 0.37, 1.0, 2.9756, 7.4):
+        b = dtype(beta)
+        tab = mk._count_exp_table(b, 8)
+        E = (b * np.arange(9, dtype=dtype))[None, :].copy()
+        mk._exp_rows(E, np.empty(E.shape, np.int32), 9)
+        np.testing.assert_array_equal(tab, E[0])
+        N = np.array([[0.0, 3.0, 8.0], [1.0, 2.0, 5.0]], dtype=dtype)
+        out = np.empty_like(N)
+        mk._count_exps(N, tab, 3, out)
+        np.testing.assert_array_equal(out, tab[N.astype(int)])

@@ -190,6 +190,29 @@ def _prior_normaliser(N, bt, b, w, E, I, den):  # noqa: E741
 
 
 @njit(nogil=True, cache=True)
+def _count_exp_table(b, n_max):
+    """``exp(b * n)`` for the neighbour counts ``n = 0 .. n_max`` of a drawn field (``b``
+    in the work dtype), computed as :func:`_exp_rows` computes ``exp(b * N)`` of each
+    pixel's counts, so a look-up gives the same value."""
+    t = np.empty((1, n_max + 1), dtype=type(b))
+    for n in range(n_max + 1):
+        t[0, n] = b * type(b)(n)
+    _exp_rows(t, np.empty((1, n_max + 1), dtype=np.int32), n_max + 1)
+    return t[0]
+
+
+@njit(nogil=True, cache=True)
+def _count_exps(N, tab, w, E):
+    """``E[c, x] = exp(beta N[c, x])`` of a row of neighbour counts (whole numbers: the
+    drawn field is one-hot) by the table of :func:`_count_exp_table`."""
+    for c in range(N.shape[0]):
+        nc = N[c]
+        ec = E[c]
+        for x in range(w):
+            ec[x] = tab[np.int64(nc[x])]
+
+
+@njit(nogil=True, cache=True)
 def sweep_2d(Q, G, act, lnS, qN, q, cc, nbr, counts, beta, sweeps, log_route, E, I, N, S, inv):  # noqa: E741,E501
     """``sweeps`` colour sweeps of the mean-field update over a 2-D block.
 
@@ -366,11 +389,12 @@ def drawn_field_2d(Q, act, counts, starts, origin, Z):
 
 
 @njit(nogil=True, cache=True)
-def _conditional_row(Z, G, j, r, x0, nbr, w, cc, groups, beta, log_route, E, I, N, S):  # noqa: E741
+def _conditional_row(Z, G, j, r, x0, nbr, w, cc, groups, beta, log_route, E, I, N, S, tab):  # noqa: E741,E501
     """The posterior conditionals of pixels ``x0 .. x0 + w`` of row ``r`` of sub-lattice
     ``j`` given the field ``Z`` of the neighbours: ``E[k] ∝ G_k exp(beta N_class(k))``
     (``G`` as in :func:`sweep_2d`; on the log route the max is taken out first) and
-    their sum ``S``, unnormalised; ``N`` a scratch (C, >= w)."""
+    their sum ``S``, unnormalised; ``N`` a scratch (C, >= w); ``tab`` the table of
+    :func:`_count_exp_table` (not used on the log route)."""
     K = G.shape[1]
     b = Z.dtype.type(beta)
     _neighbour_sums(Z, nbr[j], r, x0, w, N)
@@ -391,12 +415,7 @@ def _conditional_row(Z, G, j, r, x0, nbr, w, cc, groups, beta, log_route, E, I, 
                 E[k, x] -= S[x]
         _exp_rows(E, I, w)
     else:
-        C = N.shape[0]
-        for c in range(C):
-            nc = N[c]
-            for x in range(w):
-                nc[x] = b * nc[x]
-        _exp_rows(N, I, w)  # N now holds exp(beta N)
+        _count_exps(N, tab, w, N)  # N now holds exp(beta N)
         for k in range(K):
             nk = N[cc[k]] if groups else N[k]
             g = G[j, k, r, x0:]
@@ -425,10 +444,11 @@ def simulated_field_2d(Z, G, act, cc, groups, nbr, counts, starts, origin, beta,
     u = np.empty(W, dtype=Z.dtype)
     cum = np.empty(W, dtype=Z.dtype)
     pick = np.empty(W, dtype=np.int64)
+    tab = _count_exp_table(Z.dtype.type(beta), nbr.shape[1])
     for j in range(J):
         w = counts[j, 1]
         for r in range(counts[j, 0]):
-            _conditional_row(Z, G, j, r, 0, nbr, w, cc, groups, beta, log_route, E, I, N, S)
+            _conditional_row(Z, G, j, r, 0, nbr, w, cc, groups, beta, log_route, E, I, N, S, tab)
             g0 = origin[0] + starts[j, 0] + 2 * r
             g1 = origin[1] + starts[j, 1]
             for x in range(w):
@@ -549,6 +569,7 @@ def stats_2d(
     N2 = np.empty((C, W), dtype=Q.dtype)
     S2 = np.empty(W, dtype=Q.dtype)
     T64 = np.empty((K, W))
+    tab = _count_exp_table(bt, nbr.shape[1])
     energy = 0.0
     weight = 0.0
     for j in range(J):
@@ -601,7 +622,14 @@ def stats_2d(
                     for x in range(w_):
                         P[k, x] = lg[k, x] / tots[x]
             else:
-                _prior_normaliser(Ns, bt, b, w_, E, I, den)
+                _count_exps(Ns, tab, w_, E)  # exp(beta Ns), Ns whole numbers
+                for x in range(w_):
+                    den[x] = b[0] * E[0, x]
+                for c in range(1, C):
+                    bc = b[c]
+                    ec = E[c]
+                    for x in range(w_):
+                        den[x] += bc * ec[x]
                 for x in range(w_):
                     den[x] = dt(1.0) / den[x]
                 for k in range(K):
@@ -615,11 +643,14 @@ def stats_2d(
                 _row_sum(T, w_, S2)
             # the targets: the posterior conditionals at the simulated field's neighbours
             if log_route:
-                _conditional_row(Z, G, j, r, x0, nbr, w_, cc, groups, beta, True, T, I, N2, S2)
-            for k in range(K):
-                tk = T[k]
-                for x in range(w_):
-                    T64[k, x] = np.float64(tk[x]) / np.float64(S2[x])
+                _conditional_row(
+                    Z, G, j, r, x0, nbr, w_, cc, groups, beta, True, T, I, N2, S2, tab
+                )  # fmt: skip
+            if alpha_terms:
+                for k in range(K):
+                    tk = T[k]
+                    for x in range(w_):
+                        T64[k, x] = np.float64(tk[x]) / np.float64(S2[x])
             if alpha_terms:
                 for k in range(K):
                     pk = P[k]
@@ -652,15 +683,16 @@ def stats_2d(
             for c in range(1, C):
                 for x in range(w_):
                     den[x] += PC[c, x] * Ns[c, x]
+            # sum_k T_k Ns_k / S: the conditionals' mean count (one division a pixel)
             for x in range(w_):
                 t64[x] = 0.0
             for k in range(K):
                 nk = Ns[cc[k]] if groups else Ns[k]
-                tk = T64[k]
+                tk = T[k]
                 for x in range(w_):
-                    t64[x] += tk[x] * np.float64(nk[x])
+                    t64[x] += np.float64(tk[x]) * np.float64(nk[x])
             for x in range(w_):
-                t64[x] -= np.float64(den[x])
+                t64[x] = t64[x] / np.float64(S2[x]) - np.float64(den[x])
             g[K] += _dot(wr, t64, w_)
             for x in range(w_):  # sum_c P_c (Ns_c - nbar)^2, in qn (no longer needed)
                 d = Ns[0, x] - den[x]
