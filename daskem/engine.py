@@ -372,13 +372,21 @@ class ChunkedData:
     def n_samples(self) -> int:
         return int(self.X.shape[0])
 
-    def window_subset(self, windows: Sequence[tuple[Sequence[int], Sequence[int]]]) -> ChunkedData:
+    def window_subset(
+        self,
+        windows: Sequence[tuple[Sequence[int], Sequence[int]]],
+        keep: bool | None = None,
+    ) -> ChunkedData:
         """A copy whose passes visit only these windows of the grid, each ``(lo, hi)`` in
         pixels (a box ``[lo, hi)``), with its halo as a block has in a full pass.
 
         Each window is one block whatever the chunking (it is cut from the chunks it
         reaches), so what a pass over the windows computes does not depend on the
-        chunking.
+        chunking. ``keep``: the windows are read once and kept in (cluster) memory for
+        the copy's passes, held by the copy alone (None: when they take at most
+        :data:`FRAME_MEMORY_FRACTION` of :func:`cluster_memory`); else every pass reads
+        each window from the chunks it reaches (up to four chunks for a window smaller
+        than a chunk).
         """
         lay = self.layout
         if lay is None:
@@ -388,7 +396,7 @@ class ChunkedData:
             None if a is None else rows_to_grid(a, lay)
             for a in (self.X, self.sample_weight, self.labels)
         ]
-        blocks = []
+        cuts, places = [], []
         for lo, hi in windows:
             lo, hi = [int(v) for v in lo], [int(v) for v in hi]
             if not all(0 <= a < b <= n for a, b, n in zip(lo, hi, lay.shape, strict=True)):
@@ -397,17 +405,38 @@ class ChunkedData:
             ehi = [min(n, b + h) for b, n in zip(hi, lay.shape, strict=True)]
             box = tuple(slice(a, b) for a, b in zip(elo, ehi, strict=True))
             core = tuple(slice(a - e, b - e) for a, b, e in zip(lo, hi, elo, strict=True))
-            cut = []
-            for g in grids:
-                if g is None:
-                    cut.append(None)
-                    continue
-                w = g[box].rechunk(-1)
-                cut.append(w.to_delayed(optimize_graph=True).ravel()[0])
-            x, wt, y = cut
-            blocks.append((delayed(_spatial_block, pure=True)(x, core, tuple(elo)), wt, y))
+            cuts.append([None if g is None else g[box].rechunk(-1) for g in grids])
+            places.append((core, tuple(elo)))
+        arrays = [a for cut in cuts for a in cut if a is not None]
+        nbytes = sum(int(a.nbytes) for a in arrays)
+        if keep is None:
+            keep = nbytes <= FRAME_MEMORY_FRACTION * cluster_memory()
+        kept: list = []
+        if keep and arrays:
+            # read once, under fresh key names (as cache_data); the copy holds them
+            tag = uuid.uuid4().hex[:12]
+            kept = list(
+                dask.persist(
+                    *(
+                        a.map_blocks(_identity, dtype=a.dtype, name=f"daskem-window-{i}-{tag}")
+                        for i, a in enumerate(arrays)
+                    )
+                )
+            )
+            logger.info(
+                "keeping %.3g GB of %d windows in memory for their passes", nbytes / 1e9, len(cuts)
+            )
+            it = iter(kept)
+            cuts = [[None if a is None else next(it) for a in cut] for cut in cuts]
+        blocks = []
+        for cut, (core, origin) in zip(cuts, places, strict=True):
+            x, wt, y = (
+                None if a is None else a.to_delayed(optimize_graph=True).ravel()[0] for a in cut
+            )
+            blocks.append((delayed(_spatial_block, pure=True)(x, core, origin), wt, y))
         out = copy.copy(self)
         out._pass_blocks = blocks
+        out._kept = list(self._kept) + kept  # the Delayed above only name them
         return out
 
     @property

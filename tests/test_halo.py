@@ -165,6 +165,18 @@ def test_kept_frames_give_the_same_fit_on_a_cluster(monkeypatch, caplog):
             lambda: __import__("daskem.model.spatial").model.spatial._START_CACHE.nbytes
         )
         assert list(left.values()) == [0, 0]
+        # with a sample of windows first: the windows read once and kept on the workers
+        sample = dict(SAMPLE_STAGE_PIXELS=4096, SAMPLE_WINDOW_PIXELS=1024)  # 4 of 32 x 32
+        defaults = {k: getattr(hmrf, k) for k in sample}
+        for k, v in sample.items():
+            monkeypatch.setattr(hmrf, k, v)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="daskem"):
+            sampled = SpatialGaussianMixture(2, **dict(kw, spatial_fit="staged")).fit(X)
+        assert "on a sample of 4 windows" in caplog.text
+        assert "of 4 windows in memory" in caplog.text
+        for k, v in defaults.items():
+            monkeypatch.setattr(hmrf, k, v)
         monkeypatch.setattr(engine, "FRAME_MEMORY_FRACTION", 0.0)
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="daskem"):
@@ -175,6 +187,12 @@ def test_kept_frames_give_the_same_fit_on_a_cluster(monkeypatch, caplog):
         local = SpatialGaussianMixture(2, **dict(kw, spatial_fit="staged")).fit(X)
     assert staged.spatial_beta_ == local.spatial_beta_ > 0
     np.testing.assert_array_equal(staged.lower_bounds_, local.lower_bounds_)
+    for k, v in sample.items():  # windows read by every pass, no start kept: the same fit
+        monkeypatch.setattr(hmrf, k, v)
+    with dask.config.set(scheduler="threads"):
+        local = SpatialGaussianMixture(2, **dict(kw, spatial_fit="staged")).fit(X)
+    assert sampled.spatial_beta_ == local.spatial_beta_ > 0
+    np.testing.assert_array_equal(sampled.lower_bounds_, local.lower_bounds_)
     assert kept.n_iter_ == reread.n_iter_ == 4
     np.testing.assert_array_equal(kept.means_, reread.means_)
     np.testing.assert_array_equal(kept.lower_bounds_, reread.lower_bounds_)

@@ -464,9 +464,23 @@ def test_prior_stage_starts_on_a_sample_of_windows(monkeypatch, caplog):
     whole = SpatialGaussianMixture(3, **kw).fit(X)
     monkeypatch.setattr(hmrf, "SAMPLE_STAGE_PIXELS", 1024)
     monkeypatch.setattr(hmrf, "SAMPLE_WINDOW_PIXELS", 256)  # 4 windows of 16 x 16
-    with caplog.at_level(logging.INFO, logger="daskem.hmrf"):
+    with caplog.at_level(logging.INFO, logger="daskem"):
         sampled = SpatialGaussianMixture(3, **kw).fit(X)
     assert "on a sample of 4 windows (1024 of 9216 pixels)" in caplog.text
+    # the windows were read once and kept for the sample's passes; read every pass
+    # instead (and no frames kept), the fit is the same, bit for bit
+    assert "of 4 windows in memory" in caplog.text
+    from daskem import engine
+
+    kept_fraction = engine.FRAME_MEMORY_FRACTION
+    monkeypatch.setattr(engine, "FRAME_MEMORY_FRACTION", 0.0)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="daskem"):
+        read = SpatialGaussianMixture(3, **kw).fit(X)
+    assert "windows in memory" not in caplog.text
+    assert read.spatial_beta_ == sampled.spatial_beta_
+    np.testing.assert_array_equal(read.lower_bounds_, sampled.lower_bounds_)
+    monkeypatch.setattr(engine, "FRAME_MEMORY_FRACTION", kept_fraction)
     assert whole.converged_ and sampled.converged_
     assert sampled.spatial_beta_ == pytest.approx(whole.spatial_beta_, abs=5e-3)
     assert sampled.n_iter_ < whole.n_iter_
