@@ -180,6 +180,12 @@ def _prior_normaliser(N, bt, b, w, E, I, den):  # noqa: E741
         for x in range(w):
             ec[x] = bt * nc[x]
     _exp_rows(E[:C], I[:C], w)
+    _class_weighted_sum(b, E, C, w, den)
+
+
+@njit(nogil=True, cache=True)
+def _class_weighted_sum(b, E, C, w, den):
+    """``den = sum_c b_c E[c]`` over the first ``w`` pixels, the classes in order."""
     for x in range(w):
         den[x] = b[0] * E[0, x]
     for c in range(1, C):
@@ -623,13 +629,7 @@ def stats_2d(
                         P[k, x] = lg[k, x] / tots[x]
             else:
                 _count_exps(Ns, tab, w_, E)  # exp(beta Ns), Ns whole numbers
-                for x in range(w_):
-                    den[x] = b[0] * E[0, x]
-                for c in range(1, C):
-                    bc = b[c]
-                    ec = E[c]
-                    for x in range(w_):
-                        den[x] += bc * ec[x]
+                _class_weighted_sum(b, E, C, w_, den)
                 for x in range(w_):
                     den[x] = dt(1.0) / den[x]
                 for k in range(K):
@@ -646,12 +646,11 @@ def stats_2d(
                 _conditional_row(
                     Z, G, j, r, x0, nbr, w_, cc, groups, beta, True, T, I, N2, S2, tab
                 )  # fmt: skip
-            if alpha_terms:
+            if alpha_terms:  # the conditionals themselves (else only their mean count)
                 for k in range(K):
                     tk = T[k]
                     for x in range(w_):
                         T64[k, x] = np.float64(tk[x]) / np.float64(S2[x])
-            if alpha_terms:
                 for k in range(K):
                     pk = P[k]
                     for x in range(w_):
