@@ -1063,3 +1063,60 @@ def test_count_exp_table_equals_the_kernel_exp(dtype):
         out = np.empty_like(N)
         mk._count_exps(N, tab, 3, out)
         np.testing.assert_array_equal(out, tab[N.astype(int)])
+
+
+@pytest.mark.parametrize("nb", [4, 8])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(("log_route", "groups"), [(False, False), (True, False), (False, True)])
+def test_banded_sweeps_equal_the_plain_loop(nb, dtype, log_route, groups):
+    """The compiled sweeps run their stages (sweep, sub-lattice) in bands of rows, each
+    a few rows behind the one before it (for the cache): every row sees the neighbours a
+    plain loop over sweeps, sub-lattices and rows gives it, so the values are the same,
+    bit for bit."""
+    mk = pytest.importorskip("daskem.model._mf_kernels")
+    from daskem.model.spatial import _Lattice, _stacked_arrays
+
+    K, C = (4, 2) if groups else (3, 3)
+    cc = np.array([0, 0, 1, 1] if groups else [0, 1, 2], dtype=np.int64)
+    lat = _Lattice((37, 45), (3, 5), nb)
+    st = _stacked_arrays(lat, K, C, not groups, dtype)
+    rng = np.random.default_rng(nb)
+    for j, (h, w) in enumerate(lat.counts):
+        L = rng.normal(0.0, 3.0, (K, h, w))
+        L -= L.max(axis=0)
+        st["G"][j, :, :h, :w] = L if log_route else np.exp(L)
+        p = rng.dirichlet(np.ones(C), (h, w))
+        st["Q"][j, :, 1 : 1 + h, 1 : 1 + w] = np.moveaxis(p, -1, 0)
+    q = st["q"] if groups else np.empty((0, 0, 0, 0), dtype=dtype)
+    act = np.empty((0, 0, 0), dtype=dtype)
+    width = st["G"].shape[-1]
+    beta, sweeps = (9.0 if log_route else 1.3), 3
+
+    def scratch():
+        return (
+            np.empty((K, width), dtype=dtype), np.empty((K, width), dtype=np.int32),
+            np.empty((C, width), dtype=dtype), np.empty(width, dtype=dtype),
+            np.empty(width, dtype=dtype),
+        )  # fmt: skip
+
+    runs = []
+    for banded in (True, False):
+        Q, lnS, qN, qq = st["Q"].copy(), st["lnS"].copy(), st["qN"].copy(), q.copy()
+        if banded:
+            mk.sweep_2d(
+                Q, st["G"], act, lnS, qN, qq, cc, st["nbr"], st["counts"], beta, sweeps,
+                log_route, *scratch(),
+            )  # fmt: skip
+        else:
+            E, I, N, S, inv = scratch()  # noqa: E741
+            for s in range(sweeps):
+                for j, (h, w) in enumerate(lat.counts):
+                    for r in range(h):
+                        mk._sweep_row(
+                            Q, st["G"], act, lnS, qN, qq, cc, st["nbr"], j, r, w,
+                            Q.dtype.type(beta), s == sweeps - 1, log_route, E, I, N, S, inv,
+                        )  # fmt: skip
+        runs.append((Q, lnS, qN, qq))
+    for a, b in zip(*runs, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(runs[0][0], st["Q"])  # the sweeps changed q

@@ -244,96 +244,131 @@ def sweep_2d(Q, G, act, lnS, qN, q, cc, nbr, counts, beta, sweeps, log_route, E,
         (wmax,), (wmax,)
     """
     J = Q.shape[0]
+    b = Q.dtype.type(beta)
+    H = 0
+    lag = 1  # the farthest neighbour's row shift (1: the rows r - 1 .. r + 1)
+    for j in range(J):
+        H = max(H, counts[j, 0])
+        for n in range(nbr.shape[1]):
+            lag = max(lag, abs(nbr[j, n, 1]))
+    # stage i = (sweep i // J, sub-lattice i % J), in the order of a plain loop over
+    # sweeps, sub-lattices and rows; stage i runs `lag` rows behind stage i - 1, band
+    # after band of _SWEEP_BAND rows. A row's neighbours lie in the rows r - lag .. r +
+    # lag of the other sub-lattices, so every stage before i has updated them and no
+    # stage after it has: each row sees what the plain loop gives it (the same values,
+    # bit for bit), while the rows in use stay in the cache
+    n_stages = sweeps * J
+    if n_stages == 0:
+        return
+    B = _SWEEP_BAND
+    R = B
+    while R - B - (n_stages - 1) * lag < H:
+        for i in range(n_stages):
+            j = i % J
+            r0 = max(0, R - B - i * lag)
+            r1 = min(counts[j, 0], R - i * lag)
+            for r in range(r0, r1):
+                _sweep_row(
+                    Q, G, act, lnS, qN, q, cc, nbr, j, r, counts[j, 1], b,
+                    i // J == sweeps - 1, log_route, E, I, N, S, inv,
+                )  # fmt: skip
+        R += B
+
+
+# rows per band of sweep_2d's schedule: the rows in use (about sweeps * J + band rows of
+# each plane) stay in the L2 cache; a 1,000 x 1,000 block, K = 8, float32, 3 sweeps:
+# 56-60 ms, against 83 ms for the plain loop, which streams every plane through the
+# cache for each sub-lattice of each sweep
+_SWEEP_BAND = 16
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _sweep_row(Q, G, act, lnS, qN, q, cc, nbr, j, r, w, b, last, log_route, E, I, N, S, inv):  # noqa: E741,E501
+    """The mean-field update of row ``r`` of sub-lattice ``j`` (``w`` pixels), as
+    :func:`sweep_2d` describes it (``last``: the sweep that sets ``lnS`` and ``qN``)."""
     C = Q.shape[1]
     K = G.shape[1]
     groups = q.shape[0] > 0
-    b = Q.dtype.type(beta)
     tiny = Q.dtype.type(1e-30)
-    for s in range(sweeps):
-        last = s == sweeps - 1
-        for j in range(J):
-            h = counts[j, 0]
-            w = counts[j, 1]
-            for r in range(h):
-                _neighbour_sums(Q, nbr[j], r, 0, w, N)
-                # unnormalised q of the row's components, and their sum S
-                if log_route:  # q ∝ exp(L - max L + beta N - top), top the row's max
-                    for k in range(K):
-                        nk = N[cc[k]] if groups else N[k]
-                        g = G[j, k, r]
-                        ek = E[k]
-                        for x in range(w):
-                            ek[x] = g[x] + b * nk[x]
-                    e0 = E[0]
-                    for x in range(w):
-                        S[x] = e0[x]
-                    for k in range(1, K):
-                        ek = E[k]
-                        for x in range(w):
-                            S[x] = max(S[x], ek[x])
-                    for k in range(K):
-                        ek = E[k]
-                        for x in range(w):
-                            ek[x] -= S[x]
-                    if last:
-                        ln = lnS[j, r]
-                        for x in range(w):
-                            ln[x] = S[x]
-                    _exp_rows(E, I, w)
-                    _row_sum(E, w, S)
-                elif E.itemsize == 8:  # q ∝ exp(L - max L) exp(beta N)
-                    for k in range(K):
-                        nk = N[cc[k]] if groups else N[k]
-                        g = G[j, k, r]
-                        ek = E[k]
-                        for x in range(w):
-                            ek[x] = math.exp(b * nk[x]) * g[x]
-                    _row_sum(E, w, S)
-                else:
-                    for k in range(K):
-                        nk = N[cc[k]] if groups else N[k]
-                        ek = E[k]
-                        ik = I[k]
-                        for x in range(w):
-                            ek[x], ik[x] = _exp_parts(b * nk[x])
-                    for k in range(K):
-                        g = G[j, k, r]
-                        ek = E[k]
-                        scale = I[k].view(np.float32)
-                        if k == 0:
-                            for x in range(w):
-                                v = ek[x] * scale[x]
-                                v = v * g[x]
-                                ek[x] = v
-                                S[x] = v
-                        else:
-                            for x in range(w):
-                                v = ek[x] * scale[x]
-                                v = v * g[x]
-                                ek[x] = v
-                                S[x] += v
+    _neighbour_sums(Q, nbr[j], r, 0, w, N)
+    # unnormalised q of the row's components, and their sum S
+    if log_route:  # q ∝ exp(L - max L + beta N - top), top the row's max
+        for k in range(K):
+            nk = N[cc[k]] if groups else N[k]
+            g = G[j, k, r]
+            ek = E[k]
+            for x in range(w):
+                ek[x] = g[x] + b * nk[x]
+        e0 = E[0]
+        for x in range(w):
+            S[x] = e0[x]
+        for k in range(1, K):
+            ek = E[k]
+            for x in range(w):
+                S[x] = max(S[x], ek[x])
+        for k in range(K):
+            ek = E[k]
+            for x in range(w):
+                ek[x] -= S[x]
+        if last:
+            ln = lnS[j, r]
+            for x in range(w):
+                ln[x] = S[x]
+        _exp_rows(E, I, w)
+        _row_sum(E, w, S)
+    elif E.itemsize == 8:  # q ∝ exp(L - max L) exp(beta N)
+        for k in range(K):
+            nk = N[cc[k]] if groups else N[k]
+            g = G[j, k, r]
+            ek = E[k]
+            for x in range(w):
+                ek[x] = math.exp(b * nk[x]) * g[x]
+        _row_sum(E, w, S)
+    else:
+        for k in range(K):
+            nk = N[cc[k]] if groups else N[k]
+            ek = E[k]
+            ik = I[k]
+            for x in range(w):
+                ek[x], ik[x] = _exp_parts(b * nk[x])
+        for k in range(K):
+            g = G[j, k, r]
+            ek = E[k]
+            scale = I[k].view(np.float32)
+            if k == 0:
                 for x in range(w):
-                    S[x] = max(S[x], tiny)
-                if last:
-                    ln = lnS[j, r]
-                    if log_route:
-                        for x in range(w):
-                            ln[x] += math.log(S[x])
-                    else:
-                        for x in range(w):
-                            ln[x] = math.log(S[x])
-                _normalise_store(E, S, act, j, r, w, cc, Q, q, inv)
-                if last:
-                    out = qN[j, r]
-                    qc = Q[j, 0, 1 + r, 1 : 1 + w]
-                    nc = N[0]
-                    for x in range(w):
-                        out[x] = qc[x] * nc[x]
-                    for c in range(1, C):
-                        qc = Q[j, c, 1 + r, 1 : 1 + w]
-                        nc = N[c]
-                        for x in range(w):
-                            out[x] += qc[x] * nc[x]
+                    v = ek[x] * scale[x]
+                    v = v * g[x]
+                    ek[x] = v
+                    S[x] = v
+            else:
+                for x in range(w):
+                    v = ek[x] * scale[x]
+                    v = v * g[x]
+                    ek[x] = v
+                    S[x] += v
+    for x in range(w):
+        S[x] = max(S[x], tiny)
+    if last:
+        ln = lnS[j, r]
+        if log_route:
+            for x in range(w):
+                ln[x] += math.log(S[x])
+        else:
+            for x in range(w):
+                ln[x] = math.log(S[x])
+    _normalise_store(E, S, act, j, r, w, cc, Q, q, inv)
+    if last:
+        out = qN[j, r]
+        qc = Q[j, 0, 1 + r, 1 : 1 + w]
+        nc = N[0]
+        for x in range(w):
+            out[x] = qc[x] * nc[x]
+        for c in range(1, C):
+            qc = Q[j, c, 1 + r, 1 : 1 + w]
+            nc = N[c]
+            for x in range(w):
+                out[x] += qc[x] * nc[x]
 
 
 # the constants of daskem.model.spatial.pixel_uniforms, whose NumPy twin this is
