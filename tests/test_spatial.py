@@ -1120,3 +1120,28 @@ def test_banded_sweeps_equal_the_plain_loop(nb, dtype, log_route, groups):
     for a, b in zip(*runs, strict=True):
         np.testing.assert_array_equal(a, b)
     assert not np.array_equal(runs[0][0], st["Q"])  # the sweeps changed q
+    # the simulated field's colour sweep, by bands too
+    Q = runs[0][0]
+    starts = np.array(lat.starts, dtype=np.int64).reshape(-1, 2)
+    origin = np.array([3, 5], dtype=np.int64)
+    fields = []
+    for banded in (True, False):
+        Z = np.zeros_like(Q)
+        mk.drawn_field_2d(Q, act, st["counts"], starts, origin, Z)
+        if banded:
+            mk.simulated_field_2d(
+                Z, st["G"], act, cc, groups, st["nbr"], st["counts"], starts, origin, beta,
+                log_route,
+            )  # fmt: skip
+        else:
+            E, I, N, S, _ = scratch()  # noqa: E741
+            u, cum, pick = np.empty(width, dtype), np.empty(width, dtype), np.empty(width, int)
+            tab = mk._count_exp_table(Q.dtype.type(beta), st["nbr"].shape[1])
+            for j, (h, w) in enumerate(lat.counts):
+                for r in range(h):
+                    mk._simulated_row(
+                        Z, st["G"], act, cc, groups, st["nbr"], w, starts, origin, beta,
+                        log_route, j, r, False, E, I, N, S, u, cum, pick, tab,
+                    )  # fmt: skip
+        fields.append(Z)
+    np.testing.assert_array_equal(fields[0], fields[1])

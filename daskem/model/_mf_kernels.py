@@ -245,34 +245,47 @@ def sweep_2d(Q, G, act, lnS, qN, q, cc, nbr, counts, beta, sweeps, log_route, E,
     """
     J = Q.shape[0]
     b = Q.dtype.type(beta)
-    H = 0
-    lag = 1  # the farthest neighbour's row shift (1: the rows r - 1 .. r + 1)
-    for j in range(J):
-        H = max(H, counts[j, 0])
-        for n in range(nbr.shape[1]):
-            lag = max(lag, abs(nbr[j, n, 1]))
-    # stage i = (sweep i // J, sub-lattice i % J), in the order of a plain loop over
-    # sweeps, sub-lattices and rows; stage i runs `lag` rows behind stage i - 1, band
-    # after band of _SWEEP_BAND rows. A row's neighbours lie in the rows r - lag .. r +
-    # lag of the other sub-lattices, so every stage before i has updated them and no
-    # stage after it has: each row sees what the plain loop gives it (the same values,
-    # bit for bit), while the rows in use stay in the cache
+    # stage i = (sweep i // J, sub-lattice i % J), by bands of rows (_band_rows)
     n_stages = sweeps * J
-    if n_stages == 0:
-        return
-    B = _SWEEP_BAND
-    R = B
-    while R - B - (n_stages - 1) * lag < H:
+    lag, n_bands = _band_schedule(nbr, counts, n_stages)
+    for band in range(n_bands):
         for i in range(n_stages):
             j = i % J
-            r0 = max(0, R - B - i * lag)
-            r1 = min(counts[j, 0], R - i * lag)
+            r0, r1 = _band_rows(band, i, lag, counts[j, 0])
             for r in range(r0, r1):
                 _sweep_row(
                     Q, G, act, lnS, qN, q, cc, nbr, j, r, counts[j, 1], b,
                     i // J == sweeps - 1, log_route, E, I, N, S, inv,
                 )  # fmt: skip
-        R += B
+
+
+@njit(nogil=True, cache=True)
+def _band_schedule(nbr, counts, n_stages):
+    """The row lag and number of bands of a sweep of ``n_stages`` stages by bands of
+    rows (:func:`_band_rows`)."""
+    H = 0
+    lag = 1  # the farthest neighbour's row shift (1: the rows r - 1 .. r + 1)
+    for j in range(counts.shape[0]):
+        H = max(H, counts[j, 0])
+        for n in range(nbr.shape[1]):
+            lag = max(lag, abs(nbr[j, n, 1]))
+    if n_stages == 0:
+        return lag, 0
+    return lag, -(-(H + (n_stages - 1) * lag) // _SWEEP_BAND)
+
+
+@njit(inline="always")
+def _band_rows(band, i, lag, h):
+    """Rows ``r0 .. r1`` of stage ``i`` (of ``h`` rows) in band ``band``.
+
+    Stages (a sub-lattice's update, in the order of a plain loop over stages and rows)
+    run band after band of _SWEEP_BAND rows, stage i ``lag`` rows behind stage i - 1. A
+    row's neighbours lie in the rows r - lag .. r + lag of the other sub-lattices, so
+    every stage before i has updated them and no stage after it has: each row sees what
+    the plain loop gives it (the same values, bit for bit), while the rows in use stay
+    in the cache."""
+    end = (band + 1) * _SWEEP_BAND - i * lag
+    return max(0, end - _SWEEP_BAND), min(h, end)
 
 
 # rows per band of sweep_2d's schedule: the rows in use (about sweeps * J + band rows of
@@ -486,34 +499,50 @@ def simulated_field_2d(Z, G, act, cc, groups, nbr, counts, starts, origin, beta,
     cum = np.empty(W, dtype=Z.dtype)
     pick = np.empty(W, dtype=np.int64)
     tab = _count_exp_table(Z.dtype.type(beta), nbr.shape[1])
-    for j in range(J):
-        w = counts[j, 1]
-        for r in range(counts[j, 0]):
-            _conditional_row(Z, G, j, r, 0, nbr, w, cc, groups, beta, log_route, E, I, N, S, tab)
-            g0 = origin[0] + starts[j, 0] + 2 * r
-            g1 = origin[1] + starts[j, 1]
-            for x in range(w):
-                u[x] = _uniform(g0, g1 + 2 * x, _S1) * S[x]
-                cum[x] = 0.0
-                pick[x] = 0
-            for c in range(C - 1):
+    lag, n_bands = _band_schedule(nbr, counts, J)
+    for band in range(n_bands):  # the sub-lattices by bands of rows, as sweep_2d
+        for j in range(J):
+            r0, r1 = _band_rows(band, j, lag, counts[j, 0])
+            for r in range(r0, r1):
+                _simulated_row(
+                    Z, G, act, cc, groups, nbr, counts[j, 1], starts, origin, beta, log_route,
+                    j, r, has_act, E, I, N, S, u, cum, pick, tab,
+                )  # fmt: skip
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _simulated_row(
+    Z, G, act, cc, groups, nbr, w, starts, origin, beta, log_route, j, r, has_act, E, I, N, S,  # noqa: E741
+    u, cum, pick, tab,
+):  # fmt: skip
+    """Row ``r`` of sub-lattice ``j`` (``w`` pixels) of :func:`simulated_field_2d`."""
+    C = Z.shape[1]
+    K = G.shape[1]
+    _conditional_row(Z, G, j, r, 0, nbr, w, cc, groups, beta, log_route, E, I, N, S, tab)
+    g0 = origin[0] + starts[j, 0] + 2 * r
+    g1 = origin[1] + starts[j, 1]
+    for x in range(w):
+        u[x] = _uniform(g0, g1 + 2 * x, _S1) * S[x]
+        cum[x] = 0.0
+        pick[x] = 0
+    for c in range(C - 1):
+        for x in range(w):
+            N[c, x] = 0.0
+        for k in range(K):
+            if (cc[k] if groups else k) == c:
                 for x in range(w):
-                    N[c, x] = 0.0
-                for k in range(K):
-                    if (cc[k] if groups else k) == c:
-                        for x in range(w):
-                            N[c, x] += E[k, x]
-                for x in range(w):
-                    cum[x] += N[c, x]
-                    pick[x] += cum[x] < u[x]
-            for c in range(C):
-                zc = Z[j, c, 1 + r, 1:]
-                for x in range(w):
-                    zc[x] = 0.0
-            for x in range(w):
-                if has_act and act[j, r, x] == 0:
-                    continue
-                Z[j, pick[x], 1 + r, 1 + x] = 1.0
+                    N[c, x] += E[k, x]
+        for x in range(w):
+            cum[x] += N[c, x]
+            pick[x] += cum[x] < u[x]
+    for c in range(C):
+        zc = Z[j, c, 1 + r, 1:]
+        for x in range(w):
+            zc[x] = 0.0
+    for x in range(w):
+        if has_act and act[j, r, x] == 0:
+            continue
+        Z[j, pick[x], 1 + r, 1 + x] = 1.0
 
 
 @njit(nogil=True, cache=True, fastmath=True)
