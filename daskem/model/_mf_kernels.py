@@ -642,140 +642,146 @@ def stats_2d(
     tab = _count_exp_table(bt, nbr.shape[1])
     energy = 0.0
     weight = 0.0
+    # the sub-lattices by bands of rows, so that the neighbours' rows each reads stay in
+    # the cache (sweep_2d's bands; nothing here depends on the order)
+    n_rows = 0
     for j in range(J):
-        r0, r1, x0, x1 = core[j, 0], core[j, 1], core[j, 2], core[j, 3]
-        w_ = x1 - x0
-        if w_ <= 0:
-            continue
-        for r in range(r0, r1):
-            _core_row_weights(w, starts, j, r, x0, w_, wr)
-            _neighbour_sums(Q, nbr[j], r, x0, w_, N)
-            # the local free energy: log q_ik = L_ik - max_k L_ik + beta N'_ik - lnS_i
-            qc = Q[j, 0, 1 + r, 1 + x0 :]
-            nc = N[0]
-            for x in range(w_):
-                qn[x] = qc[x] * nc[x]
-            for c in range(1, C):
-                qc = Q[j, c, 1 + r, 1 + x0 :]
-                nc = N[c]
-                for x in range(w_):
-                    qn[x] += qc[x] * nc[x]
-            if log_route:
-                _prior_softmax(N, alpha, beta, cc, groups, w_, lg, tops, tots)
-                for x in range(w_):
-                    lg[0, x] = math.log(tots[x]) + tops[x]
-            else:
-                _prior_normaliser(N, bt, b, w_, E, I, den)
-                for x in range(w_):
-                    lg[0, x] = math.log(den[x]) + amax
-            mL = maxL[j, r, x0:]
-            lS = lnS[j, r, x0:]
-            lN = qN[j, r, x0:]
-            lz = lg[0]
-            for x in range(w_):
-                e = mL[x] + np.float64(lS[x]) - lz[x]
-                t64[x] = e + beta * (np.float64(qn[x]) - np.float64(lN[x]))
-            if has_act:
-                ac = act[j, r, x0:]
-                for x in range(w_):
-                    if ac[x] == 0:
-                        t64[x] = 0.0
-            energy += _dot(wr, t64, w_)
-            weight += _sum(wr, w_)
-            if not need_pl:
+        n_rows = max(n_rows, core[j, 1])
+    for band in range(-(-n_rows // _SWEEP_BAND)):
+        for j in range(J):
+            r0, r1, x0, x1 = core[j, 0], core[j, 1], core[j, 2], core[j, 3]
+            w_ = x1 - x0
+            if w_ <= 0:
                 continue
-            # the pseudo-likelihood's gradient and Hessian at the drawn field's neighbours
-            _neighbour_sums(Z, nbr[j], r, x0, w_, Ns)
-            if log_route:
-                _prior_softmax(Ns, alpha, beta, cc, groups, w_, lg, tops, tots)
-                for k in range(K):
-                    for x in range(w_):
-                        P[k, x] = lg[k, x] / tots[x]
-            else:
-                _count_exps(Ns, tab, w_, E)  # exp(beta Ns), Ns whole numbers
-                _class_weighted_sum(b, E, C, w_, den)
+            for r in range(max(r0, band * _SWEEP_BAND), min(r1, (band + 1) * _SWEEP_BAND)):
+                _core_row_weights(w, starts, j, r, x0, w_, wr)
+                _neighbour_sums(Q, nbr[j], r, x0, w_, N)
+                # the local free energy: log q_ik = L_ik - max_k L_ik + beta N'_ik - lnS_i
+                qc = Q[j, 0, 1 + r, 1 + x0 :]
+                nc = N[0]
                 for x in range(w_):
-                    den[x] = dt(1.0) / den[x]
+                    qn[x] = qc[x] * nc[x]
+                for c in range(1, C):
+                    qc = Q[j, c, 1 + r, 1 + x0 :]
+                    nc = N[c]
+                    for x in range(w_):
+                        qn[x] += qc[x] * nc[x]
+                if log_route:
+                    _prior_softmax(N, alpha, beta, cc, groups, w_, lg, tops, tots)
+                    for x in range(w_):
+                        lg[0, x] = math.log(tots[x]) + tops[x]
+                else:
+                    _prior_normaliser(N, bt, b, w_, E, I, den)
+                    for x in range(w_):
+                        lg[0, x] = math.log(den[x]) + amax
+                mL = maxL[j, r, x0:]
+                lS = lnS[j, r, x0:]
+                lN = qN[j, r, x0:]
+                lz = lg[0]
+                for x in range(w_):
+                    e = mL[x] + np.float64(lS[x]) - lz[x]
+                    t64[x] = e + beta * (np.float64(qn[x]) - np.float64(lN[x]))
+                if has_act:
+                    ac = act[j, r, x0:]
+                    for x in range(w_):
+                        if ac[x] == 0:
+                            t64[x] = 0.0
+                energy += _dot(wr, t64, w_)
+                weight += _sum(wr, w_)
+                if not need_pl:
+                    continue
+                # the pseudo-likelihood's gradient and Hessian at the drawn field's neighbours
+                _neighbour_sums(Z, nbr[j], r, x0, w_, Ns)
+                if log_route:
+                    _prior_softmax(Ns, alpha, beta, cc, groups, w_, lg, tops, tots)
+                    for k in range(K):
+                        for x in range(w_):
+                            P[k, x] = lg[k, x] / tots[x]
+                else:
+                    _count_exps(Ns, tab, w_, E)  # exp(beta Ns), Ns whole numbers
+                    _class_weighted_sum(b, E, C, w_, den)
+                    for x in range(w_):
+                        den[x] = dt(1.0) / den[x]
+                    for k in range(K):
+                        ek = E[cc[k]] if groups else E[k]
+                        ak = a[k]
+                        g_ = G[j, k, r, x0:]
+                        tk = T[k]
+                        for x in range(w_):
+                            P[k, x] = ek[x] * den[x] * ak
+                            tk[x] = g_[x] * ek[x]  # as _conditional_row, exp(beta N) reused
+                    _row_sum(T, w_, S2)
+                # the targets: the posterior conditionals at the simulated field's neighbours
+                if log_route:
+                    _conditional_row(
+                        Z, G, j, r, x0, nbr, w_, cc, groups, beta, True, T, I, N2, S2, tab
+                    )  # fmt: skip
+                if alpha_terms:  # the conditionals themselves (else only their mean count)
+                    for k in range(K):
+                        tk = T[k]
+                        for x in range(w_):
+                            T64[k, x] = np.float64(tk[x]) / np.float64(S2[x])
+                    for k in range(K):
+                        pk = P[k]
+                        for x in range(w_):
+                            v = np.float64(pk[x])
+                            P64[k, x] = v
+                            wp[k, x] = v * wr[x]
+                        s_p = _sum(wp[k], w_)
+                        g[k] += _dot(T64[k], wr, w_) - s_p
+                        H[k, k] -= s_p
+                    for k in range(K):
+                        for k2 in range(k, K):
+                            t = _dot(wp[k], P64[k2], w_)
+                            H[k, k2] += t
+                            if k2 != k:
+                                H[k2, k] += t
+                if not estimate_beta:
+                    continue
+                if groups:
+                    for c in range(C):
+                        for x in range(w_):
+                            PC[c, x] = 0.0
+                    for k in range(K):
+                        for x in range(w_):
+                            PC[cc[k], x] += P[k, x]
+                else:
+                    PC[:, :w_] = P[:, :w_]
+                for x in range(w_):  # nbar, in den
+                    den[x] = PC[0, x] * Ns[0, x]
+                for c in range(1, C):
+                    for x in range(w_):
+                        den[x] += PC[c, x] * Ns[c, x]
+                # sum_k T_k Ns_k / S: the conditionals' mean count (one division a pixel)
+                for x in range(w_):
+                    t64[x] = 0.0
                 for k in range(K):
-                    ek = E[cc[k]] if groups else E[k]
-                    ak = a[k]
-                    g_ = G[j, k, r, x0:]
+                    nk = Ns[cc[k]] if groups else Ns[k]
                     tk = T[k]
                     for x in range(w_):
-                        P[k, x] = ek[x] * den[x] * ak
-                        tk[x] = g_[x] * ek[x]  # as _conditional_row, exp(beta N) reused
-                _row_sum(T, w_, S2)
-            # the targets: the posterior conditionals at the simulated field's neighbours
-            if log_route:
-                _conditional_row(
-                    Z, G, j, r, x0, nbr, w_, cc, groups, beta, True, T, I, N2, S2, tab
-                )  # fmt: skip
-            if alpha_terms:  # the conditionals themselves (else only their mean count)
-                for k in range(K):
-                    tk = T[k]
-                    for x in range(w_):
-                        T64[k, x] = np.float64(tk[x]) / np.float64(S2[x])
-                for k in range(K):
-                    pk = P[k]
-                    for x in range(w_):
-                        v = np.float64(pk[x])
-                        P64[k, x] = v
-                        wp[k, x] = v * wr[x]
-                    s_p = _sum(wp[k], w_)
-                    g[k] += _dot(T64[k], wr, w_) - s_p
-                    H[k, k] -= s_p
-                for k in range(K):
-                    for k2 in range(k, K):
-                        t = _dot(wp[k], P64[k2], w_)
-                        H[k, k2] += t
-                        if k2 != k:
-                            H[k2, k] += t
-            if not estimate_beta:
-                continue
-            if groups:
-                for c in range(C):
-                    for x in range(w_):
-                        PC[c, x] = 0.0
-                for k in range(K):
-                    for x in range(w_):
-                        PC[cc[k], x] += P[k, x]
-            else:
-                PC[:, :w_] = P[:, :w_]
-            for x in range(w_):  # nbar, in den
-                den[x] = PC[0, x] * Ns[0, x]
-            for c in range(1, C):
+                        t64[x] += np.float64(tk[x]) * np.float64(nk[x])
                 for x in range(w_):
-                    den[x] += PC[c, x] * Ns[c, x]
-            # sum_k T_k Ns_k / S: the conditionals' mean count (one division a pixel)
-            for x in range(w_):
-                t64[x] = 0.0
-            for k in range(K):
-                nk = Ns[cc[k]] if groups else Ns[k]
-                tk = T[k]
+                    t64[x] = t64[x] / np.float64(S2[x]) - np.float64(den[x])
+                g[K] += _dot(wr, t64, w_)
+                for x in range(w_):  # sum_c P_c (Ns_c - nbar)^2, in qn (no longer needed)
+                    d = Ns[0, x] - den[x]
+                    qn[x] = PC[0, x] * (d * d)
+                for c in range(1, C):
+                    for x in range(w_):
+                        d = Ns[c, x] - den[x]
+                        qn[x] += PC[c, x] * (d * d)
                 for x in range(w_):
-                    t64[x] += np.float64(tk[x]) * np.float64(nk[x])
-            for x in range(w_):
-                t64[x] = t64[x] / np.float64(S2[x]) - np.float64(den[x])
-            g[K] += _dot(wr, t64, w_)
-            for x in range(w_):  # sum_c P_c (Ns_c - nbar)^2, in qn (no longer needed)
-                d = Ns[0, x] - den[x]
-                qn[x] = PC[0, x] * (d * d)
-            for c in range(1, C):
-                for x in range(w_):
-                    d = Ns[c, x] - den[x]
-                    qn[x] += PC[c, x] * (d * d)
-            for x in range(w_):
-                t64[x] = qn[x]
-            H[K, K] -= _dot(wr, t64, w_)
-            if not alpha_terms:
-                continue
-            for k in range(K):
-                c = cc[k] if groups else k
-                for x in range(w_):
-                    t64[x] = Ns[c, x] - den[x]
-                t = _dot(wp[k], t64, w_)
-                H[k, K] -= t
-                H[K, k] -= t
+                    t64[x] = qn[x]
+                H[K, K] -= _dot(wr, t64, w_)
+                if not alpha_terms:
+                    continue
+                for k in range(K):
+                    c = cc[k] if groups else k
+                    for x in range(w_):
+                        t64[x] = Ns[c, x] - den[x]
+                    t = _dot(wp[k], t64, w_)
+                    H[k, K] -= t
+                    H[K, k] -= t
     return energy, weight
 
 
