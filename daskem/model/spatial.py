@@ -1592,10 +1592,15 @@ def _block_statistics(
             wu = wc if used is None else wc[used]
             n = int(wc.size)
             n_excl = 0 if used is None else n - int(np.count_nonzero(used))
+            if n and used is None and not any(wc.strides):  # one weight for all (no weights)
+                v = float(wc.flat[0])
+                w_sum, w_count = v * n, n if v != 0.0 else 0
+            else:
+                w_sum, w_count = float(wu.sum()), int(np.count_nonzero(wu))
             if not estimate_beta:
                 g[K] = 0.0
             return SpatialStats(
-                _gmm_stats_from_sums(acc, shift, gmm, float(wu.sum()), int(np.count_nonzero(wu))),
+                _gmm_stats_from_sums(acc, shift, gmm, w_sum, w_count),
                 energy, weight, g, H, n_excluded=n_excl, n_empty=0, n_partial=0,
             )  # fmt: skip
     for j in range(len(lat.counts)):
