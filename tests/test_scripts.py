@@ -199,3 +199,15 @@ def test_eval_missing_shuffled_clouds_move_the_hidden_values():
         moved = np.isnan(shuffled[v].values) & value
         assert 0.9 * hidden.sum() <= moved.sum() <= hidden.sum()
         assert (moved & hidden).sum() < 0.6 * hidden.sum()
+
+
+def test_check_confidence_runs_with_gibbs(tmp_path):
+    out = tmp_path / "conf.json"
+    _run(
+        SCRIPTS / "check_confidence.py", "--side", 40, "--separations", 3, "--seeds", 3,
+        "--gibbs", 3, "--burn-in", 1, "--json", out,
+    )  # fmt: skip
+    row = json.loads(out.read_text())["rows"][0]
+    for name in ("pixel-wise", "staged", "joint", "staged, Gibbs"):
+        assert 0.0 <= row[name]["accuracy"] <= 1.0, name
+    assert row["staged"]["beta"] >= 0.0
