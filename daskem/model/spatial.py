@@ -427,34 +427,35 @@ class _StartCache:
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.entries: dict[tuple, tuple[bytes, dict]] = {}
+        # key (its first item the parameters' digest) -> the kept arrays
+        self.entries: dict[tuple, dict] = {}
         self.nbytes = 0
         self.hits = self.misses = 0
+
+    @staticmethod
+    def _size(arrays: dict) -> int:
+        return sum(a.nbytes for a in arrays.values() if isinstance(a, np.ndarray))
 
     def get(self, key: tuple) -> dict | None:
         with self.lock:
             entry = self.entries.get(key)
             if entry is None:
                 self.misses += 1
-                return None
-            self.hits += 1
-            return entry[1]
+            else:
+                self.hits += 1
+            return entry
 
     def put(self, key: tuple, arrays: dict, budget: int) -> None:
-        size = sum(a.nbytes for a in arrays.values() if isinstance(a, np.ndarray))
+        size = self._size(arrays)
         with self.lock:
             if key in self.entries:
                 return
-            if self.nbytes + size > budget:
-                for k in [k for k, e in self.entries.items() if e[0] != key[0]]:
-                    self.nbytes -= sum(
-                        a.nbytes
-                        for a in self.entries.pop(k)[1].values()
-                        if isinstance(a, np.ndarray)
-                    )
+            if self.nbytes + size > budget:  # entries of other parameters go first
+                for k in [k for k in self.entries if k[0] != key[0]]:
+                    self.nbytes -= self._size(self.entries.pop(k))
             if self.nbytes + size > budget:
                 return
-            self.entries[key] = (key[0], dict(arrays))
+            self.entries[key] = dict(arrays)
             self.nbytes += size
 
     def clear(self) -> None:
