@@ -201,6 +201,27 @@ def test_eval_missing_shuffled_clouds_move_the_hidden_values():
         assert (moved & hidden).sum() < 0.6 * hidden.sum()
 
 
+def test_confidence_figures_of_a_calibrated_and_an_overconfident_map():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("cc", SCRIPTS / "check_confidence.py")
+    cc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cc)
+    rng = np.random.default_rng(0)
+    n = 200_000
+    top = rng.uniform(0.5, 1.0, n)  # a 2-class map right with the probability it gives
+    P = np.stack([top, 1.0 - top], -1)
+    truth = np.where(rng.random(n) < top, 0, 1)
+    cal = cc.confidence(P, truth)
+    assert cal["ece"] < 0.01
+    assert abs(cal["recalibrated_confidence_wrong"] - cal["confidence_wrong"]) < 0.01
+    sharp = np.stack([0.5 + 0.5 * np.sqrt(2 * top - 1), 0.5 - 0.5 * np.sqrt(2 * top - 1)], -1)
+    over = cc.confidence(sharp, truth)  # same labels and ranking, more confident
+    assert over["ece"] > 0.05
+    assert over["confidence_wrong"] > over["recalibrated_confidence_wrong"] + 0.05
+    assert abs(over["recalibrated_confidence_wrong"] - cal["confidence_wrong"]) < 0.01
+
+
 def test_check_confidence_runs_with_gibbs(tmp_path):
     out = tmp_path / "conf.json"
     _run(
@@ -209,5 +230,9 @@ def test_check_confidence_runs_with_gibbs(tmp_path):
     )  # fmt: skip
     row = json.loads(out.read_text())["rows"][0]
     for name in ("pixel-wise", "staged", "joint", "staged, Gibbs"):
-        assert 0.0 <= row[name]["accuracy"] <= 1.0, name
+        r = row[name]
+        assert 0.0 <= r["accuracy"] <= 1.0, name
+        assert 0.0 <= r["ece"] <= 1.0, name
+        if r["n_wrong"]:
+            assert 0.0 <= r["recalibrated_confidence_wrong"] <= 1.0, name
     assert row["staged"]["beta"] >= 0.0
