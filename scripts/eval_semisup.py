@@ -52,6 +52,17 @@ daskem variants (to help pick defaults)
     ``precisions_init``), run only when every class has more labels than there are
     features.
 
+Diagnostics (only with ``--methods``; both use more than the draw's labels)
+    ``oracle``: daskem's semi-supervised fit on the draw's labels, started from one
+    Gaussian per class fitted on *every* labelled sample of the data set (test ones
+    included; equal weights): is there a local optimum of the objective near the
+    classes? ``likeliest``: the fit with the highest objective among the default one
+    and fits started from ``N_LIKELIEST`` unsupervised ``GaussianMixture`` fits
+    (``random_state`` 0 ..), each component given to a class by the Hungarian
+    algorithm on the draw's labels' log-densities: does a higher objective mean a
+    better map? Each run records its ``lower_bound``; with both, the run of
+    ``oracle`` records whether its objective is below the likeliest's.
+
 Output: a markdown table of mean ± std (ddof=1, over seeds) accuracy in percent, a table
 of per-class recall on the scene, and with ``--json PATH`` every run's numbers (accuracy,
 balanced accuracy, per-class recall, iterations, convergence, objective, time, errors).
@@ -460,6 +471,60 @@ def _unsupervised(ctx: Context) -> tuple[np.ndarray, dict]:
     return mapping[comp], {"matching": mapping.tolist()}
 
 
+def _fit_from(ctx: Context, params: tuple) -> Any:
+    from daskem import GaussianMixtureClassifier
+
+    weights, means, precisions = params
+    return GaussianMixtureClassifier(
+        random_state=ctx.seed,
+        weights_init=weights / weights.sum(),
+        means_init=means,
+        precisions_init=precisions,
+    ).fit(ctx.data.X, ctx.y_semi)
+
+
+def _oracle_start(ctx: Context) -> tuple[np.ndarray, dict]:
+    X, y, K = ctx.data.X, ctx.data.y, ctx.data.n_classes
+    D = X.shape[1]
+    means = np.stack([X[y == c].mean(axis=0) for c in range(K)])
+    covs = np.stack([np.cov(X[y == c].T) + REG_COVAR * np.eye(D) for c in range(K)])
+    clf = _fit_from(ctx, (np.ones(K), means, np.linalg.inv(covs)))
+    return np.asarray(clf.predict(X[ctx.split.test])), {"lower_bound": float(clf.lower_bound_)}
+
+
+N_LIKELIEST = 6
+_UNSUP_FITS: dict[str, list] = {}
+
+
+def _likeliest(ctx: Context) -> tuple[np.ndarray, dict]:
+    from daskem import GaussianMixture, GaussianMixtureClassifier
+
+    X, K = ctx.data.X, ctx.data.n_classes
+    if ctx.data.name not in _UNSUP_FITS:
+        _UNSUP_FITS[ctx.data.name] = [
+            GaussianMixture(K, random_state=r).fit(X) for r in range(N_LIKELIEST)
+        ]
+    Xl, yl = X[ctx.split.train], ctx.split.y_train
+    fits = [GaussianMixtureClassifier(random_state=ctx.seed).fit(X, ctx.y_semi)]
+    for gm in _UNSUP_FITS[ctx.data.name]:
+        # log N(x | mean_k, cov_k) of the labelled rows from the fitted Cholesky factors
+        logd = np.stack(
+            [
+                np.log(np.diag(u)).sum() - 0.5 * (((Xl - mu) @ u) ** 2).sum(axis=1)
+                for mu, u in zip(gm.means_, gm.precisions_cholesky_, strict=True)
+            ],
+            axis=-1,
+        )
+        cost = np.stack([-logd[yl == c].sum(axis=0) for c in range(K)])  # class x component
+        rows, cols = linear_sum_assignment(cost)
+        comp = cols[np.argsort(rows)]  # the component of each class
+        fits.append(_fit_from(ctx, (gm.weights_[comp], gm.means_[comp], gm.precisions_[comp])))
+    objectives = [float(f.lower_bound_) for f in fits]
+    best = int(np.argmax(objectives))
+    pred = np.asarray(fits[best].predict(X[ctx.split.test]))
+    return pred, {"lower_bound": objectives[best], "chosen": best, "objectives": objectives}
+
+
 # (key, label in the table, function)
 METHODS: list[tuple[str, str, Callable[[Context], tuple[np.ndarray | None, dict]]]] = [
     ("daskem", "daskem default", _daskem()),
@@ -478,6 +543,11 @@ METHODS: list[tuple[str, str, Callable[[Context], tuple[np.ndarray | None, dict]
     ("tied", "daskem tied", _daskem(covariance_type="tied")),
     ("cpc2", "daskem 2 components/class", _daskem(components_per_class=2)),
     ("pooled", "daskem pooled-cov start", _daskem(pooled=True)),
+]
+#: run only when named in ``--methods``
+DIAGNOSTICS: list[tuple[str, str, Callable[[Context], tuple[np.ndarray | None, dict]]]] = [
+    ("oracle", "daskem from the class Gaussians of all labels (oracle)", _oracle_start),
+    ("likeliest", f"daskem, likeliest of {N_LIKELIEST + 1} starts", _likeliest),
 ]
 
 
@@ -533,6 +603,11 @@ def run_one(data: Data, n_per_class: int, seed: int, methods: list) -> list[dict
         if split.train_areas is not None and key == "daskem":
             rec["train_areas"] = split.train_areas
         out.append(rec)
+    objective = {r["method"]: r.get("lower_bound") for r in out}
+    if objective.get("oracle") is not None and objective.get("likeliest") is not None:
+        next(r for r in out if r["method"] == "oracle")["below_likeliest"] = bool(
+            objective["oracle"] < objective["likeliest"]
+        )
     if "daskem" in preds and "reference" in preds:  # same start, same algorithm
         agree = float(np.mean(preds["daskem"] == preds["reference"]))
         next(r for r in out if r["method"] == "reference")["agree_with_daskem"] = agree
@@ -578,7 +653,7 @@ def markdown_table(summary: dict, datasets: list[str], labels: list[int]) -> str
     cols = [(d, str(n)) for d in datasets for n in labels if d in summary]
     head = ["method"] + [f"{d} {n}/cl" for d, n in cols]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for key, label, _ in METHODS:
+    for key, label, _ in METHODS + DIAGNOSTICS:
         cells = [_cell(summary[d].get(n, {}).get(key)) for d, n in cols]
         if all(c == "–" for c in cells):
             continue
@@ -588,7 +663,7 @@ def markdown_table(summary: dict, datasets: list[str], labels: list[int]) -> str
 
 def recall_table(records: list[dict], data: Data, labels: list[int], keys: list[str]) -> str:
     """Mean per-class recall (percent) on one data set, for a few methods."""
-    names = {k: lab for k, lab, _ in METHODS}
+    names = {k: lab for k, lab, _ in METHODS + DIAGNOSTICS}
     head = ["method", "labels/cl"] + list(data.class_names)
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key in keys:
@@ -626,7 +701,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--methods",
         default=None,
-        help="comma-separated subset of " + ",".join(k for k, _, _ in METHODS) + " (default all)",
+        help="comma-separated subset of "
+        + ",".join(k for k, _, _ in METHODS + DIAGNOSTICS)
+        + " (default: all but the diagnostics oracle and likeliest)",
     )
     p.add_argument(
         "--quick",
@@ -645,10 +722,11 @@ def main(argv: list[str] | None = None) -> int:
     methods = METHODS
     if args.methods:
         keep = {m.strip() for m in args.methods.split(",")}
-        bad = sorted(keep - {k for k, _, _ in METHODS})
+        every = METHODS + DIAGNOSTICS
+        bad = sorted(keep - {k for k, _, _ in every})
         if bad:
-            p.error(f"unknown method(s) {bad}; choose from {[k for k, _, _ in METHODS]}")
-        methods = [m for m in METHODS if m[0] in keep]
+            p.error(f"unknown method(s) {bad}; choose from {[k for k, _, _ in every]}")
+        methods = [m for m in every if m[0] in keep]
 
     records: list[dict] = []
     loaded: dict[str, Data] = {}
@@ -698,6 +776,12 @@ def main(argv: list[str] | None = None) -> int:
         ]
         print("\nnc_landsat: mean recall (%) per class on held-out polygons\n")
         print(recall_table(records, loaded["nc_landsat"], labels, keys))
+    below = [r["below_likeliest"] for r in records if "below_likeliest" in r]
+    if below:
+        print(
+            f"\nthe oracle start's fit has a lower objective than the likeliest fit in "
+            f"{sum(below)} of {len(below)} draws"
+        )
     print(f"\n({elapsed:.0f} s)")
     if args.json:
         import sklearn

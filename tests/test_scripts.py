@@ -104,7 +104,8 @@ def test_bench_spatial_block_times_every_variant():
     lines = [line for line in text.splitlines() if line.strip().endswith("x")]
     names = [line.split("  ")[1].strip() for line in lines]
     assert names[0] == "pixel-wise" and lines[0].endswith("1.00x")
-    assert len(lines) == 7 and "carried q" in names[-1] and "start kept" in names[-2]
+    assert len(lines) == 8 and "joint" in names[-1] and "carried q" in names[-2]
+    assert "start kept" in names[-3]
 
 
 def test_eval_spatial_calibration_figures():
@@ -137,6 +138,25 @@ def test_eval_semisup_runs_on_a_bundled_table(tmp_path):
     res = json.loads(out.read_text())
     accs = [r["accuracy"] for r in res["runs"] if r["method"] == "daskem"]
     assert len(accs) == 2 and all(0.5 < a <= 1 for a in accs)
+
+
+def test_eval_semisup_diagnostics_compare_objectives(tmp_path):
+    out = tmp_path / "eval.json"
+    text = _run(
+        SCRIPTS / "eval_semisup.py", "--datasets", "wine", "--seeds", 2, "--labels", 3,
+        "--methods", "daskem,oracle,likeliest", "--json", out,
+    )  # fmt: skip
+    assert "(oracle)" in text and "likeliest of 7 starts" in text
+    assert "lower objective than the likeliest fit in" in text
+    runs = {(r["method"], r["seed"]): r for r in json.loads(out.read_text())["runs"]}
+    for seed in (0, 1):
+        assert "error" not in runs["oracle", seed] and "error" not in runs["likeliest", seed]
+        likeliest = runs["likeliest", seed]
+        objectives = likeliest["objectives"]
+        assert len(objectives) == 7 and likeliest["lower_bound"] == max(objectives)
+        assert objectives[0] == pytest.approx(runs["daskem", seed]["lower_bound"])
+        oracle = runs["oracle", seed]
+        assert oracle["below_likeliest"] == (oracle["lower_bound"] < likeliest["lower_bound"])
 
 
 def test_eval_missing_runs(tmp_path):
