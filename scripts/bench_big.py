@@ -46,6 +46,12 @@ def main() -> None:
     p.add_argument(
         "--time-dim", help="a time stack: fit a hidden Markov model over every pixel's dates"
     )
+    p.add_argument(
+        "--task-stream",
+        type=Path,
+        help="write every task's worker, key and start/stop times (seconds from the fit's "
+        "start) to this JSON file, to find what a slow pass waited for",
+    )
     args = p.parse_args()
     spatial = {}
     if args.spatial_beta is not None:
@@ -105,6 +111,13 @@ def main() -> None:
         print(f"{what} x {stack.n_features} attributes = {gb:.1f} GB "
               f"(float32), chunks {' x '.join(str(c[0]) for c in stack.chunks)}")  # fmt: skip
         t_fit = time.perf_counter()
+        stream = None
+        if args.task_stream:
+            from distributed import get_task_stream
+
+            stream = get_task_stream(client)
+            stream.__enter__()
+            t_stream = time.time()
         if args.time_dim:  # the HMM's tol is on the total log-likelihood: per pixel here
             per_pixel = scale[0] = stack.n_sequences
             gm = io.fit_stack(
@@ -118,6 +131,25 @@ def main() -> None:
                 max_iter=args.max_iter, random_state=0, callback=on_iteration, **spatial,
             )  # fmt: skip
         fit_s = time.perf_counter() - t_fit
+        if stream is not None:
+            stream.__exit__(None, None, None)
+            tasks = [
+                {
+                    "worker": t["worker"],
+                    "key": str(t["key"]),
+                    "startstops": [
+                        {
+                            "action": ss["action"],
+                            "start": round(ss["start"] - t_stream, 4),
+                            "stop": round(ss["stop"] - t_stream, 4),
+                        }
+                        for ss in t["startstops"]
+                    ],
+                }
+                for t in stream.data
+            ]
+            args.task_stream.write_text(json.dumps({"fit_start": 0.0, "tasks": tasks}))
+            print(f"wrote {len(tasks)} tasks' times to {args.task_stream}", flush=True)
         workers = client.run(peak_rss)
         scheduler = client.run_on_scheduler(peak_rss)
         scheduler_pid = client.run_on_scheduler(os.getpid)

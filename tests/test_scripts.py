@@ -90,12 +90,17 @@ def test_big_stack_generator_and_fit(tmp_path):
     ds = xr.open_zarr(stack)
     assert len(ds.data_vars) >= 3
     out = tmp_path / "big.json"
+    stream = tmp_path / "tasks.json"
     _run(SCRIPTS / "bench_big.py", stack, "-k", 3, "--max-iter", 3, "--workers", 1,
-         "--memory-limit", "1GiB", "--json", out)  # fmt: skip
+         "--memory-limit", "1GiB", "--json", out, "--task-stream", stream)  # fmt: skip
     res = json.loads(out.read_text())
     assert res["pixels"] == 256 * 256
     assert 1 <= res["n_iter"] <= 3 and len(res["passes"]) >= 1
     assert res["peak_rss_total_gb"] > 0
+    tasks = json.loads(stream.read_text())["tasks"]
+    assert any("daskem-pass" in t["key"] for t in tasks)
+    times = [ss for t in tasks for ss in t["startstops"]]
+    assert all(0 <= ss["start"] <= ss["stop"] for ss in times)
 
 
 def test_bench_spatial_block_times_every_variant():
