@@ -1048,6 +1048,56 @@ def test_kept_start_gives_the_computed_start(beta, groups, weights):
         np.testing.assert_array_equal(s.hess, plain.hess)
 
 
+@pytest.mark.parametrize("groups", [False, True])
+@pytest.mark.parametrize("fit_emissions", [False, True])
+def test_no_unwritten_entry_of_the_compiled_arrays_is_read(monkeypatch, groups, fit_emissions):
+    """The compiled loops' arrays are allocated without zeroing (all but their borders
+    and padding, :func:`spatial._zero_outside`): filled with NaN instead, every
+    statistic and the posterior stay the same, bit for bit -- for sub-lattices of unequal
+    sizes (odd block sides), classes of several components, labels, pixels of weight 0,
+    ``beta`` estimated (the drawn and simulated fields), with and without a kept start."""
+    pytest.importorskip("daskem.model._mf_kernels")
+    from daskem.model import spatial
+
+    X, _ = _image(seed=2, shape=(37, 45))
+    X = X.astype(np.float32)
+    y = np.full(X.shape[:2], -1)
+    y[3, 4], y[30, 40] = 0, 1
+    est = SpatialGaussianMixtureClassifier(
+        3 if groups else 2, components_per_class={0: 2} if groups else None,
+        spatial_beta="auto", max_iter=3, random_state=0,
+    ).fit(X, y)  # fmt: skip
+    if not fit_emissions:
+        est._prior_stage = True
+    model = dataclasses.replace(est._model(), start_cache_bytes=2**30)
+    params = est._fitted_params()
+    assert params.beta > 0
+    block = SpatialBlock(X, (slice(3, 34), slice(2, 43)), (5, 7))
+    w = np.ones(X.shape[:2])
+    w[10:14, 20:29] = 0.0
+
+    def run():
+        spatial.clear_start_cache()
+        try:
+            stats = [model.block_stats(params, block, w, y) for _ in range(2)]  # kept: 2nd
+        finally:
+            spatial.clear_start_cache()
+        return stats, model.responsibilities(params, block, y)
+
+    plain = run()
+    monkeypatch.setattr(
+        spatial, "_uninitialised", lambda shape, dtype: np.full(shape, np.nan, dtype=dtype)
+    )
+    filled = run()
+    for a, b in zip(plain[0], filled[0], strict=True):
+        assert a.energy == b.energy and a.weight == b.weight
+        np.testing.assert_array_equal(a.grad, b.grad)
+        np.testing.assert_array_equal(a.hess, b.hess)
+        for name in ("n", "mean", "m2"):
+            np.testing.assert_array_equal(getattr(a.emission, name), getattr(b.emission, name))
+    np.testing.assert_array_equal(plain[1], filled[1])
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_count_exp_table_equals_the_kernel_exp(dtype):
     """The drawn field's neighbour counts are whole numbers: their ``exp(beta n)`` looked

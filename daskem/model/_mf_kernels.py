@@ -410,11 +410,11 @@ def _uniform(g0, g1, h0):
 
 @njit(nogil=True, cache=True)
 def drawn_field_2d(Q, act, counts, starts, origin, Z):
-    """One draw ``Z`` (one-hot, bordered like ``Q``, zero on entry) of the class field
-    from ``Q`` by each pixel's fixed uniform: the first class whose cumulative
-    probability reaches it, the last if rounding leaves every one below (the cumulative
-    sums never decrease, so that class is the number of classes below it); inactive
-    pixels (``act`` 0) draw nothing."""
+    """One draw ``Z`` (one-hot, bordered like ``Q``, its border and padding zero on
+    entry; every pixel is written) of the class field from ``Q`` by each pixel's fixed
+    uniform: the first class whose cumulative probability reaches it, the last if
+    rounding leaves every one below (the cumulative sums never decrease, so that class
+    is the number of classes below it); inactive pixels (``act`` 0) draw nothing."""
     J = Q.shape[0]
     C = Q.shape[1]
     has_act = act.shape[0] > 0
@@ -436,6 +436,10 @@ def drawn_field_2d(Q, act, counts, starts, origin, Z):
                 for x in range(w):
                     cum[x] += qc[x]
                     pick[x] += cum[x] < u[x]
+            for c in range(C):
+                zc = Z[j, c, 1 + r, 1:]
+                for x in range(w):
+                    zc[x] = 0.0
             for x in range(w):
                 if has_act and act[j, r, x] == 0:
                     continue
@@ -628,7 +632,6 @@ def stats_2d(
     qn = np.empty(W, dtype=Q.dtype)
     P = np.empty((K, W), dtype=Q.dtype)
     PC = np.empty((C, W), dtype=Q.dtype)
-    P64 = np.empty((K, W))
     wp = np.empty((K, W))
     lg = np.empty((K, W))
     wr = np.empty(W)
@@ -638,7 +641,6 @@ def stats_2d(
     T = np.empty((K, W), dtype=Q.dtype)
     N2 = np.empty((C, W), dtype=Q.dtype)
     S2 = np.empty(W, dtype=Q.dtype)
-    T64 = np.empty((K, W))
     tab = _count_exp_table(bt, nbr.shape[1])
     energy = 0.0
     weight = 0.0
@@ -717,22 +719,18 @@ def stats_2d(
                         Z, G, j, r, x0, nbr, w_, cc, groups, beta, True, T, I, N2, S2, tab
                     )  # fmt: skip
                 if alpha_terms:  # the conditionals themselves (else only their mean count)
-                    for k in range(K):
-                        tk = T[k]
-                        for x in range(w_):
-                            T64[k, x] = np.float64(tk[x]) / np.float64(S2[x])
+                    for x in range(w_):  # a pixel's weight over its conditionals' sum
+                        t64[x] = wr[x] / np.float64(S2[x])
                     for k in range(K):
                         pk = P[k]
                         for x in range(w_):
-                            v = np.float64(pk[x])
-                            P64[k, x] = v
-                            wp[k, x] = v * wr[x]
+                            wp[k, x] = np.float64(pk[x]) * wr[x]
                         s_p = _sum(wp[k], w_)
-                        g[k] += _dot(T64[k], wr, w_) - s_p
+                        g[k] += _dot(T[k], t64, w_) - s_p
                         H[k, k] -= s_p
                     for k in range(K):
                         for k2 in range(k, K):
-                            t = _dot(wp[k], P64[k2], w_)
+                            t = _dot(wp[k], P[k2], w_)
                             H[k, k2] += t
                             if k2 != k:
                                 H[k2, k] += t
@@ -867,18 +865,32 @@ def start_from_g(j, n_rows, w, log_route, cc, G, Q, q, act, lnS, E, I, inv, need
 
 
 @njit(nogil=True, cache=True)
-def log_gauss_diag(X, means, prec, const, out, xbuf):
+def _count_not_finite(tot, w):
+    """How many of ``tot[:w]`` are NaN or infinite."""
+    n = 0
+    for x in range(w):
+        v = tot[x]
+        n += not (v - v == 0.0)
+    return n
+
+
+@njit(nogil=True, cache=True)
+def log_gauss_diag(X, means, prec, const, out, xbuf, tot):
     """``out[k, i] = const[k] - 0.5 * sum_d ((x_id - means[k, d]) * prec[k, d]) ** 2``
     (float64) of the pixels of ``X`` (h, w, D), any strides, row by row (``i = r * w +
     x``): the diagonal-covariance log-density in its residual form, each pixel's sum in
     the order of the attributes. A pixel with a missing attribute gets NaN. ``xbuf`` a
-    (D, >= w) float64 scratch."""
+    (D, >= w) and ``tot`` a (>= w,) float64 scratch. Returns the number of pixels whose
+    sum over the components is not finite (missing attributes, or values beyond
+    float64), so that a caller looks for them only when there are some."""
     h, w, D = X.shape
     K = means.shape[0]
+    n_bad = 0
     for r in range(h):
         for x in range(w):
             for d in range(D):
                 xbuf[d, x] = X[r, x, d]
+            tot[x] = 0.0
         base = r * w
         for k in range(K):
             o = out[k, base : base + w]
@@ -894,21 +906,29 @@ def log_gauss_diag(X, means, prec, const, out, xbuf):
             ck = const[k]
             for x in range(w):
                 o[x] = ck - 0.5 * o[x]
+                tot[x] += o[x]
+        n_bad += _count_not_finite(tot, w)
+    return n_bad
 
 
 @njit(nogil=True, cache=True)
-def log_gauss_full(X, means, prec, const, out, cbuf, ybuf, tri):
+def log_gauss_full(X, means, prec, const, out, cbuf, ybuf, tri, tot):
     """``out[k, i] = const[k] - 0.5 * |(x_i - means[k]) @ prec[k]|^2`` (float64) of the
     pixels of ``X`` (h, w, D), any strides, row by row (``i = r * w + x``): the
     full-covariance log-density in its residual form, ``prec[k]`` the Cholesky factor of
     component k's precision (upper triangular if ``tri``: only ``prec[k, :j+1, j]`` is
     read for column j). Each pixel's sums run in a fixed order (attributes, then
     columns), whatever its position in the row. A pixel with a missing attribute gets
-    NaN. ``cbuf`` a (D, >= w) and ``ybuf`` a (>= w,) float64 scratch."""
+    NaN. ``cbuf`` a (D, >= w) and ``ybuf``, ``tot`` (>= w,) float64 scratches. Returns
+    the number of pixels whose sum over the components is not finite
+    (:func:`log_gauss_diag`)."""
     h, w, D = X.shape
     K = means.shape[0]
+    n_bad = 0
     for r in range(h):
         base = r * w
+        for x in range(w):
+            tot[x] = 0.0
         for k in range(K):
             for d in range(D):
                 mu = means[k, d]
@@ -934,6 +954,9 @@ def log_gauss_full(X, means, prec, const, out, cbuf, ybuf, tri):
             ck = const[k]
             for x in range(w):
                 o[x] = ck - 0.5 * o[x]
+                tot[x] += o[x]
+        n_bad += _count_not_finite(tot, w)
+    return n_bad
 
 
 @njit(nogil=True, cache=True)

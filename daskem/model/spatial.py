@@ -735,27 +735,49 @@ def _compiled(lat: _Lattice) -> bool:
     return _KERNELS[0] is not None
 
 
+def _uninitialised(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """``np.empty``: the compiled loops' arrays whose every entry is written before it is
+    read (a test fills them with NaN instead to check that)."""
+    return np.empty(shape, dtype=dtype)
+
+
+def _zero_outside(a: np.ndarray, counts, border: int = 0) -> np.ndarray:
+    """``a`` (J, [planes,] rows, cols), stacked 2-D sub-lattices, with everything but
+    each sub-lattice's pixels (``counts[j]`` rows and columns after ``border`` zero rows
+    and columns) set to zero: its border and the padding up to the largest sub-lattice.
+    The pixels themselves are left as they are (the start writes every one of them)."""
+    for j, (n0, n1) in enumerate(counts):
+        v = a[j]
+        v[..., :border, :] = 0
+        v[..., border + n0 :, :] = 0
+        v[..., border : border + n0, :border] = 0
+        v[..., border : border + n0, border + n1 :] = 0
+    return a
+
+
 def _stacked_arrays(
     lat: _Lattice, K: int, C: int, identity: bool, dtype, kept: dict | None = None
 ) -> dict:
     """The field's per-sub-lattice arrays stacked over the sub-lattices (sized to the
-    largest; the rest stays zero, like the borders); those of :data:`_START_KEPT` taken
-    from ``kept`` if given (a kept start)."""
+    largest; the rest is zero, like the borders: :func:`_zero_outside`; every pixel of
+    a sub-lattice is written by its start); those of :data:`_START_KEPT` taken from
+    ``kept`` if given (a kept start)."""
     J = len(lat.counts)
     big = tuple(max(c[d] for c in lat.counts) for d in range(len(lat.grid)))
+    counts = lat.counts
     st = {
-        "Q": np.zeros((J, C, *(n + 2 for n in big)), dtype=dtype),
-        "q": np.zeros((J, K, *big), dtype=dtype) if not identity else None,
-        "lnS": np.zeros((J, *big), dtype=dtype),
-        "qN": np.zeros((J, *big), dtype=dtype),
+        "Q": _zero_outside(_uninitialised((J, C, *(n + 2 for n in big)), dtype), counts, 1),
+        "q": None if identity else _zero_outside(_uninitialised((J, K, *big), dtype), counts),
+        "lnS": _zero_outside(_uninitialised((J, *big), dtype), counts),
+        "qN": np.zeros((J, *big), dtype=dtype),  # read before any sweep sets it
     }
     if kept is not None:
         st.update((k, kept[k]) for k in _START_KEPT)
         return st
     st.update(
-        G=np.zeros((J, K, *big), dtype=dtype),
-        act=np.zeros((J, *big), dtype=dtype),
-        maxL=np.zeros((J, *big)),
+        G=_zero_outside(_uninitialised((J, K, *big), dtype), counts),
+        act=_zero_outside(_uninitialised((J, *big), dtype), counts),
+        maxL=_zero_outside(_uninitialised((J, *big), np.float64), counts),
         counts=np.array(lat.counts, dtype=np.int64).reshape(J, len(lat.grid)),
         nbr=np.array(
             [[(jj, *shift) for jj, shift in v] for v in lat.views], dtype=np.int64
@@ -1212,14 +1234,15 @@ def grid_emission(gmm: GMMParams, offset: np.ndarray):
         h, w, _ = X.shape
         out = np.empty((K, h * w))
         cbuf = np.empty((D, max(w, 1)))
+        tot = np.empty(max(w, 1))
         if full:
             ybuf = np.empty(max(w, 1))
-            kernels.log_gauss_full(X, means, prec, const, out, cbuf, ybuf, tri)
+            n_bad = kernels.log_gauss_full(X, means, prec, const, out, cbuf, ybuf, tri, tot)
         else:
-            kernels.log_gauss_diag(X, means, prec, const, out, cbuf)
-        with np.errstate(invalid="ignore"):
-            bad = np.flatnonzero(~np.isfinite(out.sum(axis=0)))
-        if bad.size:  # missing attributes (or values beyond float64)
+            n_bad = kernels.log_gauss_diag(X, means, prec, const, out, cbuf, tot)
+        if n_bad:  # missing attributes (or values beyond float64)
+            with np.errstate(invalid="ignore"):
+                bad = np.flatnonzero(~np.isfinite(out.sum(axis=0)))
             out[:, bad] = log_emission(gmm, X.reshape(h * w, D)[bad]).T + offset[:, None]
         return out
 
@@ -1508,7 +1531,7 @@ def _compiled_prior_terms(
     compiled loops of :mod:`daskem.model._mf_kernels` (``w64`` the block's float64
     weights, ``starts`` and ``ranges`` from :func:`_core_ranges`)."""
     st = f.stacked
-    Z = np.zeros_like(st["Q"])
+    Z = _zero_outside(_uninitialised(st["Q"].shape, st["Q"].dtype), st["counts"], 1)
     K = alpha.shape[0]
     cc = (f.cc if f.cc is not None else np.arange(K)).astype(np.int64)
     if need_pl:
