@@ -1049,13 +1049,16 @@ def test_kept_start_gives_the_computed_start(beta, groups, weights):
 
 
 @pytest.mark.parametrize("groups", [False, True])
-@pytest.mark.parametrize("fit_emissions", [False, True])
-def test_no_unwritten_entry_of_the_compiled_arrays_is_read(monkeypatch, groups, fit_emissions):
+@pytest.mark.parametrize(("fit_emissions", "beta0"), [(False, False), (True, False), (True, True)])
+def test_no_unwritten_entry_of_the_compiled_arrays_is_read(
+    monkeypatch, groups, fit_emissions, beta0
+):
     """The compiled loops' arrays are allocated without zeroing (all but their borders
     and padding, :func:`spatial._zero_outside`): filled with NaN instead, every
     statistic and the posterior stay the same, bit for bit -- for sub-lattices of unequal
     sizes (odd block sides), classes of several components, labels, pixels of weight 0,
-    ``beta`` estimated (the drawn and simulated fields), with and without a kept start."""
+    ``beta`` estimated (the drawn and simulated fields) or 0 and given (neither, no
+    sweeps), with and without a kept start."""
     pytest.importorskip("daskem.model._mf_kernels")
     from daskem.model import spatial
 
@@ -1072,6 +1075,9 @@ def test_no_unwritten_entry_of_the_compiled_arrays_is_read(monkeypatch, groups, 
     model = dataclasses.replace(est._model(), start_cache_bytes=2**30)
     params = est._fitted_params()
     assert params.beta > 0
+    if beta0:
+        model = dataclasses.replace(model, estimate_beta=False)
+        params = SpatialParams(params.gmm, params.alpha, 0.0)
     block = SpatialBlock(X, (slice(3, 34), slice(2, 43)), (5, 7))
     w = np.ones(X.shape[:2])
     w[10:14, 20:29] = 0.0
