@@ -1007,6 +1007,20 @@ def test_start_cache_keeps_within_its_budget():
     assert cache.nbytes == 0 and not cache.entries
 
 
+def _two_labels_fit(shape, groups: bool, **kw):
+    """A float32 image, one labelled pixel of each of two classes, and a classifier
+    fitted on it (class 0 of two components with ``groups``)."""
+    X, _ = _image(seed=2, shape=shape)
+    X = X.astype(np.float32)
+    y = np.full(X.shape[:2], -1)
+    y[3, 4], y[30, 40] = 0, 1
+    est = SpatialGaussianMixtureClassifier(
+        3 if groups else 2, components_per_class={0: 2} if groups else None,
+        random_state=0, **kw,
+    ).fit(X, y)  # fmt: skip
+    return X, y, est
+
+
 @pytest.mark.parametrize(
     ("beta", "groups", "weights"),
     [(0.8, False, False), (12.0, False, True), (0.8, True, True), (12.0, True, False)],
@@ -1018,14 +1032,7 @@ def test_kept_start_gives_the_computed_start(beta, groups, weights):
     and pixels of weight 0."""
     from daskem.model import spatial
 
-    X, _ = _image(seed=2, shape=(36, 44))
-    X = X.astype(np.float32)
-    y = np.full(X.shape[:2], -1)
-    y[3, 4], y[30, 40] = 0, 1
-    est = SpatialGaussianMixtureClassifier(
-        3 if groups else 2, components_per_class={0: 2} if groups else None,
-        spatial_beta=0.0, random_state=0,
-    ).fit(X, y)  # fmt: skip
+    X, y, est = _two_labels_fit((36, 44), groups, spatial_beta=0.0)
     est._prior_stage = True
     model = est._model()
     params = est._fitted_params()
@@ -1062,14 +1069,7 @@ def test_no_unwritten_entry_of_the_compiled_arrays_is_read(
     pytest.importorskip("daskem.model._mf_kernels")
     from daskem.model import spatial
 
-    X, _ = _image(seed=2, shape=(37, 45))
-    X = X.astype(np.float32)
-    y = np.full(X.shape[:2], -1)
-    y[3, 4], y[30, 40] = 0, 1
-    est = SpatialGaussianMixtureClassifier(
-        3 if groups else 2, components_per_class={0: 2} if groups else None,
-        spatial_beta="auto", max_iter=3, random_state=0,
-    ).fit(X, y)  # fmt: skip
+    X, y, est = _two_labels_fit((37, 45), groups, spatial_beta="auto", max_iter=3)
     if not fit_emissions:
         est._prior_stage = True
     model = dataclasses.replace(est._model(), start_cache_bytes=2**30)
