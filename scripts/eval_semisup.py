@@ -771,7 +771,7 @@ def main(argv: list[str] | None = None) -> int:
     if "nc_landsat" in loaded:
         keys = [
             k
-            for k in ("daskem", "lpauto", "lp1", "reference", "qda", "unsup")
+            for k in ("daskem", "lpauto", "lp1", "reference", "qda", "unsup", "oracle", "likeliest")
             if k in summary.get("nc_landsat", {}).get(str(labels[0]), {})
         ]
         print("\nnc_landsat: mean recall (%) per class on held-out polygons\n")
