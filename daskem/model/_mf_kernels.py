@@ -408,6 +408,20 @@ def _uniform(g0, g1, h0):
     return np.float64(h >> np.uint64(11)) * 2.0**-53
 
 
+@njit(inline="always")
+def _one_hot_row(Z, j, r, w, pick, act, has_act):
+    """Row ``r`` of sub-lattice ``j`` of the one-hot field ``Z`` (bordered) set to the
+    classes ``pick`` of its ``w`` pixels; inactive pixels (``act`` 0) take none."""
+    for c in range(Z.shape[1]):
+        zc = Z[j, c, 1 + r, 1:]
+        for x in range(w):
+            zc[x] = 0.0
+    for x in range(w):
+        if has_act and act[j, r, x] == 0:
+            continue
+        Z[j, pick[x], 1 + r, 1 + x] = 1.0
+
+
 @njit(nogil=True, cache=True)
 def drawn_field_2d(Q, act, counts, starts, origin, Z):
     """One draw ``Z`` (one-hot, bordered like ``Q``, its border and padding zero on
@@ -436,14 +450,7 @@ def drawn_field_2d(Q, act, counts, starts, origin, Z):
                 for x in range(w):
                     cum[x] += qc[x]
                     pick[x] += cum[x] < u[x]
-            for c in range(C):
-                zc = Z[j, c, 1 + r, 1:]
-                for x in range(w):
-                    zc[x] = 0.0
-            for x in range(w):
-                if has_act and act[j, r, x] == 0:
-                    continue
-                Z[j, pick[x], 1 + r, 1 + x] = 1.0
+            _one_hot_row(Z, j, r, w, pick, act, has_act)
 
 
 @njit(nogil=True, cache=True)
@@ -539,14 +546,7 @@ def _simulated_row(
         for x in range(w):
             cum[x] += N[c, x]
             pick[x] += cum[x] < u[x]
-    for c in range(C):
-        zc = Z[j, c, 1 + r, 1:]
-        for x in range(w):
-            zc[x] = 0.0
-    for x in range(w):
-        if has_act and act[j, r, x] == 0:
-            continue
-        Z[j, pick[x], 1 + r, 1 + x] = 1.0
+    _one_hot_row(Z, j, r, w, pick, act, has_act)
 
 
 @njit(nogil=True, cache=True, fastmath=True)
